@@ -1,0 +1,77 @@
+// Element-wise kernels: unary activations and broadcasting binary ops.
+// One invocation per element; the linear index spans x and y of the dispatch grid.
+
+struct Params {
+    n: u32,        // elements of the output
+    b_inner: u32,  // binary: b index = (i / b_inner) % b_len
+    b_len: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+const WG: u32 = 64u;
+
+fn index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wg.x + wg.y * nwg.x) * WG + lid;
+}
+
+// erf(x) with fractional error < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit).
+fn erf_(x: f32) -> f32 {
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
+        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
+        t * (-0.82215223 + t * 0.17087277)))))))));
+    return select(r - 1.0, 1.0 - r, x >= 0.0);
+}
+
+fn gelu_(x: f32) -> f32 { return 0.5 * x * (1.0 + erf_(x * 0.70710678118654752)); }
+fn sigmoid_(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
+
+@compute @workgroup_size(64)
+fn gelu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = gelu_(a[i]); }
+}
+
+@compute @workgroup_size(64)
+fn silu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { let x = a[i]; out[i] = x * sigmoid_(x); }
+}
+
+@compute @workgroup_size(64)
+fn sigmoid(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = sigmoid_(a[i]); }
+}
+
+@compute @workgroup_size(64)
+fn relu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = max(a[i], 0.0); }
+}
+
+// Binary ops read a second operand from binding 3, so the unary entry points share 0..2.
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+
+@compute @workgroup_size(64)
+fn add(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = a[i] + b[(i / p.b_inner) % p.b_len]; }
+}
+
+@compute @workgroup_size(64)
+fn mul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = a[i] * b[(i / p.b_inner) % p.b_len]; }
+}

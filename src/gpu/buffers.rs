@@ -1,0 +1,155 @@
+//! Device tensors: a storage buffer with a shape. Data is f32 on the device unless stated.
+
+use super::GpuContext;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+use wgpu::util::DeviceExt;
+
+/// A tensor in a device storage buffer (f32, row-major / C order).
+#[derive(Clone, Debug)]
+pub struct GpuTensor {
+    pub buffer: Arc<wgpu::Buffer>,
+    pub shape: Vec<usize>,
+}
+
+impl GpuTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> u64 {
+        (self.numel() * 4) as u64
+    }
+}
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl GpuContext {
+    /// Refuses a binding larger than the adapter's max storage binding, naming it.
+    pub fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        if bytes > self.caps.max_binding {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit: self.caps.max_binding,
+                adapter: self.info.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A storage buffer of `bytes` bytes (at least 4), uninitialised contents.
+    pub fn storage_buffer(&self, what: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        self.check_binding(what, bytes)?;
+        let size = bytes.max(4).div_ceil(4) * 4;
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(what),
+            size,
+            usage: STORAGE,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// A new device tensor with unspecified contents.
+    pub fn empty(&self, shape: &[usize]) -> Result<GpuTensor> {
+        let bytes = (shape.iter().product::<usize>() * 4) as u64;
+        Ok(GpuTensor {
+            buffer: Arc::new(self.storage_buffer("tensor", bytes)?),
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Uploads f32 data as a device tensor.
+    pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::shape(
+                "upload",
+                format!(
+                    "shape {shape:?} holds {n} values but {} were given",
+                    data.len()
+                ),
+            ));
+        }
+        self.check_binding("tensor upload", (n * 4) as u64)?;
+        let contents: &[u8] = if data.is_empty() {
+            &[0u8; 4]
+        } else {
+            bytemuck::cast_slice(data)
+        };
+        let buffer = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("tensor"),
+                contents,
+                usage: STORAGE,
+            });
+        Ok(GpuTensor {
+            buffer: Arc::new(buffer),
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Overwrites a buffer with f32 data (queued; ordered before later submissions).
+    pub fn write(&self, buffer: &wgpu::Buffer, data: &[f32]) {
+        self.queue
+            .write_buffer(buffer, 0, bytemuck::cast_slice(data));
+    }
+
+    /// Fills a buffer with a constant (used to poison outputs in tests).
+    pub fn fill(&self, buffer: &wgpu::Buffer, value: f32) {
+        let n = (buffer.size() / 4) as usize;
+        self.write(buffer, &vec![value; n]);
+    }
+
+    /// Copies `n` f32 values from a device buffer to the host.
+    pub fn read_buffer(&self, buffer: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        let bytes = (n * 4) as u64;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| Error::Gpu(e.to_string()))?
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Downloads a tensor.
+    pub fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+        self.read_buffer(&t.buffer, t.numel())
+    }
+
+    /// A uniform buffer holding `params` (a `#[repr(C)]` Pod struct or u32 array).
+    pub fn uniform(&self, params: &[u8]) -> wgpu::Buffer {
+        let mut data = params.to_vec();
+        data.resize(data.len().max(16).div_ceil(16) * 16, 0);
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: &data,
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+    }
+}

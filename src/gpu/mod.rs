@@ -1,0 +1,337 @@
+//! The GPU context: adapter choice, device, pipeline cache, buffers and dispatch recording.
+//!
+//! A [`GpuContext`] is created headless ([`GpuContext::new`]) or around a caller's own
+//! `wgpu::Device` and `Queue` ([`GpuContext::from_device`]). Kernels are compiled once per
+//! (shader, entry point, constants) and cached.
+
+mod buffers;
+mod dispatch;
+
+pub use buffers::GpuTensor;
+pub use dispatch::{Dispatch, KernelArgs};
+
+use crate::error::{Error, Result};
+use crate::shaders::Shader;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Which graphics API wgpu may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Api {
+    /// Vulkan, Metal or DX12: the native compute APIs. GL is never picked silently.
+    #[default]
+    Native,
+    Vulkan,
+    Metal,
+    Dx12,
+    /// OpenGL (ES) through EGL; only when asked for.
+    Gl,
+}
+
+impl Api {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            Api::Native => wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12,
+            Api::Vulkan => wgpu::Backends::VULKAN,
+            Api::Metal => wgpu::Backends::METAL,
+            Api::Dx12 => wgpu::Backends::DX12,
+            Api::Gl => wgpu::Backends::GL,
+        }
+    }
+
+    /// Parses `vulkan`, `metal`, `dx12`, `gl` or `native`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "native" | "auto" | "" => Ok(Api::Native),
+            "vulkan" | "vk" => Ok(Api::Vulkan),
+            "metal" => Ok(Api::Metal),
+            "dx12" | "d3d12" => Ok(Api::Dx12),
+            "gl" | "gles" | "opengl" => Ok(Api::Gl),
+            other => Err(Error::Invalid(format!(
+                "unknown graphics API '{other}': use one of native, vulkan, metal, dx12, gl"
+            ))),
+        }
+    }
+}
+
+/// Which device limits to request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LimitsChoice {
+    /// Everything the adapter offers (lavapipe: 128 MiB storage bindings).
+    #[default]
+    Adapter,
+    /// `wgpu::Limits::default()` — WebGPU's defaults; for portability tests.
+    WebGpuDefault,
+    /// `wgpu::Limits::downlevel_defaults()`.
+    Downlevel,
+}
+
+/// Options for a headless context.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    pub api: Api,
+    /// Substring of the adapter name (case-insensitive).
+    pub adapter: Option<String>,
+    pub limits: LimitsChoice,
+}
+
+impl GpuOptions {
+    /// Options with `VOLFUSE_API` and `VOLFUSE_ADAPTER` applied where the fields are unset.
+    pub fn from_env() -> Result<Self> {
+        let mut o = GpuOptions::default();
+        if let Ok(api) = std::env::var("VOLFUSE_API") {
+            o.api = Api::parse(&api)?;
+        }
+        if let Ok(a) = std::env::var("VOLFUSE_ADAPTER") {
+            if !a.is_empty() {
+                o.adapter = Some(a);
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Capabilities the kernels care about, read from the device (never from the adapter name).
+#[derive(Clone, Debug)]
+pub struct Caps {
+    pub f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    pub max_binding: u64,
+    pub max_buffer: u64,
+    pub max_workgroups_per_dim: u32,
+    pub max_storage_buffers_per_stage: u32,
+    pub max_invocations: u32,
+    pub max_workgroup_storage: u32,
+    /// True for CPU adapters (lavapipe, llvmpipe, WARP): selects CPU-friendly kernel variants.
+    pub cpu_like: bool,
+}
+
+type PipelineKey = (&'static str, &'static str, String);
+
+/// A wgpu device and queue plus everything volfuse caches on them.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub caps: Caps,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .field("caps", &self.caps)
+            .finish()
+    }
+}
+
+fn rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn instance(api: Api) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = api.backends();
+    wgpu::Instance::new(desc)
+}
+
+/// Names of the adapters wgpu can see for `api`, best first.
+pub fn list_adapters(api: Api) -> Vec<wgpu::AdapterInfo> {
+    let inst = instance(api);
+    let mut infos: Vec<_> = pollster::block_on(inst.enumerate_adapters(api.backends()))
+        .iter()
+        .map(|a| a.get_info())
+        .collect();
+    infos.sort_by_key(|i| rank(i.device_type));
+    infos
+}
+
+impl GpuContext {
+    /// Creates a headless context on the best adapter matching `opts`.
+    pub fn new(opts: &GpuOptions) -> Result<Self> {
+        let inst = instance(opts.api);
+        let mut adapters = pollster::block_on(inst.enumerate_adapters(opts.api.backends()));
+        adapters.sort_by_key(|a| rank(a.get_info().device_type));
+        let names: Vec<String> = adapters
+            .iter()
+            .map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend))
+            .collect();
+        let adapter = match &opts.adapter {
+            Some(want) => {
+                let w = want.to_ascii_lowercase();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_ascii_lowercase().contains(&w))
+                    .ok_or_else(|| Error::NoAdapter {
+                        detail: format!(
+                            " whose name contains '{want}' (found: {})",
+                            if names.is_empty() {
+                                "none".into()
+                            } else {
+                                names.join(", ")
+                            }
+                        ),
+                    })?
+            }
+            None => adapters
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::NoAdapter {
+                    detail: format!(" for {:?}", opts.api),
+                })?,
+        };
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let features = adapter.features() & wanted;
+        let limits = match opts.limits {
+            LimitsChoice::Adapter => adapter.limits(),
+            LimitsChoice::WebGpuDefault => {
+                wgpu::Limits::default().using_resolution(adapter.limits())
+            }
+            LimitsChoice::Downlevel => {
+                wgpu::Limits::downlevel_defaults().using_resolution(adapter.limits())
+            }
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("volfuse"),
+            required_features: features,
+            required_limits: limits,
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|source| Error::Device {
+            adapter: info.name.clone(),
+            source,
+        })?;
+        Ok(Self::from_device(device, queue, info))
+    }
+
+    /// Wraps a caller's device and queue. Kernel choice follows the device's own
+    /// features and limits; `info` names the adapter (from `adapter.get_info()`).
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+        let f = device.features();
+        let l = device.limits();
+        let caps = Caps {
+            f16: f.contains(wgpu::Features::SHADER_F16),
+            subgroups: f.contains(wgpu::Features::SUBGROUP),
+            timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_binding: l.max_storage_buffer_binding_size as u64,
+            max_buffer: l.max_buffer_size,
+            max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
+            max_invocations: l.max_compute_invocations_per_workgroup,
+            max_workgroup_storage: l.max_compute_workgroup_storage_size,
+            cpu_like: info.device_type == wgpu::DeviceType::Cpu,
+        };
+        GpuContext {
+            device,
+            queue,
+            info,
+            caps,
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A one-line description: adapter name, API and driver.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info
+        )
+    }
+
+    /// The compute pipeline for `entry` of `shader`, compiled on first use.
+    /// `constants` are WGSL `override` values; they are part of the cache key.
+    pub fn pipeline(
+        &self,
+        shader: &Shader,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key_consts = constants
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let key = (shader.name, entry, key_consts);
+        let mut cache = self
+            .pipelines
+            .lock()
+            .map_err(|_| Error::Gpu("pipeline cache poisoned".into()))?;
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let source = shader.source(&self.caps);
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader.name),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::Shader {
+                name: format!("{}::{entry}", shader.name),
+                msg: err.to_string(),
+            });
+        }
+        let p = Arc::new(pipeline);
+        cache.insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Submits `dispatches` in one compute pass and waits for completion.
+    pub fn run(&self, dispatches: &[Dispatch]) -> Result<()> {
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("volfuse"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            for d in dispatches {
+                d.record(&mut pass);
+            }
+        }
+        self.queue.submit([enc.finish()]);
+        self.wait()
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! batchnorm (to be written)

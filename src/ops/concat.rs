@@ -1,0 +1,1 @@
+//! concat (to be written)

@@ -1,0 +1,1 @@
+//! conv3d (to be written)

@@ -1,0 +1,221 @@
+//! Element-wise ops: GELU (erf form), SiLU, sigmoid, ReLU, and broadcasting add / mul.
+
+use super::{expect_inputs, numel, Op};
+use crate::error::{Error, Result};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs};
+use crate::shaders::ELEMENTWISE;
+
+/// A unary activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unary {
+    Gelu,
+    Silu,
+    Sigmoid,
+    Relu,
+}
+
+/// GELU, exact erf form: 0.5·x·(1 + erf(x/√2)).
+pub fn gelu(x: f32) -> f32 {
+    (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32
+}
+/// SiLU: x·σ(x).
+pub fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+/// Logistic sigmoid.
+pub fn sigmoid(x: f32) -> f32 {
+    (1.0 / (1.0 + (-(x as f64)).exp())) as f32
+}
+/// max(x, 0).
+pub fn relu(x: f32) -> f32 {
+    x.max(0.0)
+}
+
+impl Unary {
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Unary::Gelu => gelu(x),
+            Unary::Silu => silu(x),
+            Unary::Sigmoid => sigmoid(x),
+            Unary::Relu => relu(x),
+        }
+    }
+}
+
+impl Op for Unary {
+    fn name(&self) -> &'static str {
+        match self {
+            Unary::Gelu => "gelu",
+            Unary::Silu => "silu",
+            Unary::Sigmoid => "sigmoid",
+            Unary::Relu => "relu",
+        }
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        expect_inputs(self.name(), inputs, 1)?;
+        Ok(inputs[0].to_vec())
+    }
+    fn cpu(&self, inputs: &[&[f32]], _shapes: &[&[usize]], out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(inputs[0]) {
+            *o = self.apply(*x);
+        }
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let n = numel(shapes[0]) as u32;
+        Ok(vec![ctx.dispatch(KernelArgs {
+            shader: &ELEMENTWISE,
+            entry: self.name(),
+            constants: &[],
+            buffers: &[inputs[0], out],
+            params: bytemuck::cast_slice(&[n, 1, 1, 0]),
+            workgroups: ctx.grid((n as u64).div_ceil(64))?,
+        })?])
+    }
+}
+
+/// A binary op whose second operand is either the same shape as the first, or a vector
+/// broadcast along one axis of it (`axis: Some(k)`, length `a.shape[k]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binary {
+    pub kind: BinaryKind,
+    pub axis: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryKind {
+    Add,
+    Mul,
+}
+
+impl Binary {
+    pub fn add() -> Self {
+        Binary {
+            kind: BinaryKind::Add,
+            axis: None,
+        }
+    }
+    pub fn mul() -> Self {
+        Binary {
+            kind: BinaryKind::Mul,
+            axis: None,
+        }
+    }
+    /// `a ⊕ b[c]` with `b` a vector along `axis` of `a`.
+    pub fn along(kind: BinaryKind, axis: usize) -> Self {
+        Binary {
+            kind,
+            axis: Some(axis),
+        }
+    }
+    /// (inner, len): b index = (i / inner) % len.
+    fn broadcast(&self, a: &[usize]) -> (usize, usize) {
+        match self.axis {
+            None => (1, numel(a).max(1)),
+            Some(k) => (numel(&a[k + 1..]).max(1), a[k].max(1)),
+        }
+    }
+}
+
+/// The CPU reference: `out[i] = a[i] ⊕ b[(i / inner) % len]`.
+pub fn binary(kind: BinaryKind, a: &[f32], b: &[f32], inner: usize, len: usize, out: &mut [f32]) {
+    for (i, (o, x)) in out.iter_mut().zip(a).enumerate() {
+        let y = b[(i / inner) % len];
+        *o = match kind {
+            BinaryKind::Add => x + y,
+            BinaryKind::Mul => x * y,
+        };
+    }
+}
+
+impl Op for Binary {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            BinaryKind::Add => "add",
+            BinaryKind::Mul => "mul",
+        }
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        expect_inputs(self.name(), inputs, 2)?;
+        let (a, b) = (inputs[0], inputs[1]);
+        let ok = match self.axis {
+            None => a == b,
+            Some(k) => k < a.len() && numel(b) == a[k],
+        };
+        if !ok {
+            return Err(Error::shape(
+                self.name(),
+                format!(
+                    "cannot combine {a:?} with {b:?} (broadcast axis {:?})",
+                    self.axis
+                ),
+            ));
+        }
+        Ok(a.to_vec())
+    }
+    fn cpu(&self, inputs: &[&[f32]], shapes: &[&[usize]], out: &mut [f32]) {
+        let (inner, len) = self.broadcast(shapes[0]);
+        binary(self.kind, inputs[0], inputs[1], inner, len, out);
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let n = numel(shapes[0]) as u32;
+        let (inner, len) = self.broadcast(shapes[0]);
+        Ok(vec![ctx.dispatch(KernelArgs {
+            shader: &ELEMENTWISE,
+            entry: self.name(),
+            constants: &[],
+            buffers: &[inputs[0], out, inputs[1]],
+            params: bytemuck::cast_slice(&[n, inner as u32, len as u32, 0]),
+            workgroups: ctx.grid((n as u64).div_ceil(64))?,
+        })?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::check_op;
+
+    #[test]
+    fn unary_matches_reference() {
+        for op in [Unary::Gelu, Unary::Silu, Unary::Sigmoid, Unary::Relu] {
+            for shape in [vec![1], vec![63], vec![3, 5, 7], vec![1000, 65]] {
+                check_op(&op, &[shape], 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn binary_matches_reference() {
+        for kind in [BinaryKind::Add, BinaryKind::Mul] {
+            check_op(
+                &Binary { kind, axis: None },
+                &[vec![17, 33], vec![17, 33]],
+                1e-6,
+            );
+            check_op(&Binary::along(kind, 2), &[vec![2, 37, 13], vec![13]], 1e-6);
+            check_op(
+                &Binary::along(kind, 1),
+                &[vec![2, 5, 3, 7, 9], vec![5]],
+                1e-6,
+            );
+        }
+    }
+
+    #[test]
+    fn binary_rejects_mismatched_shapes() {
+        let e = Binary::add().output_shape(&[&[2, 3], &[3, 2]]).unwrap_err();
+        assert!(e.to_string().contains("add"), "{e}");
+    }
+}

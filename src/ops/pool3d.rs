@@ -1,0 +1,1 @@
+//! pool3d (to be written)

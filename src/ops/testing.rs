@@ -1,0 +1,88 @@
+//! Test helpers: a shared GPU context, random data, and kernel-vs-reference comparison.
+
+use super::{run_cpu, run_gpu, Op};
+use crate::gpu::{GpuContext, GpuOptions};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use std::sync::OnceLock;
+
+/// The value written into output buffers before a kernel runs.
+pub const POISON: f32 = f32::NAN;
+
+/// One GPU context shared by all tests of a binary (pipelines compile once).
+pub fn ctx() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+        }
+        let opts = GpuOptions::from_env().expect("VOLFUSE_API");
+        GpuContext::new(&opts).expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+}
+
+/// A fresh random generator (seeded from the clock: every run sees new data; the seed is
+/// printed so a failure can be reproduced with VOLFUSE_SEED).
+pub fn rng() -> SmallRng {
+    let seed = std::env::var("VOLFUSE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("VOLFUSE_SEED={seed}");
+    SmallRng::seed_from_u64(seed)
+}
+
+/// `n` uniform values in [-1, 1).
+pub fn random(rng: &mut SmallRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Max |a-b| / max(‖ref‖∞, tiny): relative to the reference's scale.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let mut worst = 0f32;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        if !d.is_finite() {
+            panic!("element {i}: got {g}, want {w} (non-finite: an element was not written?)");
+        }
+        worst = worst.max(d / scale);
+    }
+    worst
+}
+
+/// Runs `op` on both backends with random inputs of `shapes` and asserts agreement.
+/// Returns the inputs used (for extra checks).
+pub fn check_op(op: &dyn Op, shapes: &[Vec<usize>], tol: f32) -> Vec<Vec<f32>> {
+    let mut r = rng();
+    let data: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|s| random(&mut r, s.iter().product()))
+        .collect();
+    check_op_with(op, &data, shapes, tol);
+    data
+}
+
+/// As [`check_op`], with given inputs.
+pub fn check_op_with(op: &dyn Op, data: &[Vec<f32>], shapes: &[Vec<usize>], tol: f32) {
+    let inputs: Vec<(&[f32], &[usize])> = data
+        .iter()
+        .zip(shapes)
+        .map(|(d, s)| (d.as_slice(), s.as_slice()))
+        .collect();
+    let (want, ws) = run_cpu(op, &inputs).expect("cpu");
+    let (got, gs) = run_gpu(ctx(), op, &inputs, Some(POISON)).expect("gpu");
+    assert_eq!(ws, gs);
+    assert!(
+        want.iter().any(|v| *v != 0.0),
+        "{}: reference output is all zeros",
+        op.name()
+    );
+    let e = rel_err(&got, &want);
+    assert!(e <= tol, "{} {:?}: rel err {e} > {tol}", op.name(), shapes);
+}
