@@ -5,9 +5,11 @@
 //! ([`gpu`]) and as a plain CPU reference ([`ops`]); a small [`graph`] executor plans
 //! buffer reuse and runs the same graph on either backend.
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod graph;
+pub mod io;
 pub mod ops;
 pub mod shaders;
 

@@ -219,3 +219,12 @@ mod tests {
         assert!(e.to_string().contains("add"), "{e}");
     }
 }
+
+/// Benchmark cases for `cargo bench`.
+pub fn bench_cases() -> Vec<crate::bench::Case> {
+    use crate::bench::Case;
+    vec![
+        Case::new("gelu 16M", Unary::Gelu, vec![vec![1 << 24]]),
+        Case::new("add 16M", Binary::add(), vec![vec![1 << 24], vec![1 << 24]]),
+    ]
+}

@@ -42,7 +42,7 @@ pub trait Op: Send + Sync + std::fmt::Debug {
     }
 }
 
-pub(crate) fn numel(shape: &[usize]) -> usize {
+pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 

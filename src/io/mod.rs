@@ -1,0 +1,1 @@
+//! Volume, array and weight I/O.
