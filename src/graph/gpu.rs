@@ -1,0 +1,158 @@
+//! Runs a planned graph on a wgpu device: buffers allocated once per plan, constants
+//! uploaded once per [`ConstCache`], dispatches (pipelines + bind groups) built once and
+//! replayed on every run, recorded into a few command buffers submitted in batches.
+
+use super::{Graph, Plan, Source};
+use crate::error::Result;
+use crate::gpu::{Dispatch, GpuContext};
+use crate::ops::numel;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Device copies of constants, keyed by the host `Arc` they came from: weights shared by
+/// several graphs (tile shapes, batch sizes) are uploaded once.
+#[derive(Default)]
+pub struct ConstCache {
+    map: HashMap<usize, (Arc<Vec<f32>>, Arc<wgpu::Buffer>)>,
+}
+
+impl ConstCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn get(
+        &mut self,
+        ctx: &GpuContext,
+        data: &Arc<Vec<f32>>,
+        shape: &[usize],
+    ) -> Result<Arc<wgpu::Buffer>> {
+        let key = Arc::as_ptr(data) as usize;
+        if let Some((_, b)) = self.map.get(&key) {
+            return Ok(b.clone());
+        }
+        let t = ctx.upload(data, shape)?;
+        self.map.insert(key, (data.clone(), t.buffer.clone()));
+        Ok(t.buffer)
+    }
+
+    /// Bytes held on the device.
+    pub fn bytes(&self) -> u64 {
+        self.map.values().map(|(_, b)| b.size()).sum()
+    }
+}
+
+/// A graph ready to run on a device.
+pub struct GpuExecutor {
+    slots: Vec<Arc<wgpu::Buffer>>,
+    dispatches: Vec<Dispatch>,
+    inputs: Vec<(usize, usize)>,  // (slot, numel)
+    outputs: Vec<(usize, usize)>, // (slot, numel)
+    /// Dispatches recorded per command buffer.
+    pub batch: usize,
+}
+
+impl GpuExecutor {
+    /// Allocates the plan's buffers and builds every dispatch.
+    pub fn new(ctx: &GpuContext, g: &Graph, plan: &Plan, consts: &mut ConstCache) -> Result<Self> {
+        let slots = plan
+            .slot_bytes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| ctx.storage_buffer(&format!("slot {i}"), *b).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let mut value_buf: Vec<Option<Arc<wgpu::Buffer>>> = vec![None; g.values.len()];
+        for (i, v) in g.values.iter().enumerate() {
+            value_buf[i] = match &v.source {
+                Source::Const(c) => Some(consts.get(ctx, c, &v.shape)?),
+                _ => plan.slot_of[i].map(|s| slots[s].clone()),
+            };
+        }
+        let mut dispatches = Vec::new();
+        for n in &g.nodes {
+            let bufs: Vec<&wgpu::Buffer> = n
+                .inputs
+                .iter()
+                .map(|v| value_buf[v.0].as_deref().expect("every value has a buffer"))
+                .collect();
+            let shapes: Vec<&[usize]> = n
+                .inputs
+                .iter()
+                .map(|v| g.values[v.0].shape.as_slice())
+                .collect();
+            let out = value_buf[n.output.0]
+                .as_deref()
+                .expect("op outputs have slots");
+            dispatches.extend(n.op.gpu(ctx, &bufs, &shapes, out)?);
+        }
+        let io = |vs: &[super::Value]| -> Vec<(usize, usize)> {
+            vs.iter()
+                .map(|v| {
+                    (
+                        plan.slot_of[v.0].unwrap_or(usize::MAX),
+                        numel(&g.values[v.0].shape),
+                    )
+                })
+                .collect()
+        };
+        Ok(GpuExecutor {
+            slots,
+            dispatches,
+            inputs: io(&g.inputs),
+            outputs: io(&g.outputs),
+            batch: 64,
+        })
+    }
+
+    /// Number of kernel launches per run.
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches.len()
+    }
+
+    /// Records and submits all dispatches (inputs already written). Does not wait.
+    pub fn submit(&self, ctx: &GpuContext) {
+        for chunk in self.dispatches.chunks(self.batch.max(1)) {
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("graph"),
+                });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+                for d in chunk {
+                    d.record(&mut pass);
+                }
+            }
+            ctx.queue.submit([enc.finish()]);
+        }
+    }
+
+    /// Writes `inputs`, runs the graph and reads the outputs back.
+    pub fn run(&self, ctx: &GpuContext, g: &Graph, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        g.check_inputs(inputs)?;
+        for ((slot, _), d) in self.inputs.iter().zip(inputs) {
+            ctx.write(&self.slots[*slot], d);
+        }
+        self.submit(ctx);
+        self.outputs
+            .iter()
+            .map(|(slot, n)| ctx.read_buffer(&self.slots[*slot], *n))
+            .collect()
+    }
+
+    /// The device buffer holding output `i` after a run (valid until the next run).
+    pub fn output_buffer(&self, i: usize) -> Option<&wgpu::Buffer> {
+        self.outputs
+            .get(i)
+            .and_then(|(s, _)| self.slots.get(*s))
+            .map(|b| b.as_ref())
+    }
+
+    /// The device buffer for input `i` (write it, then [`GpuExecutor::submit`]).
+    pub fn input_buffer(&self, i: usize) -> Option<&wgpu::Buffer> {
+        self.inputs
+            .get(i)
+            .and_then(|(s, _)| self.slots.get(*s))
+            .map(|b| b.as_ref())
+    }
+}
