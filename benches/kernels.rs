@@ -1,9 +1,8 @@
 //! Shader benchmarks: `cargo bench` prints GFLOP/s or GB/s per kernel and the adapter.
 //! Filter with `cargo bench -- NAME`; `VOLFUSE_BENCH_CPU=1` also times the CPU reference.
 
-use volfuse::bench::{time_cpu, time_gpu, Case};
+use volfuse::bench::{all_cases, time_cpu, time_gpu};
 use volfuse::gpu::{GpuContext, GpuOptions};
-use volfuse::ops;
 
 fn main() -> anyhow::Result<()> {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
@@ -15,25 +14,11 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let ctx = GpuContext::new(&GpuOptions::from_env()?)?;
     println!("adapter: {}", ctx.describe());
-    let cases: Vec<Case> = [
-        ops::matmul::bench_cases(),
-        ops::conv3d::bench_cases(),
-        ops::conv_transpose3d::bench_cases(),
-        ops::attention::bench_cases(),
-        ops::norm::bench_cases(),
-        ops::batchnorm::bench_cases(),
-        ops::softmax::bench_cases(),
-        ops::pool3d::bench_cases(),
-        ops::resize::bench_cases(),
-        ops::concat::bench_cases(),
-        ops::elementwise::bench_cases(),
-    ]
-    .into_iter()
-    .flatten()
-    .filter(|c| filter.is_empty() || filter.iter().any(|f| c.label.contains(f.as_str())))
-    .collect();
     let cpu = std::env::var_os("VOLFUSE_BENCH_CPU").is_some();
-    for case in &cases {
+    for case in all_cases()
+        .iter()
+        .filter(|c| filter.is_empty() || filter.iter().any(|f| c.label.contains(f.as_str())))
+    {
         println!("gpu {}", time_gpu(&ctx, case, 5)?);
         if cpu {
             println!("cpu {}", time_cpu(case, 3)?);

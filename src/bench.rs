@@ -108,3 +108,24 @@ pub fn time_cpu(case: &Case, iters: usize) -> Result<Timing> {
         gbytes_per_s: bytes as f64 / seconds / 1e9,
     })
 }
+
+/// Every op's benchmark cases.
+pub fn all_cases() -> Vec<Case> {
+    use crate::ops;
+    [
+        ops::matmul::bench_cases(),
+        ops::conv3d::bench_cases(),
+        ops::conv_transpose3d::bench_cases(),
+        ops::attention::bench_cases(),
+        ops::norm::bench_cases(),
+        ops::batchnorm::bench_cases(),
+        ops::softmax::bench_cases(),
+        ops::pool3d::bench_cases(),
+        ops::resize::bench_cases(),
+        ops::concat::bench_cases(),
+        ops::elementwise::bench_cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
