@@ -57,3 +57,108 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Texture path, for x·Wᵀ with K % 4 == 0 (Linear layers): one dispatch per block of
+// 16 / 8 / 4 output columns. Built for adapters where storage-buffer loads are expensive
+// per lane (lavapipe runs every SSBO load as a per-lane loop) and texel fetches and
+// uniform-buffer loads are cheap:
+//   - X streams through the texture unit (copied into a linear rgba32f texture first);
+//   - the W block sits in a 64 KiB uniform window bound at a dynamic offset;
+//   - lane j of each subgroup loads column j's 4-vector, subgroupBroadcast hands it to all.
+// One invocation = one row of X × the block's columns, accumulated in registers.
+
+struct TexParams {
+    m: u32,       // rows of X (batch folded in)
+    n: u32,       // columns of the output
+    k4: u32,      // K / 4
+    c0: u32,      // first column of this block
+    w_base: u32,  // vec4 index of column c0 inside the uniform window
+    has_bias: u32,
+    _p0: u32,
+    _p1: u32,
+}
+
+@group(0) @binding(0) var<uniform> tp: TexParams;
+@group(0) @binding(1) var<uniform> wu: array<vec4<f32>, 4096>;
+@group(0) @binding(2) var xt: texture_2d<f32>;
+@group(0) @binding(3) var<storage, read> tbias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> tout: array<f32>;
+
+fn xload(t: u32) -> vec4<f32> {
+    return textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0);
+}
+
+// The window index of column (c0 + lane) at k-step l; lanes past the last column re-read it.
+fn widx(lane: u32, l: u32) -> u32 {
+    let c = min(tp.c0 + lane, tp.n - 1u) - tp.c0;
+    return tp.w_base + c * tp.k4 + l;
+}
+
+fn bc8(acc: ptr<function, array<f32, 16>>, o: u32, xv: vec4<f32>, w: vec4<f32>) {
+    (*acc)[o + 0u] += dot(xv, subgroupBroadcast(w, 0u));
+    (*acc)[o + 1u] += dot(xv, subgroupBroadcast(w, 1u));
+    (*acc)[o + 2u] += dot(xv, subgroupBroadcast(w, 2u));
+    (*acc)[o + 3u] += dot(xv, subgroupBroadcast(w, 3u));
+    (*acc)[o + 4u] += dot(xv, subgroupBroadcast(w, 4u));
+    (*acc)[o + 5u] += dot(xv, subgroupBroadcast(w, 5u));
+    (*acc)[o + 6u] += dot(xv, subgroupBroadcast(w, 6u));
+    (*acc)[o + 7u] += dot(xv, subgroupBroadcast(w, 7u));
+}
+
+fn bc4(acc: ptr<function, array<f32, 16>>, xv: vec4<f32>, w: vec4<f32>) {
+    (*acc)[0] += dot(xv, subgroupBroadcast(w, 0u));
+    (*acc)[1] += dot(xv, subgroupBroadcast(w, 1u));
+    (*acc)[2] += dot(xv, subgroupBroadcast(w, 2u));
+    (*acc)[3] += dot(xv, subgroupBroadcast(w, 3u));
+}
+
+fn store_row(row: u32, acc: array<f32, 16>, cols: u32) {
+    if (row >= tp.m) { return; }
+    for (var j = 0u; j < cols; j++) {
+        let c = tp.c0 + j;
+        if (c < tp.n) {
+            var v = acc[j];
+            if (tp.has_bias != 0u) { v += tbias[c]; }
+            tout[row * tp.n + c] = v;
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(subgroup_invocation_id) sl: u32) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    let xr = min(row, tp.m - 1u) * tp.k4;
+    var acc: array<f32, 16>;
+    for (var l = 0u; l < tp.k4; l++) {
+        let xv = xload(xr + l);
+        bc8(&acc, 0u, xv, wu[widx(sl, l)]);
+        bc8(&acc, 8u, xv, wu[widx(sl + 8u, l)]);
+    }
+    store_row(row, acc, 16u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(subgroup_invocation_id) sl: u32) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    let xr = min(row, tp.m - 1u) * tp.k4;
+    var acc: array<f32, 16>;
+    for (var l = 0u; l < tp.k4; l++) {
+        bc8(&acc, 0u, xload(xr + l), wu[widx(sl, l)]);
+    }
+    store_row(row, acc, 8u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(subgroup_invocation_id) sl: u32) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    let xr = min(row, tp.m - 1u) * tp.k4;
+    var acc: array<f32, 16>;
+    for (var l = 0u; l < tp.k4; l++) {
+        bc4(&acc, xload(xr + l), wu[widx(min(sl, 3u), l)]);
+    }
+    store_row(row, acc, 4u);
+}

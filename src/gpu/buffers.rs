@@ -22,8 +22,13 @@ impl GpuTensor {
 }
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::UNIFORM)
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
+
+/// Every buffer is at least this large, so kernels may bind any buffer as a 64 KiB
+/// uniform window (see `matmul`'s texture path).
+pub const MIN_BUFFER_BYTES: u64 = 65536;
 
 impl GpuContext {
     /// Refuses a binding larger than the adapter's max storage binding, naming it.
@@ -42,7 +47,7 @@ impl GpuContext {
     /// A storage buffer of `bytes` bytes (at least 4), uninitialised contents.
     pub fn storage_buffer(&self, what: &str, bytes: u64) -> Result<wgpu::Buffer> {
         self.check_binding(what, bytes)?;
-        let size = bytes.max(4).div_ceil(4) * 4;
+        let size = bytes.max(MIN_BUFFER_BYTES).div_ceil(16) * 16;
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(what),
             size,

@@ -1,10 +1,61 @@
 //! A recorded kernel launch: pipeline, bind group and workgroup counts. Built once,
-//! replayed every time a graph runs.
+//! replayed every time a graph runs. A launch may first copy a buffer into a texture
+//! (kernels that read their streaming operand through the texture unit) and may bind
+//! uniform windows at dynamic offsets.
 
 use super::GpuContext;
 use crate::error::{Error, Result};
 use crate::shaders::Shader;
 use std::sync::Arc;
+
+/// A buffer-to-texture copy recorded before a dispatch.
+#[derive(Debug, Clone)]
+pub struct TextureCopy {
+    pub buffer: wgpu::Buffer,
+    pub texture: wgpu::Texture,
+    /// Texels per texture row (the row pitch of the buffer is `width * texel_bytes`).
+    pub width: u32,
+    pub texel_bytes: u32,
+    /// Total texels to copy (rows of `width`, then a partial row).
+    pub texels: u64,
+}
+
+impl TextureCopy {
+    fn record(&self, enc: &mut wgpu::CommandEncoder) {
+        let full_rows = (self.texels / self.width as u64) as u32;
+        let rest = (self.texels % self.width as u64) as u32;
+        let pitch = self.width * self.texel_bytes;
+        let mut copy = |offset: u64, w: u32, h: u32, y: u32| {
+            enc.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &self.buffer,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset,
+                        bytes_per_row: Some(pitch),
+                        rows_per_image: Some(h),
+                    },
+                },
+                wgpu::TexelCopyTextureInfo {
+                    texture: &self.texture,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d { x: 0, y, z: 0 },
+                    aspect: wgpu::TextureAspect::All,
+                },
+                wgpu::Extent3d {
+                    width: w,
+                    height: h,
+                    depth_or_array_layers: 1,
+                },
+            );
+        };
+        if full_rows > 0 {
+            copy(0, self.width, full_rows, 0);
+        }
+        if rest > 0 {
+            copy(full_rows as u64 * pitch as u64, rest, 1, full_rows);
+        }
+    }
+}
 
 /// One compute dispatch, ready to record.
 #[derive(Debug, Clone)]
@@ -13,14 +64,39 @@ pub struct Dispatch {
     pub pipeline: Arc<wgpu::ComputePipeline>,
     pub bind_group: wgpu::BindGroup,
     pub workgroups: [u32; 3],
+    /// Dynamic offsets for the bind group, in binding order.
+    pub offsets: Vec<u32>,
+    /// A copy recorded before this dispatch (outside the compute pass).
+    pub copy: Option<Arc<TextureCopy>>,
 }
 
 impl Dispatch {
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind_group, &[]);
+        pass.set_bind_group(0, &self.bind_group, &self.offsets);
         let [x, y, z] = self.workgroups;
         pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// Records `dispatches` into `enc`: compute passes, broken where a copy must come first.
+pub fn record_all(enc: &mut wgpu::CommandEncoder, dispatches: &[Dispatch]) {
+    let mut start = 0;
+    while start < dispatches.len() {
+        if let Some(c) = &dispatches[start].copy {
+            c.record(enc);
+        }
+        let end = dispatches[start + 1..]
+            .iter()
+            .position(|d| d.copy.is_some())
+            .map(|p| start + 1 + p)
+            .unwrap_or(dispatches.len());
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        for d in &dispatches[start..end] {
+            d.record(&mut pass);
+        }
+        drop(pass);
+        start = end;
     }
 }
 
@@ -88,6 +164,8 @@ impl GpuContext {
             pipeline,
             bind_group,
             workgroups: args.workgroups,
+            offsets: Vec::new(),
+            copy: None,
         })
     }
 }

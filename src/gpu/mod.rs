@@ -8,7 +8,7 @@ mod buffers;
 mod dispatch;
 
 pub use buffers::GpuTensor;
-pub use dispatch::{Dispatch, KernelArgs};
+pub use dispatch::{record_all, Dispatch, KernelArgs, TextureCopy};
 
 use crate::error::{Error, Result};
 use crate::shaders::Shader;
@@ -103,6 +103,11 @@ pub struct Caps {
     pub max_storage_buffers_per_stage: u32,
     pub max_invocations: u32,
     pub max_workgroup_storage: u32,
+    /// Smallest subgroup size the device may use (0 when unknown).
+    pub min_subgroup_size: u32,
+    pub uniform_offset_alignment: u32,
+    pub max_uniform_binding: u64,
+    pub max_texture_2d: u32,
     /// True for CPU adapters (lavapipe, llvmpipe, WARP): selects CPU-friendly kernel variants.
     pub cpu_like: bool,
 }
@@ -116,6 +121,7 @@ pub struct GpuContext {
     pub info: wgpu::AdapterInfo,
     pub caps: Caps,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    textures: Mutex<HashMap<u32, wgpu::Texture>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -234,6 +240,10 @@ impl GpuContext {
             max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
             max_invocations: l.max_compute_invocations_per_workgroup,
             max_workgroup_storage: l.max_compute_workgroup_storage_size,
+            min_subgroup_size: if f.contains(wgpu::Features::SUBGROUP) { info.subgroup_min_size } else { 0 },
+            uniform_offset_alignment: l.min_uniform_buffer_offset_alignment,
+            max_uniform_binding: l.max_uniform_buffer_binding_size as u64,
+            max_texture_2d: l.max_texture_dimension_2d,
             cpu_like: info.device_type == wgpu::DeviceType::Cpu,
         };
         GpuContext {
@@ -242,6 +252,7 @@ impl GpuContext {
             info,
             caps,
             pipelines: Mutex::new(HashMap::new()),
+            textures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -310,6 +321,108 @@ impl GpuContext {
         Ok(p)
     }
 
+    /// A pipeline with an explicit bind group layout (needed for dynamic offsets).
+    pub fn pipeline_with_layout(
+        &self,
+        shader: &Shader,
+        entry: &'static str,
+        layout: &[wgpu::BindGroupLayoutEntry],
+    ) -> Result<(Arc<wgpu::ComputePipeline>, wgpu::BindGroupLayout)> {
+        let bgl = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(entry),
+                entries: layout,
+            });
+        let key = (shader.name, entry, "explicit".to_string());
+        let mut cache = self
+            .pipelines
+            .lock()
+            .map_err(|_| Error::Gpu("pipeline cache poisoned".into()))?;
+        if let Some(p) = cache.get(&key) {
+            return Ok((p.clone(), p.get_bind_group_layout(0)));
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader.name),
+                source: wgpu::ShaderSource::Wgsl(shader.source(&self.caps).into()),
+            });
+        let pl = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(entry),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::Shader {
+                name: format!("{}::{entry}", shader.name),
+                msg: err.to_string(),
+            });
+        }
+        let p = Arc::new(pipeline);
+        cache.insert(key, p.clone());
+        Ok((p, bgl))
+    }
+
+    /// Width in texels of scratch textures (rgba32float rows of 16 KiB).
+    pub const TEXTURE_WIDTH: u32 = 1024;
+
+    /// A shared rgba32float scratch texture holding at least `texels` texels, laid out
+    /// linearly in rows of [`GpuContext::TEXTURE_WIDTH`]. Every kernel that streams an
+    /// operand through the texture unit copies it in right before it runs, so one texture
+    /// per size serves all of them (wgpu orders the copies and reads).
+    pub fn scratch_texture(&self, texels: u64) -> Result<wgpu::Texture> {
+        let w = Self::TEXTURE_WIDTH as u64;
+        let rows = texels.div_ceil(w).max(1);
+        // Round the height up to a power of two so few sizes exist.
+        let h = rows
+            .next_power_of_two()
+            .min(self.caps.max_texture_2d as u64)
+            .max(rows);
+        if h > self.caps.max_texture_2d as u64 {
+            return Err(Error::TooLarge {
+                what: "a texture operand".into(),
+                bytes: texels * 16,
+                limit: w * self.caps.max_texture_2d as u64 * 16,
+                adapter: self.info.name.clone(),
+            });
+        }
+        let mut map = self
+            .textures
+            .lock()
+            .map_err(|_| Error::Gpu("texture cache poisoned".into()))?;
+        let t = map.entry(h as u32).or_insert_with(|| {
+            self.device.create_texture(&wgpu::TextureDescriptor {
+                label: Some("scratch"),
+                size: wgpu::Extent3d {
+                    width: w as u32,
+                    height: h as u32,
+                    depth_or_array_layers: 1,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::Rgba32Float,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            })
+        });
+        Ok(t.clone())
+    }
+
     /// Submits `dispatches` in one compute pass and waits for completion.
     pub fn run(&self, dispatches: &[Dispatch]) -> Result<()> {
         let mut enc = self
@@ -317,12 +430,7 @@ impl GpuContext {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("volfuse"),
             });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
-            for d in dispatches {
-                d.record(&mut pass);
-            }
-        }
+        record_all(&mut enc, dispatches);
         self.queue.submit([enc.finish()]);
         self.wait()
     }

@@ -117,12 +117,7 @@ impl GpuExecutor {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("graph"),
                 });
-            {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
-                for d in chunk {
-                    d.record(&mut pass);
-                }
-            }
+            crate::gpu::record_all(&mut enc, chunk);
             ctx.queue.submit([enc.finish()]);
         }
     }

@@ -17,6 +17,18 @@ pub struct Matmul {
     pub trans_b: bool,
     /// A third input `[N]` is added to every row.
     pub bias: bool,
+    /// Kernel choice; `Auto` picks from the device's features and limits.
+    pub kernel: MatmulKernel,
+}
+
+/// The GPU kernel variants of [`Matmul`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatmulKernel {
+    /// The texture path when the shapes and device allow it, else the generic kernel.
+    #[default]
+    Auto,
+    /// Register-tiled kernel reading storage buffers: any shape, any device.
+    Generic,
 }
 
 /// Resolved sizes of one matmul call.
@@ -37,6 +49,7 @@ impl Matmul {
             trans_a: false,
             trans_b: true,
             bias,
+            kernel: MatmulKernel::Auto,
         }
     }
 
@@ -171,6 +184,11 @@ impl Op for Matmul {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let d = self.dims(shapes)?;
+        if self.kernel == MatmulKernel::Auto {
+            if let Some(cols) = texture_path_cols(ctx, self, d, inputs[1]) {
+                return gpu_matmul_tex(ctx, self, d, cols, inputs, out);
+            }
+        }
         gpu_matmul(ctx, self, d, inputs, out)
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
@@ -236,6 +254,188 @@ fn gpu_matmul(
             [x, y, d.batch as u32]
         },
     })?])
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TexParams {
+    m: u32,
+    n: u32,
+    k4: u32,
+    c0: u32,
+    w_base: u32,
+    has_bias: u32,
+    _pad: [u32; 2],
+}
+
+/// Bytes of the uniform window holding a block of W (the WGSL array size).
+const WINDOW: u64 = 65536;
+
+/// Columns per dispatch on the texture path, or None when it does not apply: it needs
+/// x·Wᵀ with a shared W, K % 4 == 0, subgroups of at least 8 lanes, 64 KiB uniform
+/// bindings, and a block of columns × K that fits the window.
+fn texture_path_cols(ctx: &GpuContext, m: &Matmul, d: Dims, w: &wgpu::Buffer) -> Option<usize> {
+    let c = &ctx.caps;
+    let ok = !m.trans_a
+        && m.trans_b
+        && !d.b_batched
+        && d.k % 4 == 0
+        && d.k > 0
+        && d.m > 0
+        && d.n > 0
+        && c.subgroups
+        && c.min_subgroup_size >= 8
+        && c.max_uniform_binding >= WINDOW
+        && w.size() >= WINDOW
+        && (d.batch * d.m * d.k / 4) as u64
+            <= GpuContext::TEXTURE_WIDTH as u64 * c.max_texture_2d as u64;
+    if !ok {
+        return None;
+    }
+    [16usize, 8, 4]
+        .into_iter()
+        .find(|cols| (cols * d.k * 4) as u64 <= WINDOW)
+}
+
+fn gpu_matmul_tex(
+    ctx: &GpuContext,
+    m: &Matmul,
+    d: Dims,
+    cols: usize,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+) -> Result<Vec<Dispatch>> {
+    let rows = d.batch * d.m;
+    let texels = (rows * d.k / 4) as u64;
+    let texture = ctx.scratch_texture(texels)?;
+    let view = texture.create_view(&Default::default());
+    let entry: &'static str = match cols {
+        16 => "matmul_tex16",
+        8 => "matmul_tex8",
+        _ => "matmul_tex4",
+    };
+    let uniform = |binding, size: u64| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: true,
+            min_binding_size: std::num::NonZeroU64::new(size),
+        },
+        count: None,
+    };
+    let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    };
+    let params_size = std::mem::size_of::<TexParams>() as u64;
+    let (pipeline, bgl) = ctx.pipeline_with_layout(
+        &MATMUL,
+        entry,
+        &[
+            uniform(0, params_size),
+            uniform(1, WINDOW),
+            wgpu::BindGroupLayoutEntry {
+                binding: 2,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Texture {
+                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                    view_dimension: wgpu::TextureViewDimension::D2,
+                    multisampled: false,
+                },
+                count: None,
+            },
+            storage(3, true),
+            storage(4, false),
+        ],
+    )?;
+    // One parameter block per column block, at the device's uniform offset alignment.
+    let align = (ctx.caps.uniform_offset_alignment as u64).max(params_size);
+    let blocks = d.n.div_ceil(cols);
+    let w_bytes = inputs[1].size();
+    let mut param_bytes = vec![0u8; blocks * align as usize];
+    let mut offsets = Vec::with_capacity(blocks);
+    for b in 0..blocks {
+        let c0 = b * cols;
+        let col_byte = (c0 * d.k * 4) as u64;
+        // The window starts at column c0, or earlier for the last blocks so it stays
+        // inside the buffer (every buffer is at least one window large).
+        let start = col_byte.min(w_bytes - WINDOW) / 16 * 16;
+        let p = TexParams {
+            m: rows as u32,
+            n: d.n as u32,
+            k4: (d.k / 4) as u32,
+            c0: c0 as u32,
+            w_base: ((col_byte - start) / 16) as u32,
+            has_bias: m.bias as u32,
+            _pad: [0; 2],
+        };
+        let at = b * align as usize;
+        param_bytes[at..at + params_size as usize].copy_from_slice(bytemuck::bytes_of(&p));
+        offsets.push((at as u32, start as u32));
+    }
+    let params = ctx.uniform(&param_bytes);
+    let bias = if m.bias { inputs[2] } else { inputs[1] };
+    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(entry),
+        layout: &bgl,
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &params,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(params_size),
+                }),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: inputs[1],
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(WINDOW),
+                }),
+            },
+            wgpu::BindGroupEntry {
+                binding: 2,
+                resource: wgpu::BindingResource::TextureView(&view),
+            },
+            wgpu::BindGroupEntry {
+                binding: 3,
+                resource: bias.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 4,
+                resource: out.as_entire_binding(),
+            },
+        ],
+    });
+    let copy = std::sync::Arc::new(crate::gpu::TextureCopy {
+        buffer: inputs[0].clone(),
+        texture,
+        width: GpuContext::TEXTURE_WIDTH,
+        texel_bytes: 16,
+        texels,
+    });
+    let workgroups = ctx.grid(rows.div_ceil(64) as u64)?;
+    Ok(offsets
+        .into_iter()
+        .enumerate()
+        .map(|(i, (p_off, w_off))| Dispatch {
+            name: entry,
+            pipeline: pipeline.clone(),
+            bind_group: bind_group.clone(),
+            workgroups,
+            offsets: vec![p_off, w_off],
+            copy: if i == 0 { Some(copy.clone()) } else { None },
+        })
+        .collect())
 }
 
 /// Benchmark cases for `cargo bench`.
@@ -337,6 +537,7 @@ mod tests {
                 trans_a: ta,
                 trans_b: tb,
                 bias,
+                kernel: MatmulKernel::Auto,
             };
             let s = shapes(&m, Some(3), 7, 5, 9, true);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
@@ -352,6 +553,65 @@ mod tests {
     }
 
     #[test]
+    fn texture_path_matches_reference() {
+        // x·Wᵀ shapes that take the texture path: every column-block width, partial last
+        // blocks, rows not a multiple of the workgroup, batch folded into rows.
+        for bias in [false, true] {
+            let m = Matmul::linear(bias);
+            for (batch, rows, n, k) in [
+                (None, 1, 1, 4),
+                (None, 67, 37, 64),
+                (Some(3), 45, 70, 1024),
+                (None, 130, 21, 1536),
+                (None, 33, 9, 4000),
+                (None, 257, 384, 384),
+            ] {
+                check_op(&m, &shapes(&m, batch, rows, n, k, false), 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn texture_path_is_chosen_where_it_applies() {
+        let c = crate::ops::testing::ctx();
+        let names = |m: Matmul, s: Vec<Vec<usize>>| -> Vec<&'static str> {
+            let bufs: Vec<_> = s.iter().map(|x| c.empty(x).unwrap()).collect();
+            let refs: Vec<&wgpu::Buffer> = bufs.iter().map(|t| t.buffer.as_ref()).collect();
+            let sh: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
+            let out = c.empty(&[1]).unwrap();
+            m.gpu(c, &refs, &sh, &out.buffer)
+                .unwrap()
+                .iter()
+                .map(|d| d.name)
+                .collect()
+        };
+        let lin = Matmul::linear(false);
+        let expect_tex = c.caps.subgroups && c.caps.min_subgroup_size >= 8;
+        let got = names(lin, vec![vec![10, 384], vec![40, 384]]);
+        if expect_tex {
+            assert_eq!(got, vec!["matmul_tex16"; 3]);
+            assert_eq!(
+                names(lin, vec![vec![10, 1536], vec![8, 1536]]),
+                vec!["matmul_tex8"]
+            );
+            assert_eq!(
+                names(lin, vec![vec![10, 4096], vec![5, 4096]]),
+                vec!["matmul_tex4"; 2]
+            );
+        }
+        // K % 4 != 0 and transposed A always take the generic kernel.
+        assert_eq!(names(lin, vec![vec![10, 6], vec![5, 6]]), vec!["matmul"]);
+        let gen = Matmul {
+            kernel: MatmulKernel::Generic,
+            ..lin
+        };
+        assert_eq!(
+            names(gen, vec![vec![10, 384], vec![40, 384]]),
+            vec!["matmul"]
+        );
+    }
+
+    #[test]
     fn kernel_matches_reference() {
         for (ta, tb, bias) in [
             (false, false, false),
@@ -363,6 +623,7 @@ mod tests {
                 trans_a: ta,
                 trans_b: tb,
                 bias,
+                kernel: MatmulKernel::Generic,
             };
             for (batch, rows, n, k, bb) in [
                 (None, 1, 1, 1, false),
