@@ -124,6 +124,8 @@ pub fn all_cases() -> Vec<Case> {
         ops::resize::bench_cases(),
         ops::concat::bench_cases(),
         ops::elementwise::bench_cases(),
+        ops::rope::bench_cases(),
+        ops::tokens::bench_cases(),
     ]
     .into_iter()
     .flatten()

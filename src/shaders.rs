@@ -35,4 +35,6 @@ shaders! {
     POOL3D => "pool3d",
     RESIZE => "resize",
     CONCAT => "concat",
+    ROPE => "rope",
+    TOKENS => "tokens",
 }

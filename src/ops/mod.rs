@@ -15,7 +15,9 @@ pub mod matmul;
 pub mod norm;
 pub mod pool3d;
 pub mod resize;
+pub mod rope;
 pub mod softmax;
+pub mod tokens;
 
 #[cfg(test)]
 pub(crate) mod testing;
