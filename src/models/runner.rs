@@ -1,0 +1,87 @@
+//! Runs graphs on a backend, caching one planned graph (and its GPU executor) per input
+//! shape, with weights uploaded once.
+
+use crate::error::Result;
+use crate::gpu::GpuContext;
+use crate::graph::{ConstCache, CpuExecutor, GpuExecutor, Graph, Plan};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Where graphs run.
+#[derive(Clone)]
+pub enum Backend {
+    /// The CPU reference ops.
+    Cpu,
+    /// wgpu kernels on a device.
+    Gpu(Arc<GpuContext>),
+}
+
+impl Backend {
+    /// The largest single buffer this backend can bind (unbounded on the CPU).
+    pub fn max_binding(&self) -> u64 {
+        match self {
+            Backend::Cpu => u64::MAX,
+            Backend::Gpu(ctx) => ctx.caps.max_binding,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Cpu => "CPU reference".to_string(),
+            Backend::Gpu(ctx) => ctx.describe(),
+        }
+    }
+}
+
+struct Prepared {
+    graph: Graph,
+    plan: Plan,
+    exe: Option<GpuExecutor>,
+}
+
+/// A backend plus the graphs prepared on it, keyed by a caller-chosen string (e.g. the
+/// input shape).
+pub struct Runner {
+    pub backend: Backend,
+    consts: ConstCache,
+    prepared: HashMap<String, Prepared>,
+}
+
+impl Runner {
+    pub fn new(backend: Backend) -> Self {
+        Runner {
+            backend,
+            consts: ConstCache::new(),
+            prepared: HashMap::new(),
+        }
+    }
+
+    /// Runs the graph stored under `key`, building it with `build` on first use.
+    pub fn run(
+        &mut self,
+        key: &str,
+        build: impl FnOnce() -> Result<Graph>,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        if !self.prepared.contains_key(key) {
+            let graph = build()?;
+            let plan = graph.plan(true);
+            let exe = match &self.backend {
+                Backend::Cpu => None,
+                Backend::Gpu(ctx) => Some(GpuExecutor::new(ctx, &graph, &plan, &mut self.consts)?),
+            };
+            self.prepared
+                .insert(key.to_string(), Prepared { graph, plan, exe });
+        }
+        let p = &self.prepared[key];
+        match (&self.backend, &p.exe) {
+            (Backend::Gpu(ctx), Some(exe)) => exe.run(ctx, &p.graph, inputs),
+            _ => CpuExecutor::run(&p.graph, &p.plan, inputs),
+        }
+    }
+
+    /// The plan of a prepared graph.
+    pub fn plan(&self, key: &str) -> Option<&Plan> {
+        self.prepared.get(key).map(|p| &p.plan)
+    }
+}

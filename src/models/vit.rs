@@ -1,0 +1,427 @@
+//! DINOv3 ViT (HF transformers `DINOv3ViTModel`): patch embedding, CLS + register tokens,
+//! pre-norm blocks with RoPE attention and LayerScale, final norm. Output is
+//! `last_hidden_state` (B, 1 + R + gh·gw, D). Facts: shared/reference/dinov3_vit.md.
+
+use super::runner::{Backend, Runner};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Value};
+use crate::io::Weights;
+use crate::ops::attention::Attention;
+use crate::ops::elementwise::{Binary, BinaryKind, Unary};
+use crate::ops::matmul::Matmul;
+use crate::ops::norm::LayerNorm;
+use crate::ops::rope::Rope;
+use crate::ops::tokens::{Patchify, PrependTokens};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The fields of HF's `DINOv3ViTConfig` that the forward pass uses (others are ignored).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct VitConfig {
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub rope_theta: f64,
+    pub query_bias: bool,
+    pub key_bias: bool,
+    pub value_bias: bool,
+    pub proj_bias: bool,
+    pub mlp_bias: bool,
+    pub use_gated_mlp: bool,
+    pub num_register_tokens: usize,
+}
+
+impl Default for VitConfig {
+    fn default() -> Self {
+        VitConfig {
+            patch_size: 16,
+            num_channels: 3,
+            hidden_size: 384,
+            intermediate_size: 1536,
+            num_hidden_layers: 12,
+            num_attention_heads: 6,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-5,
+            rope_theta: 100.0,
+            query_bias: true,
+            key_bias: false,
+            value_bias: true,
+            proj_bias: true,
+            mlp_bias: true,
+            use_gated_mlp: false,
+            num_register_tokens: 0,
+        }
+    }
+}
+
+impl VitConfig {
+    /// Reads an HF `config.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let c: VitConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::io(path, format!("not a DINOv3ViTConfig: {e}")))?;
+        c.validate().map_err(|m| Error::io(path, m))?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let (d, h) = (self.hidden_size, self.num_attention_heads);
+        if d == 0 || h == 0 || d % h != 0 || (d / h) % 4 != 0 {
+            return Err(format!(
+                "hidden_size {d} must split into {h} heads with a head size divisible by 4"
+            ));
+        }
+        if self.patch_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
+            return Err(
+                "patch_size, num_hidden_layers and intermediate_size must be positive".into(),
+            );
+        }
+        self.activation()?;
+        Ok(())
+    }
+
+    fn activation(&self) -> std::result::Result<Unary, String> {
+        match self.hidden_act.as_str() {
+            "gelu" => Ok(Unary::Gelu),
+            "silu" | "swish" => Ok(Unary::Silu),
+            other => Err(format!(
+                "hidden_act '{other}' is not supported (gelu or silu)"
+            )),
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// CLS + registers.
+    pub fn prefix_tokens(&self) -> usize {
+        1 + self.num_register_tokens
+    }
+
+    /// Tokens for an H×W image.
+    pub fn tokens(&self, h: usize, w: usize) -> usize {
+        self.prefix_tokens() + (h / self.patch_size) * (w / self.patch_size)
+    }
+}
+
+/// RoPE tables for a gh×gw patch grid, as HF computes them (fp32): (P, hd) cos and sin.
+pub fn rope_tables(cfg: &VitConfig, gh: usize, gw: usize) -> (Vec<f32>, Vec<f32>) {
+    let hd = cfg.head_dim();
+    let nf = hd / 4;
+    let base = cfg.rope_theta as f32;
+    let inv_freq: Vec<f32> = (0..nf)
+        .map(|i| 1.0 / base.powf(i as f32 * (4.0 / hd as f32)))
+        .collect();
+    let two_pi = 2.0 * std::f32::consts::PI;
+    let mut cos = Vec::with_capacity(gh * gw * hd);
+    let mut sin = Vec::with_capacity(gh * gw * hd);
+    for y in 0..gh {
+        for x in 0..gw {
+            let cy = 2.0 * ((y as f32 + 0.5) / gh as f32) - 1.0;
+            let cx = 2.0 * ((x as f32 + 0.5) / gw as f32) - 1.0;
+            let mut angles = Vec::with_capacity(hd);
+            for c in [cy, cx] {
+                angles.extend(inv_freq.iter().map(|f| (two_pi * c) * f));
+            }
+            let tiled: Vec<f32> = angles.iter().chain(angles.iter()).copied().collect();
+            cos.extend(tiled.iter().map(|a| a.cos()));
+            sin.extend(tiled.iter().map(|a| a.sin()));
+        }
+    }
+    (cos, sin)
+}
+
+/// A loaded DINOv3 ViT.
+pub struct Vit {
+    pub config: VitConfig,
+    w: HashMap<String, (Arc<Vec<f32>>, Vec<usize>)>,
+}
+
+fn linear_shapes(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f, c, ps, r) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_channels,
+        cfg.patch_size,
+        cfg.num_register_tokens,
+    );
+    let mut s: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.cls_token".into(), vec![1, 1, d]),
+        (
+            "embeddings.patch_embeddings.weight".into(),
+            vec![d, c, ps, ps],
+        ),
+        ("embeddings.patch_embeddings.bias".into(), vec![d]),
+        ("norm.weight".into(), vec![d]),
+        ("norm.bias".into(), vec![d]),
+    ];
+    if r > 0 {
+        s.push(("embeddings.register_tokens".into(), vec![1, r, d]));
+    }
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("layer.{l}.");
+        let mut add = |name: &str, shape: Vec<usize>| s.push((format!("{p}{name}"), shape));
+        for n in ["norm1", "norm2"] {
+            add(&format!("{n}.weight"), vec![d]);
+            add(&format!("{n}.bias"), vec![d]);
+        }
+        for (proj, bias) in [
+            ("q_proj", cfg.query_bias),
+            ("k_proj", cfg.key_bias),
+            ("v_proj", cfg.value_bias),
+            ("o_proj", cfg.proj_bias),
+        ] {
+            add(&format!("attention.{proj}.weight"), vec![d, d]);
+            if bias {
+                add(&format!("attention.{proj}.bias"), vec![d]);
+            }
+        }
+        add("layer_scale1.lambda1", vec![d]);
+        add("layer_scale2.lambda1", vec![d]);
+        let mut mlp = vec![("up_proj", vec![f, d]), ("down_proj", vec![d, f])];
+        if cfg.use_gated_mlp {
+            mlp.push(("gate_proj", vec![f, d]));
+        }
+        for (name, shape) in mlp {
+            let out = shape[0];
+            add(&format!("mlp.{name}.weight"), shape);
+            if cfg.mlp_bias {
+                add(&format!("mlp.{name}.bias"), vec![out]);
+            }
+        }
+    }
+    s
+}
+
+impl Vit {
+    /// Loads an HF folder: `config.json` + `model.safetensors` (or a sharded index).
+    pub fn load(dir: &Path) -> Result<Vit> {
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::io(dir, "no config.json: point --backbone to an HF DINOv3 folder (config.json + model.safetensors)"));
+        }
+        let config = VitConfig::load(&cfg_path)?;
+        let weights = Weights::load(dir)?;
+        Self::from_weights(config, weights)
+    }
+
+    /// Takes every tensor the config calls for out of `weights`; all missing or
+    /// mis-shaped keys are reported together.
+    pub fn from_weights(config: VitConfig, mut weights: Weights) -> Result<Vit> {
+        config.validate().map_err(Error::Invalid)?;
+        let wanted = linear_shapes(&config);
+        let req: Vec<(&str, &[usize])> = wanted
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
+        weights.require(&req)?;
+        let mut w = HashMap::new();
+        for (name, shape) in wanted {
+            let t = weights.take(&name)?;
+            w.insert(name, (Arc::new(t.data), shape));
+        }
+        // The token prefix [CLS, registers] as one (1 + R, D) constant.
+        let d = config.hidden_size;
+        let mut prefix = w["embeddings.cls_token"].0.to_vec();
+        if let Some((r, _)) = w.get("embeddings.register_tokens") {
+            prefix.extend_from_slice(r);
+        }
+        let rows = prefix.len() / d;
+        w.insert("prefix".into(), (Arc::new(prefix), vec![rows, d]));
+        Ok(Vit { config, w })
+    }
+
+    fn c(&self, g: &mut Graph, name: &str) -> Result<Value> {
+        let (data, shape) = self
+            .w
+            .get(name)
+            .ok_or_else(|| Error::Weights(format!("  '{name}' was not loaded")))?;
+        g.constant(name, data.clone(), shape)
+    }
+
+    /// A constant with a different view of the same data (e.g. a conv weight as a matrix).
+    fn c_as(&self, g: &mut Graph, name: &str, shape: &[usize]) -> Result<Value> {
+        let (data, _) = self
+            .w
+            .get(name)
+            .ok_or_else(|| Error::Weights(format!("  '{name}' was not loaded")))?;
+        g.constant(name, data.clone(), shape)
+    }
+
+    /// `x·Wᵀ + b` with the bias only when the checkpoint has one.
+    fn linear(&self, g: &mut Graph, x: Value, prefix: &str, bias: bool) -> Result<Value> {
+        let w = self.c(g, &format!("{prefix}.weight"))?;
+        if bias {
+            let b = self.c(g, &format!("{prefix}.bias"))?;
+            g.op(Matmul::linear(true), &[x, w, b])
+        } else {
+            g.op(Matmul::linear(false), &[x, w])
+        }
+    }
+
+    fn layernorm(&self, g: &mut Graph, x: Value, prefix: &str) -> Result<Value> {
+        let w = self.c(g, &format!("{prefix}.weight"))?;
+        let b = self.c(g, &format!("{prefix}.bias"))?;
+        g.op(
+            LayerNorm::new(self.config.layer_norm_eps as f32),
+            &[x, w, b],
+        )
+    }
+
+    /// `x + λ ⊙ y` (LayerScale then the residual add).
+    fn residual(&self, g: &mut Graph, x: Value, y: Value, lambda: &str) -> Result<Value> {
+        let l = self.c(g, lambda)?;
+        let scaled = g.op(Binary::along(BinaryKind::Mul, 2), &[y, l])?;
+        g.op(Binary::add(), &[x, scaled])
+    }
+
+    /// Adds the forward pass to `g` for `pixels` (B, C, H, W); returns last_hidden_state.
+    pub fn build(&self, g: &mut Graph, pixels: Value) -> Result<Value> {
+        let cfg = &self.config;
+        let shape = g.shape(pixels).to_vec();
+        if shape.len() != 4
+            || shape[1] != cfg.num_channels
+            || shape[2] < cfg.patch_size
+            || shape[3] < cfg.patch_size
+        {
+            return Err(Error::Invalid(format!(
+                "images must be (N, {}, H, W) with H, W ≥ {}, got {shape:?}",
+                cfg.num_channels, cfg.patch_size
+            )));
+        }
+        let (d, ps) = (cfg.hidden_size, cfg.patch_size);
+        let (gh, gw) = (shape[2] / ps, shape[3] / ps);
+        let act = cfg.activation().map_err(Error::Invalid)?;
+
+        // Embeddings: Conv2d(k = s = ps) as patchify + Linear, then [CLS, registers, patches].
+        let patches = g.op(Patchify { patch: ps }, &[pixels])?;
+        let pw = self.c_as(
+            g,
+            "embeddings.patch_embeddings.weight",
+            &[d, cfg.num_channels * ps * ps],
+        )?;
+        let pb = self.c(g, "embeddings.patch_embeddings.bias")?;
+        let patches = g.op(Matmul::linear(true), &[patches, pw, pb])?;
+        let prefix = self.c(g, "prefix")?;
+        let mut h = g.op(PrependTokens, &[patches, prefix])?;
+
+        let (cos, sin) = rope_tables(cfg, gh, gw);
+        let hd = cfg.head_dim();
+        let cos = g.constant("rope.cos", Arc::new(cos), &[gh * gw, hd])?;
+        let sin = g.constant("rope.sin", Arc::new(sin), &[gh * gw, hd])?;
+        let rope = Rope {
+            heads: cfg.num_attention_heads,
+            prefix: cfg.prefix_tokens(),
+        };
+
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("layer.{l}");
+            // h = h + λ1 ⊙ Attn(LN1(h))
+            let x = self.layernorm(g, h, &format!("{p}.norm1"))?;
+            let q = self.linear(g, x, &format!("{p}.attention.q_proj"), cfg.query_bias)?;
+            let k = self.linear(g, x, &format!("{p}.attention.k_proj"), cfg.key_bias)?;
+            let v = self.linear(g, x, &format!("{p}.attention.v_proj"), cfg.value_bias)?;
+            let q = g.op(rope, &[q, cos, sin])?;
+            let k = g.op(rope, &[k, cos, sin])?;
+            let a = g.op(Attention::new(cfg.num_attention_heads), &[q, k, v])?;
+            let a = self.linear(g, a, &format!("{p}.attention.o_proj"), cfg.proj_bias)?;
+            h = self.residual(g, h, a, &format!("{p}.layer_scale1.lambda1"))?;
+            // h = h + λ2 ⊙ MLP(LN2(h))
+            let x = self.layernorm(g, h, &format!("{p}.norm2"))?;
+            let m = if cfg.use_gated_mlp {
+                let gate = self.linear(g, x, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?;
+                let gate = g.op(act, &[gate])?;
+                let up = self.linear(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?;
+                g.op(Binary::mul(), &[gate, up])?
+            } else {
+                let up = self.linear(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?;
+                g.op(act, &[up])?
+            };
+            let m = self.linear(g, m, &format!("{p}.mlp.down_proj"), cfg.mlp_bias)?;
+            h = self.residual(g, h, m, &format!("{p}.layer_scale2.lambda1"))?;
+        }
+        self.layernorm(g, h, "norm")
+    }
+
+    /// A graph from images (batch, C, H, W) to last_hidden_state.
+    pub fn graph(&self, batch: usize, h: usize, w: usize) -> Result<Graph> {
+        let mut g = Graph::new();
+        let x = g.input("pixel_values", &[batch, self.config.num_channels, h, w]);
+        let y = self.build(&mut g, x)?;
+        g.output(y);
+        Ok(g)
+    }
+
+    /// Bytes of the largest activation of one image (the MLP hidden layer, or the input).
+    fn largest_activation(&self, h: usize, w: usize) -> u64 {
+        let t = self.config.tokens(h, w) as u64;
+        let widest = self.config.intermediate_size.max(self.config.hidden_size) as u64;
+        (t * widest).max((self.config.num_channels * h * w) as u64) * 4
+    }
+
+    /// The largest batch whose every buffer fits one storage binding of `backend`.
+    pub fn max_batch(&self, backend: &Backend, h: usize, w: usize) -> usize {
+        (backend.max_binding() / self.largest_activation(h, w).max(1))
+            .max(1)
+            .min(4096) as usize
+    }
+
+    /// Floating-point operations for one H×W image.
+    pub fn flops(&self, h: usize, w: usize) -> u64 {
+        self.graph(1, h, w).map(|g| g.flops()).unwrap_or(0)
+    }
+
+    /// Runs `n` images (N, C, H, W) in batches of at most `batch`; returns (N, T, D).
+    pub fn run(
+        &self,
+        runner: &mut Runner,
+        images: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        batch: usize,
+    ) -> Result<Vec<f32>> {
+        let c = self.config.num_channels;
+        if images.len() != n * c * h * w {
+            return Err(Error::Invalid(format!(
+                "{} values do not form ({n}, {c}, {h}, {w}) images",
+                images.len()
+            )));
+        }
+        let bs = batch.min(self.max_batch(&runner.backend, h, w)).max(1);
+        if self.largest_activation(h, w) > runner.backend.max_binding() {
+            return Err(Error::TooLarge {
+                what: format!("one {h}×{w} image's activations"),
+                bytes: self.largest_activation(h, w),
+                limit: runner.backend.max_binding(),
+                adapter: runner.backend.describe(),
+            });
+        }
+        let per_in = c * h * w;
+        let per_out = self.config.tokens(h, w) * self.config.hidden_size;
+        let mut out = Vec::with_capacity(n * per_out);
+        let mut start = 0;
+        while start < n {
+            let b = bs.min(n - start);
+            let key = format!("vit {b}x{c}x{h}x{w}");
+            let res = runner.run(
+                &key,
+                || self.graph(b, h, w),
+                &[&images[start * per_in..(start + b) * per_in]],
+            )?;
+            out.extend_from_slice(&res[0]);
+            start += b;
+        }
+        debug_assert_eq!(out.len(), n * per_out);
+        Ok(out)
+    }
+}

@@ -1,0 +1,105 @@
+//! DINOv3 ViT parity with HF transformers on fixtures from tools/make_vit_fixtures.py
+//! (random non-trivial weights; GELU and SwiGLU; f32, f16 and bf16 weights; square and
+//! non-square images), on the CPU reference and the GPU backends.
+
+mod common;
+
+use common::{fixture, gpu, rel_err};
+use volfuse::io::npy;
+use volfuse::models::{Backend, Runner, Vit};
+
+fn check(model: &str, input: &str, backend: Backend) {
+    let vit = Vit::load(&fixture(model)).expect("load fixture model");
+    let input_dir = if model.starts_with("vit_gelu_") {
+        "vit_gelu"
+    } else {
+        model
+    };
+    let x = npy::read(&fixture(&format!("{input_dir}/input_{input}.npy"))).expect("input");
+    let want = npy::read(&fixture(&format!("{model}/output_{input}.npy"))).expect("output");
+    let [n, _, h, w] = x.shape[..] else {
+        panic!("input shape {:?}", x.shape)
+    };
+    let mut runner = Runner::new(backend.clone());
+    let got = vit.run(&mut runner, &x.to_f32(), n, h, w, 8).expect("run");
+    let e = rel_err(&got, &want.to_f32());
+    eprintln!("{model} {input} on {}: rel err {e:.2e}", backend.describe());
+    assert!(
+        e <= 1e-4,
+        "{model} {input} on {}: rel err {e}",
+        backend.describe()
+    );
+}
+
+fn all(backend: Backend) {
+    for model in ["vit_gelu", "vit_swiglu", "vit_gelu_f16", "vit_gelu_bf16"] {
+        for input in ["32x32", "48x32"] {
+            check(model, input, backend.clone());
+        }
+    }
+}
+
+#[test]
+fn cpu_matches_transformers() {
+    all(Backend::Cpu);
+}
+
+#[test]
+fn gpu_matches_transformers() {
+    all(Backend::Gpu(gpu()));
+}
+
+#[test]
+fn batches_split_to_any_size_give_the_same_tokens() {
+    let vit = Vit::load(&fixture("vit_gelu")).unwrap();
+    let x = npy::read(&fixture("vit_gelu/input_32x32.npy"))
+        .unwrap()
+        .to_f32();
+    let mut runner = Runner::new(Backend::Gpu(gpu()));
+    let whole = vit.run(&mut runner, &x, 2, 32, 32, 2).unwrap();
+    let split = vit.run(&mut runner, &x, 2, 32, 32, 1).unwrap();
+    assert!(rel_err(&split, &whole) < 1e-6);
+}
+
+#[test]
+fn missing_weights_are_listed_by_name() {
+    let dir = tempdir();
+    std::fs::copy(fixture("vit_gelu/config.json"), dir.join("config.json")).unwrap();
+    // A checkpoint with one layer's weights only: the second layer's keys are missing.
+    let mut w = volfuse::io::Weights::load(&fixture("vit_gelu")).unwrap();
+    let names: Vec<String> = w.names().iter().map(|s| s.to_string()).collect();
+    let mut kept = volfuse::io::Weights::new();
+    for n in names.iter().filter(|n| !n.contains("layer.1.")) {
+        let t = w.take(n).unwrap();
+        kept.insert(n.clone(), t.shape, t.data).unwrap();
+    }
+    let cfg = volfuse::models::VitConfig::load(&dir.join("config.json")).unwrap();
+    let err = match Vit::from_weights(cfg, kept) {
+        Ok(_) => panic!("a checkpoint without layer 1 loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("layer.1.attention.q_proj.weight")
+            && err.contains("layer.1.mlp.down_proj.bias"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_hf_folder_is_a_clear_error() {
+    let err = match Vit::load(&tempdir()) {
+        Ok(_) => panic!("loaded an empty folder"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("config.json"), "{err}");
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "volfuse-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
