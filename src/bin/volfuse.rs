@@ -2,7 +2,11 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use volfuse::gpu::{list_adapters, Api, GpuContext, GpuOptions};
+use volfuse::io::{npy, DType};
+use volfuse::models::{Backend as ModelBackend, Runner, Vit};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +41,13 @@ struct DeviceArgs {
 }
 
 impl DeviceArgs {
+    fn backend(&self) -> Result<ModelBackend> {
+        Ok(match self.backend {
+            Backend::Cpu => ModelBackend::Cpu,
+            Backend::Gpu => ModelBackend::Gpu(Arc::new(self.gpu()?)),
+        })
+    }
+
     fn gpu(&self) -> Result<GpuContext> {
         let mut o = GpuOptions::from_env()?;
         if let Some(a) = &self.api {
@@ -56,6 +67,26 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Run the DINOv3 ViT on images: (N, 3, H, W) float32, already normalised → last_hidden_state (N, T, C).
+    Backbone {
+        /// HF DINOv3 folder (config.json + model.safetensors).
+        #[arg(long)]
+        backbone: PathBuf,
+        /// Images (N, 3, H, W) as .npy (float32).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write last_hidden_state (N, T, C) float32 .npy.
+        #[arg(long)]
+        output: PathBuf,
+        /// Images per batch (lowered automatically to fit the device's buffer limits).
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Benchmark the kernels on the chosen adapter (GFLOP/s, GB/s).
     Bench {
         /// Only cases whose label contains one of these words.
@@ -68,11 +99,20 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
-    let cli = Cli::parse();
+    match dispatch(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Info { device } => info(&device),
         Cmd::Bench {
@@ -80,6 +120,14 @@ fn main() -> Result<()> {
             device,
             iters,
         } => bench(&device, &filter, iters),
+        Cmd::Backbone {
+            backbone,
+            input,
+            output,
+            batch,
+            force,
+            device,
+        } => run_backbone(&backbone, &input, &output, batch, force, &device),
     }
 }
 
@@ -129,5 +177,75 @@ fn bench(device: &DeviceArgs, filter: &[String], iters: usize) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn check_output(path: &Path, force: bool) -> Result<()> {
+    if path.exists() && !force {
+        anyhow::bail!(
+            "{} already exists; pass --force to replace it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn run_backbone(
+    dir: &Path,
+    input: &Path,
+    output: &Path,
+    batch: usize,
+    force: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    check_output(output, force)?;
+    let vit =
+        Vit::load(dir).with_context(|| format!("loading the backbone from {}", dir.display()))?;
+    let x = npy::read(input)?;
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        anyhow::bail!(
+            "{}: images must be float32 (already normalised), found {:?}; normalise them first, e.g. (x/255 - mean)/std",
+            input.display(),
+            x.dtype()
+        );
+    }
+    let c = vit.config.num_channels;
+    let [n, ch, h, w] = x.shape[..] else {
+        anyhow::bail!(
+            "{}: images must be (N, {c}, H, W), found shape {:?}",
+            input.display(),
+            x.shape
+        );
+    };
+    if ch != c || h < vit.config.patch_size || w < vit.config.patch_size {
+        anyhow::bail!(
+            "{}: images must be (N, {c}, H, W) with H and W at least {} pixels, found {:?}",
+            input.display(),
+            vit.config.patch_size,
+            x.shape
+        );
+    }
+    let data = x.into_f32();
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        anyhow::bail!(
+            "{}: value {i} is not finite ({}); fix the input",
+            input.display(),
+            data[i]
+        );
+    }
+    let backend = device.backend()?;
+    eprintln!("backbone: {} images {h}x{w} on {}", n, backend.describe());
+    let mut runner = Runner::new(backend);
+    let t0 = std::time::Instant::now();
+    let tokens = vit.run(&mut runner, &data, n, h, w, batch)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let t = vit.config.tokens(h, w);
+    npy::write(output, &[n, t, vit.config.hidden_size], &tokens, force)?;
+    eprintln!(
+        "wrote {} ({n}, {t}, {}) in {secs:.2} s ({:.2} images/s)",
+        output.display(),
+        vit.config.hidden_size,
+        n as f64 / secs
+    );
     Ok(())
 }
