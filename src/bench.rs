@@ -131,3 +131,78 @@ pub fn all_cases() -> Vec<Case> {
     .flatten()
     .collect()
 }
+
+/// Throughput of the DINOv3 ViT on a backend.
+#[derive(Debug, Clone)]
+pub struct VitTiming {
+    pub label: String,
+    pub images_per_s: f64,
+    pub gflops: f64,
+    /// Per-op (name, seconds, flops) of one profiled batch (GPU only).
+    pub profile: Vec<(String, f64, u64)>,
+}
+
+impl std::fmt::Display for VitTiming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<44} {:>8.3} images/s {:>8.2} GFLOP/s",
+            self.label, self.images_per_s, self.gflops
+        )?;
+        let total: f64 = self.profile.iter().map(|p| p.1).sum();
+        for (op, s, fl) in &self.profile {
+            writeln!(
+                f,
+                "    {op:<16} {:>9.1} ms {:>5.1}% {:>8.2} GFLOP/s",
+                s * 1e3,
+                100.0 * s / total.max(1e-12),
+                *fl as f64 / s.max(1e-12) / 1e9
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a random-weight ViT of `size` ("s", "l", …) on `batch` images of h×w, after one
+/// warm-up batch; `profile` adds a per-op breakdown (GPU).
+pub fn vit(
+    backend: crate::models::Backend,
+    size: &str,
+    h: usize,
+    w: usize,
+    batch: usize,
+    iters: usize,
+    profile: bool,
+) -> Result<VitTiming> {
+    use crate::models::{Runner, Vit, VitConfig};
+    let vit = Vit::random(VitConfig::preset(size)?, 7)?;
+    let images: Vec<f32> = (0..batch * 3 * h * w)
+        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+        .collect();
+    let mut runner = Runner::new(backend.clone());
+    let label = format!(
+        "vit-{size}/16 {h}x{w} batch {batch} ({})",
+        match &backend {
+            crate::models::Backend::Cpu => "cpu".to_string(),
+            crate::models::Backend::Gpu(c) => c.info.name.clone(),
+        }
+    );
+    vit.run(&mut runner, &images, batch, h, w, batch)?; // warm-up: JIT, uploads
+    let t0 = Instant::now();
+    for _ in 0..iters.max(1) {
+        vit.run(&mut runner, &images, batch, h, w, batch)?;
+    }
+    let secs = t0.elapsed().as_secs_f64() / iters.max(1) as f64;
+    let prof = if profile {
+        let key = format!("vit {batch}x3x{h}x{w}");
+        runner.profile(&key, &[&images])?
+    } else {
+        Vec::new()
+    };
+    Ok(VitTiming {
+        label,
+        images_per_s: batch as f64 / secs,
+        gflops: vit.flops(h, w) as f64 * batch as f64 / secs / 1e9,
+        profile: prof,
+    })
+}

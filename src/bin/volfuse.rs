@@ -96,6 +96,18 @@ enum Cmd {
         /// Timed repetitions per case (median reported).
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Benchmark a whole random-weight DINOv3 ViT of this size (s, s+, b, l, h+) instead.
+        #[arg(long)]
+        vit: Option<String>,
+        /// Image side for --vit.
+        #[arg(long, default_value_t = 224)]
+        image: usize,
+        /// Batch for --vit.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// With --vit: print time per op.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -116,9 +128,26 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Info { device } => info(&device),
         Cmd::Bench {
+            vit: Some(size),
+            device,
+            iters,
+            image,
+            batch,
+            profile,
+            ..
+        } => {
+            let backend = device.backend()?;
+            println!(
+                "{}",
+                volfuse::bench::vit(backend, &size, image, image, batch, iters, profile)?
+            );
+            Ok(())
+        }
+        Cmd::Bench {
             filter,
             device,
             iters,
+            ..
         } => bench(&device, &filter, iters),
         Cmd::Backbone {
             backbone,

@@ -46,6 +46,8 @@ impl ConstCache {
 pub struct GpuExecutor {
     slots: Vec<Arc<wgpu::Buffer>>,
     dispatches: Vec<Dispatch>,
+    /// The node each dispatch belongs to (for profiles).
+    owner: Vec<usize>,
     inputs: Vec<(usize, usize)>,  // (slot, numel)
     outputs: Vec<(usize, usize)>, // (slot, numel)
     /// Dispatches recorded per command buffer.
@@ -69,7 +71,8 @@ impl GpuExecutor {
             };
         }
         let mut dispatches = Vec::new();
-        for n in &g.nodes {
+        let mut owner = Vec::new();
+        for (i, n) in g.nodes.iter().enumerate() {
             let bufs: Vec<&wgpu::Buffer> = n
                 .inputs
                 .iter()
@@ -83,7 +86,9 @@ impl GpuExecutor {
             let out = value_buf[n.output.0]
                 .as_deref()
                 .expect("op outputs have slots");
-            dispatches.extend(n.op.gpu(ctx, &bufs, &shapes, out)?);
+            let ds = n.op.gpu(ctx, &bufs, &shapes, out)?;
+            owner.extend(std::iter::repeat_n(i, ds.len()));
+            dispatches.extend(ds);
         }
         let io = |vs: &[super::Value]| -> Vec<(usize, usize)> {
             vs.iter()
@@ -98,6 +103,7 @@ impl GpuExecutor {
         Ok(GpuExecutor {
             slots,
             dispatches,
+            owner,
             inputs: io(&g.inputs),
             outputs: io(&g.outputs),
             batch: 64,
@@ -133,6 +139,33 @@ impl GpuExecutor {
             .iter()
             .map(|(slot, n)| ctx.read_buffer(&self.slots[*slot], *n))
             .collect()
+    }
+
+    /// Runs once more with a wait after every node and returns the wall time per op name
+    /// (sorted, slowest first) — a coarse profile that works on every adapter.
+    pub fn profile(&self, ctx: &GpuContext, g: &Graph, inputs: &[&[f32]]) -> Result<Vec<(String, f64, u64)>> {
+        g.check_inputs(inputs)?;
+        for ((slot, _), d) in self.inputs.iter().zip(inputs) {
+            ctx.write(&self.slots[*slot], d);
+        }
+        ctx.wait()?;
+        let mut by_op: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
+        let mut i = 0;
+        while i < self.dispatches.len() {
+            let node = self.owner[i];
+            let j = self.owner[i..].iter().position(|o| *o != node).map(|p| i + p).unwrap_or(self.owner.len());
+            let t0 = std::time::Instant::now();
+            ctx.run(&self.dispatches[i..j])?;
+            let n = &g.nodes[node];
+            let shapes: Vec<&[usize]> = n.inputs.iter().map(|v| g.values[v.0].shape.as_slice()).collect();
+            let e = by_op.entry(n.op.name().to_string()).or_default();
+            e.0 += t0.elapsed().as_secs_f64();
+            e.1 += n.op.flops(&shapes);
+            i = j;
+        }
+        let mut v: Vec<(String, f64, u64)> = by_op.into_iter().map(|(k, (t, f))| (k, t, f)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
     }
 
     /// The device buffer holding output `i` after a run (valid until the next run).

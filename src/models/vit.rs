@@ -425,3 +425,51 @@ impl Vit {
         Ok(out)
     }
 }
+
+impl VitConfig {
+    /// The published sizes (dinov3_vit.md §7): "s", "s+", "b", "l", "h+", "7b".
+    pub fn preset(name: &str) -> Result<VitConfig> {
+        let base = VitConfig { num_register_tokens: 4, ..Default::default() };
+        let (d, l, h, f, gated) = match name {
+            "s" => (384, 12, 6, 1536, false),
+            "s+" => (384, 12, 6, 1536, true),
+            "b" => (768, 12, 12, 3072, false),
+            "l" => (1024, 24, 16, 4096, false),
+            "h+" => (1280, 32, 20, 5120, true),
+            "7b" => (4096, 40, 32, 8192, true),
+            other => return Err(Error::Invalid(format!("unknown ViT size '{other}': s, s+, b, l, h+ or 7b"))),
+        };
+        Ok(VitConfig {
+            hidden_size: d,
+            num_hidden_layers: l,
+            num_attention_heads: h,
+            intermediate_size: f,
+            use_gated_mlp: gated,
+            hidden_act: if gated { "silu".into() } else { "gelu".into() },
+            query_bias: name != "7b",
+            value_bias: name != "7b",
+            ..base
+        })
+    }
+}
+
+impl Vit {
+    /// A model with deterministic pseudo-random weights (for benchmarks and memory plans).
+    pub fn random(config: VitConfig, seed: u64) -> Result<Vit> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        };
+        let mut w = Weights::new();
+        for (name, shape) in linear_shapes(&config) {
+            let n: usize = shape.iter().product();
+            let mut data: Vec<f32> = (0..n).map(|_| next()).collect();
+            if name.contains("norm") && name.ends_with("weight") || name.contains("lambda") {
+                data.iter_mut().for_each(|v| *v += 1.0);
+            }
+            w.insert(name, shape, data)?;
+        }
+        Vit::from_weights(config, w)
+    }
+}
