@@ -1,6 +1,919 @@
-//! conv3d (to be written)
+//! 3-D convolution, PyTorch `nn.Conv3d(C, O, k, padding=k/2)` with k = 1 or 3, stride 1:
+//! inputs `[x (N, C, D, H, W), weight (O, C, k, k, k), bias (O)]`, output `(N, O, D, H, W)`,
+//! cross-correlation with zero padding. Also the eval-mode BatchNorm fold.
+//!
+//! GPU: an implicit GEMM (no im2col buffer). Two kernels in `shaders/conv3d.wgsl`:
+//! `conv3d` (any device: one voxel × 8 channels per invocation) and `conv3d_k3_sg` (CPU-like
+//! devices with subgroups: a subgroup computes 8 x × 8 y × 16 channels and shares its loads
+//! through subgroup broadcasts, because there every storage load is a slow per-lane loop).
 
-/// Benchmark cases for `cargo bench` (keep this function).
+use super::{expect_inputs, Op};
+use crate::error::{Error, Result};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs};
+use crate::ops::matmul::{matmul, Dims, Matmul};
+use crate::shaders::{Shader, CONV3D};
+use std::sync::OnceLock;
+
+/// The conv3d op: `kernel` is 1 (no padding) or 3 (padding 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv3d {
+    pub kernel: usize,
+}
+
+/// Resolved sizes of one conv3d call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvDims {
+    pub n: usize,
+    pub c: usize,
+    pub o: usize,
+    pub d: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+}
+
+impl ConvDims {
+    fn voxels(&self) -> usize {
+        self.d * self.h * self.w
+    }
+}
+
+impl Conv3d {
+    pub fn new(kernel: usize) -> Self {
+        Conv3d { kernel }
+    }
+
+    pub fn dims(&self, inputs: &[&[usize]]) -> Result<ConvDims> {
+        let err = |m: String| Error::shape("conv3d", m);
+        expect_inputs("conv3d", inputs, 3)?;
+        let k = self.kernel;
+        if k != 1 && k != 3 {
+            return Err(err(format!("kernel size must be 1 or 3, got {k}")));
+        }
+        let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
+        if x.len() != 5 {
+            return Err(err(format!("input must be (N, C, D, H, W), got {x:?}")));
+        }
+        let (o, c) = (w.first().copied().unwrap_or(0), x[1]);
+        if w != [o, c, k, k, k] {
+            return Err(err(format!(
+                "weight must be (O, {c}, {k}, {k}, {k}) for input {x:?}, got {w:?}"
+            )));
+        }
+        if b != [o] {
+            return Err(err(format!("bias must be [{o}], got {b:?}")));
+        }
+        Ok(ConvDims {
+            n: x[0],
+            c,
+            o,
+            d: x[2],
+            h: x[3],
+            w: x[4],
+            k,
+        })
+    }
+}
+
+/// Floats of im2col scratch the CPU reference may hold at once (16 MiB).
+const COL_LIMIT: usize = 1 << 22;
+
+/// The CPU reference: im2col over chunks of depth slices, then a gemm per chunk.
+pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+    let ConvDims { n, c, o, k, .. } = d;
+    let (hw, dhw) = (d.h * d.w, d.voxels());
+    let ck = c * k * k * k;
+    assert!(x.len() >= n * c * dhw && weight.len() >= o * ck && bias.len() >= o);
+    assert!(out.len() >= n * o * dhw);
+    if dhw == 0 || o == 0 {
+        return;
+    }
+    let pad = (k / 2) as isize;
+    let slices = (COL_LIMIT / (ck * hw).max(1)).clamp(1, d.d.max(1));
+    let mut col = vec![0f32; if k == 1 { 0 } else { ck * slices * hw }];
+    let mut tmp = vec![0f32; o * slices * hw];
+    for ni in 0..n {
+        let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
+        for z0 in (0..d.d).step_by(slices) {
+            let nz = slices.min(d.d - z0);
+            let vc = nz * hw;
+            let b: &[f32] = if k == 1 {
+                // x[n] is already the (C × DHW) matrix: gather this chunk's columns.
+                col.resize(c * vc, 0.0);
+                for ci in 0..c {
+                    col[ci * vc..(ci + 1) * vc]
+                        .copy_from_slice(&xn[ci * dhw + z0 * hw..ci * dhw + z0 * hw + vc]);
+                }
+                &col
+            } else {
+                for ci in 0..c {
+                    for t in 0..k * k * k {
+                        let (kd, kh, kw) = (t / (k * k), (t / k) % k, t % k);
+                        let row = &mut col[(ci * k * k * k + t) * vc..][..vc];
+                        for zl in 0..nz {
+                            let zz = (z0 + zl) as isize + kd as isize - pad;
+                            for y in 0..d.h {
+                                let yy = y as isize + kh as isize - pad;
+                                let dst = &mut row[(zl * d.h + y) * d.w..][..d.w];
+                                if zz < 0 || zz >= d.d as isize || yy < 0 || yy >= d.h as isize {
+                                    dst.fill(0.0);
+                                    continue;
+                                }
+                                let src =
+                                    &xn[ci * dhw + zz as usize * hw + yy as usize * d.w..][..d.w];
+                                for (xo, v) in dst.iter_mut().enumerate() {
+                                    let xx = xo as isize + kw as isize - pad;
+                                    *v = if xx < 0 || xx >= d.w as isize {
+                                        0.0
+                                    } else {
+                                        src[xx as usize]
+                                    };
+                                }
+                            }
+                        }
+                    }
+                }
+                &col
+            };
+            let dims = Dims {
+                batch: 1,
+                m: o,
+                n: vc,
+                k: ck,
+                b_batched: false,
+            };
+            matmul(&Matmul::default(), dims, weight, b, &[], &mut tmp[..o * vc]);
+            for oi in 0..o {
+                let dst = &mut out[(ni * o + oi) * dhw + z0 * hw..][..vc];
+                for (v, t) in dst.iter_mut().zip(&tmp[oi * vc..(oi + 1) * vc]) {
+                    *v = t + bias[oi];
+                }
+            }
+        }
+    }
+}
+
+/// Folds an eval-mode BatchNorm that follows a conv into the conv's weight and bias:
+/// `BN(conv(x)) = conv'(x)` with `w'[o] = w[o]·s[o]`, `b'[o] = (b[o] − mean[o])·s[o] + beta[o]`,
+/// `s = gamma / sqrt(var + eps)`. `weight` is `(out_channels, ...)` (the Conv3d layout).
+#[allow(clippy::too_many_arguments)]
+pub fn fold_batchnorm(
+    weight: &mut [f32],
+    bias: &mut [f32],
+    out_channels: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+) -> Result<()> {
+    let oc = out_channels;
+    let lens = [
+        bias.len(),
+        gamma.len(),
+        beta.len(),
+        running_mean.len(),
+        running_var.len(),
+    ];
+    if lens.iter().any(|&l| l != oc) || oc == 0 || !weight.len().is_multiple_of(oc) {
+        return Err(Error::shape(
+            "fold_batchnorm",
+            format!(
+                "{oc} channels: weight has {} values, bias/gamma/beta/mean/var have {lens:?}",
+                weight.len()
+            ),
+        ));
+    }
+    let per = weight.len() / oc;
+    for o in 0..oc {
+        let s = (gamma[o] as f64 / (running_var[o] as f64 + eps as f64).sqrt()) as f32;
+        for w in &mut weight[o * per..(o + 1) * per] {
+            *w *= s;
+        }
+        bias[o] = ((bias[o] as f64 - running_mean[o] as f64) * s as f64 + beta[o] as f64) as f32;
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    c: u32,
+    o: u32,
+    d: u32,
+    h: u32,
+    w: u32,
+    dhw: u32,
+    groups: u32,
+    tiles_x: u32,
+    tiles_y: u32,
+    _pad: [u32; 3],
+}
+
+/// conv3d.wgsl without its subgroup section, for devices without subgroup operations.
+fn plain_shader() -> &'static Shader {
+    static PLAIN: OnceLock<Shader> = OnceLock::new();
+    PLAIN.get_or_init(|| {
+        let text = CONV3D.text;
+        let stripped = match (
+            text.find("// BEGIN subgroups"),
+            text.find("// END subgroups"),
+        ) {
+            (Some(a), Some(b)) if a < b => format!("{}{}", &text[..a], &text[b..]),
+            _ => text.to_string(),
+        };
+        Shader {
+            name: "conv3d (no subgroups)",
+            text: Box::leak(stripped.into_boxed_str()),
+        }
+    })
+}
+
+/// Tiles (rows of y per lane, output channels) of the K = 3 subgroup kernels
+/// `conv3d_k3_sg{channels}`; the widest that does not exceed O (or else the first) is used.
+const SG3_TILES: [(usize, usize); 2] = [(16, 16), (16, 32)];
+/// Tile of the K = 1 subgroup kernel: voxels per lane and output channels.
+const SG1_V: usize = 8;
+const SG1_TO: usize = 32;
+
+/// Whether the subgroup kernels fit this device (subgroups of at least 8 lanes, CPU-like).
+fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
+    ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8
+}
+
+fn gpu_conv3d(
+    ctx: &GpuContext,
+    d: ConvDims,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+) -> Result<Vec<Dispatch>> {
+    let dhw = d.voxels();
+    if (d.n * d.c.max(d.o) * dhw) as u64 >= u32::MAX as u64 {
+        return Err(Error::shape(
+            "conv3d",
+            format!("{d:?} exceeds 2^32 elements per tensor"),
+        ));
+    }
+    if d.n == 0 || d.o == 0 || dhw == 0 {
+        return Ok(vec![]);
+    }
+    let sg = use_subgroup_kernel(ctx);
+    let (ry, to3) = SG3_TILES
+        .iter()
+        .copied()
+        .rfind(|&(_, to)| to <= d.o)
+        .unwrap_or(SG3_TILES[0]);
+    let (tiles_x, tiles_y) = (d.w.div_ceil(8), d.h.div_ceil(ry));
+    let ot = match (sg, d.k) {
+        (false, _) => 8,
+        (true, 1) => SG1_TO,
+        (true, _) => to3,
+    };
+    let groups = d.o.div_ceil(ot);
+    let p = Params {
+        c: d.c as u32,
+        o: d.o as u32,
+        d: d.d as u32,
+        h: d.h as u32,
+        w: d.w as u32,
+        dhw: dhw as u32,
+        groups: groups as u32,
+        tiles_x: tiles_x as u32,
+        tiles_y: tiles_y as u32,
+        _pad: [0; 3],
+    };
+    let z = (d.n * groups) as u32;
+    if z > ctx.caps.max_workgroups_per_dim {
+        return Err(Error::Gpu(format!(
+            "conv3d: {z} batch × channel groups exceed the device's dispatch limit"
+        )));
+    }
+    let (shader, entry, blocks) = if sg && d.k == 1 {
+        (&CONV3D, "conv3d_k1_sg", dhw.div_ceil(8 * SG1_V) as u64)
+    } else if sg {
+        let entry = if to3 == 16 {
+            "conv3d_k3_sg16"
+        } else {
+            "conv3d_k3_sg32"
+        };
+        (&CONV3D, entry, (tiles_x * tiles_y * d.d) as u64)
+    } else if ctx.caps.subgroups {
+        (&CONV3D, "conv3d", dhw.div_ceil(64) as u64)
+    } else {
+        (plain_shader(), "conv3d", dhw.div_ceil(64) as u64)
+    };
+    let [wx, wy, _] = ctx.grid(blocks)?;
+    Ok(vec![ctx.dispatch(KernelArgs {
+        shader,
+        entry,
+        constants: &[("K", d.k as f64)],
+        buffers: &[inputs[0], inputs[1], inputs[2], out],
+        params: bytemuck::bytes_of(&p),
+        workgroups: [wx, wy, z],
+    })?])
+}
+
+impl Op for Conv3d {
+    fn name(&self) -> &'static str {
+        "conv3d"
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        let d = self.dims(inputs)?;
+        Ok(vec![d.n, d.o, d.d, d.h, d.w])
+    }
+    fn cpu(&self, inputs: &[&[f32]], shapes: &[&[usize]], out: &mut [f32]) {
+        let d = self
+            .dims(shapes)
+            .expect("shapes were checked when the graph was built");
+        conv3d(d, inputs[0], inputs[1], inputs[2], out);
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let d = self.dims(shapes)?;
+        gpu_conv3d(ctx, d, inputs, out)
+    }
+    fn flops(&self, shapes: &[&[usize]]) -> u64 {
+        self.dims(shapes)
+            .map(|d| 2 * (d.n * d.o * d.voxels() * d.c * d.k * d.k * d.k) as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// Benchmark cases for `cargo bench`.
 pub fn bench_cases() -> Vec<crate::bench::Case> {
-    vec![]
+    use crate::bench::Case;
+    vec![
+        Case::new(
+            "conv3d 32->32 k3 64^3",
+            Conv3d::new(3),
+            vec![vec![1, 32, 64, 64, 64], vec![32, 32, 3, 3, 3], vec![32]],
+        ),
+        Case::new(
+            "conv3d 384->32 k1 64^3",
+            Conv3d::new(1),
+            vec![vec![1, 384, 64, 64, 64], vec![32, 384, 1, 1, 1], vec![32]],
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::numel;
+    use crate::ops::testing::{check_op, ctx, random, rel_err, rng};
+
+    /// The 7-loop definition, to check the im2col reference itself.
+    fn naive(d: ConvDims, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let (k, pad) = (d.k, (d.k / 2) as isize);
+        let mut out = vec![0f32; d.n * d.o * d.voxels()];
+        for n in 0..d.n {
+            for o in 0..d.o {
+                for z in 0..d.d {
+                    for y in 0..d.h {
+                        for xo in 0..d.w {
+                            let mut s = b[o] as f64;
+                            for c in 0..d.c {
+                                for kd in 0..k {
+                                    for kh in 0..k {
+                                        for kw in 0..k {
+                                            let zz = z as isize + kd as isize - pad;
+                                            let yy = y as isize + kh as isize - pad;
+                                            let xx = xo as isize + kw as isize - pad;
+                                            if zz < 0
+                                                || yy < 0
+                                                || xx < 0
+                                                || zz >= d.d as isize
+                                                || yy >= d.h as isize
+                                                || xx >= d.w as isize
+                                            {
+                                                continue;
+                                            }
+                                            let xi = (((n * d.c + c) * d.d + zz as usize) * d.h
+                                                + yy as usize)
+                                                * d.w
+                                                + xx as usize;
+                                            let wi = (((o * d.c + c) * k + kd) * k + kh) * k + kw;
+                                            s += x[xi] as f64 * w[wi] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                            out[(((n * d.o + o) * d.d + z) * d.h + y) * d.w + xo] = s as f32;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn shapes(n: usize, c: usize, o: usize, s: [usize; 3], k: usize) -> Vec<Vec<usize>> {
+        vec![vec![n, c, s[0], s[1], s[2]], vec![o, c, k, k, k], vec![o]]
+    }
+
+    #[test]
+    fn reference_matches_naive() {
+        let mut r = rng();
+        for k in [1, 3] {
+            for (n, c, o, s) in [
+                (1, 3, 5, [5, 7, 9]),
+                (2, 2, 3, [1, 1, 1]),
+                (1, 4, 2, [17, 6, 3]),
+                (2, 1, 1, [2, 3, 1]),
+            ] {
+                let sh = shapes(n, c, o, s, k);
+                let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+                let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+                let d = Conv3d::new(k).dims(&refs).unwrap();
+                let mut out = vec![0f32; d.n * d.o * d.voxels()];
+                conv3d(d, &data[0], &data[1], &data[2], &mut out);
+                let want = naive(d, &data[0], &data[1], &data[2]);
+                let e = rel_err(&out, &want);
+                assert!(e < 1e-5, "{d:?}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn reference_chunks_depth() {
+        // Large enough that the im2col scratch is split into several depth chunks.
+        let mut r = rng();
+        let sh = shapes(1, 40, 2, [6, 64, 64], 3);
+        let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+        let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+        let d = Conv3d::new(3).dims(&refs).unwrap();
+        assert!(COL_LIMIT / (d.c * 27 * d.h * d.w) < d.d);
+        let mut out = vec![0f32; d.n * d.o * d.voxels()];
+        conv3d(d, &data[0], &data[1], &data[2], &mut out);
+        let want = naive(d, &data[0], &data[1], &data[2]);
+        assert!(rel_err(&out, &want) < 1e-5);
+    }
+
+    #[test]
+    fn kernel_matches_reference() {
+        for k in [1, 3] {
+            for (n, c, o, s) in [
+                (1, 3, 5, [5, 7, 9]),
+                (2, 3, 5, [1, 1, 1]),
+                (1, 3, 5, [17, 6, 3]),
+                (2, 4, 17, [3, 9, 10]),
+                (1, 20, 33, [4, 17, 19]),
+            ] {
+                check_op(&Conv3d::new(k), &shapes(n, c, o, s, k), 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn portable_kernel_matches_reference() {
+        // The kernel used on devices without the subgroup variant.
+        let c = ctx();
+        let mut r = rng();
+        let sh = shapes(2, 3, 11, [5, 7, 9], 3);
+        let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+        let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+        let d = Conv3d::new(3).dims(&refs).unwrap();
+        let mut want = vec![0f32; d.n * d.o * d.voxels()];
+        conv3d(d, &data[0], &data[1], &data[2], &mut want);
+        let t: Vec<_> = data
+            .iter()
+            .zip(&sh)
+            .map(|(x, s)| c.upload(x, s).unwrap())
+            .collect();
+        let out = c.empty(&[d.n, d.o, d.d, d.h, d.w]).unwrap();
+        c.fill(&out.buffer, f32::NAN);
+        let p = Params {
+            c: d.c as u32,
+            o: d.o as u32,
+            d: d.d as u32,
+            h: d.h as u32,
+            w: d.w as u32,
+            dhw: d.voxels() as u32,
+            groups: d.o.div_ceil(8) as u32,
+            tiles_x: 0,
+            tiles_y: 0,
+            _pad: [0; 3],
+        };
+        let disp = c
+            .dispatch(KernelArgs {
+                shader: plain_shader(),
+                entry: "conv3d",
+                constants: &[("K", 3.0)],
+                buffers: &[&t[0].buffer, &t[1].buffer, &t[2].buffer, &out.buffer],
+                params: bytemuck::bytes_of(&p),
+                workgroups: [
+                    d.voxels().div_ceil(64) as u32,
+                    1,
+                    (d.n * d.o.div_ceil(8)) as u32,
+                ],
+            })
+            .unwrap();
+        c.run(&[disp]).unwrap();
+        let got = c.download(&out).unwrap();
+        assert!(rel_err(&got, &want) <= 1e-5);
+        assert!(!plain_shader().text.contains("subgroupBroadcast"));
+    }
+
+    #[test]
+    fn rejects_wrong_channels() {
+        let e = Conv3d::new(3)
+            .output_shape(&[&[1, 4, 5, 5, 5], &[2, 3, 3, 3, 3], &[2]])
+            .unwrap_err();
+        assert!(e.to_string().contains("conv3d"), "{e}");
+        let e = Conv3d::new(1)
+            .output_shape(&[&[1, 4, 5, 5, 5], &[2, 4, 3, 3, 3], &[2]])
+            .unwrap_err();
+        assert!(e.to_string().contains("conv3d"), "{e}");
+        assert!(Conv3d::new(5)
+            .output_shape(&[&[1, 4, 5, 5, 5], &[2, 4, 5, 5, 5], &[2]])
+            .is_err());
+        assert!(Conv3d::new(3)
+            .output_shape(&[&[1, 4, 5, 5, 5], &[2, 4, 3, 3, 3], &[3]])
+            .is_err());
+    }
+
+    #[test]
+    fn batchnorm_fold_matches_conv_then_bn() {
+        let mut r = rng();
+        let sh = shapes(1, 3, 4, [3, 4, 5], 3);
+        let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+        let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+        let d = Conv3d::new(3).dims(&refs).unwrap();
+        let gamma = random(&mut r, 4);
+        let beta = random(&mut r, 4);
+        let mean = random(&mut r, 4);
+        let var: Vec<f32> = random(&mut r, 4).iter().map(|v| v.abs() + 0.1).collect();
+        let eps = 1e-5;
+        let mut conv = vec![0f32; d.n * d.o * d.voxels()];
+        conv3d(d, &data[0], &data[1], &data[2], &mut conv);
+        let v = d.voxels();
+        let want: Vec<f32> = conv
+            .iter()
+            .enumerate()
+            .map(|(i, y)| {
+                let o = (i / v) % d.o;
+                (y - mean[o]) / (var[o] + eps).sqrt() * gamma[o] + beta[o]
+            })
+            .collect();
+        let (mut w, mut b) = (data[1].clone(), data[2].clone());
+        fold_batchnorm(&mut w, &mut b, 4, &gamma, &beta, &mean, &var, eps).unwrap();
+        let mut got = vec![0f32; conv.len()];
+        conv3d(d, &data[0], &w, &b, &mut got);
+        assert!(rel_err(&got, &want) < 1e-5);
+        let e = fold_batchnorm(&mut w, &mut b, 3, &gamma, &beta, &mean, &var, eps).unwrap_err();
+        assert!(e.to_string().contains("fold_batchnorm"), "{e}");
+    }
+
+    /// Generates the subgroup kernel of `shaders/conv3d.wgsl` (everything from the
+    /// "BEGIN subgroups" marker on): WGSL wants subgroupBroadcast lane indices to be
+    /// constants, and the accumulators must be registers, so the tile is written out.
+    fn sg_source() -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let w = &mut s;
+        let _ = write!(
+            w,
+            "// BEGIN subgroups (stripped on devices without subgroup operations)
+//
+// Kernels for CPU-like devices with subgroups of at least 8 lanes (e.g. lavapipe). There
+// every storage-buffer load is a per-lane scalar loop costing as much as dozens of FMAs,
+// whatever its address, so these kernels minimise loads: a workgroup is one subgroup of 8
+// lanes, the lanes load distinct weights and share them with subgroupBroadcast, and every
+// write to a loop-carried variable (a masked blend and a spill) is made once per loop trip.
+//
+// Generated by `sg_source()` in src/ops/conv3d.rs (regenerate with
+// VOLFUSE_REGEN_CONV3D=1 cargo test --lib ops::conv3d::tests::subgroup_kernel_is_generated).
+
+// `v` of the lane to the left (lane 0 takes `edge`).
+fn from_left(v: f32, edge: f32, lane: u32) -> f32 {{
+    var l = edge;
+",
+        );
+        for j in 0..7 {
+            let _ = writeln!(
+                w,
+                "    l = select(l, subgroupBroadcast(v, {j}u), lane == {}u);",
+                j + 1
+            );
+        }
+        let _ = write!(
+            w,
+            "    return l;
+}}
+
+// `v` of the lane to the right (lane 7 takes `edge`).
+fn from_right(v: f32, edge: f32, lane: u32) -> f32 {{
+    var g = edge;
+"
+        );
+        for j in 0..7 {
+            let _ = writeln!(
+                w,
+                "    g = select(g, subgroupBroadcast(v, {}u), lane == {j}u);",
+                j + 1
+            );
+        }
+        let _ = write!(
+            w,
+            "    return g;
+}}
+
+fn store_sg(i: u32, oc: u32, v: f32) {{
+    if (oc < p.o) {{ out[i] = v + bias[oc]; }}
+}}
+"
+        );
+        for (ry, to) in SG3_TILES {
+            sg3_source(w, ry, to);
+        }
+        sg1_source(w);
+        let _ = writeln!(w, "// END subgroups");
+        s
+    }
+
+    /// A K = 3 subgroup kernel `conv3d_k3_sg{to}` with tile 8 x × `ry` y × `to` channels.
+    #[allow(non_snake_case)]
+    fn sg3_source(w: &mut String, ry: usize, to: usize) {
+        use std::fmt::Write;
+        let (RY, TO) = (ry, to);
+        let NR = RY + 2;
+        let NW = TO * 9 / 8;
+        let NE = (2 * NR).div_ceil(8);
+        let _ = write!(
+            w,
+            "
+// Variant \"conv3d_k3_sg{TO}\" (K = 3): a workgroup computes 8 consecutive x × {RY} rows (y)
+// of one z-slice × {TO} output channels (lane i owns column x0 + i: {acc} accumulators).
+// Per (c, kd) each lane loads {NW} weights, its own column of the {NR} input rows and a share
+// of the tile's edges (x0 - 1, x0 + 8); x-neighbours come from the adjacent lanes.
+@compute @workgroup_size(8)
+fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(subgroup_invocation_id) lane: u32) {{
+    let tile = wg.x + wg.y * nwg.x;
+    let z = i32(tile / (p.tiles_x * p.tiles_y));
+    let n = wg.z / p.groups;
+    let o0 = (wg.z % p.groups) * {TO}u;
+    let hi = i32(p.h);
+    let wi = i32(p.w);
+    let x0 = i32((tile % p.tiles_x) * 8u);
+    let y0 = i32(((tile / p.tiles_x) % p.tiles_y) * {RY}u);
+    let xl = x0 + i32(lane);
+    let xok = xl < wi;
+    let hw = p.h * p.w;
+    // This lane's input rows: offsets within an (n, c, z) slice, and validity.
+",
+            acc = RY * TO
+        );
+        for r in 0..NR {
+            let _ = writeln!(
+                w,
+                "    let rk{r} = xok && y0 + {} >= 0 && y0 + {} < hi;\n    let ro{r} = select(0u, u32((y0 + {}) * wi + xl), rk{r});",
+                r as i64 - 1,
+                r as i64 - 1,
+                r as i64 - 1
+            );
+        }
+        let _ = writeln!(
+            w,
+            "    // Edge slot s = 8k + lane: left edge (x0 - 1) of row s, right edge (x0 + 8) of row s - {NR}."
+        );
+        for k in 0..NE {
+            let _ = write!(
+                w,
+                "    let es{k} = {}u + lane;
+    let ey{k} = y0 + i32(es{k} % {NR}u) - 1;
+    let ex{k} = select(x0 - 1, x0 + 8, es{k} >= {NR}u);
+    let ek{k} = es{k} < {}u && ey{k} >= 0 && ey{k} < hi && ex{k} >= 0 && ex{k} < wi;
+    let eo{k} = select(0u, u32(ey{k} * wi + ex{k}), ek{k});
+",
+                8 * k,
+                2 * NR
+            );
+        }
+        let _ = writeln!(
+            w,
+            "    // Weight slot s = 8k + lane: channel o0 + s / 9 (clamped), in-plane tap s % 9."
+        );
+        for k in 0..NW {
+            let _ = writeln!(
+                w,
+                "    let wo{k} = min(o0 + ({}u + lane) / 9u, p.o - 1u) * p.c * 27u + ({}u + lane) % 9u;",
+                8 * k,
+                8 * k
+            );
+        }
+        for r in 0..RY {
+            let _ = write!(w, "   ");
+            for o in 0..TO {
+                let _ = write!(w, " var a{r}_{o} = 0.0;");
+            }
+            let _ = writeln!(w);
+        }
+        let _ = write!(
+            w,
+            "    for (var c = 0u; c < p.c; c++) {{
+        for (var kd = 0; kd < 3; kd++) {{
+            let zz = z + kd - 1;
+            if (zz < 0 || zz >= i32(p.d)) {{ continue; }}
+            let base = (n * p.c + c) * p.dhw + u32(zz) * hw;
+            let wb = c * 27u + u32(kd) * 9u;
+"
+        );
+        for r in 0..NR {
+            let _ = writeln!(
+                w,
+                "            let v{r} = select(0.0, x[base + ro{r}], rk{r});"
+            );
+        }
+        for k in 0..NE {
+            let _ = writeln!(
+                w,
+                "            let e{k} = select(0.0, x[base + eo{k}], ek{k});"
+            );
+        }
+        for k in 0..NW {
+            let _ = writeln!(w, "            let w{k} = wt[wo{k} + wb];");
+        }
+        for r in 0..NR {
+            let (a, b) = (r, NR + r);
+            let _ = writeln!(
+                w,
+                "            let l{r} = from_left(v{r}, subgroupBroadcast(e{}, {}u), lane);\n            let g{r} = from_right(v{r}, subgroupBroadcast(e{}, {}u), lane);",
+                a / 8,
+                a % 8,
+                b / 8,
+                b % 8
+            );
+        }
+        // One statement per accumulator and (c, kd): every write to a loop-carried
+        // variable costs lavapipe a masked blend and a spill store.
+        for o in 0..TO {
+            let _ = writeln!(w, "            {{");
+            for t in 0..9 {
+                let q = o * 9 + t;
+                let _ = writeln!(
+                    w,
+                    "                let q{t} = subgroupBroadcast(w{}, {}u);",
+                    q / 8,
+                    q % 8
+                );
+            }
+            for r in 0..RY {
+                let _ = write!(w, "                a{r}_{o} = ");
+                for t in (0..9).rev() {
+                    let (i, src) = (r + t / 3, ["l", "v", "g"][t % 3]);
+                    let _ = write!(w, "fma({src}{i}, q{t}, ");
+                }
+                let _ = writeln!(w, "a{r}_{o}{};", ")".repeat(9));
+            }
+            let _ = writeln!(w, "            }}");
+        }
+        let _ = write!(
+            w,
+            "        }}
+    }}
+    if (!xok) {{ return; }}
+"
+        );
+        for r in 0..RY {
+            let _ = writeln!(
+                w,
+                "    if (y0 + {r} < hi) {{\n        let ov = u32(z) * hw + u32((y0 + {r}) * wi + xl);"
+            );
+            for o in 0..TO {
+                let _ = writeln!(
+                    w,
+                    "        store_sg((n * p.o + o0 + {o}u) * p.dhw + ov, o0 + {o}u, a{r}_{o});"
+                );
+            }
+            let _ = writeln!(w, "    }}");
+        }
+        let _ = writeln!(w, "}}");
+    }
+
+    /// The K = 1 subgroup kernel (a GEMM over channels), appended by [`sg_source`].
+    fn sg1_source(w: &mut String) {
+        use std::fmt::Write;
+        const V: usize = SG1_V;
+        const TO: usize = SG1_TO;
+        let _ = write!(
+            w,
+            "
+// Variant \"conv3d_k1_sg\" (K = 1, same devices): a workgroup is one subgroup computing
+// {nv} voxels × {TO} output channels; lane i owns voxels v0 + 8j + i, j < {V}. Per input
+// channel each lane loads {V} inputs and {nw} weights, shared by broadcast: {f} FMAs.
+@compute @workgroup_size(8)
+fn conv3d_k1_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(subgroup_invocation_id) lane: u32) {{
+    let tile = wg.x + wg.y * nwg.x;
+    let n = wg.z / p.groups;
+    let o0 = (wg.z % p.groups) * {TO}u;
+    let v0 = tile * {nv}u + lane;
+",
+            nv = 8 * V,
+            nw = TO / 8,
+            f = V * TO
+        );
+        for j in 0..V {
+            let _ = writeln!(
+                w,
+                "    let vk{j} = v0 + {}u < p.dhw;\n    let vi{j} = select(0u, v0 + {}u, vk{j});",
+                8 * j,
+                8 * j
+            );
+        }
+        for k in 0..TO / 8 {
+            let _ = writeln!(
+                w,
+                "    let wo{k} = min(o0 + {}u + lane, p.o - 1u) * p.c;",
+                8 * k
+            );
+        }
+        for j in 0..V {
+            let _ = write!(w, "   ");
+            for o in 0..TO {
+                let _ = write!(w, " var a{j}_{o} = 0.0;");
+            }
+            let _ = writeln!(w);
+        }
+        let _ = writeln!(
+            w,
+            "    for (var c = 0u; c < p.c; c++) {{\n        let base = (n * p.c + c) * p.dhw;"
+        );
+        for j in 0..V {
+            let _ = writeln!(w, "        let v{j} = select(0.0, x[base + vi{j}], vk{j});");
+        }
+        for k in 0..TO / 8 {
+            let _ = writeln!(w, "        let w{k} = wt[wo{k} + c];");
+        }
+        for o in 0..TO {
+            let _ = writeln!(
+                w,
+                "        {{\n            let q = subgroupBroadcast(w{}, {}u);",
+                o / 8,
+                o % 8
+            );
+            for j in 0..V {
+                let _ = writeln!(w, "            a{j}_{o} = fma(v{j}, q, a{j}_{o});");
+            }
+            let _ = writeln!(w, "        }}");
+        }
+        let _ = writeln!(w, "    }}");
+        for j in 0..V {
+            let _ = writeln!(w, "    if (vk{j}) {{");
+            for o in 0..TO {
+                let _ = writeln!(
+                    w,
+                    "        store_sg((n * p.o + o0 + {o}u) * p.dhw + vi{j}, o0 + {o}u, a{j}_{o});"
+                );
+            }
+            let _ = writeln!(w, "    }}");
+        }
+        let _ = writeln!(w, "}}");
+    }
+
+    #[test]
+    fn subgroup_kernel_is_generated() {
+        let want = sg_source();
+        let text = CONV3D.text;
+        let at = text.find("// BEGIN subgroups").unwrap_or(text.len());
+        if std::env::var_os("VOLFUSE_REGEN_CONV3D").is_some() {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/conv3d.wgsl");
+            std::fs::write(path, format!("{}{want}", &text[..at])).unwrap();
+            return;
+        }
+        assert!(
+            text[at..] == want,
+            "shaders/conv3d.wgsl is stale: regenerate it"
+        );
+    }
+
+    /// Times the GPU kernel on `LAB_SHAPE=n,c,o,d,h,w,k` (development aid).
+    #[test]
+    #[ignore]
+    fn lab_time() {
+        let v: Vec<usize> = std::env::var("LAB_SHAPE")
+            .unwrap_or("1,32,32,16,64,64,3".into())
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let case = crate::bench::Case::new(
+            "lab",
+            Conv3d::new(v[6]),
+            shapes(v[0], v[1], v[2], [v[3], v[4], v[5]], v[6]),
+        );
+        let c = ctx();
+        eprintln!("{}", c.describe());
+        let runs: usize = std::env::var("LAB_RUNS").map_or(3, |s| s.parse().unwrap());
+        let best = (0..runs)
+            .map(|_| crate::bench::time_gpu(c, &case, 1).unwrap())
+            .max_by(|a, b| a.gflops.total_cmp(&b.gflops))
+            .unwrap();
+        eprintln!("{best}");
+    }
 }

@@ -1,6 +1,799 @@
-//! conv_transpose3d (to be written)
+//! Transposed 3-D convolution, PyTorch `nn.ConvTranspose3d(Ci, Co, 4, stride=2, padding=1)`
+//! (the learned-upsampling stage): inputs `[x (N, Ci, D, H, W), weight (Ci, Co, 4, 4, 4),
+//! bias (Co)]`, output `(N, Co, 2D, 2H, 2W)`; input `i` feeds output `o = 2i − 1 + k`.
+//!
+//! GPU, gather form: per axis, output `o = 2q + p` sums exactly two taps `t ∈ {0, 1}`,
+//! `k = 2t + 1 − p` at input `i = q + p − t`. Kernels in `shaders/conv_transpose3d.wgsl`:
+//! `conv_transpose3d` (any device: one output voxel × 8 channels per invocation) and, on
+//! CPU-like devices with subgroups, `conv_transpose3d_sg_l` / `_sg_r` (one dispatch per x
+//! parity: a subgroup computes 8 x × 16 y × 16 channels of one parity class, sharing its
+//! loads through subgroup broadcasts; see conv3d.rs for why).
+
+use super::{expect_inputs, Op};
+use crate::error::{Error, Result};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs};
+use crate::shaders::{Shader, CONV_TRANSPOSE3D};
+use std::sync::OnceLock;
+
+/// The op: ConvTranspose3d with kernel 4, stride 2, padding 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConvTranspose3d;
+
+/// Resolved sizes: input `(n, ci, d, h, w)`, `co` output channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransposeDims {
+    pub n: usize,
+    pub ci: usize,
+    pub co: usize,
+    pub d: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl TransposeDims {
+    fn voxels(&self) -> usize {
+        self.d * self.h * self.w
+    }
+}
+
+impl ConvTranspose3d {
+    pub fn dims(&self, inputs: &[&[usize]]) -> Result<TransposeDims> {
+        let err = |m: String| Error::shape("conv_transpose3d", m);
+        expect_inputs("conv_transpose3d", inputs, 3)?;
+        let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
+        if x.len() != 5 {
+            return Err(err(format!("input must be (N, C, D, H, W), got {x:?}")));
+        }
+        let (ci, co) = (x[1], w.get(1).copied().unwrap_or(0));
+        if w != [ci, co, 4, 4, 4] {
+            return Err(err(format!(
+                "weight must be ({ci}, Co, 4, 4, 4) for input {x:?}, got {w:?}"
+            )));
+        }
+        if b != [co] {
+            return Err(err(format!("bias must be [{co}], got {b:?}")));
+        }
+        Ok(TransposeDims {
+            n: x[0],
+            ci,
+            co,
+            d: x[2],
+            h: x[3],
+            w: x[4],
+        })
+    }
+}
+
+/// The CPU reference, in scatter form straight from the definition:
+/// `out[n, co, 2i−1+k] += x[n, ci, i] · w[ci, co, k]` per axis, plus the bias.
+pub fn conv_transpose3d(
+    d: TransposeDims,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    let TransposeDims { n, ci, co, .. } = d;
+    let (od, oh, ow) = (2 * d.d, 2 * d.h, 2 * d.w);
+    let ov = od * oh * ow;
+    assert!(x.len() >= n * ci * d.voxels() && weight.len() >= ci * co * 64);
+    assert!(bias.len() >= co && out.len() >= n * co * ov);
+    for ni in 0..n {
+        for o in 0..co {
+            out[(ni * co + o) * ov..(ni * co + o + 1) * ov].fill(bias[o]);
+        }
+        for c in 0..ci {
+            for iz in 0..d.d {
+                for iy in 0..d.h {
+                    for ix in 0..d.w {
+                        let xv = x[(((ni * ci + c) * d.d + iz) * d.h + iy) * d.w + ix];
+                        for o in 0..co {
+                            let wb = (c * co + o) * 64;
+                            let ob = (ni * co + o) * ov;
+                            for kz in 0..4 {
+                                let Some(oz) = (2 * iz + kz).checked_sub(1).filter(|&v| v < od)
+                                else {
+                                    continue;
+                                };
+                                for ky in 0..4 {
+                                    let Some(oy) = (2 * iy + ky).checked_sub(1).filter(|&v| v < oh)
+                                    else {
+                                        continue;
+                                    };
+                                    for kx in 0..4 {
+                                        let Some(ox) =
+                                            (2 * ix + kx).checked_sub(1).filter(|&v| v < ow)
+                                        else {
+                                            continue;
+                                        };
+                                        out[ob + (oz * oh + oy) * ow + ox] +=
+                                            xv * weight[wb + (kz * 4 + ky) * 4 + kx];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Folds an eval-mode BatchNorm over the output channels into a transposed conv's weight
+/// `(in_channels, out_channels, ...)` and bias: `w'[:, o] = w[:, o]·s[o]`,
+/// `b'[o] = (b[o] − mean[o])·s[o] + beta[o]`, `s = gamma / sqrt(var + eps)`.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_batchnorm_transposed(
+    weight: &mut [f32],
+    bias: &mut [f32],
+    in_channels: usize,
+    out_channels: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+) -> Result<()> {
+    let (ic, oc) = (in_channels, out_channels);
+    let lens = [
+        bias.len(),
+        gamma.len(),
+        beta.len(),
+        running_mean.len(),
+        running_var.len(),
+    ];
+    if lens.iter().any(|&l| l != oc) || ic * oc == 0 || !weight.len().is_multiple_of(ic * oc) {
+        return Err(Error::shape(
+            "fold_batchnorm_transposed",
+            format!(
+                "{ic}→{oc} channels: weight has {} values, bias/gamma/beta/mean/var have {lens:?}",
+                weight.len()
+            ),
+        ));
+    }
+    let per = weight.len() / (ic * oc);
+    let s: Vec<f32> = (0..oc)
+        .map(|o| (gamma[o] as f64 / (running_var[o] as f64 + eps as f64).sqrt()) as f32)
+        .collect();
+    for (i, chunk) in weight.chunks_mut(per).enumerate() {
+        let o = i % oc;
+        for w in chunk {
+            *w *= s[o];
+        }
+    }
+    for o in 0..oc {
+        bias[o] = ((bias[o] as f64 - running_mean[o] as f64) * s[o] as f64 + beta[o] as f64) as f32;
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    ci: u32,
+    co: u32,
+    d: u32,
+    h: u32,
+    w: u32,
+    dhw: u32,
+    groups: u32,
+    tiles_x: u32,
+    tiles_y: u32,
+    px: u32,
+    _pad: [u32; 2],
+}
+
+/// Tile of the subgroup kernels: input rows (y) per lane and output channels.
+const SG_RY: usize = 16;
+const SG_TO: usize = 16;
+
+/// conv_transpose3d.wgsl without its subgroup section.
+fn plain_shader() -> &'static Shader {
+    static PLAIN: OnceLock<Shader> = OnceLock::new();
+    PLAIN.get_or_init(|| {
+        let text = CONV_TRANSPOSE3D.text;
+        let stripped = match (
+            text.find("// BEGIN subgroups"),
+            text.find("// END subgroups"),
+        ) {
+            (Some(a), Some(b)) if a < b => format!("{}{}", &text[..a], &text[b..]),
+            _ => text.to_string(),
+        };
+        Shader {
+            name: "conv_transpose3d (no subgroups)",
+            text: Box::leak(stripped.into_boxed_str()),
+        }
+    })
+}
+
+fn gpu_conv_transpose3d(
+    ctx: &GpuContext,
+    d: TransposeDims,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+) -> Result<Vec<Dispatch>> {
+    let dhw = d.voxels();
+    if (d.n * d.ci.max(d.co) * dhw * 8) as u64 >= u32::MAX as u64 {
+        return Err(Error::shape(
+            "conv_transpose3d",
+            format!("{d:?} exceeds 2^32 elements per tensor"),
+        ));
+    }
+    if d.n == 0 || d.co == 0 || dhw == 0 {
+        return Ok(vec![]);
+    }
+    let sg = ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8;
+    let ot = if sg { SG_TO } else { 8 };
+    let groups = d.co.div_ceil(ot);
+    let (tiles_x, tiles_y) = (d.w.div_ceil(8), d.h.div_ceil(SG_RY));
+    let z = (d.n * groups) as u32;
+    if z > ctx.caps.max_workgroups_per_dim {
+        return Err(Error::Gpu(format!(
+            "conv_transpose3d: {z} batch × channel groups exceed the device's dispatch limit"
+        )));
+    }
+    let params = |px: u32| Params {
+        ci: d.ci as u32,
+        co: d.co as u32,
+        d: d.d as u32,
+        h: d.h as u32,
+        w: d.w as u32,
+        dhw: dhw as u32,
+        groups: groups as u32,
+        tiles_x: tiles_x as u32,
+        tiles_y: tiles_y as u32,
+        px,
+        _pad: [0; 2],
+    };
+    let buffers = [inputs[0], inputs[1], inputs[2], out];
+    if sg {
+        let [wx, wy, _] = ctx.grid((tiles_x * tiles_y * d.d * 4) as u64)?;
+        return ["conv_transpose3d_sg_l", "conv_transpose3d_sg_r"]
+            .iter()
+            .enumerate()
+            .map(|(px, &entry)| {
+                ctx.dispatch(KernelArgs {
+                    shader: &CONV_TRANSPOSE3D,
+                    entry,
+                    constants: &[],
+                    buffers: &buffers,
+                    params: bytemuck::bytes_of(&params(px as u32)),
+                    workgroups: [wx, wy, z],
+                })
+            })
+            .collect();
+    }
+    let shader = if ctx.caps.subgroups {
+        &CONV_TRANSPOSE3D
+    } else {
+        plain_shader()
+    };
+    let [wx, wy, _] = ctx.grid((8 * dhw).div_ceil(64) as u64)?;
+    Ok(vec![ctx.dispatch(KernelArgs {
+        shader,
+        entry: "conv_transpose3d",
+        constants: &[],
+        buffers: &buffers,
+        params: bytemuck::bytes_of(&params(0)),
+        workgroups: [wx, wy, z],
+    })?])
+}
+
+impl Op for ConvTranspose3d {
+    fn name(&self) -> &'static str {
+        "conv_transpose3d"
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        let d = self.dims(inputs)?;
+        Ok(vec![d.n, d.co, 2 * d.d, 2 * d.h, 2 * d.w])
+    }
+    fn cpu(&self, inputs: &[&[f32]], shapes: &[&[usize]], out: &mut [f32]) {
+        let d = self
+            .dims(shapes)
+            .expect("shapes were checked when the graph was built");
+        conv_transpose3d(d, inputs[0], inputs[1], inputs[2], out);
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let d = self.dims(shapes)?;
+        gpu_conv_transpose3d(ctx, d, inputs, out)
+    }
+    /// 2·N·Ci·Co·64 per input voxel (every output voxel sums 8 taps per input channel).
+    fn flops(&self, shapes: &[&[usize]]) -> u64 {
+        self.dims(shapes)
+            .map(|d| 2 * (d.n * d.ci * d.co * d.voxels()) as u64 * 64)
+            .unwrap_or(0)
+    }
+}
 
 /// Benchmark cases for `cargo bench` (keep this function).
 pub fn bench_cases() -> Vec<crate::bench::Case> {
-    vec![]
+    use crate::bench::Case;
+    vec![Case::new(
+        "conv_transpose3d 32->32 k4s2 32^3->64^3",
+        ConvTranspose3d,
+        vec![vec![1, 32, 32, 32, 32], vec![32, 32, 4, 4, 4], vec![32]],
+    )]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::numel;
+    use crate::ops::testing::{check_op, ctx, random, rel_err, rng};
+
+    fn shapes(n: usize, ci: usize, co: usize, s: [usize; 3]) -> Vec<Vec<usize>> {
+        vec![
+            vec![n, ci, s[0], s[1], s[2]],
+            vec![ci, co, 4, 4, 4],
+            vec![co],
+        ]
+    }
+
+    /// Gather form written independently of the kernels: every (output, input, tap)
+    /// triple with o = 2i − 1 + k, per axis.
+    fn gather(d: TransposeDims, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let (od, oh, ow) = (2 * d.d, 2 * d.h, 2 * d.w);
+        let mut out = vec![0f32; d.n * d.co * od * oh * ow];
+        let taps = |o: usize, n: usize| -> Vec<(usize, usize)> {
+            (0..n)
+                .flat_map(|i| (0..4).map(move |k| (i, k)))
+                .filter(|&(i, k)| 2 * i + k == o + 1)
+                .collect()
+        };
+        for n in 0..d.n {
+            for o in 0..d.co {
+                for oz in 0..od {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let mut s = b[o] as f64;
+                            for (iz, kz) in taps(oz, d.d) {
+                                for (iy, ky) in taps(oy, d.h) {
+                                    for (ix, kx) in taps(ox, d.w) {
+                                        for c in 0..d.ci {
+                                            let xi =
+                                                (((n * d.ci + c) * d.d + iz) * d.h + iy) * d.w + ix;
+                                            let wi = (c * d.co + o) * 64 + (kz * 4 + ky) * 4 + kx;
+                                            s += x[xi] as f64 * w[wi] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                            out[(((n * d.co + o) * od + oz) * oh + oy) * ow + ox] = s as f32;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn reference_matches_gather_form() {
+        let mut r = rng();
+        for (n, ci, co, s) in [
+            (1, 3, 5, [2, 3, 4]),
+            (2, 2, 3, [1, 1, 1]),
+            (1, 1, 2, [5, 1, 3]),
+        ] {
+            let sh = shapes(n, ci, co, s);
+            let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+            let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+            let d = ConvTranspose3d.dims(&refs).unwrap();
+            let mut out = vec![0f32; d.n * d.co * d.voxels() * 8];
+            conv_transpose3d(d, &data[0], &data[1], &data[2], &mut out);
+            let want = gather(d, &data[0], &data[1], &data[2]);
+            assert!(rel_err(&out, &want) < 1e-5, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn one_input_spreads_to_its_4x4x4_window() {
+        // A single input voxel at (1, 1, 1) of 3³ with weights = k index: output voxel
+        // 2·1 − 1 + k = 1 + k gets w[k].
+        let d = TransposeDims {
+            n: 1,
+            ci: 1,
+            co: 1,
+            d: 3,
+            h: 3,
+            w: 3,
+        };
+        let mut x = vec![0f32; 27];
+        x[13] = 1.0;
+        let w: Vec<f32> = (0..64).map(|k| k as f32).collect();
+        let mut out = vec![0f32; 216];
+        conv_transpose3d(d, &x, &w, &[0.5], &mut out);
+        for (i, v) in out.iter().enumerate() {
+            let (z, y, xx) = (i / 36, (i / 6) % 6, i % 6);
+            let inside = (1..5).contains(&z) && (1..5).contains(&y) && (1..5).contains(&xx);
+            let want = if inside {
+                (((z - 1) * 4 + y - 1) * 4 + xx - 1) as f32 + 0.5
+            } else {
+                0.5
+            };
+            assert_eq!(*v, want, "output {i}");
+        }
+    }
+
+    #[test]
+    fn kernel_matches_reference() {
+        for (n, ci, co, s) in [
+            (1, 3, 5, [5, 7, 9]),
+            (2, 3, 5, [1, 1, 1]),
+            (1, 3, 5, [17, 6, 3]),
+            (2, 4, 17, [3, 18, 10]),
+            (1, 5, 33, [2, 9, 17]),
+        ] {
+            check_op(&ConvTranspose3d, &shapes(n, ci, co, s), 1e-5);
+        }
+    }
+
+    #[test]
+    fn portable_kernel_matches_reference() {
+        let c = ctx();
+        let mut r = rng();
+        let sh = shapes(2, 3, 11, [3, 5, 6]);
+        let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+        let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+        let d = ConvTranspose3d.dims(&refs).unwrap();
+        let mut want = vec![0f32; d.n * d.co * d.voxels() * 8];
+        conv_transpose3d(d, &data[0], &data[1], &data[2], &mut want);
+        let t: Vec<_> = data
+            .iter()
+            .zip(&sh)
+            .map(|(x, s)| c.upload(x, s).unwrap())
+            .collect();
+        let out = c.empty(&[d.n, d.co, 2 * d.d, 2 * d.h, 2 * d.w]).unwrap();
+        c.fill(&out.buffer, f32::NAN);
+        let p = Params {
+            ci: d.ci as u32,
+            co: d.co as u32,
+            d: d.d as u32,
+            h: d.h as u32,
+            w: d.w as u32,
+            dhw: d.voxels() as u32,
+            groups: d.co.div_ceil(8) as u32,
+            tiles_x: 0,
+            tiles_y: 0,
+            px: 0,
+            _pad: [0; 2],
+        };
+        let disp = c
+            .dispatch(KernelArgs {
+                shader: plain_shader(),
+                entry: "conv_transpose3d",
+                constants: &[],
+                buffers: &[&t[0].buffer, &t[1].buffer, &t[2].buffer, &out.buffer],
+                params: bytemuck::bytes_of(&p),
+                workgroups: [
+                    (8 * d.voxels()).div_ceil(64) as u32,
+                    1,
+                    (d.n * d.co.div_ceil(8)) as u32,
+                ],
+            })
+            .unwrap();
+        c.run(&[disp]).unwrap();
+        let got = c.download(&out).unwrap();
+        assert!(rel_err(&got, &want) <= 1e-5);
+        assert!(!plain_shader().text.contains("subgroupBroadcast"));
+    }
+
+    #[test]
+    fn rejects_wrong_channels() {
+        let e = ConvTranspose3d
+            .output_shape(&[&[1, 4, 5, 5, 5], &[3, 2, 4, 4, 4], &[2]])
+            .unwrap_err();
+        assert!(e.to_string().contains("conv_transpose3d"), "{e}");
+        assert!(ConvTranspose3d
+            .output_shape(&[&[1, 4, 5, 5, 5], &[4, 2, 3, 3, 3], &[2]])
+            .is_err());
+        assert!(ConvTranspose3d
+            .output_shape(&[&[1, 4, 5, 5, 5], &[4, 2, 4, 4, 4], &[4]])
+            .is_err());
+    }
+
+    #[test]
+    fn batchnorm_fold_matches_then_bn() {
+        let mut r = rng();
+        let sh = shapes(1, 3, 4, [2, 3, 2]);
+        let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+        let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+        let d = ConvTranspose3d.dims(&refs).unwrap();
+        let (gamma, beta, mean) = (random(&mut r, 4), random(&mut r, 4), random(&mut r, 4));
+        let var: Vec<f32> = random(&mut r, 4).iter().map(|v| v.abs() + 0.1).collect();
+        let eps = 1e-5;
+        let mut y = vec![0f32; d.n * d.co * d.voxels() * 8];
+        conv_transpose3d(d, &data[0], &data[1], &data[2], &mut y);
+        let v = d.voxels() * 8;
+        let want: Vec<f32> = y
+            .iter()
+            .enumerate()
+            .map(|(i, y)| {
+                let o = (i / v) % d.co;
+                (y - mean[o]) / (var[o] + eps).sqrt() * gamma[o] + beta[o]
+            })
+            .collect();
+        let (mut w, mut b) = (data[1].clone(), data[2].clone());
+        fold_batchnorm_transposed(&mut w, &mut b, 3, 4, &gamma, &beta, &mean, &var, eps).unwrap();
+        let mut got = vec![0f32; y.len()];
+        conv_transpose3d(d, &data[0], &w, &b, &mut got);
+        assert!(rel_err(&got, &want) < 1e-5);
+        assert!(
+            fold_batchnorm_transposed(&mut w, &mut b, 5, 4, &gamma, &beta, &mean, &var, eps)
+                .is_err()
+        );
+    }
+
+    /// Generates the subgroup section of `shaders/conv_transpose3d.wgsl` (WGSL wants
+    /// subgroupBroadcast lane indices to be constants and the accumulators must be registers,
+    /// so the tile is written out).
+    fn sg_source() -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let w = &mut s;
+        let _ = write!(
+            w,
+            "// BEGIN subgroups (stripped on devices without subgroup operations)
+//
+// Variants \"conv_transpose3d_sg_l\" / \"_sg_r\" (CPU-like devices with subgroups of at least
+// 8 lanes, e.g. lavapipe, where every storage-buffer load is a slow per-lane loop; see
+// conv3d.wgsl): one dispatch per x parity px (0: the x-neighbour tap is on the left, 1: on
+// the right). A workgroup is one subgroup computing, for one (pz, py) class and one input
+// slice qz, outputs (2qz + pz, 2qy + py, 2qx + px) for 8 consecutive qx × {RY} rows qy ×
+// {TO} output channels (lane i owns qx = x0 + i). Per input channel each lane loads its
+// column of the 2 × {NR} input rows, a share of the row edges and {TO} weights (lane
+// i holds tap (tz, ty, xs) = (i / 4, i / 2 % 2, i % 2) of each channel), shared by broadcast.
+//
+// Generated by `sg_source()` in src/ops/conv_transpose3d.rs (regenerate with
+// VOLFUSE_REGEN_CONV3D=1 cargo test --lib ops::conv_transpose3d::tests::subgroup_kernel_is_generated).
+
+fn from_left(v: f32, edge: f32, lane: u32) -> f32 {{
+    var l = edge;
+",
+            RY = SG_RY,
+            TO = SG_TO,
+            NR = SG_RY + 1
+        );
+        for j in 0..7 {
+            let _ = writeln!(
+                w,
+                "    l = select(l, subgroupBroadcast(v, {j}u), lane == {}u);",
+                j + 1
+            );
+        }
+        let _ = write!(
+            w,
+            "    return l;
+}}
+
+fn from_right(v: f32, edge: f32, lane: u32) -> f32 {{
+    var g = edge;
+"
+        );
+        for j in 0..7 {
+            let _ = writeln!(
+                w,
+                "    g = select(g, subgroupBroadcast(v, {}u), lane == {j}u);",
+                j + 1
+            );
+        }
+        let _ = writeln!(
+            w,
+            "    return g;
+}}
+
+fn store_sg(i: u32, oc: u32, v: f32) {{
+    if (oc < p.co) {{ out[i] = v + bias[oc]; }}
+}}"
+        );
+        sg_entry(w, false);
+        sg_entry(w, true);
+        let _ = writeln!(w, "// END subgroups");
+        s
+    }
+
+    /// One subgroup entry point; `right`: px = 1.
+    fn sg_entry(w: &mut String, right: bool) {
+        use std::fmt::Write;
+        let (ry, to, nr) = (SG_RY, SG_TO, SG_RY + 1);
+        let ne = (2 * nr).div_ceil(8);
+        let px = right as usize;
+        let _ = write!(
+            w,
+            "
+@compute @workgroup_size(8)
+fn conv_transpose3d_sg_{name}(@builtin(workgroup_id) wg: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{
+    let tile = wg.x + wg.y * nwg.x;
+    let txy = p.tiles_x * p.tiles_y;
+    let qz = i32((tile / txy) % p.d);
+    let cls = tile / (txy * p.d);
+    let pz = i32(cls / 2u);
+    let py = i32(cls % 2u);
+    let n = wg.z / p.groups;
+    let o0 = (wg.z % p.groups) * {to}u;
+    let hi = i32(p.h);
+    let wi = i32(p.w);
+    let hw = p.h * p.w;
+    let x0 = i32((tile % p.tiles_x) * 8u);
+    let y0 = i32(((tile / p.tiles_x) % p.tiles_y) * {ry}u);
+    let xl = x0 + i32(lane);
+    let xok = xl < wi;
+    // z taps t: input slice qz + pz - t, kz = 2t + 1 - pz.
+    let zk0 = qz + pz < i32(p.d);
+    let zk1 = qz + pz - 1 >= 0;
+    let zo0 = select(0u, u32(qz + pz) * hw, zk0);
+    let zo1 = select(0u, u32(qz + pz - 1) * hw, zk1);
+    // Input row j: y = y0 + py - 1 + j (output row r uses rows r + 1 (ty = 0) and r (ty = 1)).
+",
+            name = if right { "r" } else { "l" }
+        );
+        for j in 0..nr {
+            let _ = writeln!(
+                w,
+                "    let ry{j} = y0 + py + {};\n    let rk{j} = xok && ry{j} >= 0 && ry{j} < hi;\n    let ro{j} = select(0u, u32(ry{j} * wi + xl), rk{j});",
+                j as i64 - 1
+            );
+        }
+        let _ = writeln!(
+            w,
+            "    // Edge slot s = 8k + lane: row s % {nr} of z tap s / {nr}, at x = {}.",
+            if right { "x0 + 8" } else { "x0 - 1" }
+        );
+        for k in 0..ne {
+            let _ = write!(
+                w,
+                "    let es{k} = {}u + lane;
+    let et{k} = es{k} / {nr}u;
+    let ey{k} = y0 + py + i32(es{k} % {nr}u) - 1;
+    let ex{k} = x0 + {};
+    let ek{k} = es{k} < {}u && select(zk1, zk0, et{k} == 0u) && ey{k} >= 0 && ey{k} < hi && ex{k} >= 0 && ex{k} < wi;
+    let eo{k} = select(0u, select(zo1, zo0, et{k} == 0u) + u32(ey{k} * wi + ex{k}), ek{k});
+",
+                8 * k,
+                if right { 8 } else { -1 },
+                2 * nr
+            );
+        }
+        let _ = write!(
+            w,
+            "    // Weight lane: tap (tz, ty, xs) = (lane / 4, lane / 2 % 2, lane % 2), xs = 1: neighbour.
+    let wtz = i32(lane / 4u);
+    let wty = i32((lane / 2u) % 2u);
+    let wkx = select({}u, {}u, lane % 2u == 1u);
+    let wl = u32(2 * wtz + 1 - pz) * 16u + u32(2 * wty + 1 - py) * 4u + wkx;
+",
+            1 + px,
+            3 - 3 * px
+        );
+        for k in 0..to {
+            let _ = writeln!(w, "    let wo{k} = min(o0 + {k}u, p.co - 1u) * 64u + wl;");
+        }
+        for r in 0..ry {
+            let _ = write!(w, "   ");
+            for o in 0..to {
+                let _ = write!(w, " var a{r}_{o} = 0.0;");
+            }
+            let _ = writeln!(w);
+        }
+        let _ = writeln!(
+            w,
+            "    for (var c = 0u; c < p.ci; c++) {{
+        let base = (n * p.ci + c) * p.dhw;
+        let cw = c * p.co * 64u;"
+        );
+        for t in 0..2 {
+            for j in 0..nr {
+                let _ = writeln!(
+                    w,
+                    "        let v{t}_{j} = select(0.0, x[base + zo{t} + ro{j}], rk{j} && zk{t});"
+                );
+            }
+        }
+        for k in 0..ne {
+            let _ = writeln!(w, "        let e{k} = select(0.0, x[base + eo{k}], ek{k});");
+        }
+        for k in 0..to {
+            let _ = writeln!(w, "        let w{k} = wt[wo{k} + cw];");
+        }
+        let side = if right { "from_right" } else { "from_left" };
+        for t in 0..2 {
+            for j in 0..nr {
+                let s = t * nr + j;
+                let _ = writeln!(
+                    w,
+                    "        let n{t}_{j} = {side}(v{t}_{j}, subgroupBroadcast(e{}, {}u), lane);",
+                    s / 8,
+                    s % 8
+                );
+            }
+        }
+        for o in 0..to {
+            let _ = writeln!(w, "        {{");
+            for q in 0..8 {
+                let _ = writeln!(w, "            let q{q} = subgroupBroadcast(w{o}, {q}u);");
+            }
+            for r in 0..ry {
+                let _ = write!(w, "            a{r}_{o} = ");
+                for q in (0..8).rev() {
+                    let (t, ty, xs) = (q / 4, (q / 2) % 2, q % 2);
+                    let j = r + 1 - ty;
+                    let src = if xs == 0 { "v" } else { "n" };
+                    let _ = write!(w, "fma({src}{t}_{j}, q{q}, ");
+                }
+                let _ = writeln!(w, "a{r}_{o}{};", ")".repeat(8));
+            }
+            let _ = writeln!(w, "        }}");
+        }
+        let _ = write!(
+            w,
+            "    }}
+    if (!xok) {{ return; }}
+    let oh = 2u * p.h;
+    let ow = 2u * p.w;
+    let odhw = 8u * p.dhw;
+    let oz = u32(2 * qz + pz);
+    let ox = u32(2 * xl) + {px}u;
+"
+        );
+        for r in 0..ry {
+            let _ = writeln!(
+                w,
+                "    if (y0 + {r} < hi) {{\n        let ov = (oz * oh + u32(2 * (y0 + {r}) + py)) * ow + ox;"
+            );
+            for o in 0..to {
+                let _ = writeln!(
+                    w,
+                    "        store_sg((n * p.co + o0 + {o}u) * odhw + ov, o0 + {o}u, a{r}_{o});"
+                );
+            }
+            let _ = writeln!(w, "    }}");
+        }
+        let _ = writeln!(w, "}}");
+    }
+
+    #[test]
+    fn subgroup_kernel_is_generated() {
+        let want = sg_source();
+        let text = CONV_TRANSPOSE3D.text;
+        let at = text.find("// BEGIN subgroups").unwrap_or(text.len());
+        if std::env::var_os("VOLFUSE_REGEN_CONV3D").is_some() {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/conv_transpose3d.wgsl");
+            std::fs::write(path, format!("{}{want}", &text[..at])).unwrap();
+            return;
+        }
+        assert!(
+            text[at..] == want,
+            "shaders/conv_transpose3d.wgsl is stale: regenerate it"
+        );
+    }
+
+    /// Times the GPU kernel on `LAB_SHAPE=n,ci,co,d,h,w` (development aid).
+    #[test]
+    #[ignore]
+    fn lab_time() {
+        let v: Vec<usize> = std::env::var("LAB_SHAPE")
+            .unwrap_or("1,32,32,32,32,32".into())
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let case = crate::bench::Case::new(
+            "lab",
+            ConvTranspose3d,
+            shapes(v[0], v[1], v[2], [v[3], v[4], v[5]]),
+        );
+        let c = ctx();
+        let runs: usize = std::env::var("LAB_RUNS").map_or(3, |s| s.parse().unwrap());
+        let best = (0..runs)
+            .map(|_| crate::bench::time_gpu(c, &case, 1).unwrap())
+            .max_by(|a, b| a.gflops.total_cmp(&b.gflops))
+            .unwrap();
+        eprintln!("{best}");
+    }
 }
