@@ -354,9 +354,9 @@ pub fn bench_cases() -> Vec<crate::bench::Case> {
             vec![vec![1, 32, 64, 64, 64], vec![32, 32, 3, 3, 3], vec![32]],
         ),
         Case::new(
-            "conv3d 384->32 k1 64^3",
+            "conv3d 384->64 k1 32^3",
             Conv3d::new(1),
-            vec![vec![1, 384, 64, 64, 64], vec![32, 384, 1, 1, 1], vec![32]],
+            vec![vec![1, 384, 32, 32, 32], vec![64, 384, 1, 1, 1], vec![64]],
         ),
     ]
 }
