@@ -18,6 +18,8 @@ struct Params {
 const WG: u32 = 64u;
 const PER: u32 = 4u;
 
+// Two passes over the row: a running max and a sum rescaled when the max grows, then
+// the output (2 loads and 1 store per element instead of 3 and 1).
 @compute @workgroup_size(64)
 fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
@@ -25,9 +27,13 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (row >= p.n) { return; }
     let a = row * p.len;
     var m = x[a];
-    for (var j = 1u; j < p.len; j++) { m = max(m, x[a + j]); }
     var sum = 0.0;
-    for (var j = 0u; j < p.len; j++) { sum += exp(x[a + j] - m); }
+    for (var j = 0u; j < p.len; j++) {
+        let v = x[a + j];
+        let mn = max(m, v);
+        sum = sum * exp(m - mn) + exp(v - mn);
+        m = mn;
+    }
     let inv = 1.0 / sum;
     for (var j = 0u; j < p.len; j++) { out[a + j] = exp(x[a + j] - m) * inv; }
 }
@@ -55,6 +61,11 @@ fn next_voxel(v: vec2<u32>) -> vec2<u32> {
     return vec2<u32>(c.y, v.y + c.x);
 }
 
+// K specialised (1..=MAXK): the K values stay in registers, so each is loaded once.
+// KC = 0: any K, three passes over memory.
+override KC: u32 = 0u;
+const MAXK: u32 = 32u;
+
 @compute @workgroup_size(64)
 fn channel_softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
@@ -63,13 +74,30 @@ fn channel_softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
     for (var r = 0u; r < PER; r++) {
         if (base + r * WG + lid >= p.n) { return; }
         let a = v.y * p.len * p.s + v.x;
-        var m = x[a];
-        for (var k = 1u; k < p.len; k++) { m = max(m, x[a + k * p.s]); }
-        var sum = 0.0;
-        for (var k = 0u; k < p.len; k++) { sum += exp(x[a + k * p.s] - m); }
-        let inv = 1.0 / sum;
-        for (var k = 0u; k < p.len; k++) {
-            out[a + k * p.s] = exp(x[a + k * p.s] - m) * inv;
+        if (KC > 0u) {
+            var e: array<f32, MAXK>;
+            e[0] = x[a];
+            var m = e[0];
+            for (var k = 1u; k < KC; k++) {
+                e[k] = x[a + k * p.s];
+                m = max(m, e[k]);
+            }
+            var sum = 0.0;
+            for (var k = 0u; k < KC; k++) {
+                e[k] = exp(e[k] - m);
+                sum += e[k];
+            }
+            let inv = 1.0 / sum;
+            for (var k = 0u; k < KC; k++) { out[a + k * p.s] = e[k] * inv; }
+        } else {
+            var m = x[a];
+            for (var k = 1u; k < p.len; k++) { m = max(m, x[a + k * p.s]); }
+            var sum = 0.0;
+            for (var k = 0u; k < p.len; k++) { sum += exp(x[a + k * p.s] - m); }
+            let inv = 1.0 / sum;
+            for (var k = 0u; k < p.len; k++) {
+                out[a + k * p.s] = exp(x[a + k * p.s] - m) * inv;
+            }
         }
         v = next_voxel(v);
     }

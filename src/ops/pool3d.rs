@@ -237,7 +237,7 @@ mod tests {
         // window: planes 0,1 × rows 0,1 × cols 0,1 → indices 0,1,3,4,6,7,9,10
         assert_eq!(m, vec![10.0]);
         let (a, _) = run_cpu(&Pool3d::Avg, &[(&x, &s)]).unwrap();
-        assert_eq!(a, vec![(0 + 1 + 3 + 4 + 6 + 7 + 9 + 10) as f32 / 8.0]);
+        assert_eq!(a, vec![40.0 / 8.0]); // 0+1+3+4+6+7+9+10
     }
 
     #[test]

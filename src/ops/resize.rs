@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs};
 use crate::shaders::RESIZE;
 
-/// Outputs per workgroup: 64 lanes × 4 outputs each (see `shaders/resize.wgsl`).
+/// Blocks per workgroup: 64 lanes × 4 blocks each (see `shaders/resize.wgsl`).
 const PER_WORKGROUP: u64 = 256;
 
 /// The output of a resize along `A` spatial axes.
@@ -154,17 +154,38 @@ pub fn bilinear(x: &[f32], lead: usize, axes: [Axis; 2], out: &mut [f32]) {
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     n: u32,
+    nbw: u32,
+    nbh: u32,
+    nbd: u32,
     wo: u32,
     ho: u32,
     do_: u32,
+    _pad0: u32,
     wi: u32,
     hi: u32,
     di: u32,
-    _pad0: u32,
+    _pad1: u32,
     sw: f32,
     sh: f32,
     sd: f32,
-    _pad1: f32,
+    _pad2: f32,
+}
+
+/// Outputs per kernel block along `axis` and inputs the block reads. Two neighbouring
+/// outputs are `scale` apart in the input, so with `scale ≤ 0.75` (margin for f32
+/// rounding) their taps lie within 3 consecutive inputs. An identity axis (scale 1, so
+/// `src = o` exactly and `w1 = 0`) reads one input: the second tap's weight is 0 and the
+/// kernel's unread slot holds 0, so the result is the input, as in PyTorch.
+fn block(axis: Axis) -> (usize, usize) {
+    if axis.n_in == axis.n_out && axis.scale == 1.0 {
+        return (1, 1);
+    }
+    let b = if axis.scale <= 0.75 && axis.n_out >= 2 {
+        2
+    } else {
+        1
+    };
+    (b, (b + 1).min(axis.n_in))
 }
 
 /// Builds the dispatch of `entry` for `lead` volumes with axes (D, H, W).
@@ -176,26 +197,47 @@ fn gpu_resize(
     input: &wgpu::Buffer,
     out: &wgpu::Buffer,
 ) -> Result<Vec<Dispatch>> {
-    let n = lead * d.n_out * h.n_out * w.n_out;
-    check_u32(entry, n.max(lead * d.n_in * h.n_in * w.n_in))?;
+    check_u32(
+        entry,
+        lead * (d.n_out * h.n_out * w.n_out).max(d.n_in * h.n_in * w.n_in),
+    )?;
+    let [(bd, cd), (bh, ch), (bw, cw)] = [d, h, w].map(block);
+    let (nbd, nbh, nbw) = (
+        d.n_out.div_ceil(bd),
+        h.n_out.div_ceil(bh),
+        w.n_out.div_ceil(bw),
+    );
+    let n = lead * nbd * nbh * nbw;
     let p = Params {
         n: n as u32,
+        nbw: nbw as u32,
+        nbh: nbh as u32,
+        nbd: nbd as u32,
         wo: w.n_out as u32,
         ho: h.n_out as u32,
         do_: d.n_out as u32,
+        _pad0: 0,
         wi: w.n_in as u32,
         hi: h.n_in as u32,
         di: d.n_in as u32,
-        _pad0: 0,
+        _pad1: 0,
         sw: w.scale,
         sh: h.scale,
         sd: d.scale,
-        _pad1: 0.0,
+        _pad2: 0.0,
     };
+    let constants = [
+        ("BW", bw as f64),
+        ("BH", bh as f64),
+        ("BD", bd as f64),
+        ("CW", cw as f64),
+        ("CH", ch as f64),
+        ("CD", cd as f64),
+    ];
     Ok(vec![ctx.dispatch(KernelArgs {
         shader: &RESIZE,
         entry,
-        constants: &[],
+        constants: &constants,
         buffers: &[input, out],
         params: bytemuck::bytes_of(&p),
         workgroups: ctx.grid((n as u64).div_ceil(PER_WORKGROUP))?,
@@ -362,7 +404,7 @@ mod tests {
                 x[0]
             } else if o == 2 * n - 1 {
                 x[n - 1]
-            } else if o % 2 == 0 {
+            } else if o.is_multiple_of(2) {
                 0.25 * x[k - 1] + 0.75 * x[k]
             } else {
                 0.75 * x[k] + 0.25 * x[k + 1]
@@ -439,6 +481,14 @@ mod tests {
             (vec![1, 2, 16, 16, 16], Target::Factor([2.0; 3])),
             (vec![1, 1, 33, 20, 70], Target::Size([8, 20, 17])),
             (vec![4, 1, 3, 2], Target::Factor([1.5, 2.5, 0.75])),
+            // Scales 0.75 (blocks of 2), 0.8 (blocks of 1), 5/7; 2 inputs; odd outputs.
+            (vec![1, 2, 3, 4, 5], Target::Size([4, 5, 7])),
+            (vec![1, 1, 2, 2, 2], Target::Size([5, 5, 5])),
+            (vec![1, 2, 16, 16, 16], Target::Size([33, 31, 64])),
+            (vec![2, 1, 9, 4, 6], Target::Factor([4.0, 0.5, 3.0])),
+            // Identity axes (one input read) beside resized ones.
+            (vec![1, 2, 17, 6, 7], Target::Size([4, 6, 7])),
+            (vec![1, 1, 5, 6, 7], Target::Factor([1.0, 2.0, 1.0])),
         ] {
             check_op(&Trilinear { target }, &[shape], 1e-5);
         }
@@ -453,6 +503,9 @@ mod tests {
             (vec![3, 1, 32, 32], Target::Size([128, 128])),
             (vec![5, 64, 65], Target::Size([13, 200])),
             (vec![1, 2, 9, 5], Target::Size([9, 1])),
+            (vec![2, 2, 2, 3], Target::Size([7, 4])),
+            (vec![1, 1, 5, 5], Target::Factor([0.5, 4.0])),
+            (vec![2, 1, 5, 6], Target::Size([5, 13])),
         ] {
             check_op(&Bilinear { target }, &[shape], 1e-5);
         }

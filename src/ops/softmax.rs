@@ -13,6 +13,8 @@ use crate::shaders::SOFTMAX;
 const ROWS_PER_WORKGROUP: u64 = 64;
 /// Voxels per workgroup of the channel ops: 64 lanes × 4 (see `shaders/softmax.wgsl`).
 const VOXELS_PER_WORKGROUP: u64 = 256;
+/// `channel_softmax` keeps up to this many channels in registers (`MAXK` in the shader).
+const MAX_CACHED_K: usize = 32;
 
 /// Softmax over the last dim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -169,10 +171,12 @@ impl Op for ChannelSoftmax {
     ) -> Result<Vec<Dispatch>> {
         let (n, k, s) = channel_dims(self.name(), shapes)?;
         check_u32(self.name(), n * k * s)?;
+        // K up to MAX_CACHED_K gets a pipeline specialised to it (values kept in registers).
+        let kc = if k <= MAX_CACHED_K { k } else { 0 };
         Ok(vec![ctx.dispatch(KernelArgs {
             shader: &SOFTMAX,
             entry: self.name(),
-            constants: &[],
+            constants: &[("KC", kc as f64)],
             buffers: &[inputs[0], out],
             params: bytemuck::cast_slice(&params(n * s, k, s.max(1))),
             workgroups: ctx.grid(((n * s) as u64).div_ceil(VOXELS_PER_WORKGROUP))?,
@@ -247,7 +251,7 @@ mod tests {
     use super::*;
     use crate::ops::run_cpu;
     use crate::ops::run_gpu;
-    use crate::ops::testing::{check_op, ctx, random, rng, POISON};
+    use crate::ops::testing::{check_op, check_op_with, ctx, random, rng, POISON};
 
     #[test]
     fn softmax_kernel_matches_reference() {
@@ -273,8 +277,30 @@ mod tests {
             vec![3, 4, 64, 65],
             vec![1, 19, 5, 7, 9],
             vec![2, 2, 1, 1, 131],
+            vec![1, 32, 3, 67],
+            vec![2, 33, 5, 3],
+            vec![1, 70, 9],
         ] {
             check_op(&ChannelSoftmax, &[shape], 1e-5);
+        }
+    }
+
+    #[test]
+    fn kernels_are_stable_for_large_logits() {
+        // Rows rising to +-3000: exp without the max subtracted would overflow, and the
+        // running max of the online softmax is rescaled many times.
+        let mut r = rng();
+        for (op, shape) in [
+            (&Softmax as &dyn Op, vec![7, 300]),
+            (&ChannelSoftmax, vec![2, 5, 77]),
+            (&ChannelSoftmax, vec![1, 40, 9]),
+        ] {
+            let x: Vec<f32> = random(&mut r, numel(&shape))
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * 100.0 + (i % 300) as f32 * 10.0 - 1500.0)
+                .collect();
+            check_op_with(op, &[x], &[shape], 1e-5);
         }
     }
 
