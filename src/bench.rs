@@ -126,6 +126,7 @@ pub fn all_cases() -> Vec<Case> {
         ops::elementwise::bench_cases(),
         ops::rope::bench_cases(),
         ops::tokens::bench_cases(),
+        ops::fusion::bench_cases(),
     ]
     .into_iter()
     .flatten()

@@ -37,4 +37,5 @@ shaders! {
     CONCAT => "concat",
     ROPE => "rope",
     TOKENS => "tokens",
+    FUSION => "fusion",
 }

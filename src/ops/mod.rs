@@ -11,6 +11,7 @@ pub mod concat;
 pub mod conv3d;
 pub mod conv_transpose3d;
 pub mod elementwise;
+pub mod fusion;
 pub mod matmul;
 pub mod norm;
 pub mod pool3d;

@@ -1,0 +1,42 @@
+// ContextAttentionFusion's last step, fused:
+//   out[n, o, v] = raw[n, o, v] + (Σ_c W[o, c]·raw[n, c, v] + b[o]) · σ(gate[n, o, v])
+// i.e. the 1×1×1 raw projection, the sigmoid gate and the residual in one pass, so the
+// projection never goes to memory. One invocation = one voxel × 4 output channels.
+
+struct Params {
+    c: u32,       // channels
+    s: u32,       // voxels per channel
+    n: u32,       // batch
+    oblocks: u32, // ceil(c / 4)
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> raw: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(4) var<storage, read> gate: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(64)
+fn context_gate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let v = gid.x;
+    let ob = wg.y % p.oblocks;
+    let n = wg.y / p.oblocks;
+    if (v >= p.s) { return; }
+    let base = n * p.c * p.s;
+    let o0 = ob * 4u;
+    var acc = vec4<f32>(0.0);
+    for (var c = 0u; c < p.c; c++) {
+        let r = raw[base + c * p.s + v];
+        let wr = vec4<f32>(w[min(o0, p.c - 1u) * p.c + c], w[min(o0 + 1u, p.c - 1u) * p.c + c],
+                           w[min(o0 + 2u, p.c - 1u) * p.c + c], w[min(o0 + 3u, p.c - 1u) * p.c + c]);
+        acc += wr * r;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let o = o0 + j;
+        if (o < p.c) {
+            let i = base + o * p.s + v;
+            out[i] = raw[i] + (acc[j] + b[o]) / (1.0 + exp(-gate[i]));
+        }
+    }
+}

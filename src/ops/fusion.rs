@@ -1,0 +1,163 @@
+//! The context gate of DINOv3UNet3D's `ContextAttentionFusion`, fused into one kernel:
+//! `out = raw + raw_proj(raw) ⊙ σ(gate)`, where `raw_proj` is a 1×1×1 conv (C→C, bias) and
+//! `gate` the logits of the context branch (before the sigmoid).
+
+use super::{expect_inputs, Op};
+use crate::error::{Error, Result};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs};
+use crate::ops::elementwise::sigmoid;
+use crate::shaders::FUSION;
+
+/// Inputs: raw (N, C, S...), raw_proj weight (C, C, 1, 1, 1) or (C, C), bias (C),
+/// gate logits (N, C, S...) → (N, C, S...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ContextGate;
+
+/// The CPU reference of [`ContextGate`].
+pub fn context_gate(
+    raw: &[f32],
+    w: &[f32],
+    b: &[f32],
+    gate: &[f32],
+    n: usize,
+    c: usize,
+    s: usize,
+    out: &mut [f32],
+) {
+    let mut proj = vec![0f32; s];
+    for ni in 0..n {
+        let base = ni * c * s;
+        for o in 0..c {
+            proj.fill(b[o]);
+            for ci in 0..c {
+                let wv = w[o * c + ci];
+                let r = &raw[base + ci * s..base + (ci + 1) * s];
+                for (p, x) in proj.iter_mut().zip(r) {
+                    *p += wv * x;
+                }
+            }
+            for v in 0..s {
+                let i = base + o * s + v;
+                out[i] = raw[i] + proj[v] * sigmoid(gate[i]);
+            }
+        }
+    }
+}
+
+impl ContextGate {
+    fn dims(&self, inputs: &[&[usize]]) -> Result<(usize, usize, usize)> {
+        expect_inputs("context_gate", inputs, 4)?;
+        let (raw, w, b, g) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+        let err = |m: String| Error::shape("context_gate", m);
+        if raw.len() < 3 {
+            return Err(err(format!("raw must be (N, C, spatial...), got {raw:?}")));
+        }
+        let c = raw[1];
+        let w_ok = w.len() >= 2 && w[0] == c && w[1] == c && w[2..].iter().all(|k| *k == 1);
+        if !w_ok || b != [c] || g != raw {
+            return Err(err(format!(
+                "raw {raw:?} needs raw_proj weight ({c}, {c}, 1, 1, 1), bias ({c}) and gate {raw:?}; got {w:?}, {b:?}, {g:?}"
+            )));
+        }
+        Ok((raw[0], c, raw[2..].iter().product()))
+    }
+}
+
+impl Op for ContextGate {
+    fn name(&self) -> &'static str {
+        "context_gate"
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        self.dims(inputs)?;
+        Ok(inputs[0].to_vec())
+    }
+    fn cpu(&self, inputs: &[&[f32]], shapes: &[&[usize]], out: &mut [f32]) {
+        let (n, c, s) = self
+            .dims(shapes)
+            .expect("shapes were checked when the graph was built");
+        context_gate(inputs[0], inputs[1], inputs[2], inputs[3], n, c, s, out);
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let (n, c, s) = self.dims(shapes)?;
+        let oblocks = c.div_ceil(4);
+        let wy = n * oblocks;
+        if wy as u64 > ctx.caps.max_workgroups_per_dim as u64 {
+            return Err(Error::Gpu(format!(
+                "context_gate: {n}×{c} channels exceed the dispatch limit"
+            )));
+        }
+        Ok(vec![ctx.dispatch(KernelArgs {
+            shader: &FUSION,
+            entry: "context_gate",
+            constants: &[],
+            buffers: &[inputs[0], inputs[1], inputs[2], inputs[3], out],
+            params: bytemuck::cast_slice(&[c as u32, s as u32, n as u32, oblocks as u32]),
+            workgroups: [s.div_ceil(64) as u32, wy as u32, 1],
+        })?])
+    }
+    fn flops(&self, shapes: &[&[usize]]) -> u64 {
+        self.dims(shapes)
+            .map(|(n, c, s)| (2 * n * c * c * s + 4 * n * c * s) as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// Benchmark cases for `cargo bench`.
+pub fn bench_cases() -> Vec<crate::bench::Case> {
+    vec![crate::bench::Case::new(
+        "context_gate 32ch 64^3",
+        ContextGate,
+        vec![
+            vec![1, 32, 64, 64, 64],
+            vec![32, 32, 1, 1, 1],
+            vec![32],
+            vec![1, 32, 64, 64, 64],
+        ],
+    )]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::check_op;
+
+    #[test]
+    fn kernel_matches_reference() {
+        for (n, c, sp) in [
+            (1, 1, vec![1, 1, 1]),
+            (1, 4, vec![5, 7, 9]),
+            (2, 6, vec![3, 8, 5]),
+            (1, 16, vec![16, 16, 16]),
+        ] {
+            let mut raw = vec![n, c];
+            raw.extend(&sp);
+            check_op(
+                &ContextGate,
+                &[raw.clone(), vec![c, c, 1, 1, 1], vec![c], raw],
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn reference_is_raw_plus_gated_projection() {
+        // C = 1: out = r + (w·r + b)·σ(g).
+        let mut out = [0.0];
+        context_gate(&[2.0], &[3.0], &[1.0], &[0.0], 1, 1, 1, &mut out);
+        assert!((out[0] - (2.0 + 7.0 * 0.5)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rejects_mismatched_gate() {
+        let e = ContextGate
+            .output_shape(&[&[1, 4, 2, 2, 2], &[4, 4, 1, 1, 1], &[4], &[1, 4, 2, 2, 1]])
+            .unwrap_err();
+        assert!(e.to_string().contains("context_gate"), "{e}");
+    }
+}
