@@ -1,7 +1,9 @@
 //! Models, written to read like the PyTorch they mirror, built as [`crate::graph::Graph`]s.
 
 pub mod runner;
+pub mod unet3d;
 pub mod vit;
 
 pub use runner::{Backend, Runner};
+pub use unet3d::{Head, Unet3d, UnetConfig};
 pub use vit::{Vit, VitConfig};

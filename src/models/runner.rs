@@ -83,7 +83,14 @@ impl Runner {
     /// Per-op wall times of one run of a prepared graph (GPU only; waits after every op).
     pub fn profile(&self, key: &str, inputs: &[&[f32]]) -> Result<Vec<(String, f64, u64)>> {
         match (&self.backend, self.prepared.get(key)) {
-            (Backend::Gpu(ctx), Some(Prepared { graph, exe: Some(exe), .. })) => exe.profile(ctx, graph, inputs),
+            (
+                Backend::Gpu(ctx),
+                Some(Prepared {
+                    graph,
+                    exe: Some(exe),
+                    ..
+                }),
+            ) => exe.profile(ctx, graph, inputs),
             _ => Ok(Vec::new()),
         }
     }

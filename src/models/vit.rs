@@ -429,7 +429,10 @@ impl Vit {
 impl VitConfig {
     /// The published sizes (dinov3_vit.md §7): "s", "s+", "b", "l", "h+", "7b".
     pub fn preset(name: &str) -> Result<VitConfig> {
-        let base = VitConfig { num_register_tokens: 4, ..Default::default() };
+        let base = VitConfig {
+            num_register_tokens: 4,
+            ..Default::default()
+        };
         let (d, l, h, f, gated) = match name {
             "s" => (384, 12, 6, 1536, false),
             "s+" => (384, 12, 6, 1536, true),
@@ -437,7 +440,11 @@ impl VitConfig {
             "l" => (1024, 24, 16, 4096, false),
             "h+" => (1280, 32, 20, 5120, true),
             "7b" => (4096, 40, 32, 8192, true),
-            other => return Err(Error::Invalid(format!("unknown ViT size '{other}': s, s+, b, l, h+ or 7b"))),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unknown ViT size '{other}': s, s+, b, l, h+ or 7b"
+                )))
+            }
         };
         Ok(VitConfig {
             hidden_size: d,
@@ -456,9 +463,13 @@ impl VitConfig {
 impl Vit {
     /// A model with deterministic pseudo-random weights (for benchmarks and memory plans).
     pub fn random(config: VitConfig, seed: u64) -> Result<Vit> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
         };
         let mut w = Weights::new();
