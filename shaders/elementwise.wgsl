@@ -75,3 +75,25 @@ fn mul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
     let i = index(wg, nwg, lid);
     if (i < p.n) { out[i] = a[i] * b[(i / p.b_inner) % p.b_len]; }
 }
+
+// f16 storage: halves packed two per u32 (low first), converted with the core builtins.
+@group(0) @binding(1) var<storage, read> packed: array<u32>;
+
+@compute @workgroup_size(64)
+fn unpack_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = unpack2x16float(packed[i / 2u])[i % 2u]; }
+}
+
+@group(0) @binding(2) var<storage, read_write> packed_out: array<u32>;
+
+@compute @workgroup_size(64)
+fn pack_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let j = index(wg, nwg, lid); // one output word = elements 2j, 2j + 1
+    if (2u * j < p.n) {
+        let hi = select(0.0, a[min(2u * j + 1u, p.n - 1u)], 2u * j + 1u < p.n);
+        packed_out[j] = pack2x16float(vec2<f32>(a[2u * j], hi));
+    }
+}

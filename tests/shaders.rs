@@ -18,7 +18,7 @@ fn every_shader_validates_with_naga() {
                 continue;
             }
         };
-        let caps = Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16;
+        let caps = Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32;
         if let Err(e) = Validator::new(ValidationFlags::all(), caps).validate(&module) {
             failures.push(format!(
                 "{}: {}",

@@ -5,11 +5,33 @@ use crate::error::{Error, Result};
 use std::sync::Arc;
 use wgpu::util::DeviceExt;
 
-/// A tensor in a device storage buffer (f32, row-major / C order).
+/// Element type of a device tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DType {
+    #[default]
+    F32,
+    /// IEEE half floats, two per 32-bit word (low half first). Kernels read them with
+    /// WGSL's core `unpack2x16float`, so f16 storage works on every adapter, with or
+    /// without `SHADER_F16`.
+    F16,
+}
+
+impl DType {
+    /// Bytes of `n` elements (f16 rounded up to whole words).
+    pub fn bytes(self, n: usize) -> u64 {
+        match self {
+            DType::F32 => n as u64 * 4,
+            DType::F16 => n.div_ceil(2) as u64 * 4,
+        }
+    }
+}
+
+/// A tensor in a device storage buffer (row-major / C order).
 #[derive(Clone, Debug)]
 pub struct GpuTensor {
     pub buffer: Arc<wgpu::Buffer>,
     pub shape: Vec<usize>,
+    pub dtype: DType,
 }
 
 impl GpuTensor {
@@ -17,8 +39,36 @@ impl GpuTensor {
         self.shape.iter().product()
     }
     pub fn bytes(&self) -> u64 {
-        (self.numel() * 4) as u64
+        self.dtype.bytes(self.numel())
     }
+}
+
+/// Packs f32 values as f16 pairs (round to nearest even), the layout of [`DType::F16`].
+pub fn pack_f16(data: &[f32]) -> Vec<u32> {
+    data.chunks(2)
+        .map(|p| {
+            let lo = half::f16::from_f32(p[0]).to_bits() as u32;
+            let hi = p
+                .get(1)
+                .map(|v| half::f16::from_f32(*v).to_bits() as u32)
+                .unwrap_or(0);
+            lo | (hi << 16)
+        })
+        .collect()
+}
+
+/// Unpacks `n` f16 values stored as pairs.
+pub fn unpack_f16(words: &[u32], n: usize) -> Vec<f32> {
+    words
+        .iter()
+        .flat_map(|w| {
+            [
+                half::f16::from_bits(*w as u16).to_f32(),
+                half::f16::from_bits((*w >> 16) as u16).to_f32(),
+            ]
+        })
+        .take(n)
+        .collect()
 }
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -62,6 +112,7 @@ impl GpuContext {
         Ok(GpuTensor {
             buffer: Arc::new(self.storage_buffer("tensor", bytes)?),
             shape: shape.to_vec(),
+            dtype: DType::F32,
         })
     }
 
@@ -93,6 +144,32 @@ impl GpuContext {
         Ok(GpuTensor {
             buffer: Arc::new(buffer),
             shape: shape.to_vec(),
+            dtype: DType::F32,
+        })
+    }
+
+    /// Uploads f32 data stored as f16 on the device (half the bytes; values rounded).
+    pub fn upload_f16(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::shape(
+                "upload_f16",
+                format!(
+                    "shape {shape:?} holds {n} values but {} were given",
+                    data.len()
+                ),
+            ));
+        }
+        let words = pack_f16(data);
+        let buffer = self.storage_buffer("f16 tensor", DType::F16.bytes(n))?;
+        if !words.is_empty() {
+            self.queue
+                .write_buffer(&buffer, 0, bytemuck::cast_slice(&words));
+        }
+        Ok(GpuTensor {
+            buffer: Arc::new(buffer),
+            shape: shape.to_vec(),
+            dtype: DType::F16,
         })
     }
 
@@ -141,9 +218,15 @@ impl GpuContext {
         Ok(out)
     }
 
-    /// Downloads a tensor.
+    /// Downloads a tensor as f32 (f16 tensors are widened exactly).
     pub fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
-        self.read_buffer(&t.buffer, t.numel())
+        match t.dtype {
+            DType::F32 => self.read_buffer(&t.buffer, t.numel()),
+            DType::F16 => {
+                let words = self.read_buffer(&t.buffer, t.numel().div_ceil(2))?;
+                Ok(unpack_f16(bytemuck::cast_slice(&words), t.numel()))
+            }
+        }
     }
 
     /// A uniform buffer holding `params` (a `#[repr(C)]` Pod struct or u32 array).

@@ -228,3 +228,139 @@ pub fn bench_cases() -> Vec<crate::bench::Case> {
         Case::new("add 16M", Binary::add(), vec![vec![1 << 24], vec![1 << 24]]),
     ]
 }
+
+/// f16 storage → f32: the input holds `ceil(n/2)` 32-bit words, each two packed halves
+/// (low first) as stored by [`crate::gpu::GpuContext::upload_f16`]; in the graph the words
+/// travel as f32 bit patterns. Output: `shape` f32 values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnpackF16 {
+    pub shape: Vec<usize>,
+}
+
+/// f32 → f16 storage (round to nearest even), the inverse layout of [`UnpackF16`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PackF16;
+
+/// The CPU reference of [`UnpackF16`].
+pub fn unpack_f16(words: &[f32], out: &mut [f32]) {
+    let w: Vec<u32> = words.iter().map(|v| v.to_bits()).collect();
+    out.copy_from_slice(&crate::gpu::unpack_f16(&w, out.len()));
+}
+
+/// The CPU reference of [`PackF16`].
+pub fn pack_f16(x: &[f32], out: &mut [f32]) {
+    for (o, w) in out.iter_mut().zip(crate::gpu::pack_f16(x)) {
+        *o = f32::from_bits(w);
+    }
+}
+
+impl Op for UnpackF16 {
+    fn name(&self) -> &'static str {
+        "unpack_f16"
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        expect_inputs("unpack_f16", inputs, 1)?;
+        let n = numel(&self.shape);
+        if numel(inputs[0]) != n.div_ceil(2) {
+            return Err(Error::shape(
+                "unpack_f16",
+                format!(
+                    "{n} halves need {} words, got {:?}",
+                    n.div_ceil(2),
+                    inputs[0]
+                ),
+            ));
+        }
+        Ok(self.shape.clone())
+    }
+    fn cpu(&self, inputs: &[&[f32]], _shapes: &[&[usize]], out: &mut [f32]) {
+        unpack_f16(inputs[0], out);
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        _shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let n = numel(&self.shape) as u32;
+        Ok(vec![ctx.dispatch(KernelArgs {
+            shader: &ELEMENTWISE,
+            entry: "unpack_f16",
+            constants: &[],
+            buffers: &[inputs[0], out],
+            params: bytemuck::cast_slice(&[n, 1, 1, 0]),
+            workgroups: ctx.grid((n as u64).div_ceil(64))?,
+        })?])
+    }
+}
+
+impl Op for PackF16 {
+    fn name(&self) -> &'static str {
+        "pack_f16"
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        expect_inputs("pack_f16", inputs, 1)?;
+        Ok(vec![numel(inputs[0]).div_ceil(2)])
+    }
+    fn cpu(&self, inputs: &[&[f32]], _shapes: &[&[usize]], out: &mut [f32]) {
+        pack_f16(inputs[0], out);
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let n = numel(shapes[0]) as u32;
+        Ok(vec![ctx.dispatch(KernelArgs {
+            shader: &ELEMENTWISE,
+            entry: "pack_f16",
+            constants: &[],
+            buffers: &[inputs[0], out],
+            params: bytemuck::cast_slice(&[n, 1, 1, 0]),
+            workgroups: ctx.grid((n.div_ceil(2) as u64).div_ceil(64))?,
+        })?])
+    }
+}
+
+#[cfg(test)]
+mod f16_tests {
+    use super::*;
+    use crate::ops::testing::{ctx, random, rng};
+    use crate::ops::{run_cpu, run_gpu};
+
+    #[test]
+    fn f16_tensors_round_trip_through_the_device() {
+        let mut r = rng();
+        for n in [1usize, 2, 7, 1000, 4097] {
+            let x: Vec<f32> = random(&mut r, n).iter().map(|v| v * 300.0).collect();
+            let t = ctx().upload_f16(&x, &[n]).unwrap();
+            assert_eq!(t.bytes(), n.div_ceil(2) as u64 * 4);
+            let back = ctx().download(&t).unwrap();
+            let want: Vec<f32> = x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+            assert_eq!(back, want);
+        }
+    }
+
+    #[test]
+    fn unpack_and_pack_kernels_match_reference() {
+        let mut r = rng();
+        for n in [1usize, 3, 64, 1001] {
+            let x: Vec<f32> = random(&mut r, n).iter().map(|v| v * 70.0).collect();
+            // pack: compare bit patterns exactly.
+            let (want, _) = run_cpu(&PackF16, &[(&x, &[n])]).unwrap();
+            let (got, _) = run_gpu(ctx(), &PackF16, &[(&x, &[n])], Some(f32::NAN)).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "pack_f16 n={n}");
+            // unpack the packed words again.
+            let op = UnpackF16 { shape: vec![n] };
+            let (want2, _) = run_cpu(&op, &[(&want, &[want.len()])]).unwrap();
+            let (got2, _) = run_gpu(ctx(), &op, &[(&want, &[want.len()])], Some(f32::NAN)).unwrap();
+            assert_eq!(got2, want2, "unpack_f16 n={n}");
+            let rounded: Vec<f32> = x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+            assert_eq!(want2, rounded);
+        }
+    }
+}
