@@ -62,8 +62,11 @@ impl DeviceArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// List the adapters wgpu finds and what volfuse would use.
+    /// Describe a model bundle (with --model) and list the adapters wgpu finds.
     Info {
+        /// A model bundle folder.
+        #[arg(long)]
+        model: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -126,7 +129,7 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Info { device } => info(&device),
+        Cmd::Info { model, device } => info(model.as_deref(), &device),
         Cmd::Bench {
             vit: Some(size),
             device,
@@ -160,7 +163,12 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn info(device: &DeviceArgs) -> Result<()> {
+fn info(model: Option<&Path>, device: &DeviceArgs) -> Result<()> {
+    if let Some(dir) = model {
+        let b = volfuse::models::Bundle::load(dir)
+            .with_context(|| format!("reading the bundle {}", dir.display()))?;
+        print!("{}", b.describe());
+    }
     for (label, api) in [("native (Vulkan/Metal/DX12)", Api::Native), ("GL", Api::Gl)] {
         let found = list_adapters(api);
         println!(

@@ -1,9 +1,11 @@
 //! Models, written to read like the PyTorch they mirror, built as [`crate::graph::Graph`]s.
 
+pub mod bundle;
 pub mod runner;
 pub mod unet3d;
 pub mod vit;
 
+pub use bundle::Bundle;
 pub use runner::{Backend, Runner};
 pub use unet3d::{Head, Unet3d, UnetConfig};
 pub use vit::{Vit, VitConfig};
