@@ -642,7 +642,7 @@ fn store_sg(i: u32, oc: u32, v: f32) {{
         use std::fmt::Write;
         let (RY, TO) = (ry, to);
         let NR = RY + 2;
-        let NW = TO * 9 / 8;
+        let NW = TO * 27 / 8;
         let NE = (2 * NR).div_ceil(8);
         let _ = write!(
             w,
@@ -697,14 +697,27 @@ fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
         }
         let _ = writeln!(
             w,
-            "    // Weight slot s = 8k + lane: channel o0 + s / 9 (clamped), in-plane tap s % 9."
+            "    // Weight slot s = 8k + lane: channel o0 + s / 27 (clamped), tap s % 27."
         );
         for k in 0..NW {
             let _ = writeln!(
                 w,
-                "    let wo{k} = min(o0 + ({}u + lane) / 9u, p.o - 1u) * p.c * 27u + ({}u + lane) % 9u;",
+                "    let wo{k} = min(o0 + ({}u + lane) / 27u, p.o - 1u) * p.c * 27u + ({}u + lane) % 27u;",
                 8 * k,
                 8 * k
+            );
+        }
+        let _ = writeln!(
+            w,
+            "    // Input slices z - 1, z, z + 1: offsets within an (n, c) volume, validity."
+        );
+        for kd in 0..3 {
+            let _ = writeln!(
+                w,
+                "    let zk{kd} = z + {} >= 0 && z + {} < i32(p.d);\n    let zo{kd} = select(0u, u32(z + {}) * hw, zk{kd});",
+                kd as i64 - 1,
+                kd as i64 - 1,
+                kd as i64 - 1
             );
         }
         for r in 0..RY {
@@ -714,69 +727,66 @@ fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             }
             let _ = writeln!(w);
         }
-        let _ = write!(
+        let _ = writeln!(
             w,
-            "    for (var c = 0u; c < p.c; c++) {{
-        for (var kd = 0; kd < 3; kd++) {{
-            let zz = z + kd - 1;
-            if (zz < 0 || zz >= i32(p.d)) {{ continue; }}
-            let base = (n * p.c + c) * p.dhw + u32(zz) * hw;
-            let wb = c * 27u + u32(kd) * 9u;
-"
+            "    for (var c = 0u; c < p.c; c++) {{\n        let base = (n * p.c + c) * p.dhw;\n        let wb = c * 27u;"
         );
-        for r in 0..NR {
-            let _ = writeln!(
-                w,
-                "            let v{r} = select(0.0, x[base + ro{r}], rk{r});"
-            );
-        }
-        for k in 0..NE {
-            let _ = writeln!(
-                w,
-                "            let e{k} = select(0.0, x[base + eo{k}], ek{k});"
-            );
-        }
-        for k in 0..NW {
-            let _ = writeln!(w, "            let w{k} = wt[wo{k} + wb];");
-        }
-        for r in 0..NR {
-            let (a, b) = (r, NR + r);
-            let _ = writeln!(
-                w,
-                "            let l{r} = from_left(v{r}, subgroupBroadcast(e{}, {}u), lane);\n            let g{r} = from_right(v{r}, subgroupBroadcast(e{}, {}u), lane);",
-                a / 8,
-                a % 8,
-                b / 8,
-                b % 8
-            );
-        }
-        // One statement per accumulator and (c, kd): every write to a loop-carried
-        // variable costs lavapipe a masked blend and a spill store.
-        for o in 0..TO {
-            let _ = writeln!(w, "            {{");
-            for t in 0..9 {
-                let q = o * 9 + t;
+        for kd in 0..3 {
+            for r in 0..NR {
                 let _ = writeln!(
                     w,
-                    "                let q{t} = subgroupBroadcast(w{}, {}u);",
+                    "        let v{kd}_{r} = select(0.0, x[base + zo{kd} + ro{r}], rk{r} && zk{kd});"
+                );
+            }
+            for k in 0..NE {
+                let _ = writeln!(
+                    w,
+                    "        let e{kd}_{k} = select(0.0, x[base + zo{kd} + eo{k}], ek{k} && zk{kd});"
+                );
+            }
+        }
+        for k in 0..NW {
+            let _ = writeln!(w, "        let w{k} = wt[wo{k} + wb];");
+        }
+        for kd in 0..3 {
+            for r in 0..NR {
+                let (a, b) = (r, NR + r);
+                let _ = writeln!(
+                    w,
+                    "        let l{kd}_{r} = from_left(v{kd}_{r}, subgroupBroadcast(e{kd}_{}, {}u), lane);\n        let g{kd}_{r} = from_right(v{kd}_{r}, subgroupBroadcast(e{kd}_{}, {}u), lane);",
+                    a / 8,
+                    a % 8,
+                    b / 8,
+                    b % 8
+                );
+            }
+        }
+        // One statement per accumulator and input channel: every write to a loop-carried
+        // variable costs lavapipe a masked blend and a spill store.
+        for o in 0..TO {
+            let _ = writeln!(w, "        {{");
+            for t in 0..27 {
+                let q = o * 27 + t;
+                let _ = writeln!(
+                    w,
+                    "            let q{t} = subgroupBroadcast(w{}, {}u);",
                     q / 8,
                     q % 8
                 );
             }
             for r in 0..RY {
-                let _ = write!(w, "                a{r}_{o} = ");
-                for t in (0..9).rev() {
-                    let (i, src) = (r + t / 3, ["l", "v", "g"][t % 3]);
-                    let _ = write!(w, "fma({src}{i}, q{t}, ");
+                let _ = write!(w, "            a{r}_{o} = ");
+                for t in (0..27).rev() {
+                    let (kd, i, src) = (t / 9, r + (t / 3) % 3, ["l", "v", "g"][t % 3]);
+                    let _ = write!(w, "fma({src}{kd}_{i}, q{t}, ");
                 }
-                let _ = writeln!(w, "a{r}_{o}{};", ")".repeat(9));
+                let _ = writeln!(w, "a{r}_{o}{};", ")".repeat(27));
             }
-            let _ = writeln!(w, "            }}");
+            let _ = writeln!(w, "        }}");
         }
         let _ = write!(
             w,
-            "        }}
-    }}
+            "    }}
     if (!xok) {{ return; }}
 "
         );
@@ -910,10 +920,24 @@ fn conv3d_k1_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         let c = ctx();
         eprintln!("{}", c.describe());
         let runs: usize = std::env::var("LAB_RUNS").map_or(3, |s| s.parse().unwrap());
-        let best = (0..runs)
-            .map(|_| crate::bench::time_gpu(c, &case, 1).unwrap())
-            .max_by(|a, b| a.gflops.total_cmp(&b.gflops))
-            .unwrap();
-        eprintln!("{best}");
+        // CPU seconds of this process (lavapipe's threads), robust to other load.
+        let cpu = || {
+            let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+            let f: Vec<f64> = s[s.rfind(')').unwrap() + 2..]
+                .split(' ')
+                .map(|v| v.parse().unwrap_or(0.0))
+                .collect();
+            (f[11] + f[12]) / 100.0
+        };
+        for _ in 0..runs {
+            let c0 = cpu();
+            let t = crate::bench::time_gpu(c, &case, 1).unwrap();
+            let used = cpu() - c0;
+            let flops = t.gflops * t.seconds;
+            eprintln!(
+                "{t}  cpu {used:.2} s  => {:.2} GFLOP/cpu-s",
+                flops * 2.0 / used
+            );
+        }
     }
 }
