@@ -2,10 +2,12 @@
 //! inputs `[x (N, C, D, H, W), weight (O, C, k, k, k), bias (O)]`, output `(N, O, D, H, W)`,
 //! cross-correlation with zero padding. Also the eval-mode BatchNorm fold.
 //!
-//! GPU: an implicit GEMM (no im2col buffer). Two kernels in `shaders/conv3d.wgsl`:
-//! `conv3d` (any device: one voxel × 8 channels per invocation) and `conv3d_k3_sg` (CPU-like
-//! devices with subgroups: a subgroup computes 8 x × 8 y × 16 channels and shares its loads
-//! through subgroup broadcasts, because there every storage load is a slow per-lane loop).
+//! GPU: an implicit GEMM (no im2col buffer). Kernels in `shaders/conv3d.wgsl`: `conv3d`
+//! (any device: one voxel × 8 channels per invocation) and, on CPU-like devices with
+//! subgroups, `conv3d_k3_sg{16,32}` / `conv3d_k1_sg{32,64}`: a subgroup computes a tile of
+//! 8 x × 16 y × 16/32 channels (K = 3) or 64 voxels × 32/64 channels (K = 1) and shares its
+//! loads through subgroup broadcasts, because on lavapipe every storage-buffer load is a
+//! per-lane scalar loop. Those kernels are generated code (see `sg_source` in the tests).
 
 use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
@@ -232,9 +234,10 @@ fn plain_shader() -> &'static Shader {
 /// Tiles (rows of y per lane, output channels) of the K = 3 subgroup kernels
 /// `conv3d_k3_sg{channels}`; the widest that does not exceed O (or else the first) is used.
 const SG3_TILES: [(usize, usize); 2] = [(16, 16), (16, 32)];
-/// Tile of the K = 1 subgroup kernel: voxels per lane and output channels.
+/// Voxels per lane and output-channel counts of the K = 1 subgroup kernels
+/// `conv3d_k1_sg{channels}` (chosen like the K = 3 tiles).
 const SG1_V: usize = 8;
-const SG1_TO: usize = 32;
+const SG1_TILES: [usize; 2] = [32, 64];
 
 /// Whether the subgroup kernels fit this device (subgroups of at least 8 lanes, CPU-like).
 fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
@@ -263,10 +266,15 @@ fn gpu_conv3d(
         .copied()
         .rfind(|&(_, to)| to <= d.o)
         .unwrap_or(SG3_TILES[0]);
+    let to1 = SG1_TILES
+        .iter()
+        .copied()
+        .rfind(|&to| to <= d.o)
+        .unwrap_or(SG1_TILES[0]);
     let (tiles_x, tiles_y) = (d.w.div_ceil(8), d.h.div_ceil(ry));
     let ot = match (sg, d.k) {
         (false, _) => 8,
-        (true, 1) => SG1_TO,
+        (true, 1) => to1,
         (true, _) => to3,
     };
     let groups = d.o.div_ceil(ot);
@@ -289,7 +297,12 @@ fn gpu_conv3d(
         )));
     }
     let (shader, entry, blocks) = if sg && d.k == 1 {
-        (&CONV3D, "conv3d_k1_sg", dhw.div_ceil(8 * SG1_V) as u64)
+        let entry = if to1 == 32 {
+            "conv3d_k1_sg32"
+        } else {
+            "conv3d_k1_sg64"
+        };
+        (&CONV3D, entry, dhw.div_ceil(8 * SG1_V) as u64)
     } else if sg {
         let entry = if to3 == 16 {
             "conv3d_k3_sg16"
@@ -463,6 +476,7 @@ mod tests {
                 (1, 3, 5, [17, 6, 3]),
                 (2, 4, 17, [3, 9, 10]),
                 (1, 20, 33, [4, 17, 19]),
+                (1, 6, 70, [3, 5, 11]),
             ] {
                 check_op(&Conv3d::new(k), &shapes(n, c, o, s, k), 1e-5);
             }
@@ -631,7 +645,9 @@ fn store_sg(i: u32, oc: u32, v: f32) {{
         for (ry, to) in SG3_TILES {
             sg3_source(w, ry, to);
         }
-        sg1_source(w);
+        for to in SG1_TILES {
+            sg1_source(w, to);
+        }
         let _ = writeln!(w, "// END subgroups");
         s
     }
@@ -807,27 +823,25 @@ fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     }
 
     /// The K = 1 subgroup kernel (a GEMM over channels), appended by [`sg_source`].
-    fn sg1_source(w: &mut String) {
+    fn sg1_source(w: &mut String, to: usize) {
         use std::fmt::Write;
         const V: usize = SG1_V;
-        const TO: usize = SG1_TO;
         let _ = write!(
             w,
             "
-// Variant \"conv3d_k1_sg\" (K = 1, same devices): a workgroup is one subgroup computing
-// {nv} voxels × {TO} output channels; lane i owns voxels v0 + 8j + i, j < {V}. Per input
-// channel each lane loads {V} inputs and {nw} weights, shared by broadcast: {f} FMAs.
+// Variant \"conv3d_k1_sg{to}\" (K = 1): a workgroup computes {nv} voxels × {to} output
+// channels; lane i owns voxels v0 + 8j + i, j < {V}. Per input channel each lane loads {V}
+// inputs and {nw} weights, shared by broadcast.
 @compute @workgroup_size(8)
-fn conv3d_k1_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn conv3d_k1_sg{to}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) lane: u32) {{
     let tile = wg.x + wg.y * nwg.x;
     let n = wg.z / p.groups;
-    let o0 = (wg.z % p.groups) * {TO}u;
+    let o0 = (wg.z % p.groups) * {to}u;
     let v0 = tile * {nv}u + lane;
 ",
             nv = 8 * V,
-            nw = TO / 8,
-            f = V * TO
+            nw = to / 8,
         );
         for j in 0..V {
             let _ = writeln!(
@@ -837,7 +851,7 @@ fn conv3d_k1_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
                 8 * j
             );
         }
-        for k in 0..TO / 8 {
+        for k in 0..to / 8 {
             let _ = writeln!(
                 w,
                 "    let wo{k} = min(o0 + {}u + lane, p.o - 1u) * p.c;",
@@ -846,7 +860,7 @@ fn conv3d_k1_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         }
         for j in 0..V {
             let _ = write!(w, "   ");
-            for o in 0..TO {
+            for o in 0..to {
                 let _ = write!(w, " var a{j}_{o} = 0.0;");
             }
             let _ = writeln!(w);
@@ -858,10 +872,10 @@ fn conv3d_k1_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         for j in 0..V {
             let _ = writeln!(w, "        let v{j} = select(0.0, x[base + vi{j}], vk{j});");
         }
-        for k in 0..TO / 8 {
+        for k in 0..to / 8 {
             let _ = writeln!(w, "        let w{k} = wt[wo{k} + c];");
         }
-        for o in 0..TO {
+        for o in 0..to {
             let _ = writeln!(
                 w,
                 "        {{\n            let q = subgroupBroadcast(w{}, {}u);",
@@ -876,7 +890,7 @@ fn conv3d_k1_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         let _ = writeln!(w, "    }}");
         for j in 0..V {
             let _ = writeln!(w, "    if (vk{j}) {{");
-            for o in 0..TO {
+            for o in 0..to {
                 let _ = writeln!(
                     w,
                     "        store_sg((n * p.o + o0 + {o}u) * p.dhw + vi{j}, o0 + {o}u, a{j}_{o});"
