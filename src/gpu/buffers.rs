@@ -97,7 +97,8 @@ impl GpuContext {
     /// A storage buffer of `bytes` bytes (at least 4), uninitialised contents.
     pub fn storage_buffer(&self, what: &str, bytes: u64) -> Result<wgpu::Buffer> {
         self.check_binding(what, bytes)?;
-        let size = bytes.max(MIN_BUFFER_BYTES).div_ceil(16) * 16;
+        // Multiples of 256 bytes: any buffer's tail is a valid uniform-window offset.
+        let size = bytes.max(MIN_BUFFER_BYTES).div_ceil(256) * 256;
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(what),
             size,

@@ -287,14 +287,18 @@ fn texture_path_cols(ctx: &GpuContext, m: &Matmul, d: Dims, w: &wgpu::Buffer) ->
         && c.min_subgroup_size >= 8
         && c.max_uniform_binding >= WINDOW
         && w.size() >= WINDOW
+        && w.size() % (c.uniform_offset_alignment as u64).max(16) == 0
         && (d.batch * d.m * d.k / 4) as u64
             <= GpuContext::TEXTURE_WIDTH as u64 * c.max_texture_2d as u64;
     if !ok {
         return None;
     }
-    [16usize, 8, 4]
-        .into_iter()
-        .find(|cols| (cols * d.k * 4) as u64 <= WINDOW)
+    [16usize, 8, 4].into_iter().find(|cols| {
+        // A block must fit the window even when its start is aligned down.
+        let block = (cols * d.k * 4) as u64;
+        let align = (c.uniform_offset_alignment as u64).max(16);
+        block + if block % align == 0 { 0 } else { align } <= WINDOW
+    })
 }
 
 fn gpu_matmul_tex(
@@ -359,6 +363,7 @@ fn gpu_matmul_tex(
     let align = (ctx.caps.uniform_offset_alignment as u64).max(params_size);
     let blocks = d.n.div_ceil(cols);
     let w_bytes = inputs[1].size();
+    let align_w = (ctx.caps.uniform_offset_alignment as u64).max(16);
     let mut param_bytes = vec![0u8; blocks * align as usize];
     let mut offsets = Vec::with_capacity(blocks);
     for b in 0..blocks {
@@ -366,7 +371,7 @@ fn gpu_matmul_tex(
         let col_byte = (c0 * d.k * 4) as u64;
         // The window starts at column c0, or earlier for the last blocks so it stays
         // inside the buffer (every buffer is at least one window large).
-        let start = col_byte.min(w_bytes - WINDOW) / 16 * 16;
+        let start = col_byte.min(w_bytes - WINDOW) / align_w * align_w;
         let p = TexParams {
             m: rows as u32,
             n: d.n as u32,
