@@ -207,3 +207,24 @@ pub fn vit(
         profile: prof,
     })
 }
+
+/// Runs `tools/bench_torch.py ARGS` with the tools venv's Python (or `VOLFUSE_TORCH_PYTHON`)
+/// and returns its JSON line; None when torch is not installed here.
+pub fn torch_reference(args: &[String]) -> Option<serde_json::Value> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("VOLFUSE_TORCH_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("tools/.venv/bin/python"));
+    if !python.exists() {
+        return None;
+    }
+    let out = std::process::Command::new(python)
+        .arg(root.join("tools/bench_torch.py"))
+        .args(args)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+}

@@ -111,6 +111,10 @@ enum Cmd {
         /// With --vit: print time per op.
         #[arg(long)]
         profile: bool,
+        /// With --vit: also time PyTorch CPU on the same model size and input
+        /// (tools/bench_torch.py in tools/.venv) and print the ratio.
+        #[arg(long)]
+        torch: bool,
     },
 }
 
