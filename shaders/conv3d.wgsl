@@ -111,6 +111,7 @@ fn conv3d_k3_sg16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups)
                 @builtin(subgroup_invocation_id) lane: u32) {
     let tile = wg.x + wg.y * nwg.x;
     let z = i32(tile / (p.tiles_x * p.tiles_y));
+    if (z >= i32(p.d)) { return; }  // padding of a 2-D dispatch grid
     let n = wg.z / p.groups;
     let o0 = (wg.z % p.groups) * 16u;
     let hi = i32(p.h);
@@ -1532,6 +1533,7 @@ fn conv3d_k3_sg32(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups)
                 @builtin(subgroup_invocation_id) lane: u32) {
     let tile = wg.x + wg.y * nwg.x;
     let z = i32(tile / (p.tiles_x * p.tiles_y));
+    if (z >= i32(p.d)) { return; }  // padding of a 2-D dispatch grid
     let n = wg.z / p.groups;
     let o0 = (wg.z % p.groups) * 32u;
     let hi = i32(p.h);

@@ -534,6 +534,40 @@ mod tests {
     }
 
     #[test]
+    fn padded_dispatch_grid_is_harmless() {
+        // ctx.grid may round a long 1-D range up to a 2-D grid: extra workgroups must not
+        // write anything.
+        let c = ctx();
+        let mut r = rng();
+        for k in [1, 3] {
+            let op = Conv3d::new(k);
+            let sh = shapes(1, 3, 20, [3, 5, 9], k);
+            let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+            let inputs: Vec<(&[f32], &[usize])> = data
+                .iter()
+                .zip(&sh)
+                .map(|(d, s)| (d.as_slice(), s.as_slice()))
+                .collect();
+            let (want, _) = crate::ops::run_cpu(&op, &inputs).unwrap();
+            let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+            let t: Vec<_> = data
+                .iter()
+                .zip(&sh)
+                .map(|(x, s)| c.upload(x, s).unwrap())
+                .collect();
+            let out = c.empty(&op.output_shape(&refs).unwrap()).unwrap();
+            c.fill(&out.buffer, f32::NAN);
+            let bufs: Vec<&wgpu::Buffer> = t.iter().map(|t| t.buffer.as_ref()).collect();
+            let mut disp = op.gpu(c, &bufs, &refs, &out.buffer).unwrap();
+            for d in &mut disp {
+                d.workgroups[1] += 1;
+            }
+            c.run(&disp).unwrap();
+            assert!(rel_err(&c.download(&out).unwrap(), &want) <= 1e-5);
+        }
+    }
+
+    #[test]
     fn rejects_wrong_channels() {
         let e = Conv3d::new(3)
             .output_shape(&[&[1, 4, 5, 5, 5], &[2, 3, 3, 3, 3], &[2]])
@@ -672,6 +706,7 @@ fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
                 @builtin(subgroup_invocation_id) lane: u32) {{
     let tile = wg.x + wg.y * nwg.x;
     let z = i32(tile / (p.tiles_x * p.tiles_y));
+    if (z >= i32(p.d)) {{ return; }}  // padding of a 2-D dispatch grid
     let n = wg.z / p.groups;
     let o0 = (wg.z % p.groups) * {TO}u;
     let hi = i32(p.h);
