@@ -4,8 +4,8 @@
 //!
 //! GPU: an implicit GEMM (no im2col buffer). Kernels in `shaders/conv3d.wgsl`: `conv3d`
 //! (any device: one voxel × 8 channels per invocation) and, on CPU-like devices with
-//! subgroups, `conv3d_k3_sg{16,32}` / `conv3d_k1_sg{32,64}`: a subgroup computes a tile of
-//! 8 x × 16 y × 16/32 channels (K = 3) or 64 voxels × 32/64 channels (K = 1) and shares its
+//! subgroups, `conv3d_k3_sg` / `conv3d_k1_sg{32,64}`: a subgroup computes a tile of
+//! 8 x × 8 y × 4 z × 16 channels (K = 3) or 64 voxels × 32/64 channels (K = 1) and shares its
 //! loads through subgroup broadcasts, because on lavapipe every storage-buffer load is a
 //! per-lane scalar loop. Those kernels are generated code (see `sg_source` in the tests).
 
@@ -231,9 +231,11 @@ fn plain_shader() -> &'static Shader {
     })
 }
 
-/// Tiles (rows of y per lane, output channels) of the K = 3 subgroup kernels
-/// `conv3d_k3_sg{channels}`; the widest that does not exceed O (or else the first) is used.
-const SG3_TILES: [(usize, usize); 2] = [(16, 16), (16, 32)];
+/// Tile of the K = 3 subgroup kernel `conv3d_k3_sg`: rows of y per lane, slices of z,
+/// output channels. Per input channel it loads 54 weights and 6 × 13 inputs per lane for
+/// 13824 FMAs; measured on lavapipe it beat 16 × 1 × 16, 16 × 1 × 32 and 32 × 1 × 32
+/// (whose 1024 accumulators also take about a minute to JIT).
+const SG3_TILE: (usize, usize, usize) = (8, 4, 16);
 /// Voxels per lane and output-channel counts of the K = 1 subgroup kernels
 /// `conv3d_k1_sg{channels}` (chosen like the K = 3 tiles).
 const SG1_V: usize = 8;
@@ -261,11 +263,7 @@ fn gpu_conv3d(
         return Ok(vec![]);
     }
     let sg = use_subgroup_kernel(ctx);
-    let (ry, to3) = SG3_TILES
-        .iter()
-        .copied()
-        .rfind(|&(_, to)| to <= d.o)
-        .unwrap_or(SG3_TILES[0]);
+    let (ry, rz, to3) = SG3_TILE;
     let to1 = SG1_TILES
         .iter()
         .copied()
@@ -304,12 +302,8 @@ fn gpu_conv3d(
         };
         (&CONV3D, entry, dhw.div_ceil(8 * SG1_V) as u64)
     } else if sg {
-        let entry = if to3 == 16 {
-            "conv3d_k3_sg16"
-        } else {
-            "conv3d_k3_sg32"
-        };
-        (&CONV3D, entry, (tiles_x * tiles_y * d.d) as u64)
+        let blocks = tiles_x * tiles_y * d.d.div_ceil(rz);
+        (&CONV3D, "conv3d_k3_sg", blocks as u64)
     } else if ctx.caps.subgroups {
         (&CONV3D, "conv3d", dhw.div_ceil(64) as u64)
     } else {
@@ -676,9 +670,8 @@ fn store_sg(i: u32, oc: u32, v: f32) {{
 }}
 "
         );
-        for (ry, to) in SG3_TILES {
-            sg3_source(w, ry, to);
-        }
+        let (ry, rz, to) = SG3_TILE;
+        sg3_source(w, ry, rz, to);
         for to in SG1_TILES {
             sg1_source(w, to);
         }
@@ -686,27 +679,29 @@ fn store_sg(i: u32, oc: u32, v: f32) {{
         s
     }
 
-    /// A K = 3 subgroup kernel `conv3d_k3_sg{to}` with tile 8 x × `ry` y × `to` channels.
+    /// The K = 3 subgroup kernel `conv3d_k3_sg`: tile 8 x × `ry` y × `rz` z × `to` channels.
     #[allow(non_snake_case)]
-    fn sg3_source(w: &mut String, ry: usize, to: usize) {
+    fn sg3_source(w: &mut String, ry: usize, rz: usize, to: usize) {
         use std::fmt::Write;
-        let (RY, TO) = (ry, to);
+        let (RY, RZ, TO) = (ry, rz, to);
         let NR = RY + 2;
+        let NS = RZ + 2;
         let NW = TO * 27 / 8;
         let NE = (2 * NR).div_ceil(8);
         let _ = write!(
             w,
             "
-// Variant \"conv3d_k3_sg{TO}\" (K = 3): a workgroup computes 8 consecutive x × {RY} rows (y)
-// of one z-slice × {TO} output channels (lane i owns column x0 + i: {acc} accumulators).
-// Per (c, kd) each lane loads {NW} weights, its own column of the {NR} input rows and a share
-// of the tile's edges (x0 - 1, x0 + 8); x-neighbours come from the adjacent lanes.
+// Variant \"conv3d_k3_sg\" (K = 3): a workgroup computes 8 consecutive x × {RY} rows (y)
+// × {RZ} slices (z) × {TO} output channels (lane i owns column x0 + i: {acc} accumulators).
+// Per input channel each lane loads {NW} weights, its own column of the {NS} × {NR} input
+// rows and a share of their edges (x0 - 1, x0 + 8); x-neighbours come from the adjacent
+// lanes. One statement per accumulator sums the channel's 27 taps.
 @compute @workgroup_size(8)
-fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn conv3d_k3_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) lane: u32) {{
     let tile = wg.x + wg.y * nwg.x;
-    let z = i32(tile / (p.tiles_x * p.tiles_y));
-    if (z >= i32(p.d)) {{ return; }}  // padding of a 2-D dispatch grid
+    let z0 = i32(tile / (p.tiles_x * p.tiles_y)) * {RZ};
+    if (z0 >= i32(p.d)) {{ return; }}  // padding of a 2-D dispatch grid
     let n = wg.z / p.groups;
     let o0 = (wg.z % p.groups) * {TO}u;
     let hi = i32(p.h);
@@ -718,7 +713,7 @@ fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     let hw = p.h * p.w;
     // This lane's input rows: offsets within an (n, c, z) slice, and validity.
 ",
-            acc = RY * TO
+            acc = RY * RZ * TO
         );
         for r in 0..NR {
             let _ = writeln!(
@@ -760,51 +755,53 @@ fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
         }
         let _ = writeln!(
             w,
-            "    // Input slices z - 1, z, z + 1: offsets within an (n, c) volume, validity."
+            "    // Input slices z0 - 1 + j: offsets within an (n, c) volume, validity."
         );
-        for kd in 0..3 {
+        for j in 0..NS {
             let _ = writeln!(
                 w,
-                "    let zk{kd} = z + {} >= 0 && z + {} < i32(p.d);\n    let zo{kd} = select(0u, u32(z + {}) * hw, zk{kd});",
-                kd as i64 - 1,
-                kd as i64 - 1,
-                kd as i64 - 1
+                "    let zk{j} = z0 + {} >= 0 && z0 + {} < i32(p.d);\n    let zo{j} = select(0u, u32(z0 + {}) * hw, zk{j});",
+                j as i64 - 1,
+                j as i64 - 1,
+                j as i64 - 1
             );
         }
-        for r in 0..RY {
-            let _ = write!(w, "   ");
-            for o in 0..TO {
-                let _ = write!(w, " var a{r}_{o} = 0.0;");
+        for rs in 0..RZ {
+            for r in 0..RY {
+                let _ = write!(w, "   ");
+                for o in 0..TO {
+                    let _ = write!(w, " var a{rs}_{r}_{o} = 0.0;");
+                }
+                let _ = writeln!(w);
             }
-            let _ = writeln!(w);
         }
         let _ = writeln!(
             w,
             "    for (var c = 0u; c < p.c; c++) {{\n        let base = (n * p.c + c) * p.dhw;\n        let wb = c * 27u;"
         );
-        for kd in 0..3 {
+        for j in 0..NS {
             for r in 0..NR {
                 let _ = writeln!(
                     w,
-                    "        let v{kd}_{r} = select(0.0, x[base + zo{kd} + ro{r}], rk{r} && zk{kd});"
+                    "        let v{j}_{r} = select(0.0, x[base + zo{j} + ro{r}], rk{r} && zk{j});"
                 );
             }
             for k in 0..NE {
                 let _ = writeln!(
                     w,
-                    "        let e{kd}_{k} = select(0.0, x[base + zo{kd} + eo{k}], ek{k} && zk{kd});"
+                    "        let e{j}_{k} = select(0.0, x[base + zo{j} + eo{k}], ek{k} && zk{j});"
                 );
             }
         }
         for k in 0..NW {
             let _ = writeln!(w, "        let w{k} = wt[wo{k} + wb];");
         }
-        for kd in 0..3 {
+        for j in 0..NS {
             for r in 0..NR {
                 let (a, b) = (r, NR + r);
                 let _ = writeln!(
                     w,
-                    "        let l{kd}_{r} = from_left(v{kd}_{r}, subgroupBroadcast(e{kd}_{}, {}u), lane);\n        let g{kd}_{r} = from_right(v{kd}_{r}, subgroupBroadcast(e{kd}_{}, {}u), lane);",
+                    "        let l{j}_{r} = from_left(v{j}_{r}, subgroupBroadcast(e{j}_{}, {}u), lane);\n        let g{j}_{r} = from_right(v{j}_{r}, subgroupBroadcast(e{j}_{}, {}u), lane);",
                     a / 8,
                     a % 8,
                     b / 8,
@@ -825,13 +822,15 @@ fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
                     q % 8
                 );
             }
-            for r in 0..RY {
-                let _ = write!(w, "            a{r}_{o} = ");
-                for t in (0..27).rev() {
-                    let (kd, i, src) = (t / 9, r + (t / 3) % 3, ["l", "v", "g"][t % 3]);
-                    let _ = write!(w, "fma({src}{kd}_{i}, q{t}, ");
+            for rs in 0..RZ {
+                for r in 0..RY {
+                    let _ = write!(w, "            a{rs}_{r}_{o} = ");
+                    for t in (0..27).rev() {
+                        let (j, i, src) = (rs + t / 9, r + (t / 3) % 3, ["l", "v", "g"][t % 3]);
+                        let _ = write!(w, "fma({src}{j}_{i}, q{t}, ");
+                    }
+                    let _ = writeln!(w, "a{rs}_{r}_{o}{};", ")".repeat(27));
                 }
-                let _ = writeln!(w, "a{r}_{o}{};", ")".repeat(27));
             }
             let _ = writeln!(w, "        }}");
         }
@@ -841,18 +840,20 @@ fn conv3d_k3_sg{TO}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     if (!xok) {{ return; }}
 "
         );
-        for r in 0..RY {
-            let _ = writeln!(
-                w,
-                "    if (y0 + {r} < hi) {{\n        let ov = u32(z) * hw + u32((y0 + {r}) * wi + xl);"
-            );
-            for o in 0..TO {
+        for rs in 0..RZ {
+            for r in 0..RY {
                 let _ = writeln!(
                     w,
-                    "        store_sg((n * p.o + o0 + {o}u) * p.dhw + ov, o0 + {o}u, a{r}_{o});"
+                    "    if (z0 + {rs} < i32(p.d) && y0 + {r} < hi) {{\n        let ov = u32(z0 + {rs}) * hw + u32((y0 + {r}) * wi + xl);"
                 );
+                for o in 0..TO {
+                    let _ = writeln!(
+                        w,
+                        "        store_sg((n * p.o + o0 + {o}u) * p.dhw + ov, o0 + {o}u, a{rs}_{r}_{o});"
+                    );
+                }
+                let _ = writeln!(w, "    }}");
             }
-            let _ = writeln!(w, "    }}");
         }
         let _ = writeln!(w, "}}");
     }
