@@ -8,7 +8,6 @@
 use super::{expect_inputs, numel, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs};
-use crate::shaders::NORM;
 
 /// The batchnorm op.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -141,13 +140,18 @@ impl Op for BatchNorm {
             c: d.c as u32,
             eps: self.eps,
         };
+        // Consecutive elements per invocation: they must share a channel.
+        let g = [16usize, 8, 4, 2, 1]
+            .into_iter()
+            .find(|g| d.inner % g == 0)
+            .unwrap_or(1);
         Ok(vec![ctx.dispatch(KernelArgs {
-            shader: &NORM,
+            shader: super::norm::shader_for(ctx),
             entry: "batchnorm",
-            constants: &[],
+            constants: &[("G", g as f64)],
             buffers: &[inputs[0], inputs[1], inputs[2], out, inputs[3], inputs[4]],
             params: bytemuck::bytes_of(&p),
-            workgroups: ctx.grid((n as u64).div_ceil(64))?,
+            workgroups: ctx.grid((n.div_ceil(g) as u64).div_ceil(64))?,
         })?])
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
@@ -204,6 +208,8 @@ mod tests {
             vec![1, 3, 5],
             vec![2, 7, 3, 5, 9],
             vec![1, 16, 17, 16, 15],
+            vec![1, 8, 16, 16, 16],
+            vec![2, 3, 6, 2],
             vec![3, 65, 1, 1, 1],
             vec![2, 4, 63],
         ] {

@@ -2,11 +2,20 @@
 //! eps inside the square root, then the affine `weight`/`bias`.
 //!
 //! Inputs: x `[.., D]`, weight `[D]`, bias `[D]`. Output: the shape of x.
+//!
+//! Kernels (`shaders/norm.wgsl`): `layernorm`, one invocation per row (portable), and
+//! `layernorm_sg` for CPU-like devices with subgroups of at least 8 lanes, which fetches
+//! each element once, through the context's scratch texture, into registers (D a
+//! multiple of 32, at most 4096).
 
 use super::{expect_inputs, numel, Op};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuContext, KernelArgs};
-use crate::shaders::NORM;
+use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
+use crate::shaders::{Shader, NORM};
+use std::sync::{Arc, OnceLock};
+
+/// The largest D of `layernorm_sg` (8 lanes × 128 vec4 chunks).
+const SG_MAX_D: usize = 4096;
 
 /// The layernorm op.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -77,6 +86,113 @@ struct Params {
     eps: f32,
 }
 
+/// norm.wgsl without its subgroup section, for devices without subgroup operations.
+pub(crate) fn plain_shader() -> &'static Shader {
+    static PLAIN: OnceLock<Shader> = OnceLock::new();
+    PLAIN.get_or_init(|| {
+        let text = NORM.text;
+        let end = text.find("// BEGIN subgroups").unwrap_or(text.len());
+        Shader {
+            name: "norm (no subgroups)",
+            text: Box::leak(text[..end].to_string().into_boxed_str()),
+        }
+    })
+}
+
+/// The norm shader that compiles on this device.
+pub(crate) fn shader_for(ctx: &GpuContext) -> &'static Shader {
+    if ctx.caps.subgroups {
+        &NORM
+    } else {
+        plain_shader()
+    }
+}
+
+/// Whether `layernorm_sg` runs rows of `d` on this device.
+fn use_subgroup_kernel(ctx: &GpuContext, d: usize) -> bool {
+    ctx.caps.cpu_like
+        && ctx.caps.subgroups
+        && ctx.caps.min_subgroup_size >= 8
+        && d % 32 == 0
+        && d <= SG_MAX_D
+}
+
+fn gpu_layernorm(
+    ctx: &GpuContext,
+    rows: usize,
+    d: usize,
+    eps: f32,
+    subgroup: bool,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+) -> Result<Vec<Dispatch>> {
+    if rows == 0 {
+        return Ok(vec![]);
+    }
+    if rows * d > u32::MAX as usize {
+        return Err(Error::shape(
+            "layernorm",
+            format!("{rows}x{d} exceeds 2^32 elements"),
+        ));
+    }
+    let p = Params {
+        n: rows as u32,
+        d: d as u32,
+        c: 0,
+        eps,
+    };
+    if !subgroup {
+        return Ok(vec![ctx.dispatch(KernelArgs {
+            shader: shader_for(ctx),
+            entry: "layernorm",
+            constants: &[],
+            buffers: &[inputs[0], inputs[1], inputs[2], out],
+            params: bytemuck::bytes_of(&p),
+            workgroups: ctx.grid((rows as u64).div_ceil(64))?,
+        })?]);
+    }
+    // One subgroup per workgroup walking rows with a grid stride; weight and bias are read
+    // once per workgroup, so a few hundred workgroups are plenty. x goes through the
+    // context's scratch texture, copied in right before the kernel.
+    let texels = (rows * d / 4) as u64;
+    let texture = ctx.scratch_texture(texels)?;
+    let view = texture.create_view(&Default::default());
+    let groups = rows.min(256) as u32;
+    let constants = [
+        ("DS", d as f64),
+        ("TW_LOG2", GpuContext::TEXTURE_WIDTH.trailing_zeros() as f64),
+    ];
+    let pipeline = ctx.pipeline(&NORM, "layernorm_sg", &constants)?;
+    let params = ctx.uniform(bytemuck::bytes_of(&p));
+    let entries = [
+        (0, params.as_entire_binding()),
+        (7, wgpu::BindingResource::TextureView(&view)),
+        (8, inputs[1].as_entire_binding()),
+        (9, inputs[2].as_entire_binding()),
+        (10, out.as_entire_binding()),
+    ]
+    .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource });
+    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("layernorm_sg"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    Ok(vec![Dispatch {
+        name: "layernorm_sg",
+        pipeline,
+        bind_group,
+        workgroups: [groups, 1, 1],
+        offsets: Vec::new(),
+        copy: Some(Arc::new(TextureCopy {
+            buffer: inputs[0].clone(),
+            texture,
+            width: GpuContext::TEXTURE_WIDTH,
+            texel_bytes: 16,
+            texels,
+        })),
+    }])
+}
+
 impl Op for LayerNorm {
     fn name(&self) -> &'static str {
         "layernorm"
@@ -97,29 +213,8 @@ impl Op for LayerNorm {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let (rows, d) = self.dims(shapes)?;
-        if rows == 0 {
-            return Ok(vec![]);
-        }
-        if rows * d > u32::MAX as usize {
-            return Err(Error::shape(
-                "layernorm",
-                format!("{:?} has too many elements for one kernel", shapes[0]),
-            ));
-        }
-        let p = Params {
-            n: rows as u32,
-            d: d as u32,
-            c: 0,
-            eps: self.eps,
-        };
-        Ok(vec![ctx.dispatch(KernelArgs {
-            shader: &NORM,
-            entry: "layernorm",
-            constants: &[],
-            buffers: &[inputs[0], inputs[1], inputs[2], out],
-            params: bytemuck::bytes_of(&p),
-            workgroups: ctx.grid((rows as u64).div_ceil(64))?,
-        })?])
+        let sg = use_subgroup_kernel(ctx, d);
+        gpu_layernorm(ctx, rows, d, self.eps, sg, inputs, out)
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
         // subtract+add, square+add, subtract, multiply, fma: ~8 per element.
@@ -149,6 +244,63 @@ mod tests {
         vec![x.to_vec(), vec![d], vec![d]]
     }
 
+    /// LayerNorm with the kernel forced (`true`: layernorm_sg), to test each one here.
+    #[derive(Debug)]
+    struct Forced(LayerNorm, bool);
+
+    impl Op for Forced {
+        fn name(&self) -> &'static str {
+            "layernorm"
+        }
+        fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+            self.0.output_shape(inputs)
+        }
+        fn cpu(&self, inputs: &[&[f32]], shapes: &[&[usize]], out: &mut [f32]) {
+            self.0.cpu(inputs, shapes, out)
+        }
+        fn gpu(
+            &self,
+            ctx: &GpuContext,
+            inputs: &[&wgpu::Buffer],
+            shapes: &[&[usize]],
+            out: &wgpu::Buffer,
+        ) -> Result<Vec<Dispatch>> {
+            let (rows, d) = self.0.dims(shapes)?;
+            gpu_layernorm(ctx, rows, d, self.0.eps, self.1, inputs, out)
+        }
+    }
+
+    /// The subgroup kernel where this device has it.
+    fn subgroup_ok() -> bool {
+        let c = crate::ops::testing::ctx();
+        c.caps.cpu_like && c.caps.subgroups && c.caps.min_subgroup_size >= 8
+    }
+
+    #[test]
+    fn subgroup_kernel_matches_reference() {
+        if !subgroup_ok() {
+            return;
+        }
+        for x in [
+            vec![1, 32],
+            vec![7, 64],
+            vec![201, 384],
+            vec![2, 33, 768],
+            vec![300, 96],
+            vec![3, 4096],
+        ] {
+            check_op(&Forced(LayerNorm::default(), true), &shapes(&x), 1e-5);
+        }
+        let mut r = rng();
+        let s = shapes(&[67, 384]);
+        let mut x = random(&mut r, 67 * 384);
+        for v in &mut x {
+            *v = 1000.0 + *v;
+        }
+        let data = vec![x, random(&mut r, 384), random(&mut r, 384)];
+        check_op_with(&Forced(LayerNorm::default(), true), &data, &s, 1e-5);
+    }
+
     #[test]
     fn kernel_matches_reference() {
         for x in [
@@ -162,8 +314,10 @@ mod tests {
             vec![4, 3, 1024],
         ] {
             check_op(&LayerNorm::default(), &shapes(&x), 1e-5);
+            check_op(&Forced(LayerNorm::default(), false), &shapes(&x), 1e-5);
         }
         check_op(&LayerNorm::new(1e-6), &shapes(&[33, 17]), 1e-5);
+        check_op(&LayerNorm::new(1e-3), &shapes(&[33, 64]), 1e-5);
     }
 
     /// A large common offset: a one-pass E[x²]−E[x]² would lose every digit here.
@@ -177,6 +331,7 @@ mod tests {
         }
         let data = vec![x, random(&mut r, 384), random(&mut r, 384)];
         check_op_with(&LayerNorm::default(), &data, &s, 1e-5);
+        check_op_with(&Forced(LayerNorm::default(), false), &data, &s, 1e-5);
     }
 
     #[test]
@@ -189,7 +344,10 @@ mod tests {
         for row in out.chunks(96) {
             let mean: f32 = row.iter().sum::<f32>() / 96.0;
             let var: f32 = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 96.0;
-            assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4, "{mean} {var}");
+            assert!(
+                mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4,
+                "{mean} {var}"
+            );
         }
         // Constant rows normalise to the bias.
         let mut o = vec![0.0; 3];
