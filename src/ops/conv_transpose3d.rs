@@ -6,7 +6,7 @@
 //! `k = 2t + 1 − p` at input `i = q + p − t`. Kernels in `shaders/conv_transpose3d.wgsl`:
 //! `conv_transpose3d` (any device: one output voxel × 8 channels per invocation) and, on
 //! CPU-like devices with subgroups, `conv_transpose3d_sg_l` / `_sg_r` (one dispatch per x
-//! parity: a subgroup computes 8 x × 16 y × 16 channels of one parity class, sharing its
+//! parity: a subgroup computes 8 x × 16 y × 32 channels of one parity class, sharing its
 //! loads through subgroup broadcasts; see conv3d.rs for why).
 
 use super::{expect_inputs, Op};
@@ -183,10 +183,10 @@ struct Params {
     _pad: [u32; 2],
 }
 
-/// Tile of the subgroup kernels `conv_transpose3d_sg{channels}_{l,r}`: input rows (y) per
-/// lane, and the output-channel counts (the widest not above Co is used, else the first).
+/// Tile of the subgroup kernels `conv_transpose3d_sg_{l,r}`: input rows (y) per lane and
+/// output channels (32 beat 16 by ~17% per CPU second; one width keeps the JIT at ~25 s).
 const SG_RY: usize = 16;
-const SG_TILES: [usize; 2] = [16, 32];
+const SG_TO: usize = 32;
 
 /// conv_transpose3d.wgsl without its subgroup section.
 fn plain_shader() -> &'static Shader {
@@ -224,12 +224,7 @@ fn gpu_conv_transpose3d(
         return Ok(vec![]);
     }
     let sg = ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8;
-    let to = SG_TILES
-        .iter()
-        .copied()
-        .rfind(|&to| to <= d.co)
-        .unwrap_or(SG_TILES[0]);
-    let ot = if sg { to } else { 8 };
+    let ot = if sg { SG_TO } else { 8 };
     let groups = d.co.div_ceil(ot);
     let (tiles_x, tiles_y) = (d.w.div_ceil(8), d.h.div_ceil(SG_RY));
     let z = (d.n * groups) as u32;
@@ -254,12 +249,7 @@ fn gpu_conv_transpose3d(
     let buffers = [inputs[0], inputs[1], inputs[2], out];
     if sg {
         let [wx, wy, _] = ctx.grid((tiles_x * tiles_y * d.d * 4) as u64)?;
-        let entries = if to == 16 {
-            ["conv_transpose3d_sg16_l", "conv_transpose3d_sg16_r"]
-        } else {
-            ["conv_transpose3d_sg32_l", "conv_transpose3d_sg32_r"]
-        };
-        return entries
+        return ["conv_transpose3d_sg_l", "conv_transpose3d_sg_r"]
             .iter()
             .enumerate()
             .map(|(px, &entry)| {
@@ -587,12 +577,12 @@ mod tests {
             w,
             "// BEGIN subgroups (stripped on devices without subgroup operations)
 //
-// Variants \"conv_transpose3d_sg{{16,32}}_{{l,r}}\" (CPU-like devices with subgroups of at
+// Variants \"conv_transpose3d_sg_l\" / \"_sg_r\" (CPU-like devices with subgroups of at
 // least 8 lanes, e.g. lavapipe, where every storage-buffer load is a slow per-lane loop; see
 // conv3d.wgsl): one dispatch per x parity px (l: px = 0, the x-neighbour tap is on the
 // left; r: px = 1, on the right). A workgroup is one subgroup computing, for one (pz, py)
 // class and one input slice qz, outputs (2qz + pz, 2qy + py, 2qx + px) for 8 consecutive
-// qx × {RY} rows qy × 16 or 32 output channels (lane i owns qx = x0 + i). Per input channel
+// qx × {RY} rows qy × {TO} output channels (lane i owns qx = x0 + i). Per input channel
 // each lane loads its column of the 2 × {NR} input rows, a share of the row edges and one
 // weight per output channel (lane i holds tap (tz, ty, xs) = (i / 4, i / 2 % 2, i % 2)),
 // shared by broadcast.
@@ -604,6 +594,7 @@ fn from_left(v: f32, edge: f32, lane: u32) -> f32 {{
     var l = edge;
 ",
             RY = SG_RY,
+            TO = SG_TO,
             NR = SG_RY + 1
         );
         for j in 0..7 {
@@ -638,10 +629,8 @@ fn store_sg(i: u32, oc: u32, v: f32) {{
     if (oc < p.co) {{ out[i] = v + bias[oc]; }}
 }}"
         );
-        for to in SG_TILES {
-            sg_entry(w, to, false);
-            sg_entry(w, to, true);
-        }
+        sg_entry(w, SG_TO, false);
+        sg_entry(w, SG_TO, true);
         let _ = writeln!(w, "// END subgroups");
         s
     }
@@ -656,7 +645,7 @@ fn store_sg(i: u32, oc: u32, v: f32) {{
             w,
             "
 @compute @workgroup_size(8)
-fn conv_transpose3d_sg{to}_{name}(@builtin(workgroup_id) wg: vec3<u32>,
+fn conv_transpose3d_sg_{name}(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {{
     let tile = wg.x + wg.y * nwg.x;
     let txy = p.tiles_x * p.tiles_y;
