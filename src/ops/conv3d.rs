@@ -7,14 +7,16 @@
 //! subgroups, `conv3d_k3_sg` / `conv3d_k1_sg{32,64}`: a subgroup computes a tile of
 //! 8 x × 8 y × 4 z × 16 channels (K = 3) or 64 voxels × 32/64 channels (K = 1) and shares its
 //! loads through subgroup broadcasts, because on lavapipe every storage-buffer load is a
-//! per-lane scalar loop. Those kernels are generated code (see `sg_source` in the tests).
+//! per-lane scalar loop. `conv3d_k3_sg_tex` is `conv3d_k3_sg` reading x through a texture
+//! copy (texel fetches are cheaper still), used when x fills whole rgba32float texels.
+//! Those kernels are generated code (see `sg_source` in the tests).
 
 use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuContext, KernelArgs};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
 use crate::ops::matmul::{matmul, Dims, Matmul};
 use crate::shaders::{Shader, CONV3D};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// The conv3d op: `kernel` is 1 (no padding) or 3 (padding 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,11 +248,74 @@ fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
     ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8
 }
 
+/// `conv3d_k3_sg_tex`: `conv3d_k3_sg` reading x through a texture copy of it (bindings 0
+/// params, 2 weight, 3 bias, 4 out, 5 texture), or None when x does not fit that copy
+/// (whole rgba32float texels, the device's texture size).
+fn tex_dispatch(
+    ctx: &GpuContext,
+    d: &ConvDims,
+    p: &Params,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+    workgroups: [u32; 3],
+) -> Result<Option<Dispatch>> {
+    let numel = (d.n * d.c * d.voxels()) as u64;
+    let texels = numel / 4;
+    let width = GpuContext::TEXTURE_WIDTH as u64;
+    if !numel.is_multiple_of(4)
+        || texels == 0
+        || texels.div_ceil(width) > ctx.caps.max_texture_2d as u64
+    {
+        return Ok(None);
+    }
+    let entry = "conv3d_k3_sg_tex";
+    let texture = ctx.scratch_texture(texels)?;
+    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+    let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0)])?;
+    let layout = pipeline.get_bind_group_layout(0);
+    let params = ctx.uniform(bytemuck::bytes_of(p));
+    fn buffer(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+        wgpu::BindGroupEntry {
+            binding,
+            resource: b.as_entire_binding(),
+        }
+    }
+    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(entry),
+        layout: &layout,
+        entries: &[
+            buffer(0, &params),
+            buffer(2, inputs[1]),
+            buffer(3, inputs[2]),
+            buffer(4, out),
+            wgpu::BindGroupEntry {
+                binding: 5,
+                resource: wgpu::BindingResource::TextureView(&view),
+            },
+        ],
+    });
+    Ok(Some(Dispatch {
+        name: entry,
+        pipeline,
+        bind_group,
+        workgroups,
+        offsets: Vec::new(),
+        copy: Some(Arc::new(TextureCopy {
+            buffer: inputs[0].clone(),
+            texture,
+            width: GpuContext::TEXTURE_WIDTH,
+            texel_bytes: 16,
+            texels,
+        })),
+    }))
+}
+
 fn gpu_conv3d(
     ctx: &GpuContext,
     d: ConvDims,
     inputs: &[&wgpu::Buffer],
     out: &wgpu::Buffer,
+    allow_texture: bool,
 ) -> Result<Vec<Dispatch>> {
     let dhw = d.voxels();
     if (d.n * d.c.max(d.o) * dhw) as u64 >= u32::MAX as u64 {
@@ -303,6 +368,12 @@ fn gpu_conv3d(
         (&CONV3D, entry, dhw.div_ceil(8 * SG1_V) as u64)
     } else if sg {
         let blocks = tiles_x * tiles_y * d.d.div_ceil(rz);
+        if allow_texture {
+            let [wx, wy, _] = ctx.grid(blocks as u64)?;
+            if let Some(t) = tex_dispatch(ctx, &d, &p, inputs, out, [wx, wy, z])? {
+                return Ok(vec![t]);
+            }
+        }
         (&CONV3D, "conv3d_k3_sg", blocks as u64)
     } else if ctx.caps.subgroups {
         (&CONV3D, "conv3d", dhw.div_ceil(64) as u64)
@@ -342,7 +413,7 @@ impl Op for Conv3d {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let d = self.dims(shapes)?;
-        gpu_conv3d(ctx, d, inputs, out)
+        gpu_conv3d(ctx, d, inputs, out, true)
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
         self.dims(shapes)
@@ -562,6 +633,36 @@ mod tests {
     }
 
     #[test]
+    fn storage_and_texture_paths_match_reference() {
+        // A shape whose input fills whole texels: on CPU-like devices the texture variant
+        // is chosen, and the storage-buffer variant must agree too.
+        let c = ctx();
+        let mut r = rng();
+        let sh = shapes(2, 4, 19, [5, 9, 10], 3);
+        let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+        let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+        let d = Conv3d::new(3).dims(&refs).unwrap();
+        let mut want = vec![0f32; d.n * d.o * d.voxels()];
+        conv3d(d, &data[0], &data[1], &data[2], &mut want);
+        let t: Vec<_> = data
+            .iter()
+            .zip(&sh)
+            .map(|(x, s)| c.upload(x, s).unwrap())
+            .collect();
+        let bufs: Vec<&wgpu::Buffer> = t.iter().map(|t| t.buffer.as_ref()).collect();
+        for allow_texture in [false, true] {
+            let out = c.empty(&[d.n, d.o, d.d, d.h, d.w]).unwrap();
+            c.fill(&out.buffer, f32::NAN);
+            let disp = gpu_conv3d(c, d, &bufs, &out.buffer, allow_texture).unwrap();
+            let textured = disp.iter().any(|d| d.copy.is_some());
+            assert_eq!(textured, allow_texture && use_subgroup_kernel(c));
+            c.run(&disp).unwrap();
+            let e = rel_err(&c.download(&out).unwrap(), &want);
+            assert!(e <= 1e-5, "texture {allow_texture}: {e}");
+        }
+    }
+
+    #[test]
     fn rejects_wrong_channels() {
         let e = Conv3d::new(3)
             .output_shape(&[&[1, 4, 5, 5, 5], &[2, 3, 3, 3, 3], &[2]])
@@ -671,7 +772,22 @@ fn store_sg(i: u32, oc: u32, v: f32) {{
 "
         );
         let (ry, rz, to) = SG3_TILE;
-        sg3_source(w, ry, rz, to);
+        sg3_source(w, ry, rz, to, false);
+        let _ = write!(
+            w,
+            "
+// The input copied into an rgba32float texture, 4 consecutive values a texel, rows of
+// 1024 texels (GpuContext::scratch_texture): texel fetches are much cheaper than
+// storage-buffer loads on lavapipe.
+@group(0) @binding(5) var xt: texture_2d<f32>;
+
+fn xtex(i: u32) -> f32 {{
+    let t = i >> 2u;
+    return textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0)[i & 3u];
+}}
+"
+        );
+        sg3_source(w, ry, rz, to, true);
         for to in SG1_TILES {
             sg1_source(w, to);
         }
@@ -681,23 +797,35 @@ fn store_sg(i: u32, oc: u32, v: f32) {{
 
     /// The K = 3 subgroup kernel `conv3d_k3_sg`: tile 8 x × `ry` y × `rz` z × `to` channels.
     #[allow(non_snake_case)]
-    fn sg3_source(w: &mut String, ry: usize, rz: usize, to: usize) {
+    fn sg3_source(w: &mut String, ry: usize, rz: usize, to: usize, tex: bool) {
         use std::fmt::Write;
         let (RY, RZ, TO) = (ry, rz, to);
+        let (name, how) = if tex {
+            ("conv3d_k3_sg_tex", "reads x through the texture copy `xt`")
+        } else {
+            ("conv3d_k3_sg", "reads x from its storage buffer")
+        };
         let NR = RY + 2;
         let NS = RZ + 2;
         let NW = TO * 27 / 8;
         let NE = (2 * NR).div_ceil(8);
+        let load = |i: &str| {
+            if tex {
+                format!("xtex({i})")
+            } else {
+                format!("x[{i}]")
+            }
+        };
         let _ = write!(
             w,
             "
-// Variant \"conv3d_k3_sg\" (K = 3): a workgroup computes 8 consecutive x × {RY} rows (y)
+// Variant \"{name}\" (K = 3; {how}): a workgroup computes 8 consecutive x × {RY} rows (y)
 // × {RZ} slices (z) × {TO} output channels (lane i owns column x0 + i: {acc} accumulators).
 // Per input channel each lane loads {NW} weights, its own column of the {NS} × {NR} input
 // rows and a share of their edges (x0 - 1, x0 + 8); x-neighbours come from the adjacent
 // lanes. One statement per accumulator sums the channel's 27 taps.
 @compute @workgroup_size(8)
-fn conv3d_k3_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn {name}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) lane: u32) {{
     let tile = wg.x + wg.y * nwg.x;
     let z0 = i32(tile / (p.tiles_x * p.tiles_y)) * {RZ};
@@ -783,13 +911,15 @@ fn conv3d_k3_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
             for r in 0..NR {
                 let _ = writeln!(
                     w,
-                    "        let v{j}_{r} = select(0.0, x[base + zo{j} + ro{r}], rk{r} && zk{j});"
+                    "        let v{j}_{r} = select(0.0, {}, rk{r} && zk{j});",
+                    load(&format!("base + zo{j} + ro{r}"))
                 );
             }
             for k in 0..NE {
                 let _ = writeln!(
                     w,
-                    "        let e{j}_{k} = select(0.0, x[base + zo{j} + eo{k}], ek{k} && zk{j});"
+                    "        let e{j}_{k} = select(0.0, {}, ek{k} && zk{j});",
+                    load(&format!("base + zo{j} + eo{k}"))
                 );
             }
         }
