@@ -90,6 +90,67 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Orthogonal-plane DINOv3 features of a volume, as dinov3_playground's 3D extraction: (C, D, H, W) float32.
+    Features {
+        /// HF DINOv3 folder (config.json + model.safetensors).
+        #[arg(long)]
+        backbone: PathBuf,
+        /// Volume (D, H, W) as .npy: uint8, uint16 or float32.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output grid D H W.
+        #[arg(long, num_args = 3, value_names = ["D", "H", "W"])]
+        size: Vec<usize>,
+        /// Slices are resized to S×S before the ViT.
+        #[arg(long)]
+        slice_size: usize,
+        /// Normalisation mean (default ImageNet).
+        #[arg(long, num_args = 3, value_names = ["R", "G", "B"])]
+        mean: Option<Vec<f32>>,
+        /// Normalisation std (default ImageNet).
+        #[arg(long, num_args = 3, value_names = ["R", "G", "B"])]
+        std: Option<Vec<f32>>,
+        /// Use the xy plane only (dinov3_playground's use_orthogonal_planes=False).
+        #[arg(long)]
+        xy_only: bool,
+        /// Slices per ViT batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Segment a volume with a model bundle: labels, and optionally probabilities and logits.
+    Run {
+        /// Model bundle folder (volfuse.json, unet.safetensors, backbone/).
+        #[arg(long)]
+        model: PathBuf,
+        /// Raw volume (D, H, W) as .npy: uint8, uint16 or float32.
+        #[arg(long)]
+        input: PathBuf,
+        /// Context volume: concentric, larger extent at a coarser resolution, same voxel shape.
+        #[arg(long)]
+        context: Option<PathBuf>,
+        /// Labels (d, h, w), uint8 (uint16 beyond 256 classes).
+        #[arg(long)]
+        output: PathBuf,
+        /// Probabilities (K, d, h, w) float32.
+        #[arg(long)]
+        probabilities: Option<PathBuf>,
+        /// Logits (K, d, h, w) float32.
+        #[arg(long)]
+        logits: Option<PathBuf>,
+        /// Slices per ViT batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Benchmark the kernels on the chosen adapter (GFLOP/s, GB/s).
     Bench {
         /// Only cases whose label contains one of these words.
@@ -156,6 +217,43 @@ fn dispatch(cli: Cli) -> Result<()> {
             iters,
             ..
         } => bench(&device, &filter, iters),
+        Cmd::Features {
+            backbone,
+            input,
+            size,
+            slice_size,
+            mean,
+            std,
+            xy_only,
+            batch,
+            output,
+            force,
+            device,
+        } => run_features(
+            &backbone, &input, &size, slice_size, mean, std, xy_only, batch, &output, force,
+            &device,
+        ),
+        Cmd::Run {
+            model,
+            input,
+            context,
+            output,
+            probabilities,
+            logits,
+            batch,
+            force,
+            device,
+        } => run_model(
+            &model,
+            &input,
+            context.as_deref(),
+            &output,
+            probabilities.as_deref(),
+            logits.as_deref(),
+            batch,
+            force,
+            &device,
+        ),
         Cmd::Backbone {
             backbone,
             input,
@@ -287,6 +385,136 @@ fn run_backbone(
         output.display(),
         vit.config.hidden_size,
         n as f64 / secs
+    );
+    Ok(())
+}
+
+fn triple(v: Option<Vec<f32>>, default: [f32; 3], what: &str) -> Result<[f32; 3]> {
+    match v {
+        None => Ok(default),
+        Some(v) if v.len() == 3 && v.iter().all(|x| x.is_finite()) => Ok([v[0], v[1], v[2]]),
+        Some(v) => anyhow::bail!("--{what} needs three finite numbers, got {v:?}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_features(
+    dir: &Path,
+    input: &Path,
+    size: &[usize],
+    slice_size: usize,
+    mean: Option<Vec<f32>>,
+    std: Option<Vec<f32>>,
+    xy_only: bool,
+    batch: usize,
+    output: &Path,
+    force: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    use volfuse::models::planes::{IMAGENET_MEAN, IMAGENET_STD};
+    check_output(output, force)?;
+    let [d, h, w] = size[..] else {
+        anyhow::bail!("--size needs three numbers D H W")
+    };
+    let std = triple(std, IMAGENET_STD, "std")?;
+    if std.iter().any(|s| *s == 0.0) {
+        anyhow::bail!("--std must not contain 0");
+    }
+    let params = volfuse::models::FeatureParams {
+        input_size: [d, h, w],
+        slice_size,
+        mean: triple(mean, IMAGENET_MEAN, "mean")?,
+        std,
+        orthogonal_planes: !xy_only,
+        batch: batch.max(1),
+    };
+    let vit =
+        Vit::load(dir).with_context(|| format!("loading the backbone from {}", dir.display()))?;
+    let volume = volfuse::models::Volume::read(input)?;
+    let backend = device.backend()?;
+    eprintln!(
+        "features: {:?} volume → {:?} grid, slices {slice_size}² on {}",
+        volume.shape(),
+        [d, h, w],
+        backend.describe()
+    );
+    let mut runner = Runner::new(backend);
+    let t0 = std::time::Instant::now();
+    let feats = volfuse::models::extract_features(&vit, &mut runner, &volume, &params, None)?;
+    let c = vit.config.hidden_size;
+    npy::write(output, &[c, d, h, w], &feats, force)?;
+    eprintln!(
+        "wrote {} ({c}, {d}, {h}, {w}) in {:.2} s",
+        output.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_model(
+    model: &Path,
+    input: &Path,
+    context: Option<&Path>,
+    output: &Path,
+    probabilities: Option<&Path>,
+    logits: Option<&Path>,
+    batch: usize,
+    force: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    // Refuse before any work, so a run never leaves some outputs written and others not.
+    for p in [Some(output), probabilities, logits].into_iter().flatten() {
+        check_output(p, force)?;
+    }
+    let bundle = volfuse::models::Bundle::load(model)
+        .with_context(|| format!("loading the model bundle {}", model.display()))?;
+    let raw = volfuse::models::Volume::read(input)?;
+    let ctx = context.map(volfuse::models::Volume::read).transpose()?;
+    let backend = device.backend()?;
+    eprintln!(
+        "run: {:?} volume{} on {}",
+        raw.shape(),
+        if ctx.is_some() { " + context" } else { "" },
+        backend.describe()
+    );
+    let mut runner = Runner::new(backend);
+    let t0 = std::time::Instant::now();
+    let seg =
+        volfuse::models::pipeline::segment(&bundle, &mut runner, &raw, ctx.as_ref(), batch.max(1))?;
+    for n in &seg.notes {
+        eprintln!("note: {n}");
+    }
+    let [k, d, h, w] = seg.shape;
+    if k <= 256 {
+        let labels: Vec<u8> = seg.labels.iter().map(|v| *v as u8).collect();
+        npy::write(output, &[d, h, w], &labels, force)?;
+    } else {
+        npy::write(output, &[d, h, w], &seg.labels, force)?;
+    }
+    if let Some(p) = probabilities {
+        npy::write(p, &[k, d, h, w], &seg.probabilities, force)?;
+    }
+    if let Some(p) = logits {
+        npy::write(p, &[k, d, h, w], &seg.logits, force)?;
+    }
+    let mut counts = vec![0usize; k.max(1)];
+    for l in &seg.labels {
+        if let Some(c) = counts.get_mut(*l as usize) {
+            *c += 1;
+        }
+    }
+    let found: Vec<String> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .map(|(i, c)| format!("{i}: {c}"))
+        .collect();
+    eprintln!(
+        "wrote {} ({d}, {h}, {w}) in {:.2} s; voxels per class {{{}}}",
+        output.display(),
+        t0.elapsed().as_secs_f64(),
+        found.join(", ")
     );
     Ok(())
 }
