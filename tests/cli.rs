@@ -161,3 +161,112 @@ fn info_lists_adapters() {
     let (ok, log) = volfuse(&["info"]);
     assert!(ok && log.contains("adapters"), "{log}");
 }
+
+#[test]
+fn features_match_the_reference_extraction() {
+    let out = tmp("feats.npy");
+    let _ = std::fs::remove_file(&out);
+    let (ok, log) = volfuse(&[
+        "features",
+        "--backbone",
+        fixture("vit_gelu").to_str().unwrap(),
+        "--input",
+        fixture("features_u8/volume.npy").to_str().unwrap(),
+        "--size",
+        "8",
+        "8",
+        "8",
+        "--slice-size",
+        "32",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{log}");
+    let got = npy::read(&out).unwrap();
+    let want = npy::read(&fixture("features_u8/features.npy")).unwrap();
+    assert_eq!(got.shape, want.shape);
+    assert!(rel_err(&got.to_f32(), &want.to_f32()) < 1e-3);
+}
+
+#[test]
+fn run_writes_labels_probabilities_and_logits() {
+    let raw = tmp("raw.npy");
+    let vol: Vec<u8> = (0..24 * 20 * 28).map(|i| ((i * 37) % 251) as u8).collect();
+    npy::write(&raw, &[24, 20, 28], &vol, true).unwrap();
+    let (labels, probs, logits) = (tmp("labels.npy"), tmp("probs.npy"), tmp("logits.npy"));
+    for p in [&labels, &probs, &logits] {
+        let _ = std::fs::remove_file(p);
+    }
+    let model = fixture("bundle_tiny_ctx");
+    let args = [
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        raw.to_str().unwrap(),
+        "--context",
+        raw.to_str().unwrap(),
+        "--output",
+        labels.to_str().unwrap(),
+        "--probabilities",
+        probs.to_str().unwrap(),
+        "--logits",
+        logits.to_str().unwrap(),
+    ];
+    let (ok, log) = volfuse(&args);
+    assert!(ok, "{log}");
+    let l = npy::read(&labels).unwrap();
+    assert_eq!(l.shape, vec![16, 16, 16]);
+    assert_eq!(l.dtype(), volfuse::io::DType::U8);
+    let p = npy::read(&probs).unwrap();
+    assert_eq!(p.shape, vec![3, 16, 16, 16]);
+    let pv = p.to_f32();
+    let s = 16 * 16 * 16;
+    for v in 0..s {
+        let sum: f32 = (0..3).map(|k| pv[k * s + v]).sum();
+        assert!(
+            (sum - 1.0).abs() < 1e-5,
+            "probabilities of voxel {v} sum to {sum}"
+        );
+    }
+    assert_eq!(npy::read(&logits).unwrap().shape, vec![3, 16, 16, 16]);
+    // A second run without --force changes nothing and says why.
+    let (ok, log) = volfuse(&args);
+    assert!(!ok && log.contains("--force"), "{log}");
+    // Without context, a fusion model runs degraded and says so.
+    let mut no_ctx: Vec<&str> = args.to_vec();
+    no_ctx.drain(5..7);
+    no_ctx.truncate(7);
+    no_ctx.push("--force");
+    let (ok, log) = volfuse(&no_ctx);
+    assert!(ok && log.contains("degraded"), "{log}");
+}
+
+#[test]
+fn run_refuses_bad_volumes_and_bundles() {
+    let labels = tmp("bad_labels.npy");
+    let model = fixture("bundle_tiny_ctx");
+    let flat = tmp("flat2d.npy");
+    npy::write(&flat, &[8, 8], &[1u8; 64], true).unwrap();
+    let (ok, log) = volfuse(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        flat.to_str().unwrap(),
+        "--output",
+        labels.to_str().unwrap(),
+    ]);
+    assert!(!ok && !log.contains("panicked"), "{log}");
+    let (ok, log) = volfuse(&[
+        "run",
+        "--model",
+        "/tmp",
+        "--input",
+        flat.to_str().unwrap(),
+        "--output",
+        labels.to_str().unwrap(),
+    ]);
+    assert!(!ok && log.contains("volfuse.json"), "{log}");
+    assert!(!labels.exists());
+}
