@@ -6,14 +6,16 @@
 //! `k = 2t + 1 − p` at input `i = q + p − t`. Kernels in `shaders/conv_transpose3d.wgsl`:
 //! `conv_transpose3d` (any device: one output voxel × 8 channels per invocation) and, on
 //! CPU-like devices with subgroups, `conv_transpose3d_sg_l` / `_sg_r` (one dispatch per x
-//! parity: a subgroup computes 8 x × 16 y × 32 channels of one parity class, sharing its
-//! loads through subgroup broadcasts; see conv3d.rs for why).
+//! parity: a subgroup computes 8 x × 16 y × 32 channels of one parity class, reading x
+//! through a texture copy and sharing its weight loads through subgroup broadcasts; see
+//! conv3d.rs for why). They need x to fill whole rgba32float texels, else the portable
+//! kernel runs.
 
 use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuContext, KernelArgs};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
 use crate::shaders::{Shader, CONV_TRANSPOSE3D};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// The op: ConvTranspose3d with kernel 4, stride 2, padding 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -207,6 +209,13 @@ fn plain_shader() -> &'static Shader {
     })
 }
 
+fn buffer_entry(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: b.as_entire_binding(),
+    }
+}
+
 fn gpu_conv_transpose3d(
     ctx: &GpuContext,
     d: TransposeDims,
@@ -224,6 +233,13 @@ fn gpu_conv_transpose3d(
         return Ok(vec![]);
     }
     let sg = ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8;
+    let numel = (d.n * d.ci * dhw) as u64;
+    let texels = numel / 4;
+    // The subgroup kernels read x through a texture copy: it must fill whole texels.
+    let sg = sg
+        && numel.is_multiple_of(4)
+        && texels > 0
+        && texels.div_ceil(GpuContext::TEXTURE_WIDTH as u64) <= ctx.caps.max_texture_2d as u64;
     let ot = if sg { SG_TO } else { 8 };
     let groups = d.co.div_ceil(ot);
     let (tiles_x, tiles_y) = (d.w.div_ceil(8), d.h.div_ceil(SG_RY));
@@ -248,22 +264,51 @@ fn gpu_conv_transpose3d(
     };
     let buffers = [inputs[0], inputs[1], inputs[2], out];
     if sg {
+        // Both parities read x through one texture copy, made before the first.
         let [wx, wy, _] = ctx.grid((tiles_x * tiles_y * d.d * 4) as u64)?;
-        return ["conv_transpose3d_sg_l", "conv_transpose3d_sg_r"]
-            .iter()
+        let texture = ctx.scratch_texture(texels)?;
+        let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+        let copy = Arc::new(TextureCopy {
+            buffer: inputs[0].clone(),
+            texture,
+            width: GpuContext::TEXTURE_WIDTH,
+            texel_bytes: 16,
+            texels,
+        });
+        let mut out_d = Vec::with_capacity(2);
+        for (px, entry) in ["conv_transpose3d_sg_l", "conv_transpose3d_sg_r"]
+            .into_iter()
             .enumerate()
-            .map(|(px, &entry)| {
-                ctx.dispatch(KernelArgs {
-                    shader: &CONV_TRANSPOSE3D,
-                    entry,
-                    constants: &[],
-                    buffers: &buffers,
-                    params: bytemuck::bytes_of(&params(px as u32)),
-                    workgroups: [wx, wy, z],
-                })
-            })
-            .collect();
+        {
+            let pipeline = ctx.pipeline(&CONV_TRANSPOSE3D, entry, &[])?;
+            let layout = pipeline.get_bind_group_layout(0);
+            let params = ctx.uniform(bytemuck::bytes_of(&params(px as u32)));
+            let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(entry),
+                layout: &layout,
+                entries: &[
+                    buffer_entry(0, &params),
+                    buffer_entry(2, inputs[1]),
+                    buffer_entry(3, inputs[2]),
+                    buffer_entry(4, out),
+                    wgpu::BindGroupEntry {
+                        binding: 5,
+                        resource: wgpu::BindingResource::TextureView(&view),
+                    },
+                ],
+            });
+            out_d.push(Dispatch {
+                name: entry,
+                pipeline,
+                bind_group,
+                workgroups: [wx, wy, z],
+                offsets: Vec::new(),
+                copies: if px == 0 { vec![copy.clone()] } else { Vec::new() },
+            });
+        }
+        return Ok(out_d);
     }
+
     let shader = if ctx.caps.subgroups {
         &CONV_TRANSPOSE3D
     } else {
@@ -431,6 +476,10 @@ mod tests {
             (2, 4, 17, [3, 18, 10]),
             (1, 5, 33, [2, 9, 17]),
             (1, 3, 40, [2, 3, 9]),
+            // Inputs filling whole texels: the subgroup (texture) kernels on CPU-like
+            // devices.
+            (1, 4, 33, [2, 9, 17]),
+            (2, 2, 5, [3, 5, 7]),
         ] {
             check_op(&ConvTranspose3d, &shapes(n, ci, co, s), 1e-5);
         }
@@ -494,7 +543,7 @@ mod tests {
         let mut r = rng();
         {
             let op = ConvTranspose3d;
-            let sh = shapes(1, 3, 20, [3, 5, 9]);
+            let sh = shapes(1, 4, 20, [3, 5, 9]);
             let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
             let inputs: Vec<(&[f32], &[usize])> = data
                 .iter()
@@ -512,6 +561,8 @@ mod tests {
             c.fill(&out.buffer, f32::NAN);
             let bufs: Vec<&wgpu::Buffer> = t.iter().map(|t| t.buffer.as_ref()).collect();
             let mut disp = op.gpu(c, &bufs, &refs, &out.buffer).unwrap();
+            let textured = disp.iter().any(|d| !d.copies.is_empty());
+            assert_eq!(textured, c.caps.cpu_like && c.caps.subgroups);
             for d in &mut disp {
                 d.workgroups[1] += 1;
             }
@@ -627,6 +678,16 @@ fn from_right(v: f32, edge: f32, lane: u32) -> f32 {{
 
 fn store_sg(i: u32, oc: u32, v: f32) {{
     if (oc < p.co) {{ out[i] = v + bias[oc]; }}
+}}
+
+// The input copied into an rgba32float texture, 4 consecutive values a texel, rows of
+// 1024 texels (GpuContext::scratch_texture): texel fetches are much cheaper than
+// storage-buffer loads on lavapipe.
+@group(0) @binding(5) var xt: texture_2d<f32>;
+
+fn xtex(i: u32) -> f32 {{
+    let t = i >> 2u;
+    return textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0)[i & 3u];
 }}"
         );
         sg_entry(w, SG_TO, false);
@@ -730,12 +791,15 @@ fn conv_transpose3d_sg_{name}(@builtin(workgroup_id) wg: vec3<u32>,
             for j in 0..nr {
                 let _ = writeln!(
                     w,
-                    "        let v{t}_{j} = select(0.0, x[base + zo{t} + ro{j}], rk{j} && zk{t});"
+                    "        let v{t}_{j} = select(0.0, xtex(base + zo{t} + ro{j}), rk{j} && zk{t});"
                 );
             }
         }
         for k in 0..ne {
-            let _ = writeln!(w, "        let e{k} = select(0.0, x[base + eo{k}], ek{k});");
+            let _ = writeln!(
+                w,
+                "        let e{k} = select(0.0, xtex(base + eo{k}), ek{k});"
+            );
         }
         for k in 0..to {
             let _ = writeln!(w, "        let w{k} = wt[wo{k} + cw];");
