@@ -303,7 +303,7 @@ fn gpu_conv_transpose3d(
                 bind_group,
                 workgroups: [wx, wy, z],
                 offsets: Vec::new(),
-                copies: if px == 0 { vec![copy.clone()] } else { Vec::new() },
+                copy: (px == 0).then(|| copy.clone()),
             });
         }
         return Ok(out_d);
@@ -561,7 +561,7 @@ mod tests {
             c.fill(&out.buffer, f32::NAN);
             let bufs: Vec<&wgpu::Buffer> = t.iter().map(|t| t.buffer.as_ref()).collect();
             let mut disp = op.gpu(c, &bufs, &refs, &out.buffer).unwrap();
-            let textured = disp.iter().any(|d| !d.copies.is_empty());
+            let textured = disp.iter().any(|d| d.copy.is_some());
             assert_eq!(textured, c.caps.cpu_like && c.caps.subgroups);
             for d in &mut disp {
                 d.workgroups[1] += 1;
