@@ -66,8 +66,9 @@ pub struct Dispatch {
     pub workgroups: [u32; 3],
     /// Dynamic offsets for the bind group, in binding order.
     pub offsets: Vec<u32>,
-    /// A copy recorded before this dispatch (outside the compute pass).
-    pub copy: Option<Arc<TextureCopy>>,
+    /// Copies recorded before this dispatch (outside the compute pass). A kernel that
+    /// reads a scratch texture carries the copy that fills it, so the pair is never split.
+    pub copies: Vec<Arc<TextureCopy>>,
 }
 
 impl Dispatch {
@@ -83,12 +84,12 @@ impl Dispatch {
 pub fn record_all(enc: &mut wgpu::CommandEncoder, dispatches: &[Dispatch]) {
     let mut start = 0;
     while start < dispatches.len() {
-        if let Some(c) = &dispatches[start].copy {
+        for c in &dispatches[start].copies {
             c.record(enc);
         }
         let end = dispatches[start + 1..]
             .iter()
-            .position(|d| d.copy.is_some())
+            .position(|d| !d.copies.is_empty())
             .map(|p| start + 1 + p)
             .unwrap_or(dispatches.len());
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
@@ -165,7 +166,7 @@ impl GpuContext {
             bind_group,
             workgroups: args.workgroups,
             offsets: Vec::new(),
-            copy: None,
+            copies: Vec::new(),
         })
     }
 }

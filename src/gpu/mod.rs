@@ -121,7 +121,7 @@ pub struct GpuContext {
     pub info: wgpu::AdapterInfo,
     pub caps: Caps,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
-    textures: Mutex<HashMap<u32, wgpu::Texture>>,
+    textures: Mutex<HashMap<(usize, u32), wgpu::Texture>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -382,9 +382,10 @@ impl GpuContext {
 
     /// A shared rgba32float scratch texture holding at least `texels` texels, laid out
     /// linearly in rows of [`GpuContext::TEXTURE_WIDTH`]. Every kernel that streams an
-    /// operand through the texture unit copies it in right before it runs, so one texture
-    /// per size serves all of them (wgpu orders the copies and reads).
-    pub fn scratch_texture(&self, texels: u64) -> Result<wgpu::Texture> {
+    /// operand through the texture unit carries the copy that fills it (see
+    /// [`Dispatch::copies`]), so one texture per (operand slot, size) serves all of them;
+    /// `slot` tells apart the operands of one kernel (attention reads q, k and v).
+    pub fn scratch_texture(&self, slot: usize, texels: u64) -> Result<wgpu::Texture> {
         let w = Self::TEXTURE_WIDTH as u64;
         let rows = texels.div_ceil(w).max(1);
         // Round the height up to a power of two so few sizes exist.
@@ -404,7 +405,7 @@ impl GpuContext {
             .textures
             .lock()
             .map_err(|_| Error::Gpu("texture cache poisoned".into()))?;
-        let t = map.entry(h as u32).or_insert_with(|| {
+        let t = map.entry((slot, h as u32)).or_insert_with(|| {
             self.device.create_texture(&wgpu::TextureDescriptor {
                 label: Some("scratch"),
                 size: wgpu::Extent3d {

@@ -115,9 +115,30 @@ impl GpuExecutor {
         self.dispatches.len()
     }
 
+    /// Splits the dispatches into command buffers of about `batch` each. A split never
+    /// falls between a kernel that fills a scratch texture and the dispatches after it that
+    /// read the same texture (same pipeline, no copies of their own): another thread's
+    /// submission could refill the texture in between.
+    fn chunks(&self) -> Vec<&[Dispatch]> {
+        let d = &self.dispatches;
+        let mut out = Vec::new();
+        let mut start = 0;
+        for i in 1..d.len() {
+            let safe = !d[i].copies.is_empty() || !Arc::ptr_eq(&d[i].pipeline, &d[i - 1].pipeline);
+            if i - start >= self.batch.max(1) && safe {
+                out.push(&d[start..i]);
+                start = i;
+            }
+        }
+        if start < d.len() {
+            out.push(&d[start..]);
+        }
+        out
+    }
+
     /// Records and submits all dispatches (inputs already written). Does not wait.
     pub fn submit(&self, ctx: &GpuContext) {
-        for chunk in self.dispatches.chunks(self.batch.max(1)) {
+        for chunk in self.chunks() {
             let mut enc = ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {

@@ -13,12 +13,11 @@
 //!   dispatches carry the copies); a subgroup of 8 lanes (4 queries each) streams over the
 //!   keys, sharing each fetched key row through subgroup broadcasts.
 
-use super::{expect_inputs, numel, Op};
+use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
 use crate::shaders::{Shader, ATTENTION};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 /// The largest head size the GPU kernels handle (ViT-7B's).
 pub const MAX_HEAD_DIM: usize = 128;
@@ -254,52 +253,8 @@ fn gpu_attention(
     }
 }
 
-/// A texture for operand `slot` (0 q, 1 k, 2 v) of `attention_sg` holding `texels` texels
-/// in rows of [`GpuContext::TEXTURE_WIDTH`]; cached per device, slot and (power of two)
-/// height, so all attention calls of a graph share three textures. (The context's own
-/// scratch texture is one per size, and attention needs three operands at once.)
-fn operand_texture(ctx: &GpuContext, slot: usize, texels: u64) -> Result<wgpu::Texture> {
-    type Cache = Mutex<HashMap<(wgpu::Device, usize, u32), wgpu::Texture>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let w = GpuContext::TEXTURE_WIDTH as u64;
-    let max = ctx.caps.max_texture_2d as u64;
-    let rows = texels.div_ceil(w).max(1);
-    if rows > max {
-        return Err(Error::TooLarge {
-            what: "an attention operand texture".into(),
-            bytes: texels * 16,
-            limit: w * max * 16,
-            adapter: ctx.info.name.clone(),
-        });
-    }
-    let h = rows.next_power_of_two().min(max) as u32;
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .map_err(|_| Error::Gpu("attention texture cache poisoned".into()))?;
-    let t = cache
-        .entry((ctx.device.clone(), slot, h))
-        .or_insert_with(|| {
-            ctx.device.create_texture(&wgpu::TextureDescriptor {
-                label: Some(["attention q", "attention k", "attention v"][slot % 3]),
-                size: wgpu::Extent3d {
-                    width: w as u32,
-                    height: h,
-                    depth_or_array_layers: 1,
-                },
-                mip_level_count: 1,
-                sample_count: 1,
-                dimension: wgpu::TextureDimension::D2,
-                format: wgpu::TextureFormat::Rgba32Float,
-                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-                view_formats: &[],
-            })
-        });
-    Ok(t.clone())
-}
-
-/// The dispatches of `attention_sg`: two that only carry the copies of q and k into their
-/// textures (zero workgroups), then the kernel, which carries the copy of v.
+/// The dispatch of `attention_sg`, carrying the copies of q, k and v into scratch
+/// textures 0, 1 and 2.
 fn staged(
     ctx: &GpuContext,
     d: Dims,
@@ -312,7 +267,7 @@ fn staged(
     let texels = [d.tq, d.tk, d.tk].map(|t| (d.batch * t) as u64 * w4);
     let textures = [0, 1, 2]
         .into_iter()
-        .map(|slot| operand_texture(ctx, slot, texels[slot]))
+        .map(|slot| ctx.scratch_texture(slot, texels[slot]))
         .collect::<Result<Vec<_>>>()?;
     let views: Vec<wgpu::TextureView> = textures
         .iter()
@@ -333,32 +288,29 @@ fn staged(
         layout: &pipeline.get_bind_group_layout(0),
         entries: &entries,
     });
-    let dispatch = |slot: usize, workgroups: [u32; 3]| Dispatch {
+    let copies = [0, 1, 2]
+        .map(|slot| {
+            Arc::new(TextureCopy {
+                buffer: inputs[slot].clone(),
+                texture: textures[slot].clone(),
+                width: GpuContext::TEXTURE_WIDTH,
+                texel_bytes: 16,
+                texels: texels[slot],
+            })
+        })
+        .to_vec();
+    Ok(vec![Dispatch {
         name: "attention_sg",
-        pipeline: pipeline.clone(),
-        bind_group: bind_group.clone(),
-        workgroups,
+        pipeline,
+        bind_group,
+        workgroups: [
+            d.tq.div_ceil(8 * SG_QUERIES_PER_LANE) as u32,
+            d.heads as u32,
+            d.batch as u32,
+        ],
         offsets: Vec::new(),
-        copy: Some(Arc::new(TextureCopy {
-            buffer: inputs[slot].clone(),
-            texture: textures[slot].clone(),
-            width: GpuContext::TEXTURE_WIDTH,
-            texel_bytes: 16,
-            texels: texels[slot],
-        })),
-    };
-    Ok(vec![
-        dispatch(0, [0, 0, 0]),
-        dispatch(1, [0, 0, 0]),
-        dispatch(
-            2,
-            [
-                d.tq.div_ceil(8 * SG_QUERIES_PER_LANE) as u32,
-                d.heads as u32,
-                d.batch as u32,
-            ],
-        ),
-    ])
+        copies,
+    }])
 }
 
 impl Op for Attention {
@@ -420,6 +372,7 @@ pub fn bench_cases() -> Vec<crate::bench::Case> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::numel;
     use crate::ops::testing::{check_op, check_op_with, ctx, random, rel_err, rng};
 
     /// Attention with the kernel forced, to test each one on this device.

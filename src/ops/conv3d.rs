@@ -269,7 +269,7 @@ fn tex_dispatch(
         return Ok(None);
     }
     let entry = "conv3d_k3_sg_tex";
-    let texture = ctx.scratch_texture(texels)?;
+    let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
     let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0)])?;
     let layout = pipeline.get_bind_group_layout(0);
@@ -300,13 +300,13 @@ fn tex_dispatch(
         bind_group,
         workgroups,
         offsets: Vec::new(),
-        copy: Some(Arc::new(TextureCopy {
+        copies: vec![Arc::new(TextureCopy {
             buffer: inputs[0].clone(),
             texture,
             width: GpuContext::TEXTURE_WIDTH,
             texel_bytes: 16,
             texels,
-        })),
+        })],
     }))
 }
 
@@ -654,7 +654,7 @@ mod tests {
             let out = c.empty(&[d.n, d.o, d.d, d.h, d.w]).unwrap();
             c.fill(&out.buffer, f32::NAN);
             let disp = gpu_conv3d(c, d, &bufs, &out.buffer, allow_texture).unwrap();
-            let textured = disp.iter().any(|d| d.copy.is_some());
+            let textured = disp.iter().any(|d| !d.copies.is_empty());
             assert_eq!(textured, allow_texture && use_subgroup_kernel(c));
             c.run(&disp).unwrap();
             let e = rel_err(&c.download(&out).unwrap(), &want);

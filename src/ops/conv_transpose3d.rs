@@ -266,7 +266,7 @@ fn gpu_conv_transpose3d(
     if sg {
         // Both parities read x through one texture copy, made before the first.
         let [wx, wy, _] = ctx.grid((tiles_x * tiles_y * d.d * 4) as u64)?;
-        let texture = ctx.scratch_texture(texels)?;
+        let texture = ctx.scratch_texture(0, texels)?;
         let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
         let copy = Arc::new(TextureCopy {
             buffer: inputs[0].clone(),
@@ -303,7 +303,7 @@ fn gpu_conv_transpose3d(
                 bind_group,
                 workgroups: [wx, wy, z],
                 offsets: Vec::new(),
-                copy: (px == 0).then(|| copy.clone()),
+                copies: if px == 0 { vec![copy.clone()] } else { Vec::new() },
             });
         }
         return Ok(out_d);
@@ -561,7 +561,7 @@ mod tests {
             c.fill(&out.buffer, f32::NAN);
             let bufs: Vec<&wgpu::Buffer> = t.iter().map(|t| t.buffer.as_ref()).collect();
             let mut disp = op.gpu(c, &bufs, &refs, &out.buffer).unwrap();
-            let textured = disp.iter().any(|d| d.copy.is_some());
+            let textured = disp.iter().any(|d| !d.copies.is_empty());
             assert_eq!(textured, c.caps.cpu_like && c.caps.subgroups);
             for d in &mut disp {
                 d.workgroups[1] += 1;

@@ -311,7 +311,7 @@ fn gpu_matmul_tex(
 ) -> Result<Vec<Dispatch>> {
     let rows = d.batch * d.m;
     let texels = (rows * d.k / 4) as u64;
-    let texture = ctx.scratch_texture(texels)?;
+    let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&Default::default());
     let entry: &'static str = match cols {
         16 => "matmul_tex16",
@@ -438,7 +438,7 @@ fn gpu_matmul_tex(
             bind_group: bind_group.clone(),
             workgroups,
             offsets: vec![p_off, w_off],
-            copy: if i == 0 { Some(copy.clone()) } else { None },
+            copies: if i == 0 { vec![copy.clone()] } else { Vec::new() },
         })
         .collect())
 }

@@ -155,7 +155,7 @@ fn gpu_layernorm(
     // once per workgroup, so a few hundred workgroups are plenty. x goes through the
     // context's scratch texture, copied in right before the kernel.
     let texels = (rows * d / 4) as u64;
-    let texture = ctx.scratch_texture(texels)?;
+    let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&Default::default());
     let groups = rows.min(256) as u32;
     let constants = [
@@ -183,13 +183,13 @@ fn gpu_layernorm(
         bind_group,
         workgroups: [groups, 1, 1],
         offsets: Vec::new(),
-        copy: Some(Arc::new(TextureCopy {
+        copies: vec![Arc::new(TextureCopy {
             buffer: inputs[0].clone(),
             texture,
             width: GpuContext::TEXTURE_WIDTH,
             texel_bytes: 16,
             texels,
-        })),
+        })],
     }])
 }
 
