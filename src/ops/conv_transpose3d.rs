@@ -303,7 +303,11 @@ fn gpu_conv_transpose3d(
                 bind_group,
                 workgroups: [wx, wy, z],
                 offsets: Vec::new(),
-                copies: if px == 0 { vec![copy.clone()] } else { Vec::new() },
+                copies: if px == 0 {
+                    vec![copy.clone()]
+                } else {
+                    Vec::new()
+                },
             });
         }
         return Ok(out_d);
@@ -866,7 +870,8 @@ fn conv_transpose3d_sg_{name}(@builtin(workgroup_id) wg: vec3<u32>,
         let text = CONV_TRANSPOSE3D.text;
         let at = text.find("// BEGIN subgroups").unwrap_or(text.len());
         if std::env::var_os("VOLFUSE_REGEN_CONV3D").is_some() {
-            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/conv_transpose3d.wgsl");
+            // Relative: cargo runs tests in the package root.
+            let path = "shaders/conv_transpose3d.wgsl";
             std::fs::write(path, format!("{}{want}", &text[..at])).unwrap();
             return;
         }
