@@ -436,6 +436,36 @@ impl GpuContext {
         self.wait()
     }
 
+    /// Runs `dispatches` once and returns the device time in seconds, measured with
+    /// timestamp queries written into the command encoder; None when the device lacks
+    /// `TIMESTAMP_QUERY_INSIDE_ENCODERS`.
+    pub fn time_dispatches(&self, dispatches: &[Dispatch]) -> Result<Option<f64>> {
+        if !self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS) {
+            return Ok(None);
+        }
+        let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timing"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.write_timestamp(&qs, 0);
+        record_all(&mut enc, dispatches);
+        enc.write_timestamp(&qs, 1);
+        enc.resolve_query_set(&qs, 0..2, &resolve, 0);
+        self.queue.submit([enc.finish()]);
+        let words = self.read_buffer(&resolve, 4)?;
+        let raw: &[u64] = bytemuck::cast_slice(&words);
+        let ticks = raw[1].saturating_sub(raw[0]) as f64;
+        Ok(Some(ticks * self.queue.get_timestamp_period() as f64 * 1e-9))
+    }
+
     /// Blocks until all submitted work has finished.
     pub fn wait(&self) -> Result<()> {
         self.device
