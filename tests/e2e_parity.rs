@@ -64,3 +64,18 @@ fn gpu_matches_the_reference_pipeline() {
     check(Backend::Gpu(gpu()), true);
     check(Backend::Gpu(gpu()), false);
 }
+
+#[test]
+fn affinity_models_use_a_sigmoid_head() {
+    let mut bundle = Bundle::load(&fixture("bundle_tiny_ctx")).unwrap();
+    bundle.unet.config.output_type = "affinities".into();
+    let raw = Volume::read(&fixture("e2e_tiny_ctx/raw.npy")).unwrap();
+    let mut runner = Runner::new(Backend::Gpu(gpu()));
+    let seg = segment(&bundle, &mut runner, &raw, Some(&raw), 64).unwrap();
+    let want: Vec<f32> = seg
+        .logits
+        .iter()
+        .map(|x| 1.0 / (1.0 + (-x).exp()))
+        .collect();
+    assert!(rel_err(&seg.probabilities, &want) < 1e-5);
+}
