@@ -78,8 +78,9 @@ pub fn check_op_with(op: &dyn Op, data: &[Vec<f32>], shapes: &[Vec<usize>], tol:
     let (want, ws) = run_cpu(op, &inputs).expect("cpu");
     let (got, gs) = run_gpu(ctx(), op, &inputs, Some(POISON)).expect("gpu");
     assert_eq!(ws, gs);
+    // A test on zeros proves nothing; tiny outputs (relu of one negative value) may be.
     assert!(
-        want.iter().any(|v| *v != 0.0),
+        want.len() < 16 || want.iter().any(|v| *v != 0.0),
         "{}: reference output is all zeros",
         op.name()
     );
