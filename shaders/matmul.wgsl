@@ -131,10 +131,12 @@ fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let row = gid.x + gid.y * nwg.x * 64u;
     let xr = min(row, tp.m - 1u) * tp.k4;
     var acc: array<f32, 16>;
+    let wa = widx(sl, 0u);
+    let wb = widx(sl + 8u, 0u);
     for (var l = 0u; l < tp.k4; l++) {
         let xv = xload(xr + l);
-        bc8(&acc, 0u, xv, wu[widx(sl, l)]);
-        bc8(&acc, 8u, xv, wu[widx(sl + 8u, l)]);
+        bc8(&acc, 0u, xv, wu[wa + l]);
+        bc8(&acc, 8u, xv, wu[wb + l]);
     }
     store_row(row, acc, 16u);
 }
@@ -145,8 +147,9 @@ fn matmul_tex8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let row = gid.x + gid.y * nwg.x * 64u;
     let xr = min(row, tp.m - 1u) * tp.k4;
     var acc: array<f32, 16>;
+    let wa = widx(sl, 0u);
     for (var l = 0u; l < tp.k4; l++) {
-        bc8(&acc, 0u, xload(xr + l), wu[widx(sl, l)]);
+        bc8(&acc, 0u, xload(xr + l), wu[wa + l]);
     }
     store_row(row, acc, 8u);
 }
@@ -157,8 +160,9 @@ fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let row = gid.x + gid.y * nwg.x * 64u;
     let xr = min(row, tp.m - 1u) * tp.k4;
     var acc: array<f32, 16>;
+    let wa = widx(min(sl, 3u), 0u);
     for (var l = 0u; l < tp.k4; l++) {
-        bc4(&acc, xload(xr + l), wu[widx(min(sl, 3u), l)]);
+        bc4(&acc, xload(xr + l), wu[wa + l]);
     }
     store_row(row, acc, 4u);
 }
