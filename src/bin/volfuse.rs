@@ -202,13 +202,37 @@ fn dispatch(cli: Cli) -> Result<()> {
             image,
             batch,
             profile,
+            torch,
             ..
         } => {
             let backend = device.backend()?;
-            println!(
-                "{}",
-                volfuse::bench::vit(backend, &size, image, image, batch, iters, profile)?
-            );
+            let ours = volfuse::bench::vit(backend, &size, image, image, batch, iters, profile)?;
+            println!("{ours}");
+            if torch {
+                let args: Vec<String> = [
+                    "vit",
+                    "--size",
+                    &size,
+                    "--image",
+                    &image.to_string(),
+                    "--batch",
+                    &batch.to_string(),
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                match volfuse::bench::torch_reference(&args)
+                    .and_then(|v| v["images_per_s"].as_f64())
+                {
+                    Some(t) => println!(
+                        "pytorch cpu (2 threads): {t:.3} images/s; volfuse / pytorch = {:.3}",
+                        ours.images_per_s / t
+                    ),
+                    None => println!(
+                        "pytorch cpu: not available (create tools/.venv, see tools/README.md)"
+                    ),
+                }
+            }
             Ok(())
         }
         Cmd::Bench {
