@@ -60,7 +60,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
 
 // ---------------------------------------------------------------------------------------
 // Texture path, for x·Wᵀ with K % 4 == 0 (Linear layers): one dispatch per block of
-// 16 / 8 / 4 output columns. Built for adapters where storage-buffer loads are expensive
+// 16 (two windows of 8) or 4 output columns. Built for adapters where storage-buffer loads are expensive
 // per lane (lavapipe runs every SSBO load as a per-lane loop) and texel fetches and
 // uniform-buffer loads are cheap:
 //   - X streams through the texture unit (copied into a linear rgba32f texture first);
@@ -75,7 +75,7 @@ struct TexParams {
     c0: u32,      // first column of this block
     w_base: u32,  // vec4 index of column c0 inside the uniform window
     has_bias: u32,
-    _p0: u32,
+    w_base2: u32, // vec4 index of column c0 + 8 inside the second window (16-column blocks)
     _p1: u32,
 }
 
@@ -84,6 +84,7 @@ struct TexParams {
 @group(0) @binding(2) var xt: texture_2d<f32>;
 @group(0) @binding(3) var<storage, read> tbias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> tout: array<f32>;
+@group(0) @binding(5) var<uniform> wu2: array<vec4<f32>, 4096>;
 
 fn xload(t: u32) -> vec4<f32> {
     return textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0);
@@ -132,26 +133,15 @@ fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let xr = min(row, tp.m - 1u) * tp.k4;
     var acc: array<f32, 16>;
     let wa = widx(sl, 0u);
-    let wb = widx(sl + 8u, 0u);
+    // Columns c0 + 8 … in the second window; past the last column, lanes re-read it.
+    let c2 = tp.c0 + 8u;
+    let wb = tp.w_base2 + (min(c2 + sl, max(tp.n - 1u, c2)) - c2) * tp.k4;
     for (var l = 0u; l < tp.k4; l++) {
         let xv = xload(xr + l);
         bc8(&acc, 0u, xv, wu[wa + l]);
-        bc8(&acc, 8u, xv, wu[wb + l]);
+        bc8(&acc, 8u, xv, wu2[wb + l]);
     }
     store_row(row, acc, 16u);
-}
-
-@compute @workgroup_size(64)
-fn matmul_tex8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(subgroup_invocation_id) sl: u32) {
-    let row = gid.x + gid.y * nwg.x * 64u;
-    let xr = min(row, tp.m - 1u) * tp.k4;
-    var acc: array<f32, 16>;
-    let wa = widx(sl, 0u);
-    for (var l = 0u; l < tp.k4; l++) {
-        bc8(&acc, 0u, xload(xr + l), wu[wa + l]);
-    }
-    store_row(row, acc, 8u);
 }
 
 @compute @workgroup_size(64)

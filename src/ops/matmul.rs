@@ -265,7 +265,8 @@ struct TexParams {
     c0: u32,
     w_base: u32,
     has_bias: u32,
-    _pad: [u32; 2],
+    w_base2: u32,
+    _pad: u32,
 }
 
 /// Bytes of the uniform window holding a block of W (the WGSL array size).
@@ -273,7 +274,8 @@ const WINDOW: u64 = 65536;
 
 /// Columns per dispatch on the texture path, or None when it does not apply: it needs
 /// x·Wᵀ with a shared W, K % 4 == 0, subgroups of at least 8 lanes, 64 KiB uniform
-/// bindings, and a block of columns × K that fits the window.
+/// bindings, and a group of columns × K that fits a window. 16 columns are two groups of 8,
+/// each in its own window (K ≤ 2048); 4 columns fit one window up to K = 4096.
 fn texture_path_cols(ctx: &GpuContext, m: &Matmul, d: Dims, w: &wgpu::Buffer) -> Option<usize> {
     let c = &ctx.caps;
     let ok = !m.trans_a
@@ -293,12 +295,16 @@ fn texture_path_cols(ctx: &GpuContext, m: &Matmul, d: Dims, w: &wgpu::Buffer) ->
     if !ok {
         return None;
     }
-    [16usize, 8, 4].into_iter().find(|cols| {
-        // A block must fit the window even when its start is aligned down.
-        let block = (cols * d.k * 4) as u64;
-        let align = (c.uniform_offset_alignment as u64).max(16);
-        block + if block % align == 0 { 0 } else { align } <= WINDOW
-    })
+    [(16usize, 8usize), (4, 4)]
+        .into_iter()
+        .map(|(cols, group)| (cols, group * d.k * 4))
+        .find(|(_, group)| {
+            // A group must fit its window even when the window's start is aligned down.
+            let block = *group as u64;
+            let align = (c.uniform_offset_alignment as u64).max(16);
+            block + if block % align == 0 { 0 } else { align } <= WINDOW
+        })
+        .map(|(cols, _)| cols)
 }
 
 fn gpu_matmul_tex(
@@ -315,7 +321,6 @@ fn gpu_matmul_tex(
     let view = texture.create_view(&Default::default());
     let entry: &'static str = match cols {
         16 => "matmul_tex16",
-        8 => "matmul_tex8",
         _ => "matmul_tex4",
     };
     let uniform = |binding, size: u64| wgpu::BindGroupLayoutEntry {
@@ -345,6 +350,7 @@ fn gpu_matmul_tex(
         &[
             uniform(0, params_size),
             uniform(1, WINDOW),
+            uniform(5, WINDOW),
             wgpu::BindGroupLayoutEntry {
                 binding: 2,
                 visibility: wgpu::ShaderStages::COMPUTE,
@@ -372,6 +378,13 @@ fn gpu_matmul_tex(
         // The window starts at column c0, or earlier for the last blocks so it stays
         // inside the buffer (every buffer is at least one window large).
         let start = col_byte.min(w_bytes - WINDOW) / align_w * align_w;
+        // The second group of 8 columns (16-column blocks) has a window of its own.
+        let col_byte2 = if cols == 16 {
+            ((c0 + 8).min(d.n - 1) * d.k * 4) as u64
+        } else {
+            col_byte
+        };
+        let start2 = col_byte2.min(w_bytes - WINDOW) / align_w * align_w;
         let p = TexParams {
             m: rows as u32,
             n: d.n as u32,
@@ -379,11 +392,12 @@ fn gpu_matmul_tex(
             c0: c0 as u32,
             w_base: ((col_byte - start) / 16) as u32,
             has_bias: m.bias as u32,
-            _pad: [0; 2],
+            w_base2: ((col_byte2 - start2) / 16) as u32,
+            _pad: 0,
         };
         let at = b * align as usize;
         param_bytes[at..at + params_size as usize].copy_from_slice(bytemuck::bytes_of(&p));
-        offsets.push((at as u32, start as u32));
+        offsets.push(vec![at as u32, start as u32, start2 as u32]);
     }
     let params = ctx.uniform(&param_bytes);
     let bias = if m.bias { inputs[2] } else { inputs[1] };
@@ -419,6 +433,14 @@ fn gpu_matmul_tex(
                 binding: 4,
                 resource: out.as_entire_binding(),
             },
+            wgpu::BindGroupEntry {
+                binding: 5,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: inputs[1],
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(WINDOW),
+                }),
+            },
         ],
     });
     let copy = std::sync::Arc::new(crate::gpu::TextureCopy {
@@ -432,13 +454,17 @@ fn gpu_matmul_tex(
     Ok(offsets
         .into_iter()
         .enumerate()
-        .map(|(i, (p_off, w_off))| Dispatch {
+        .map(|(i, offsets)| Dispatch {
             name: entry,
             pipeline: pipeline.clone(),
             bind_group: bind_group.clone(),
             workgroups,
-            offsets: vec![p_off, w_off],
-            copies: if i == 0 { vec![copy.clone()] } else { Vec::new() },
+            offsets,
+            copies: if i == 0 {
+                vec![copy.clone()]
+            } else {
+                Vec::new()
+            },
         })
         .collect())
 }
@@ -447,6 +473,11 @@ fn gpu_matmul_tex(
 pub fn bench_cases() -> Vec<crate::bench::Case> {
     use crate::bench::Case;
     vec![
+        Case::new(
+            "matmul 4096x384x1536 +bias (x·Wᵀ, MLP down)",
+            Matmul::linear(true),
+            vec![vec![4096, 1536], vec![384, 1536], vec![384]],
+        ),
         Case::new(
             "matmul 4096x384x384 (x·Wᵀ)",
             Matmul::linear(false),
@@ -597,7 +628,7 @@ mod tests {
             assert_eq!(got, vec!["matmul_tex16"; 3]);
             assert_eq!(
                 names(lin, vec![vec![10, 1536], vec![8, 1536]]),
-                vec!["matmul_tex8"]
+                vec!["matmul_tex16"]
             );
             assert_eq!(
                 names(lin, vec![vec![10, 4096], vec![5, 4096]]),
