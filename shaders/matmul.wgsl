@@ -58,6 +58,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 }
 
+// BEGIN subgroups (stripped on devices without subgroup operations)
 // ---------------------------------------------------------------------------------------
 // Texture path, for x·Wᵀ with K % 4 == 0 (Linear layers): one dispatch per block of
 // 16 (two windows of 8) or 4 output columns. Built for adapters where storage-buffer loads are expensive
@@ -156,3 +157,4 @@ fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
     store_row(row, acc, 4u);
 }
+// END subgroups

@@ -1,6 +1,8 @@
 //! The WGSL kernel families in `shaders/`, embedded at build time.
 
 use crate::gpu::Caps;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 /// One `.wgsl` file: a kernel family.
 #[derive(Debug)]
@@ -13,6 +15,43 @@ impl Shader {
     /// The source to compile on a device with `caps`.
     pub fn source(&self, _caps: &Caps) -> String {
         self.text.to_string()
+    }
+
+    /// This family without its `// BEGIN subgroups` … `// END subgroups` section (to the
+    /// end of the file when there is no END): the portable kernels alone, which compile on
+    /// devices without subgroup operations. Built once per shader.
+    pub fn portable(&'static self) -> &'static Shader {
+        static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Shader>>> = OnceLock::new();
+        let mut map = match CACHE.get_or_init(Default::default).lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(self.name).or_insert_with(|| {
+            let text = without_subgroups(self.text);
+            let name = format!("{} (no subgroups)", self.name);
+            Box::leak(Box::new(Shader {
+                name: Box::leak(name.into_boxed_str()),
+                text: Box::leak(text.into_boxed_str()),
+            }))
+        })
+    }
+}
+
+/// `text` without its subgroup section (see [`Shader::portable`]).
+pub fn without_subgroups(text: &str) -> String {
+    match text.find("// BEGIN subgroups") {
+        None => text.to_string(),
+        Some(a) => match text[a..].find("// END subgroups") {
+            Some(len) => {
+                let b = a + len;
+                let rest = text[b..]
+                    .find('\n')
+                    .map(|n| b + n + 1)
+                    .unwrap_or(text.len());
+                format!("{}{}", &text[..a], &text[rest..])
+            }
+            None => text[..a].to_string(),
+        },
     }
 }
 

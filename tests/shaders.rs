@@ -18,7 +18,9 @@ fn every_shader_validates_with_naga() {
                 continue;
             }
         };
-        let caps = Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+        let caps = Capabilities::SUBGROUP
+            | Capabilities::SHADER_FLOAT16
+            | Capabilities::SHADER_FLOAT16_IN_FLOAT32;
         if let Err(e) = Validator::new(ValidationFlags::all(), caps).validate(&module) {
             failures.push(format!(
                 "{}: {}",
@@ -35,6 +37,34 @@ fn every_shader_validates_with_naga() {
     assert!(
         failures.is_empty(),
         "invalid shaders:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn portable_variants_validate_without_subgroups() {
+    // What devices without subgroup operations compile (Shader::portable).
+    let mut failures = Vec::new();
+    for shader in volfuse::shaders::ALL {
+        let p = shader.portable();
+        assert!(
+            !p.text.contains("subgroupBroadcast"),
+            "{} keeps subgroup code",
+            p.name
+        );
+        let caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+        match naga::front::wgsl::parse_str(p.text) {
+            Ok(m) => {
+                if let Err(e) = Validator::new(ValidationFlags::all(), caps).validate(&m) {
+                    failures.push(format!("{}: {}", p.name, e.emit_to_string(p.text)));
+                }
+            }
+            Err(e) => failures.push(format!("{}: {}", p.name, e.emit_to_string(p.text))),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "invalid portable shaders:\n{}",
         failures.join("\n")
     );
 }

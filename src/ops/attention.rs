@@ -16,8 +16,8 @@
 use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
-use crate::shaders::{Shader, ATTENTION};
-use std::sync::{Arc, OnceLock};
+use crate::shaders::ATTENTION;
+use std::sync::Arc;
 
 /// The largest head size the GPU kernels handle (ViT-7B's).
 pub const MAX_HEAD_DIM: usize = 128;
@@ -166,20 +166,6 @@ impl Kernel {
     }
 }
 
-/// attention.wgsl without its subgroup section: the portable kernel alone, which then
-/// compiles on devices without subgroup operations.
-fn plain_shader() -> &'static Shader {
-    static PLAIN: OnceLock<Shader> = OnceLock::new();
-    PLAIN.get_or_init(|| {
-        let text = ATTENTION.text;
-        let end = text.find("// BEGIN subgroups").unwrap_or(text.len());
-        Shader {
-            name: "attention (no subgroups)",
-            text: Box::leak(text[..end].to_string().into_boxed_str()),
-        }
-    })
-}
-
 fn gpu_attention(
     ctx: &GpuContext,
     d: Dims,
@@ -234,7 +220,7 @@ fn gpu_attention(
                 )));
             }
             Ok(vec![ctx.dispatch(KernelArgs {
-                shader: plain_shader(),
+                shader: ATTENTION.portable(),
                 entry: "attention",
                 constants: &constants,
                 buffers: &[inputs[0], inputs[1], inputs[2], out],
@@ -526,7 +512,7 @@ mod tests {
 
     #[test]
     fn plain_shader_has_no_subgroup_operations() {
-        assert!(!plain_shader().text.contains("subgroupBroadcast"));
-        assert!(plain_shader().text.contains("fn attention("));
+        assert!(!ATTENTION.portable().text.contains("subgroupBroadcast"));
+        assert!(ATTENTION.portable().text.contains("fn attention("));
     }
 }

@@ -15,8 +15,8 @@ use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
 use crate::ops::matmul::{matmul, Dims, Matmul};
-use crate::shaders::{Shader, CONV3D};
-use std::sync::{Arc, OnceLock};
+use crate::shaders::CONV3D;
+use std::sync::Arc;
 
 /// The conv3d op: `kernel` is 1 (no padding) or 3 (padding 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,25 +214,6 @@ struct Params {
     _pad: [u32; 3],
 }
 
-/// conv3d.wgsl without its subgroup section, for devices without subgroup operations.
-fn plain_shader() -> &'static Shader {
-    static PLAIN: OnceLock<Shader> = OnceLock::new();
-    PLAIN.get_or_init(|| {
-        let text = CONV3D.text;
-        let stripped = match (
-            text.find("// BEGIN subgroups"),
-            text.find("// END subgroups"),
-        ) {
-            (Some(a), Some(b)) if a < b => format!("{}{}", &text[..a], &text[b..]),
-            _ => text.to_string(),
-        };
-        Shader {
-            name: "conv3d (no subgroups)",
-            text: Box::leak(stripped.into_boxed_str()),
-        }
-    })
-}
-
 /// Tile of the K = 3 subgroup kernel `conv3d_k3_sg`: rows of y per lane, slices of z,
 /// output channels. Per input channel it loads 54 weights and 6 × 13 inputs per lane for
 /// 13824 FMAs; measured on lavapipe it beat 16 × 1 × 16, 16 × 1 × 32 and 32 × 1 × 32
@@ -378,7 +359,7 @@ fn gpu_conv3d(
     } else if ctx.caps.subgroups {
         (&CONV3D, "conv3d", dhw.div_ceil(64) as u64)
     } else {
-        (plain_shader(), "conv3d", dhw.div_ceil(64) as u64)
+        (CONV3D.portable(), "conv3d", dhw.div_ceil(64) as u64)
     };
     let [wx, wy, _] = ctx.grid(blocks)?;
     Ok(vec![ctx.dispatch(KernelArgs {
@@ -582,7 +563,7 @@ mod tests {
         };
         let disp = c
             .dispatch(KernelArgs {
-                shader: plain_shader(),
+                shader: CONV3D.portable(),
                 entry: "conv3d",
                 constants: &[("K", 3.0)],
                 buffers: &[&t[0].buffer, &t[1].buffer, &t[2].buffer, &out.buffer],
@@ -597,7 +578,7 @@ mod tests {
         c.run(&[disp]).unwrap();
         let got = c.download(&out).unwrap();
         assert!(rel_err(&got, &want) <= 1e-5);
-        assert!(!plain_shader().text.contains("subgroupBroadcast"));
+        assert!(!CONV3D.portable().text.contains("subgroupBroadcast"));
     }
 
     #[test]

@@ -14,8 +14,8 @@
 use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
-use crate::shaders::{Shader, CONV_TRANSPOSE3D};
-use std::sync::{Arc, OnceLock};
+use crate::shaders::CONV_TRANSPOSE3D;
+use std::sync::Arc;
 
 /// The op: ConvTranspose3d with kernel 4, stride 2, padding 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -190,25 +190,6 @@ struct Params {
 const SG_RY: usize = 16;
 const SG_TO: usize = 32;
 
-/// conv_transpose3d.wgsl without its subgroup section.
-fn plain_shader() -> &'static Shader {
-    static PLAIN: OnceLock<Shader> = OnceLock::new();
-    PLAIN.get_or_init(|| {
-        let text = CONV_TRANSPOSE3D.text;
-        let stripped = match (
-            text.find("// BEGIN subgroups"),
-            text.find("// END subgroups"),
-        ) {
-            (Some(a), Some(b)) if a < b => format!("{}{}", &text[..a], &text[b..]),
-            _ => text.to_string(),
-        };
-        Shader {
-            name: "conv_transpose3d (no subgroups)",
-            text: Box::leak(stripped.into_boxed_str()),
-        }
-    })
-}
-
 fn buffer_entry(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
     wgpu::BindGroupEntry {
         binding,
@@ -316,7 +297,7 @@ fn gpu_conv_transpose3d(
     let shader = if ctx.caps.subgroups {
         &CONV_TRANSPOSE3D
     } else {
-        plain_shader()
+        CONV_TRANSPOSE3D.portable()
     };
     let [wx, wy, _] = ctx.grid((8 * dhw).div_ceil(64) as u64)?;
     Ok(vec![ctx.dispatch(KernelArgs {
@@ -521,7 +502,7 @@ mod tests {
         };
         let disp = c
             .dispatch(KernelArgs {
-                shader: plain_shader(),
+                shader: CONV_TRANSPOSE3D.portable(),
                 entry: "conv_transpose3d",
                 constants: &[],
                 buffers: &[&t[0].buffer, &t[1].buffer, &t[2].buffer, &out.buffer],
@@ -536,7 +517,10 @@ mod tests {
         c.run(&[disp]).unwrap();
         let got = c.download(&out).unwrap();
         assert!(rel_err(&got, &want) <= 1e-5);
-        assert!(!plain_shader().text.contains("subgroupBroadcast"));
+        assert!(!CONV_TRANSPOSE3D
+            .portable()
+            .text
+            .contains("subgroupBroadcast"));
     }
 
     #[test]

@@ -244,7 +244,7 @@ fn gpu_matmul(
     };
     let tiles = (d.m.div_ceil(tm) * tiles_n) as u64;
     Ok(vec![ctx.dispatch(KernelArgs {
-        shader: &MATMUL,
+        shader: MATMUL.portable(),
         entry: "matmul",
         constants: &[],
         buffers: &[inputs[0], inputs[1], bias, out],

@@ -12,7 +12,7 @@ use super::{expect_inputs, numel, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
 use crate::shaders::{Shader, NORM};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// The largest D of `layernorm_sg` (8 lanes × 128 vec4 chunks).
 const SG_MAX_D: usize = 4096;
@@ -86,25 +86,12 @@ struct Params {
     eps: f32,
 }
 
-/// norm.wgsl without its subgroup section, for devices without subgroup operations.
-pub(crate) fn plain_shader() -> &'static Shader {
-    static PLAIN: OnceLock<Shader> = OnceLock::new();
-    PLAIN.get_or_init(|| {
-        let text = NORM.text;
-        let end = text.find("// BEGIN subgroups").unwrap_or(text.len());
-        Shader {
-            name: "norm (no subgroups)",
-            text: Box::leak(text[..end].to_string().into_boxed_str()),
-        }
-    })
-}
-
 /// The norm shader that compiles on this device.
 pub(crate) fn shader_for(ctx: &GpuContext) -> &'static Shader {
     if ctx.caps.subgroups {
         &NORM
     } else {
-        plain_shader()
+        NORM.portable()
     }
 }
 
