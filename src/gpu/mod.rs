@@ -240,7 +240,11 @@ impl GpuContext {
             max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
             max_invocations: l.max_compute_invocations_per_workgroup,
             max_workgroup_storage: l.max_compute_workgroup_storage_size,
-            min_subgroup_size: if f.contains(wgpu::Features::SUBGROUP) { info.subgroup_min_size } else { 0 },
+            min_subgroup_size: if f.contains(wgpu::Features::SUBGROUP) {
+                info.subgroup_min_size
+            } else {
+                0
+            },
             uniform_offset_alignment: l.min_uniform_buffer_offset_alignment,
             max_uniform_binding: l.max_uniform_buffer_binding_size as u64,
             max_texture_2d: l.max_texture_dimension_2d,
@@ -440,7 +444,11 @@ impl GpuContext {
     /// timestamp queries written into the command encoder; None when the device lacks
     /// `TIMESTAMP_QUERY_INSIDE_ENCODERS`.
     pub fn time_dispatches(&self, dispatches: &[Dispatch]) -> Result<Option<f64>> {
-        if !self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS) {
+        if !self
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+        {
             return Ok(None);
         }
         let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -463,7 +471,9 @@ impl GpuContext {
         let words = self.read_buffer(&resolve, 4)?;
         let raw: &[u64] = bytemuck::cast_slice(&words);
         let ticks = raw[1].saturating_sub(raw[0]) as f64;
-        Ok(Some(ticks * self.queue.get_timestamp_period() as f64 * 1e-9))
+        Ok(Some(
+            ticks * self.queue.get_timestamp_period() as f64 * 1e-9,
+        ))
     }
 
     /// Blocks until all submitted work has finished.

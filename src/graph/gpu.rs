@@ -164,7 +164,12 @@ impl GpuExecutor {
 
     /// Runs once more with a wait after every node and returns the wall time per op name
     /// (sorted, slowest first) — a coarse profile that works on every adapter.
-    pub fn profile(&self, ctx: &GpuContext, g: &Graph, inputs: &[&[f32]]) -> Result<Vec<(String, f64, u64)>> {
+    pub fn profile(
+        &self,
+        ctx: &GpuContext,
+        g: &Graph,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<(String, f64, u64)>> {
         g.check_inputs(inputs)?;
         for ((slot, _), d) in self.inputs.iter().zip(inputs) {
             ctx.write(&self.slots[*slot], d);
@@ -174,17 +179,26 @@ impl GpuExecutor {
         let mut i = 0;
         while i < self.dispatches.len() {
             let node = self.owner[i];
-            let j = self.owner[i..].iter().position(|o| *o != node).map(|p| i + p).unwrap_or(self.owner.len());
+            let j = self.owner[i..]
+                .iter()
+                .position(|o| *o != node)
+                .map(|p| i + p)
+                .unwrap_or(self.owner.len());
             let t0 = std::time::Instant::now();
             ctx.run(&self.dispatches[i..j])?;
             let n = &g.nodes[node];
-            let shapes: Vec<&[usize]> = n.inputs.iter().map(|v| g.values[v.0].shape.as_slice()).collect();
+            let shapes: Vec<&[usize]> = n
+                .inputs
+                .iter()
+                .map(|v| g.values[v.0].shape.as_slice())
+                .collect();
             let e = by_op.entry(n.op.name().to_string()).or_default();
             e.0 += t0.elapsed().as_secs_f64();
             e.1 += n.op.flops(&shapes);
             i = j;
         }
-        let mut v: Vec<(String, f64, u64)> = by_op.into_iter().map(|(k, (t, f))| (k, t, f)).collect();
+        let mut v: Vec<(String, f64, u64)> =
+            by_op.into_iter().map(|(k, (t, f))| (k, t, f)).collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(v)
     }
