@@ -1082,26 +1082,6 @@ fn conv3d_k1_sg{to}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             shapes(v[0], v[1], v[2], [v[3], v[4], v[5]], v[6]),
         );
         let c = ctx();
-        eprintln!("{}", c.describe());
-        let runs: usize = std::env::var("LAB_RUNS").map_or(3, |s| s.parse().unwrap());
-        // CPU seconds of this process (lavapipe's threads), robust to other load.
-        let cpu = || {
-            let s = std::fs::read_to_string("/proc/self/stat").unwrap();
-            let f: Vec<f64> = s[s.rfind(')').unwrap() + 2..]
-                .split(' ')
-                .map(|v| v.parse().unwrap_or(0.0))
-                .collect();
-            (f[11] + f[12]) / 100.0
-        };
-        for _ in 0..runs {
-            let c0 = cpu();
-            let t = crate::bench::time_gpu(c, &case, 1).unwrap();
-            let used = cpu() - c0;
-            let flops = t.gflops * t.seconds;
-            eprintln!(
-                "{t}  cpu {used:.2} s  => {:.2} GFLOP/cpu-s",
-                flops * 2.0 / used
-            );
-        }
+        crate::ops::testing::lab_time(c, &case);
     }
 }

@@ -87,3 +87,32 @@ pub fn check_op_with(op: &dyn Op, data: &[Vec<f32>], shapes: &[Vec<usize>], tol:
     let e = rel_err(&got, &want);
     assert!(e <= tol, "{} {:?}: rel err {e} > {tol}", op.name(), shapes);
 }
+
+/// Development aid for `#[ignore]`d lab tests: times `case` `LAB_RUNS` times (default 3)
+/// and prints wall time and GFLOP per CPU-second of this process (lavapipe's threads), which
+/// stays meaningful when other work shares the cores.
+pub fn lab_time(ctx: &GpuContext, case: &crate::bench::Case) {
+    let runs: usize = std::env::var("LAB_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let cpu = || {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let f: Vec<f64> = s[s.rfind(')').map_or(0, |i| i + 2)..]
+            .split(' ')
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+    };
+    eprintln!("{}", ctx.describe());
+    for _ in 0..runs {
+        let c0 = cpu();
+        let t = crate::bench::time_gpu(ctx, case, 1).expect("time_gpu");
+        let used = cpu() - c0;
+        // time_gpu runs the dispatches twice (warm-up + timed).
+        eprintln!(
+            "{t}  cpu {used:.2} s  => {:.2} GFLOP/cpu-s",
+            t.gflops * t.seconds * 2.0 / used.max(1e-9)
+        );
+    }
+}
