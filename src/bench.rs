@@ -231,3 +231,59 @@ pub fn torch_reference(args: &[String]) -> Option<serde_json::Value> {
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
 }
+
+/// Runs a random-weight DINOv3UNet3D (base channels `base`, `channels` input features, an
+/// n³ tile, with or without context fusion) after one warm-up run; returns (seconds per
+/// tile, GFLOP/s, per-op profile).
+pub fn unet(
+    backend: crate::models::Backend,
+    base: usize,
+    channels: usize,
+    n: usize,
+    context: bool,
+    iters: usize,
+) -> Result<(f64, f64, Vec<(String, f64, u64)>)> {
+    use crate::graph::Graph;
+    use crate::models::{Runner, Unet3d, UnetConfig};
+    let config = UnetConfig {
+        num_classes: 3,
+        base_channels: base,
+        input_size: [n, n, n],
+        input_channels: channels,
+        use_context_fusion: context,
+        learn_upsampling: false,
+        dinov3_slice_size: None,
+        output_type: "labels".into(),
+    };
+    let unet = Unet3d::random(config, 11)?;
+    let shape = [1, channels, n, n, n];
+    let mut g = Graph::new();
+    let f = g.input("features", &shape);
+    let c = context.then(|| g.input("context", &shape));
+    let y = unet.build(&mut g, f, c)?;
+    g.output(y);
+    let flops = g.flops();
+    let data: Vec<f32> = (0..numel(&shape))
+        .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
+        .collect();
+    let inputs: Vec<&[f32]> = if context {
+        vec![&data, &data]
+    } else {
+        vec![&data]
+    };
+    let mut runner = Runner::new(backend);
+    runner.run("unet", move || Ok(g), &inputs)?; // warm-up
+    let t0 = Instant::now();
+    for _ in 0..iters.max(1) {
+        runner.run("unet", || unreachable_graph(), &inputs)?;
+    }
+    let secs = t0.elapsed().as_secs_f64() / iters.max(1) as f64;
+    let prof = runner.profile("unet", &inputs)?;
+    Ok((secs, flops as f64 / secs / 1e9, prof))
+}
+
+fn unreachable_graph() -> Result<crate::graph::Graph> {
+    Err(crate::Error::Invalid(
+        "the UNet graph was prepared by the warm-up run".into(),
+    ))
+}

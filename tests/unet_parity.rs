@@ -105,3 +105,32 @@ fn wrong_channel_counts_name_the_keys() {
         "{err}"
     );
 }
+
+#[test]
+fn random_models_build_for_any_config() {
+    for fusion in [false, true] {
+        let cfg = UnetConfig {
+            num_classes: 2,
+            base_channels: 4,
+            input_size: [16, 16, 16],
+            input_channels: 8,
+            use_context_fusion: fusion,
+            learn_upsampling: false,
+            dinov3_slice_size: None,
+            output_type: "labels".into(),
+        };
+        let unet = Unet3d::random(cfg, 3).unwrap();
+        assert_eq!(unet.fusion, fusion);
+        let mut g = volfuse::graph::Graph::new();
+        let f = g.input("f", &[1, 8, 16, 16, 16]);
+        let c = fusion.then(|| g.input("c", &[1, 8, 16, 16, 16]));
+        let y = unet.build(&mut g, f, c).unwrap();
+        g.output(y);
+        let x = vec![0.25f32; 8 * 4096];
+        let inputs: Vec<&[f32]> = if fusion { vec![&x, &x] } else { vec![&x] };
+        let out = Runner::new(Backend::Cpu)
+            .run("u", move || Ok(g), &inputs)
+            .unwrap();
+        assert!(out[0].iter().all(|v| v.is_finite()) && out[0].iter().any(|v| *v != out[0][0]));
+    }
+}

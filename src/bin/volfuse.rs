@@ -169,6 +169,17 @@ enum Cmd {
         /// Batch for --vit.
         #[arg(long, default_value_t = 32)]
         batch: usize,
+        /// Benchmark a random-weight DINOv3UNet3D with this many base channels instead.
+        #[arg(long)]
+        unet: Option<usize>,
+        /// With --unet: tile side (voxels) and input feature channels.
+        #[arg(long, default_value_t = 64)]
+        tile: usize,
+        #[arg(long, default_value_t = 64)]
+        channels: usize,
+        /// With --unet: with context fusion.
+        #[arg(long)]
+        context: bool,
         /// With --vit: print time per op.
         #[arg(long)]
         profile: bool,
@@ -231,6 +242,58 @@ fn dispatch(cli: Cli) -> Result<()> {
                     None => println!(
                         "pytorch cpu: not available (create tools/.venv, see tools/README.md)"
                     ),
+                }
+            }
+            Ok(())
+        }
+        Cmd::Bench {
+            unet: Some(base),
+            device,
+            iters,
+            tile,
+            channels,
+            context,
+            torch,
+            profile,
+            ..
+        } => {
+            let backend = device.backend()?;
+            let label = backend.describe();
+            let (secs, gflops, prof) =
+                volfuse::bench::unet(backend, base, channels, tile, context, iters)?;
+            println!(
+                "unet base {base}, {channels} input channels, {tile}^3{} on {label}: {secs:.2} s per tile, {:.0} voxels/s, {gflops:.2} GFLOP/s",
+                if context { " + context" } else { "" },
+                (tile * tile * tile) as f64 / secs
+            );
+            if profile {
+                for (op, s, f) in prof {
+                    println!(
+                        "    {op:<16} {:>9.1} ms {:>8.2} GFLOP/s",
+                        s * 1e3,
+                        f as f64 / s.max(1e-12) / 1e9
+                    );
+                }
+            }
+            if torch {
+                let mut args: Vec<String> = [
+                    "unet",
+                    "--base",
+                    &base.to_string(),
+                    "--input",
+                    &tile.to_string(),
+                    "--channels",
+                    &channels.to_string(),
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                if context {
+                    args.push("--context".into());
+                }
+                match volfuse::bench::torch_reference(&args).and_then(|v| v["seconds"].as_f64()) {
+                    Some(t) => println!("pytorch cpu (2 threads): {t:.2} s per tile; volfuse / pytorch speed = {:.3}", t / secs),
+                    None => println!("pytorch cpu: not available (create tools/.venv, see tools/README.md)"),
                 }
             }
             Ok(())

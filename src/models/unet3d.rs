@@ -100,6 +100,8 @@ fn block_channels(c: usize) -> [(usize, usize); 9] {
 struct Loader<'a> {
     w: &'a mut Weights,
     problems: Vec<String>,
+    /// Every missing (name, shape), so a caller can make a model from scratch.
+    missing: Vec<(String, Vec<usize>)>,
 }
 
 impl Loader<'_> {
@@ -116,6 +118,7 @@ impl Loader<'_> {
             Err(_) => {
                 self.problems
                     .push(format!("  '{name}': missing (expected shape {shape:?})"));
+                self.missing.push((name.to_string(), shape.to_vec()));
                 vec![0.0; shape.iter().product()]
             }
         }
@@ -153,7 +156,63 @@ impl Unet3d {
     /// says so or any key mentions "context"; learned upsampling when any key mentions
     /// "learned_upsample" (as the reference's loader decides). Every missing or mis-shaped
     /// key is reported at once.
-    pub fn from_weights(config: UnetConfig, mut weights: Weights) -> Result<Unet3d> {
+    pub fn from_weights(config: UnetConfig, weights: Weights) -> Result<Unet3d> {
+        Self::load(config, weights).0
+    }
+
+    /// A network with deterministic pseudo-random weights for `config` (benchmarks):
+    /// BatchNorm statistics are non-trivial, learned upsampling is off.
+    pub fn random(config: UnetConfig, seed: u64) -> Result<Unet3d> {
+        let (_, needed) = Self::load(config.clone(), Weights::new());
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut w = Weights::new();
+        for (name, shape) in needed {
+            let n: usize = shape.iter().product();
+            let fan_in = if shape.len() > 1 {
+                shape[1..].iter().product::<usize>()
+            } else {
+                1
+            };
+            let scale =
+                if name.contains("running_var") || name.ends_with(".weight") && shape.len() == 1 {
+                    0.0 // filled below
+                } else {
+                    2.0 / (fan_in as f32).sqrt()
+                };
+            let data: Vec<f32> = (0..n)
+                .map(|_| {
+                    if scale == 0.0 {
+                        1.0 + 0.4 * next()
+                    } else {
+                        scale * next()
+                    }
+                })
+                .collect();
+            w.insert(name, shape, data)?;
+        }
+        Self::from_weights(config, w)
+    }
+
+    fn load(
+        config: UnetConfig,
+        mut weights: Weights,
+    ) -> (Result<Unet3d>, Vec<(String, Vec<usize>)>) {
+        let mut missing = Vec::new();
+        let r = Self::load_into(config, &mut weights, &mut missing);
+        (r, missing)
+    }
+
+    fn load_into(
+        config: UnetConfig,
+        weights: &mut Weights,
+        missing_out: &mut Vec<(String, Vec<usize>)>,
+    ) -> Result<Unet3d> {
         let names: Vec<String> = weights.names().iter().map(|s| s.to_string()).collect();
         let fusion = config.use_context_fusion || names.iter().any(|n| n.contains("context"));
         let upsample_stages = if names.iter().any(|n| n.contains("learned_upsample")) {
@@ -178,8 +237,9 @@ impl Unet3d {
             config.num_classes,
         );
         let mut ld = Loader {
-            w: &mut weights,
+            w: weights,
             problems: Vec::new(),
+            missing: Vec::new(),
         };
         let mut w: HashMap<String, (Arc<Vec<f32>>, Vec<usize>)> = HashMap::new();
         let mut put = |name: String, data: Vec<f32>, shape: Vec<usize>| {
@@ -268,6 +328,7 @@ impl Unet3d {
                 );
             }
         }
+        *missing_out = std::mem::take(&mut ld.missing);
         if !ld.problems.is_empty() {
             return Err(Error::Weights(format!(
                 "the UNet state dict does not match model_config (input_channels {cd}, base_channels {c}, num_classes {k}, context fusion {fusion}, learned upsampling stages {upsample_stages}):\n{}",
