@@ -1052,19 +1052,7 @@ fn conv3d_k1_sg{to}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
 
     #[test]
     fn subgroup_kernel_is_generated() {
-        let want = sg_source();
-        let text = CONV3D.text;
-        let at = text.find("// BEGIN subgroups").unwrap_or(text.len());
-        if std::env::var_os("VOLFUSE_REGEN_CONV3D").is_some() {
-            // Relative: cargo runs tests in the package root.
-            let path = "shaders/conv3d.wgsl";
-            std::fs::write(path, format!("{}{want}", &text[..at])).unwrap();
-            return;
-        }
-        assert!(
-            text[at..] == want,
-            "shaders/conv3d.wgsl is stale: regenerate it"
-        );
+        crate::ops::testing::check_generated(&CONV3D, "shaders/conv3d.wgsl", &sg_source());
     }
 
     /// Times the GPU kernel on `LAB_SHAPE=n,c,o,d,h,w,k` (development aid).

@@ -851,18 +851,10 @@ fn conv_transpose3d_sg_{name}(@builtin(workgroup_id) wg: vec3<u32>,
 
     #[test]
     fn subgroup_kernel_is_generated() {
-        let want = sg_source();
-        let text = CONV_TRANSPOSE3D.text;
-        let at = text.find("// BEGIN subgroups").unwrap_or(text.len());
-        if std::env::var_os("VOLFUSE_REGEN_CONV3D").is_some() {
-            // Relative: cargo runs tests in the package root.
-            let path = "shaders/conv_transpose3d.wgsl";
-            std::fs::write(path, format!("{}{want}", &text[..at])).unwrap();
-            return;
-        }
-        assert!(
-            text[at..] == want,
-            "shaders/conv_transpose3d.wgsl is stale: regenerate it"
+        crate::ops::testing::check_generated(
+            &CONV_TRANSPOSE3D,
+            "shaders/conv_transpose3d.wgsl",
+            &sg_source(),
         );
     }
 

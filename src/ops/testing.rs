@@ -116,3 +116,20 @@ pub fn lab_time(ctx: &GpuContext, case: &crate::bench::Case) {
         );
     }
 }
+
+/// Checks that the generated subgroup section of `shader` (everything from its
+/// `// BEGIN subgroups` marker) equals `want`; with `VOLFUSE_REGEN_CONV3D=1` rewrites the
+/// file at `path` (relative: cargo runs tests in the package root) instead.
+pub fn check_generated(shader: &crate::shaders::Shader, path: &str, want: &str) {
+    let text = shader.text;
+    let at = text.find("// BEGIN subgroups").unwrap_or(text.len());
+    if std::env::var_os("VOLFUSE_REGEN_CONV3D").is_some() {
+        std::fs::write(path, format!("{}{want}", &text[..at]))
+            .expect("write the regenerated shader");
+        return;
+    }
+    assert!(
+        text[at..] == *want,
+        "{path} is stale: regenerate it with VOLFUSE_REGEN_CONV3D=1 cargo test"
+    );
+}
