@@ -1,6 +1,7 @@
 //! Volume, array and weight I/O.
 //!
 //! - [`npy`]: NumPy `.npy` arrays (read every common dtype, write f32/u8/u16/…).
+//! - [`volume`]: output arrays written z-slab by z-slab ([`volume::SlabWriter`]).
 //! - [`weights`]: safetensors weights (single file or sharded folder), upcast to f32.
 //!
 //! Every writer goes through [`write_atomic`]: the bytes land in a temporary file beside the
@@ -8,6 +9,7 @@
 //! only when the caller passes `force` (the CLI's `--force`).
 
 pub mod npy;
+pub mod volume;
 pub mod weights;
 
 pub use npy::{DType, Npy, NpyData, NpyElement};
