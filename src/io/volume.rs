@@ -140,6 +140,20 @@ impl SlabWriter for MemoryWriter {
     }
 }
 
+/// How to read an input volume.
+#[derive(Clone, Debug, Default)]
+pub struct ReadOptions {
+    /// OME-Zarr: the multiscale level to read (0 = full resolution).
+    pub level: Option<usize>,
+}
+
+/// Reads an input volume `(D, H, W)` (format chosen by extension). The interim
+/// implementation reads `.npy`; TIFF stacks and OME-Zarr follow.
+pub fn read_volume(path: &Path, opts: &ReadOptions) -> Result<crate::models::Volume> {
+    let _ = opts;
+    crate::models::Volume::read(path)
+}
+
 /// Creates a writer for `path` (format chosen by extension). Refuses an existing `path`
 /// unless `force`. The interim implementation buffers in memory and writes `.npy` at
 /// `finish`; streaming writers (npy, TIFF, OME-Zarr) replace it.
