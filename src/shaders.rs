@@ -77,4 +77,5 @@ shaders! {
     ROPE => "rope",
     TOKENS => "tokens",
     FUSION => "fusion",
+    LABELS => "labels",
 }

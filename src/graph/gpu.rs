@@ -3,7 +3,7 @@
 //! replayed on every run, recorded into a few command buffers submitted in batches.
 
 use super::{Graph, Plan, Source};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext};
 use crate::ops::numel;
 use std::collections::HashMap;
@@ -40,6 +40,17 @@ impl ConstCache {
     pub fn bytes(&self) -> u64 {
         self.map.values().map(|(_, b)| b.size()).sum()
     }
+}
+
+/// Where a graph input comes from when the outputs stay on the device
+/// ([`GpuExecutor::submit_inputs`]).
+#[derive(Clone, Copy, Debug)]
+pub enum GraphInput<'a> {
+    /// f32 values on the host, written into the input's buffer through the queue.
+    Host(&'a [f32]),
+    /// f32 values already on the device, copied buffer to buffer (no host round trip).
+    /// The buffer needs `COPY_SRC` usage and at least the input's size in bytes.
+    Device(&'a wgpu::Buffer),
 }
 
 /// A graph ready to run on a device.
@@ -217,5 +228,72 @@ impl GpuExecutor {
             .get(i)
             .and_then(|(s, _)| self.slots.get(*s))
             .map(|b| b.as_ref())
+    }
+
+    /// Writes or copies `inputs` into the input buffers and submits the graph, without
+    /// waiting and without reading anything back: the outputs stay in
+    /// [`GpuExecutor::output_buffer`] until the next run, and anything submitted to the
+    /// queue afterwards sees them.
+    pub fn submit_inputs(&self, ctx: &GpuContext, g: &Graph, inputs: &[GraphInput<'_>]) -> Result<()> {
+        if inputs.len() != self.inputs.len() {
+            return Err(Error::Invalid(format!(
+                "the graph has {} inputs but {} were given",
+                self.inputs.len(),
+                inputs.len()
+            )));
+        }
+        let mut copies = Vec::new();
+        for (i, ((slot, n), input)) in self.inputs.iter().zip(inputs).enumerate() {
+            let bytes = (*n * 4) as u64;
+            let name = &g.values[g.inputs[i].0].name;
+            match input {
+                GraphInput::Host(d) => {
+                    if d.len() != *n {
+                        return Err(Error::shape(
+                            "graph input",
+                            format!("'{name}' holds {n} values but {} were given", d.len()),
+                        ));
+                    }
+                    ctx.write(&self.slots[*slot], d);
+                }
+                GraphInput::Device(b) => {
+                    if b.size() < bytes {
+                        return Err(Error::shape(
+                            "graph input",
+                            format!(
+                                "'{name}' needs {bytes} bytes but its device buffer holds {}",
+                                b.size()
+                            ),
+                        ));
+                    }
+                    if !b.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+                        return Err(Error::Invalid(format!(
+                            "the device buffer for graph input '{name}' lacks COPY_SRC usage.\n  fix: create it with wgpu::BufferUsages::COPY_SRC"
+                        )));
+                    }
+                    copies.push((*b, *slot, bytes));
+                }
+            }
+        }
+        if !copies.is_empty() {
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("graph inputs"),
+                });
+            for (b, slot, bytes) in copies {
+                if bytes > 0 {
+                    enc.copy_buffer_to_buffer(b, 0, &self.slots[slot], 0, bytes);
+                }
+            }
+            ctx.queue.submit([enc.finish()]);
+        }
+        self.submit(ctx);
+        Ok(())
+    }
+
+    /// The number of f32 values of output `i`.
+    pub fn output_len(&self, i: usize) -> Option<usize> {
+        self.outputs.get(i).map(|(_, n)| *n)
     }
 }

@@ -20,7 +20,7 @@ mod gpu;
 mod plan;
 
 pub use cpu::CpuExecutor;
-pub use gpu::{ConstCache, GpuExecutor};
+pub use gpu::{ConstCache, GpuExecutor, GraphInput};
 pub use plan::{Plan, Step};
 
 use crate::error::{Error, Result};

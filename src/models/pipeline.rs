@@ -46,6 +46,44 @@ pub fn segment(
     context: Option<&Volume>,
     batch: usize,
 ) -> Result<Segmentation> {
+    let f = unet_features(b, runner, raw, context, batch)?;
+    let mut inputs: Vec<&[f32]> = vec![&f.features];
+    if let Some(c) = &f.context {
+        inputs.push(c);
+    }
+    let (key, build) = unet_graph(b, f.context.is_some());
+    let mut out = runner.run(&key, build, &inputs)?.into_iter();
+    let (logits, probabilities, labels) = match (out.next(), out.next(), out.next()) {
+        (Some(l), Some(p), Some(a)) => (l, p, a),
+        _ => return Err(Error::Gpu("the UNet graph returned too few outputs".into())),
+    };
+    Ok(Segmentation {
+        logits,
+        probabilities,
+        labels: labels.iter().map(|v| *v as u16).collect(),
+        shape: f.shape,
+        notes: f.notes,
+    })
+}
+
+/// The UNet's inputs for one tile: features of the raw volume (and of the context when the
+/// model fuses it), (C, d, h, w) f32 on the host.
+pub(crate) struct UnetFeatures {
+    pub features: Vec<f32>,
+    pub context: Option<Vec<f32>>,
+    /// (K, d, h, w) of the outputs.
+    pub shape: [usize; 4],
+    pub notes: Vec<String>,
+}
+
+/// Checks the context against the model and extracts the features of one tile.
+pub(crate) fn unet_features(
+    b: &Bundle,
+    runner: &mut Runner,
+    raw: &Volume,
+    context: Option<&Volume>,
+    batch: usize,
+) -> Result<UnetFeatures> {
     let mut notes = Vec::new();
     let ctx = match (b.unet.fusion, context) {
         (true, Some(c)) => {
@@ -69,18 +107,31 @@ pub fn segment(
         (false, None) => None,
     };
     let params = feature_params(b, batch);
-    let feats = extract_features(&b.vit, runner, raw, &params, None)?;
-    let ctx_feats = match ctx {
+    let features = extract_features(&b.vit, runner, raw, &params, None)?;
+    let context = match ctx {
         Some(c) => Some(extract_features(&b.vit, runner, c, &params, None)?),
         None => None,
     };
     let [d, h, w] = b.unet.config.input_size;
+    Ok(UnetFeatures {
+        features,
+        context,
+        shape: [b.unet.config.num_classes, d, h, w],
+        notes,
+    })
+}
+
+/// The runner key and builder of the UNet graph: inputs features (and context), outputs
+/// logits, probabilities and labels (argmax, as f32), in that order.
+pub(crate) fn unet_graph(
+    b: &Bundle,
+    with_ctx: bool,
+) -> (String, impl FnOnce() -> Result<Graph> + '_) {
+    let [d, h, w] = b.unet.config.input_size;
     let cd = b.unet.config.input_channels;
-    let k = b.unet.config.num_classes;
-    let head = b.unet.config.head()?;
-    let key = format!("unet {d}x{h}x{w} ctx={}", ctx_feats.is_some());
-    let with_ctx = ctx_feats.is_some();
-    let build = || -> Result<Graph> {
+    let key = format!("unet {d}x{h}x{w} ctx={with_ctx}");
+    let build = move || -> Result<Graph> {
+        let head = b.unet.config.head()?;
         let mut g = Graph::new();
         let f = g.input("features", &[1, cd, d, h, w]);
         let c = with_ctx.then(|| g.input("context", &[1, cd, d, h, w]));
@@ -95,20 +146,5 @@ pub fn segment(
         g.output(labels);
         Ok(g)
     };
-    let mut inputs: Vec<&[f32]> = vec![&feats];
-    if let Some(c) = &ctx_feats {
-        inputs.push(c);
-    }
-    let mut out = runner.run(&key, build, &inputs)?.into_iter();
-    let (logits, probabilities, labels) = match (out.next(), out.next(), out.next()) {
-        (Some(l), Some(p), Some(a)) => (l, p, a),
-        _ => return Err(Error::Gpu("the UNet graph returned too few outputs".into())),
-    };
-    Ok(Segmentation {
-        logits,
-        probabilities,
-        labels: labels.iter().map(|v| *v as u16).collect(),
-        shape: [k, d, h, w],
-        notes,
-    })
+    (key, build)
 }

@@ -1,9 +1,9 @@
 //! Runs graphs on a backend, caching one planned graph (and its GPU executor) per input
 //! shape, with weights uploaded once.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::graph::{ConstCache, CpuExecutor, GpuExecutor, Graph, Plan};
+use crate::graph::{ConstCache, CpuExecutor, GpuExecutor, Graph, GraphInput, Plan};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -77,6 +77,44 @@ impl Runner {
         match (&self.backend, &p.exe) {
             (Backend::Gpu(ctx), Some(exe)) => exe.run(ctx, &p.graph, inputs),
             _ => CpuExecutor::run(&p.graph, &p.plan, inputs),
+        }
+    }
+
+    /// Runs the graph stored under `key` (built with `build` on first use) on the GPU and
+    /// leaves its outputs on the device: returns the executor, whose
+    /// [`GpuExecutor::output_buffer`]s hold them until the next run of this graph. Nothing
+    /// is waited for or read back. An error on the CPU backend.
+    pub fn run_on_device(
+        &mut self,
+        key: &str,
+        build: impl FnOnce() -> Result<Graph>,
+        inputs: &[GraphInput<'_>],
+    ) -> Result<&GpuExecutor> {
+        let ctx = match &self.backend {
+            Backend::Gpu(ctx) => ctx.clone(),
+            Backend::Cpu => {
+                return Err(Error::Invalid(
+                    "device buffers need a GPU backend; this runner uses the CPU reference"
+                        .into(),
+                ))
+            }
+        };
+        if !self.prepared.contains_key(key) {
+            let graph = build()?;
+            let plan = graph.plan(true);
+            let exe = Some(GpuExecutor::new(&ctx, &graph, &plan, &mut self.consts)?);
+            self.prepared
+                .insert(key.to_string(), Prepared { graph, plan, exe });
+        }
+        let p = &self.prepared[key];
+        match &p.exe {
+            Some(exe) => {
+                exe.submit_inputs(&ctx, &p.graph, inputs)?;
+                Ok(exe)
+            }
+            None => Err(Error::Invalid(format!(
+                "graph '{key}' was prepared without a GPU executor"
+            ))),
         }
     }
 
