@@ -53,11 +53,13 @@ fn upload(device: &wgpu::Device, v: &Volume) -> Result<wgpu::Buffer> {
     };
     let mut bytes = voxels.clone();
     bytes.resize(bytes.len().div_ceil(4) * 4, 0);
-    Ok(device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("application volume"),
-        contents: &bytes,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-    }))
+    Ok(
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("application volume"),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        }),
+    )
 }
 
 const HISTOGRAM: &str = r#"
@@ -165,7 +167,10 @@ fn run(model_dir: &Path, raw: &Path, context: &Path) -> Result<Vec<u32>> {
     let probabilities = seg.read_probabilities()?;
     let host = model.segment(&raw, Some(&context))?;
     ensure!(
-        labels.iter().zip(&host.labels).all(|(a, b)| *a == *b as u32),
+        labels
+            .iter()
+            .zip(&host.labels)
+            .all(|(a, b)| *a == *b as u32),
         "device-path labels differ from the host path"
     );
     let max_diff = probabilities
