@@ -385,7 +385,7 @@ impl Model {
     }
 
     /// Segments one tile whose voxels are in device buffers of the engine's device; the
-    /// outputs stay on the device (see the [module docs](self) for what is copied where).
+    /// outputs stay on the device (see the [module docs](crate::engine) for what is copied where).
     /// An error on the CPU engine.
     ///
     /// ```

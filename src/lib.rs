@@ -35,7 +35,7 @@
 //!
 //! The modules below are public for the `volfuse` command, the tests and the benchmarks;
 //! they may change between versions: [`models`] (ViT, UNet, bundle, feature extraction,
-//! the tile pipeline), [`graph`], [`gpu`], [`ops`], [`io`], [`shaders`], [`bench`].
+//! the tile pipeline), [`graph`], [`gpu`], [`ops`], [`io`], [`shaders`], [`mod@bench`].
 
 pub mod bench;
 pub mod engine;

@@ -234,7 +234,12 @@ impl GpuExecutor {
     /// waiting and without reading anything back: the outputs stay in
     /// [`GpuExecutor::output_buffer`] until the next run, and anything submitted to the
     /// queue afterwards sees them.
-    pub fn submit_inputs(&self, ctx: &GpuContext, g: &Graph, inputs: &[GraphInput<'_>]) -> Result<()> {
+    pub fn submit_inputs(
+        &self,
+        ctx: &GpuContext,
+        g: &Graph,
+        inputs: &[GraphInput<'_>],
+    ) -> Result<()> {
         if inputs.len() != self.inputs.len() {
             return Err(Error::Invalid(format!(
                 "the graph has {} inputs but {} were given",

@@ -4,7 +4,7 @@
 //! - [`volume`]: output arrays written z-slab by z-slab ([`volume::SlabWriter`]).
 //! - [`weights`]: safetensors weights (single file or sharded folder), upcast to f32.
 //!
-//! Every writer goes through [`write_atomic`]: the bytes land in a temporary file beside the
+//! Every writer goes through `write_atomic`: the bytes land in a temporary file beside the
 //! target, which is renamed into place only when complete, and an existing file is replaced
 //! only when the caller passes `force` (the CLI's `--force`).
 

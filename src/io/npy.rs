@@ -250,7 +250,7 @@ impl Npy {
         out
     }
 
-    /// Writes this array to `path` (see [`write`] for the overwrite rules).
+    /// Writes this array to `path` (see [`write()`] for the overwrite rules).
     pub fn write(&self, path: &Path, force: bool) -> Result<()> {
         super::write_atomic(path, force, |w| self.write_to(w))
     }

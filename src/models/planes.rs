@@ -499,7 +499,7 @@ impl PlaneSampler {
     }
 
     /// Slice `j` (0 ≤ j < n_out) after steps 1–3: `vol[k]`, `vol[:, k, :]` or `vol[:, :, k]`
-    /// of the (downsampled) volume, k = indices[j]. `data` must have the sampler's shape.
+    /// of the (downsampled) volume, `k = indices[j]`. `data` must have the sampler's shape.
     pub fn slice<T: Sample>(&self, data: &[T], j: usize) -> Vec<T> {
         let [_, h, w] = self.shape;
         let k = self.indices[j];

@@ -94,8 +94,7 @@ impl Runner {
             Backend::Gpu(ctx) => ctx.clone(),
             Backend::Cpu => {
                 return Err(Error::Invalid(
-                    "device buffers need a GPU backend; this runner uses the CPU reference"
-                        .into(),
+                    "device buffers need a GPU backend; this runner uses the CPU reference".into(),
                 ))
             }
         };
