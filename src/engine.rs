@@ -7,9 +7,11 @@
 //!   virtual > CPU, narrowed by [`GpuOptions`]).
 //! - [`Engine::from_device`] wraps a `wgpu::Device` and `Queue` an application already has
 //!   (they are cheap handles: pass clones and keep using yours). Kernel variants follow that
-//!   device's own features and limits; request the adapter's limits
-//!   (`adapter.limits()`) when you create it, as WebGPU's defaults cap storage bindings at
-//!   128 MiB and storage buffers per stage at 8.
+//!   device's own features and limits: a device with WebGPU's default limits and no
+//!   optional features works (`examples/own_device.rs` creates exactly that); the
+//!   adapter's own limits (`adapter.limits()`) and `SUBGROUP` / `SHADER_F16` allow larger
+//!   ViT batches and faster kernels, and a tile whose buffers exceed the storage-binding
+//!   limit is refused with [`Error::TooLarge`].
 //! - [`Engine::cpu`] runs the same graphs on the CPU reference ops.
 //!
 //! # Host arrays or device buffers
@@ -518,7 +520,7 @@ fn read_volume(ctx: &GpuContext, v: &DeviceVolume<'_>, what: &str) -> Result<Vol
     }
     let bytes = n * v.voxel.bytes();
     let span = bytes.div_ceil(wgpu::COPY_BUFFER_ALIGNMENT) * wgpu::COPY_BUFFER_ALIGNMENT;
-    if v.offset % wgpu::COPY_BUFFER_ALIGNMENT != 0 {
+    if !v.offset.is_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) {
         return Err(Error::Invalid(format!(
             "{what}: offset {} is not a multiple of 4 bytes (wgpu copies whole words)",
             v.offset
