@@ -145,6 +145,7 @@ fn run(model_dir: &Path, raw: &Path, context: &Path) -> Result<Vec<u32>> {
     let context = Volume::read(context)?;
     let raw_buf = upload(&device, &raw)?;
     let ctx_buf = upload(&device, &context)?;
+    let t0 = std::time::Instant::now();
     let seg = model.segment_buffer(
         &DeviceVolume::new(&raw_buf, raw.shape(), VoxelType::U8),
         Some(&DeviceVolume::new(&ctx_buf, context.shape(), VoxelType::U8)),
@@ -153,6 +154,10 @@ fn run(model_dir: &Path, raw: &Path, context: &Path) -> Result<Vec<u32>> {
         println!("note: {n}");
     }
     let [k, d, h, w] = seg.shape;
+    println!(
+        "segment_buffer returned after {:.2} s (UNet submitted, not waited for)",
+        t0.elapsed().as_secs_f64()
+    );
     println!(
         "labels: ({d}, {h}, {w}) u32 buffer of {} bytes, usage {:?}",
         seg.labels.size(),
@@ -166,7 +171,12 @@ fn run(model_dir: &Path, raw: &Path, context: &Path) -> Result<Vec<u32>> {
     // Read back and check against the host path on the same device.
     let labels = seg.read_labels()?;
     let probabilities = seg.read_probabilities()?;
+    let t0 = std::time::Instant::now();
     let host = model.segment(&raw, Some(&context))?;
+    println!(
+        "host path (same model, graphs already built): {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     ensure!(
         labels
             .iter()

@@ -551,9 +551,18 @@ fn read_volume(ctx: &GpuContext, v: &DeviceVolume<'_>, what: &str) -> Result<Vol
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
+    // A buffer of another device (or a destroyed one) fails here: report it now, before
+    // any work is done with what would be zeros.
+    let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     enc.copy_buffer_to_buffer(v.buffer, v.offset, &staging, 0, span);
     ctx.queue.submit([enc.finish()]);
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Invalid(format!(
+            "{what}: the buffer cannot be read on the engine's device ({}): {e}\n  fix: create the buffer on the device the Engine was made from (Engine::from_device), and do not destroy it before the call returns",
+            ctx.info.name
+        )));
+    }
     let slice = staging.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {

@@ -189,6 +189,20 @@ fn bad_device_volumes_are_clear_errors() {
         .to_string();
     assert!(e.contains("non-finite") && e.contains("(0, 2, 3)"), "{e}");
 
+    // A buffer of another device is refused before any work, not a panic.
+    let other = volfuse::GpuContext::new(&volfuse::GpuOptions::from_env().unwrap()).unwrap();
+    let foreign = other
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("another device's volume"),
+            contents: &data,
+            usage: wgpu::BufferUsages::COPY_SRC,
+        });
+    match model.segment_buffer(&DeviceVolume::new(&foreign, shape, VoxelType::U8), None) {
+        Err(Error::Invalid(m)) => assert!(m.contains("engine's device"), "{m}"),
+        other => panic!("expected Error::Invalid for a foreign buffer, got {other:?}"),
+    }
+
     // The context must have the raw volume's shape.
     let e = model
         .segment_buffer(
