@@ -25,14 +25,14 @@
 //! |---|---|---|
 //! | volume (u8, u16 or f32 voxels) | caller's buffer → host | **one device → host read of the volume** (and of the context): the orthogonal-plane preprocessing (normal downsample, skimage-exact resize, per-slice quantisation) runs on the host, bit-exact with dinov3_playground |
 //! | ViT on slice batches, token lift | device | pixels host → device, tokens and lifted planes device → host, per batch (as [`Model::segment`]) |
-//! | features (C, d, h, w) f32 | host → device | one upload into the UNet's input buffer |
+//! | features (C, d, h, w) f32 | host → device | one upload per volume into the UNet's input buffer: C·d·h·w·4 bytes, the largest transfer (C = the ViT width: ViT-S at 64³ is 403 MB per volume) |
 //! | UNet, softmax / sigmoid, argmax | device | none |
 //! | logits, probabilities, labels | device → device | copied into new buffers owned by the caller (the engine's own buffers are reused by the next run); labels converted to `u32` by a kernel; **nothing is read back** unless you call [`DeviceSegmentation::read_labels`] and friends |
 //!
-//! So the outputs never cross the host, the input crosses it once, and the features stage
-//! round-trips through the host as it does on the host path; moving the preprocessing onto
-//! the device (and keeping the features there) is future work that will not change this
-//! API.
+//! So the outputs never cross the host (the host path reads back (2K+1)·d·h·w·4 bytes), the
+//! input crosses it once, and the features stage round-trips through the host as it does
+//! on the host path; moving the preprocessing onto the device (and keeping the features
+//! there) is future work that will not change this API.
 //!
 //! # Threads
 //!
