@@ -210,6 +210,11 @@ impl VoxelType {
 /// The buffer needs `COPY_SRC` usage; `offset` must be a multiple of 4 and the range read,
 /// `D·H·W·bytes` rounded up to a multiple of 4, must lie inside the buffer (pad a u8 or u16
 /// volume's buffer to a multiple of 4 bytes). Float voxels must be finite.
+///
+/// A buffer of another device of the same `wgpu::Instance`, or a destroyed buffer, is an
+/// [`Error::Invalid`]. A buffer from a *different* `wgpu::Instance` cannot be told apart
+/// by wgpu and trips an assertion inside wgpu-core: create the engine from the device that
+/// owns your buffers ([`Engine::from_device`]).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceVolume<'a> {
     pub buffer: &'a wgpu::Buffer,

@@ -189,18 +189,12 @@ fn bad_device_volumes_are_clear_errors() {
         .to_string();
     assert!(e.contains("non-finite") && e.contains("(0, 2, 3)"), "{e}");
 
-    // A buffer of another device is refused before any work, not a panic.
-    let other = volfuse::GpuContext::new(&volfuse::GpuOptions::from_env().unwrap()).unwrap();
-    let foreign = other
-        .device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("another device's volume"),
-            contents: &data,
-            usage: wgpu::BufferUsages::COPY_SRC,
-        });
-    match model.segment_buffer(&DeviceVolume::new(&foreign, shape, VoxelType::U8), None) {
+    // A destroyed buffer is refused before any work, not a panic.
+    let gone = buffer(&data, wgpu::BufferUsages::COPY_SRC);
+    gone.destroy();
+    match model.segment_buffer(&DeviceVolume::new(&gone, shape, VoxelType::U8), None) {
         Err(Error::Invalid(m)) => assert!(m.contains("engine's device"), "{m}"),
-        other => panic!("expected Error::Invalid for a foreign buffer, got {other:?}"),
+        other => panic!("expected Error::Invalid for a destroyed buffer, got {other:?}"),
     }
 
     // The context must have the raw volume's shape.
@@ -325,4 +319,33 @@ fn engine_and_model_are_send_and_sync() {
     send_sync::<Arc<Model>>();
     send_sync::<volfuse::DeviceSegmentation>();
     send_sync::<Error>();
+}
+
+#[test]
+fn a_buffer_of_another_device_is_an_error() {
+    // Two devices of one wgpu instance, as an application with several windows may have.
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+    let instance = wgpu::Instance::new(desc);
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).unwrap();
+    let device = || {
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .unwrap()
+    };
+    let (d1, q1) = device();
+    let (d2, _q2) = device();
+    let engine = Engine::from_device(d1, q1, adapter.get_info());
+    let model = tiny(&engine);
+    let foreign = d2.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("the other device's volume"),
+        contents: &[9u8; 64],
+        usage: wgpu::BufferUsages::COPY_SRC,
+    });
+    match model.segment_buffer(&DeviceVolume::new(&foreign, [4, 4, 4], VoxelType::U8), None) {
+        Err(Error::Invalid(m)) => assert!(m.contains("engine's device"), "{m}"),
+        other => panic!("expected Error::Invalid for a foreign buffer, got {other:?}"),
+    }
 }
