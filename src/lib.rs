@@ -13,6 +13,7 @@ pub mod io;
 pub mod models;
 pub mod ops;
 pub mod shaders;
+pub mod tiling;
 
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions, GpuTensor};
