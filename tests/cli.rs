@@ -275,8 +275,24 @@ fn run_refuses_bad_volumes_and_bundles() {
 
 // ---- tiled runs (`volfuse run` over volumes of any size) ----------------------------------
 
-fn run_args<'a>(model: &'a str, input: &'a str, output: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["run", "--model", model, "--input", input, "--output", output, "--backend", "cpu", "--force"];
+fn run_args<'a>(
+    model: &'a str,
+    input: &'a str,
+    output: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![
+        "run",
+        "--model",
+        model,
+        "--input",
+        input,
+        "--output",
+        output,
+        "--backend",
+        "cpu",
+        "--force",
+    ];
     v.extend_from_slice(extra);
     v
 }
@@ -285,9 +301,15 @@ fn run_args<'a>(model: &'a str, input: &'a str, output: &'a str, extra: &[&'a st
 fn run_tiles_a_volume_larger_than_one_tile() {
     // 70 × 64 × 64 with 64³ tiles: two rows of tiles along z, blended; context derived.
     let raw = tmp("tiled_raw.npy");
-    let vol: Vec<u8> = (0..70 * 64 * 64usize).map(|i| ((i * 7919) % 253) as u8).collect();
+    let vol: Vec<u8> = (0..70 * 64 * 64usize)
+        .map(|i| ((i * 7919) % 253) as u8)
+        .collect();
     npy::write(&raw, &[70, 64, 64], &vol, true).unwrap();
-    let (labels, probs, preview) = (tmp("tiled_labels.npy"), tmp("tiled_probs.npy"), tmp("tiled_preview.png"));
+    let (labels, probs, preview) = (
+        tmp("tiled_labels.npy"),
+        tmp("tiled_probs.npy"),
+        tmp("tiled_preview.png"),
+    );
     let model = fixture("bundle_tiny_ctx");
     let (m, i, o, p, v) = (
         model.to_str().unwrap(),
@@ -296,10 +318,32 @@ fn run_tiles_a_volume_larger_than_one_tile() {
         probs.to_str().unwrap(),
         preview.to_str().unwrap(),
     );
-    let (ok, log) = volfuse(&run_args(m, i, o, &["--probabilities", p, "--preview", v, "--context", "auto", "--blend", "constant", "--overlap", "0.5"]));
+    let (ok, log) = volfuse(&run_args(
+        m,
+        i,
+        o,
+        &[
+            "--probabilities",
+            p,
+            "--preview",
+            v,
+            "--context",
+            "auto",
+            "--blend",
+            "constant",
+            "--overlap",
+            "0.5",
+        ],
+    ));
     assert!(ok, "{log}");
     assert!(log.contains("2 run, 0 skipped"), "{log}");
-    for want in ["classes found", "peak memory", "adapter", "tiles/s", "derived from the raw volume"] {
+    for want in [
+        "classes found",
+        "peak memory",
+        "adapter",
+        "tiles/s",
+        "derived from the raw volume",
+    ] {
         assert!(log.contains(want), "missing '{want}' in {log}");
     }
     assert_eq!(npy::read(&labels).unwrap().shape, vec![70, 64, 64]);
@@ -308,10 +352,19 @@ fn run_tiles_a_volume_larger_than_one_tile() {
     let img = image::open(&preview).unwrap();
     assert_eq!((img.width(), img.height()), (64 + 64 + 64 + 8, 70));
     // Foreground skipping: nothing is above 1000, every tile is skipped, all background.
-    let (ok, log) = volfuse(&run_args(m, i, o, &["--fg-threshold", "1000", "--context", "none"]));
+    let (ok, log) = volfuse(&run_args(
+        m,
+        i,
+        o,
+        &["--fg-threshold", "1000", "--context", "none"],
+    ));
     assert!(ok, "{log}");
     assert!(log.contains("0 run, 2 skipped"), "{log}");
-    assert!(npy::read(&labels).unwrap().to_f32().iter().all(|v| *v == 0.0));
+    assert!(npy::read(&labels)
+        .unwrap()
+        .to_f32()
+        .iter()
+        .all(|v| *v == 0.0));
 }
 
 #[test]
@@ -321,9 +374,17 @@ fn run_pads_a_volume_smaller_than_a_tile_and_says_so() {
     npy::write(&raw, &[10, 12, 9], &vol, true).unwrap();
     let labels = tmp("small_labels.npy");
     let model = fixture("bundle_tiny_ctx");
-    let (ok, log) = volfuse(&run_args(model.to_str().unwrap(), raw.to_str().unwrap(), labels.to_str().unwrap(), &["--context", "none"]));
+    let (ok, log) = volfuse(&run_args(
+        model.to_str().unwrap(),
+        raw.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        &["--context", "none"],
+    ));
     assert!(ok, "{log}");
-    assert!(log.contains("smaller than one tile") && log.contains("mirror-padded"), "{log}");
+    assert!(
+        log.contains("smaller than one tile") && log.contains("mirror-padded"),
+        "{log}"
+    );
     assert!(log.contains("degraded"), "{log}");
     assert_eq!(npy::read(&labels).unwrap().shape, vec![10, 12, 9]);
 }
@@ -337,16 +398,34 @@ fn run_refuses_a_context_that_does_not_cover_the_raw_volume() {
     let labels = tmp("mismatch_labels.npy");
     let _ = std::fs::remove_file(&labels);
     let model = fixture("bundle_tiny_ctx");
-    let (m, i, o, c) = (model.to_str().unwrap(), raw.to_str().unwrap(), labels.to_str().unwrap(), ctx.to_str().unwrap());
-    let (ok, log) = volfuse(&run_args(m, i, o, &["--context", c, "--context-scale", "2"]));
-    assert!(!ok && log.contains("mismatch") && log.contains("--context-scale"), "{log}");
+    let (m, i, o, c) = (
+        model.to_str().unwrap(),
+        raw.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        ctx.to_str().unwrap(),
+    );
+    let (ok, log) = volfuse(&run_args(
+        m,
+        i,
+        o,
+        &["--context", c, "--context-scale", "2"],
+    ));
+    assert!(
+        !ok && log.contains("mismatch") && log.contains("--context-scale"),
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
     assert!(!labels.exists());
     // a bad scale is refused too
     let (ok, log) = volfuse(&run_args(m, i, o, &["--context", c, "--context-scale=-1"]));
     assert!(!ok && log.contains("--context-scale"), "{log}");
     // auto needs an integer scale
-    let (ok, log) = volfuse(&run_args(m, i, o, &["--context", "auto", "--context-scale", "1.5"]));
+    let (ok, log) = volfuse(&run_args(
+        m,
+        i,
+        o,
+        &["--context", "auto", "--context-scale", "1.5"],
+    ));
     assert!(!ok && log.contains("integer"), "{log}");
 }
 
@@ -357,8 +436,16 @@ fn run_refuses_a_2d_input_with_a_hint() {
     let labels = tmp("tiled_flat_labels.npy");
     let _ = std::fs::remove_file(&labels);
     let model = fixture("bundle_tiny_ctx");
-    let (ok, log) = volfuse(&run_args(model.to_str().unwrap(), flat.to_str().unwrap(), labels.to_str().unwrap(), &[]));
-    assert!(!ok && log.contains("3-D") && log.contains("img[None]"), "{log}");
+    let (ok, log) = volfuse(&run_args(
+        model.to_str().unwrap(),
+        flat.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        &[],
+    ));
+    assert!(
+        !ok && log.contains("3-D") && log.contains("img[None]"),
+        "{log}"
+    );
     assert!(!log.contains("panicked") && !labels.exists(), "{log}");
 }
 
@@ -368,11 +455,27 @@ fn run_single_tile_keeps_the_model_grid() {
     let ctx = fixture("e2e_tiny_ctx/context.npy");
     let labels = tmp("single_labels.npy");
     let model = fixture("bundle_tiny_ctx");
-    let (ok, log) = volfuse(&run_args(model.to_str().unwrap(), raw.to_str().unwrap(), labels.to_str().unwrap(), &["--context", ctx.to_str().unwrap(), "--single-tile"]));
+    let (ok, log) = volfuse(&run_args(
+        model.to_str().unwrap(),
+        raw.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        &["--context", ctx.to_str().unwrap(), "--single-tile"],
+    ));
     assert!(ok, "{log}");
-    let want = npy::read(&fixture("e2e_tiny_ctx/labels.npy")).unwrap().to_f32();
+    let want = npy::read(&fixture("e2e_tiny_ctx/labels.npy"))
+        .unwrap()
+        .to_f32();
     let got = npy::read(&labels).unwrap();
     assert_eq!(got.shape, vec![16, 16, 16]);
-    let same = got.to_f32().iter().zip(&want).filter(|(a, b)| a == b).count();
-    assert!(same as f64 >= 0.999 * want.len() as f64, "{same} of {}", want.len());
+    let same = got
+        .to_f32()
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same as f64 >= 0.999 * want.len() as f64,
+        "{same} of {}",
+        want.len()
+    );
 }

@@ -573,7 +573,11 @@ fn class_names(bundle: &volfuse::models::Bundle) -> Vec<String> {
         .training_config
         .get("class_names")
         .and_then(|c| c.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -583,9 +587,14 @@ fn run_model(a: &RunArgs) -> Result<()> {
     use volfuse::tiling::{self, Blend, Context as Ctx, Foreground, Outputs, TileOptions};
 
     // Refuse before any work, so a run never leaves some outputs written and others not.
-    for p in [Some(&a.output), a.probabilities.as_ref(), a.logits.as_ref(), a.preview.as_ref()]
-        .into_iter()
-        .flatten()
+    for p in [
+        Some(&a.output),
+        a.probabilities.as_ref(),
+        a.logits.as_ref(),
+        a.preview.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         check_output(p, a.force)?;
     }
@@ -622,18 +631,29 @@ fn run_model(a: &RunArgs) -> Result<()> {
     let ctx_file;
     let context = match a.context.as_deref() {
         Some("none") => Ctx::None,
-        Some("auto") => Ctx::FromRaw { scale: int_scale(scale()?)? },
+        Some("auto") => Ctx::FromRaw {
+            scale: int_scale(scale()?)?,
+        },
         Some(path) => {
             ctx_file = read_volume(Path::new(path), &ropts)
                 .with_context(|| format!("reading the context volume {path}"))?;
             if fusion {
-                Ctx::Volume { volume: &ctx_file, scale: scale()? }
+                Ctx::Volume {
+                    volume: &ctx_file,
+                    scale: scale()?,
+                }
             } else {
-                Ctx::Volume { volume: &ctx_file, scale: 1.0 }
+                Ctx::Volume {
+                    volume: &ctx_file,
+                    scale: 1.0,
+                }
             }
         }
         None if !fusion => Ctx::None,
-        None => match a.context_scale.or_else(|| tiling::bundle_context_scale(&bundle)) {
+        None => match a
+            .context_scale
+            .or_else(|| tiling::bundle_context_scale(&bundle))
+        {
             Some(s) if (s - s.round()).abs() < 1e-6 && s >= 1.0 => {
                 let r = s.round() as usize;
                 let shape = raw.shape();
@@ -652,7 +672,12 @@ fn run_model(a: &RunArgs) -> Result<()> {
     let k = bundle.unet.config.num_classes;
     let [d, h, w] = raw.shape();
     let mut outputs = Outputs {
-        labels: Some(create_writer(&a.output, &[d, h, w], tiling::label_type(k), a.force)?),
+        labels: Some(create_writer(
+            &a.output,
+            &[d, h, w],
+            tiling::label_type(k),
+            a.force,
+        )?),
         ..Default::default()
     };
     if let Some(p) = &a.probabilities {
@@ -675,7 +700,10 @@ fn run_model(a: &RunArgs) -> Result<()> {
         batch: a.batch.max(1),
     };
     if !(0.0..=1.0).contains(&a.fg_min_ratio) {
-        anyhow::bail!("--fg-min-ratio must be a fraction in [0, 1], got {}", a.fg_min_ratio);
+        anyhow::bail!(
+            "--fg-min-ratio must be a fraction in [0, 1], got {}",
+            a.fg_min_ratio
+        );
     }
     let backend = a.device.backend()?;
     let adapter = backend.describe();
@@ -705,12 +733,20 @@ fn run_model(a: &RunArgs) -> Result<()> {
         indicatif::ProgressBar::hidden()
     };
     let mut runner = Runner::new(backend);
-    let summary = tiling::run_tiled(&bundle, &mut runner, &raw, context, &opts, outputs, &mut |p| {
-        bar.set_position(p.done as u64);
-        if p.skipped > 0 {
-            bar.set_message(format!("{} skipped", p.skipped));
-        }
-    })?;
+    let summary = tiling::run_tiled(
+        &bundle,
+        &mut runner,
+        &raw,
+        context,
+        &opts,
+        outputs,
+        &mut |p| {
+            bar.set_position(p.done as u64);
+            if p.skipped > 0 {
+                bar.set_message(format!("{} skipped", p.skipped));
+            }
+        },
+    )?;
     bar.finish_and_clear();
     if let Some(p) = &a.preview {
         tiling::write_preview(p, &summary.preview, a.force)?;
@@ -726,8 +762,14 @@ fn run_model(a: &RunArgs) -> Result<()> {
         .enumerate()
         .filter(|(_, c)| **c > 0)
         .map(|(i, c)| {
-            let name = names.get(i).cloned().unwrap_or_else(|| format!("class {i}"));
-            format!("{i} {name}: {c} ({:.1} %)", *c as f64 * 100.0 / total.max(1) as f64)
+            let name = names
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("class {i}"));
+            format!(
+                "{i} {name}: {c} ({:.1} %)",
+                *c as f64 * 100.0 / total.max(1) as f64
+            )
         })
         .collect();
     let mut written = vec![a.output.display().to_string()];
