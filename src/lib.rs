@@ -46,6 +46,7 @@ pub mod io;
 pub mod models;
 pub mod ops;
 pub mod shaders;
+pub mod tiling;
 
 pub use engine::{DeviceSegmentation, DeviceVolume, Engine, Model, VoxelType};
 pub use error::{Error, Result};

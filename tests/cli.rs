@@ -215,13 +215,15 @@ fn run_writes_labels_probabilities_and_logits() {
     ];
     let (ok, log) = volfuse(&args);
     assert!(ok, "{log}");
+    // Tiled: outputs on the raw volume's grid (smaller than one tile: padded, and said so).
+    assert!(log.contains("mirror-padded"), "{log}");
     let l = npy::read(&labels).unwrap();
-    assert_eq!(l.shape, vec![16, 16, 16]);
+    assert_eq!(l.shape, vec![24, 20, 28]);
     assert_eq!(l.dtype(), volfuse::io::DType::U8);
     let p = npy::read(&probs).unwrap();
-    assert_eq!(p.shape, vec![3, 16, 16, 16]);
+    assert_eq!(p.shape, vec![3, 24, 20, 28]);
     let pv = p.to_f32();
-    let s = 16 * 16 * 16;
+    let s = 24 * 20 * 28;
     for v in 0..s {
         let sum: f32 = (0..3).map(|k| pv[k * s + v]).sum();
         assert!(
@@ -229,7 +231,7 @@ fn run_writes_labels_probabilities_and_logits() {
             "probabilities of voxel {v} sum to {sum}"
         );
     }
-    assert_eq!(npy::read(&logits).unwrap().shape, vec![3, 16, 16, 16]);
+    assert_eq!(npy::read(&logits).unwrap().shape, vec![3, 24, 20, 28]);
     // A second run without --force changes nothing and says why.
     let (ok, log) = volfuse(&args);
     assert!(!ok && log.contains("--force"), "{log}");
@@ -269,4 +271,211 @@ fn run_refuses_bad_volumes_and_bundles() {
     ]);
     assert!(!ok && log.contains("volfuse.json"), "{log}");
     assert!(!labels.exists());
+}
+
+// ---- tiled runs (`volfuse run` over volumes of any size) ----------------------------------
+
+fn run_args<'a>(
+    model: &'a str,
+    input: &'a str,
+    output: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![
+        "run",
+        "--model",
+        model,
+        "--input",
+        input,
+        "--output",
+        output,
+        "--backend",
+        "cpu",
+        "--force",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn run_tiles_a_volume_larger_than_one_tile() {
+    // 70 × 64 × 64 with 64³ tiles: two rows of tiles along z, blended; context derived.
+    let raw = tmp("tiled_raw.npy");
+    let vol: Vec<u8> = (0..70 * 64 * 64usize)
+        .map(|i| ((i * 7919) % 253) as u8)
+        .collect();
+    npy::write(&raw, &[70, 64, 64], &vol, true).unwrap();
+    let (labels, probs, preview) = (
+        tmp("tiled_labels.npy"),
+        tmp("tiled_probs.npy"),
+        tmp("tiled_preview.png"),
+    );
+    let model = fixture("bundle_tiny_ctx");
+    let (m, i, o, p, v) = (
+        model.to_str().unwrap(),
+        raw.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        probs.to_str().unwrap(),
+        preview.to_str().unwrap(),
+    );
+    let (ok, log) = volfuse(&run_args(
+        m,
+        i,
+        o,
+        &[
+            "--probabilities",
+            p,
+            "--preview",
+            v,
+            "--context",
+            "auto",
+            "--blend",
+            "constant",
+            "--overlap",
+            "0.5",
+        ],
+    ));
+    assert!(ok, "{log}");
+    assert!(log.contains("2 run, 0 skipped"), "{log}");
+    for want in [
+        "classes found",
+        "peak memory",
+        "adapter",
+        "tiles/s",
+        "derived from the raw volume",
+    ] {
+        assert!(log.contains(want), "missing '{want}' in {log}");
+    }
+    assert_eq!(npy::read(&labels).unwrap().shape, vec![70, 64, 64]);
+    let pv = npy::read(&probs).unwrap();
+    assert_eq!(pv.shape, vec![3, 70, 64, 64]);
+    let img = image::open(&preview).unwrap();
+    assert_eq!((img.width(), img.height()), (64 + 64 + 64 + 8, 70));
+    // Foreground skipping: nothing is above 1000, every tile is skipped, all background.
+    let (ok, log) = volfuse(&run_args(
+        m,
+        i,
+        o,
+        &["--fg-threshold", "1000", "--context", "none"],
+    ));
+    assert!(ok, "{log}");
+    assert!(log.contains("0 run, 2 skipped"), "{log}");
+    assert!(npy::read(&labels)
+        .unwrap()
+        .to_f32()
+        .iter()
+        .all(|v| *v == 0.0));
+}
+
+#[test]
+fn run_pads_a_volume_smaller_than_a_tile_and_says_so() {
+    let raw = tmp("small_raw.npy");
+    let vol: Vec<u16> = (0..10 * 12 * 9).map(|i| (i * 31 % 4000) as u16).collect();
+    npy::write(&raw, &[10, 12, 9], &vol, true).unwrap();
+    let labels = tmp("small_labels.npy");
+    let model = fixture("bundle_tiny_ctx");
+    let (ok, log) = volfuse(&run_args(
+        model.to_str().unwrap(),
+        raw.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        &["--context", "none"],
+    ));
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("smaller than one tile") && log.contains("mirror-padded"),
+        "{log}"
+    );
+    assert!(log.contains("degraded"), "{log}");
+    assert_eq!(npy::read(&labels).unwrap().shape, vec![10, 12, 9]);
+}
+
+#[test]
+fn run_refuses_a_context_that_does_not_cover_the_raw_volume() {
+    let raw = tmp("mismatch_raw.npy");
+    npy::write(&raw, &[40, 40, 40], &vec![5u8; 64000], true).unwrap();
+    let ctx = tmp("mismatch_ctx.npy");
+    npy::write(&ctx, &[10, 20, 20], &vec![5u8; 4000], true).unwrap();
+    let labels = tmp("mismatch_labels.npy");
+    let _ = std::fs::remove_file(&labels);
+    let model = fixture("bundle_tiny_ctx");
+    let (m, i, o, c) = (
+        model.to_str().unwrap(),
+        raw.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        ctx.to_str().unwrap(),
+    );
+    let (ok, log) = volfuse(&run_args(
+        m,
+        i,
+        o,
+        &["--context", c, "--context-scale", "2"],
+    ));
+    assert!(
+        !ok && log.contains("mismatch") && log.contains("--context-scale"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!labels.exists());
+    // a bad scale is refused too
+    let (ok, log) = volfuse(&run_args(m, i, o, &["--context", c, "--context-scale=-1"]));
+    assert!(!ok && log.contains("--context-scale"), "{log}");
+    // auto needs an integer scale
+    let (ok, log) = volfuse(&run_args(
+        m,
+        i,
+        o,
+        &["--context", "auto", "--context-scale", "1.5"],
+    ));
+    assert!(!ok && log.contains("integer"), "{log}");
+}
+
+#[test]
+fn run_refuses_a_2d_input_with_a_hint() {
+    let flat = tmp("tiled_flat2d.npy");
+    npy::write(&flat, &[32, 32], &[1u8; 1024], true).unwrap();
+    let labels = tmp("tiled_flat_labels.npy");
+    let _ = std::fs::remove_file(&labels);
+    let model = fixture("bundle_tiny_ctx");
+    let (ok, log) = volfuse(&run_args(
+        model.to_str().unwrap(),
+        flat.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        &[],
+    ));
+    assert!(
+        !ok && log.contains("3-D") && log.contains("img[None]"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked") && !labels.exists(), "{log}");
+}
+
+#[test]
+fn run_single_tile_keeps_the_model_grid() {
+    let raw = fixture("e2e_tiny_ctx/raw.npy");
+    let ctx = fixture("e2e_tiny_ctx/context.npy");
+    let labels = tmp("single_labels.npy");
+    let model = fixture("bundle_tiny_ctx");
+    let (ok, log) = volfuse(&run_args(
+        model.to_str().unwrap(),
+        raw.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        &["--context", ctx.to_str().unwrap(), "--single-tile"],
+    ));
+    assert!(ok, "{log}");
+    let want = npy::read(&fixture("e2e_tiny_ctx/labels.npy"))
+        .unwrap()
+        .to_f32();
+    let got = npy::read(&labels).unwrap();
+    assert_eq!(got.shape, vec![16, 16, 16]);
+    let same = got
+        .to_f32()
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same as f64 >= 0.999 * want.len() as f64,
+        "{same} of {}",
+        want.len()
+    );
 }

@@ -132,6 +132,17 @@ impl Runner {
         }
     }
 
+    /// Bytes of the prepared graphs' activation buffers (summed: each prepared graph keeps
+    /// its own) and of the weights uploaded to the device (0 on the CPU backend).
+    pub fn memory(&self) -> (u64, u64) {
+        let act = self.prepared.values().map(|p| p.plan.peak_bytes).sum();
+        let weights = match self.backend {
+            Backend::Cpu => 0,
+            Backend::Gpu(_) => self.consts.bytes(),
+        };
+        (act, weights)
+    }
+
     /// The plan of a prepared graph.
     pub fn plan(&self, key: &str) -> Option<&Plan> {
         self.prepared.get(key).map(|p| &p.plan)
