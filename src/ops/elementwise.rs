@@ -14,9 +14,10 @@ pub enum Unary {
     Relu,
 }
 
-/// GELU, exact erf form: 0.5·x·(1 + erf(x/√2)).
+/// GELU, exact erf form: 0.5·x·(1 + erf(x/√2)), with libm's single-precision erf
+/// (< 1 ulp; the f64 erf cost a sixth of a ViT's time on the CPU).
 pub fn gelu(x: f32) -> f32 {
-    (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 /// SiLU: x·σ(x).
 pub fn silu(x: f32) -> f32 {
