@@ -278,6 +278,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 if context { " + context" } else { "" },
                 (tile * tile * tile) as f64 / secs
             );
+            let ours_cpu = volfuse::bench::unet_cpu_seconds();
+            if ours_cpu > 0.0 {
+                println!("  {ours_cpu:.2} CPU-s per tile");
+            }
             if profile {
                 for (op, s, f) in prof {
                     println!(
@@ -303,9 +307,20 @@ fn dispatch(cli: Cli) -> Result<()> {
                 if context {
                     args.push("--context".into());
                 }
-                match volfuse::bench::torch_reference(&args).and_then(|v| v["seconds"].as_f64()) {
-                    Some(t) => println!("pytorch cpu (2 threads): {t:.2} s per tile; volfuse / pytorch speed = {:.3}", t / secs),
-                    None => println!("pytorch cpu: not available (create tools/.venv, see tools/README.md)"),
+                match volfuse::bench::torch_reference(&args) {
+                    Some(v) if v["seconds"].as_f64().is_some() => {
+                        let t = v["seconds"].as_f64().unwrap_or(1.0);
+                        println!("pytorch cpu (2 threads): {t:.2} s per tile; volfuse / pytorch speed = {:.3}", t / secs);
+                        if let Some(p) = v["cpu_seconds"].as_f64().filter(|_| ours_cpu > 0.0) {
+                            println!(
+                                "  by CPU time: pytorch {p:.2} CPU-s, volfuse {ours_cpu:.2} CPU-s; volfuse / pytorch speed = {:.3}",
+                                p / ours_cpu
+                            );
+                        }
+                    }
+                    _ => println!(
+                        "pytorch cpu: not available (create tools/.venv, see tools/README.md)"
+                    ),
                 }
             }
             Ok(())
@@ -348,7 +363,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                             );
                         }
                     }
-                    _ => println!("pytorch cpu: not available (create tools/.venv, see tools/README.md)"),
+                    _ => println!(
+                        "pytorch cpu: not available (create tools/.venv, see tools/README.md)"
+                    ),
                 }
             }
             Ok(())

@@ -396,43 +396,43 @@ mod tests {
     use crate::ops::numel;
     use crate::ops::testing::{check_op, check_op_with, ctx, random, rel_err, rng};
 
-/// The plain definition, to check the streaming reference: for each batch, head and query row, the scores against every key
-/// (f64), their softmax, and the weighted sum of value rows.
-fn naive(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32, out: &mut [f32]) {
-    let w = d.heads * d.hd;
-    let mut scores = vec![0f64; d.tk];
-    let mut acc = vec![0f64; d.hd];
-    for b in 0..d.batch {
-        for h in 0..d.heads {
-            let col = h * d.hd;
-            for i in 0..d.tq {
-                let qr = &q[(b * d.tq + i) * w + col..][..d.hd];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kr = &k[(b * d.tk + j) * w + col..][..d.hd];
-                    let dot: f64 = qr.iter().zip(kr).map(|(x, y)| *x as f64 * *y as f64).sum();
-                    *s = dot * scale as f64;
-                }
-                let max = scores.iter().fold(f64::NEG_INFINITY, |m, s| m.max(*s));
-                let mut sum = 0.0;
-                for s in &mut scores {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                acc.fill(0.0);
-                for (j, s) in scores.iter().enumerate() {
-                    let vr = &v[(b * d.tk + j) * w + col..][..d.hd];
-                    for (a, x) in acc.iter_mut().zip(vr) {
-                        *a += s * *x as f64;
+    /// The plain definition, to check the streaming reference: for each batch, head and query row, the scores against every key
+    /// (f64), their softmax, and the weighted sum of value rows.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32, out: &mut [f32]) {
+        let w = d.heads * d.hd;
+        let mut scores = vec![0f64; d.tk];
+        let mut acc = vec![0f64; d.hd];
+        for b in 0..d.batch {
+            for h in 0..d.heads {
+                let col = h * d.hd;
+                for i in 0..d.tq {
+                    let qr = &q[(b * d.tq + i) * w + col..][..d.hd];
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        let kr = &k[(b * d.tk + j) * w + col..][..d.hd];
+                        let dot: f64 = qr.iter().zip(kr).map(|(x, y)| *x as f64 * *y as f64).sum();
+                        *s = dot * scale as f64;
                     }
-                }
-                let o = &mut out[(b * d.tq + i) * w + col..][..d.hd];
-                for (o, a) in o.iter_mut().zip(&acc) {
-                    *o = (a / sum) as f32;
+                    let max = scores.iter().fold(f64::NEG_INFINITY, |m, s| m.max(*s));
+                    let mut sum = 0.0;
+                    for s in &mut scores {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    acc.fill(0.0);
+                    for (j, s) in scores.iter().enumerate() {
+                        let vr = &v[(b * d.tk + j) * w + col..][..d.hd];
+                        for (a, x) in acc.iter_mut().zip(vr) {
+                            *a += s * *x as f64;
+                        }
+                    }
+                    let o = &mut out[(b * d.tq + i) * w + col..][..d.hd];
+                    for (o, a) in o.iter_mut().zip(&acc) {
+                        *o = (a / sum) as f32;
+                    }
                 }
             }
         }
     }
-}
 
     /// Attention with the kernel forced, to test each one on this device.
     #[derive(Debug)]

@@ -85,7 +85,16 @@ pub fn batchnorm(
             .zip(planes.chunks_exact_mut(d.inner))
             .enumerate()
         {
-            batchnorm_plane(xp, weight, bias, running_mean, running_var, (p0 + k) % d.c, eps, op);
+            batchnorm_plane(
+                xp,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                (p0 + k) % d.c,
+                eps,
+                op,
+            );
         }
     });
 }

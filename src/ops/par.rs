@@ -17,7 +17,9 @@ fn init() {
             .filter(|n| *n > 0)
         {
             // Fails only when the pool already exists; then its size stands.
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global();
         }
     });
 }
