@@ -29,6 +29,8 @@ impl Case {
 pub struct Timing {
     pub label: String,
     pub seconds: f64,
+    /// Process CPU seconds per run (CPU backend, where measurable).
+    pub cpu_seconds: Option<f64>,
     pub gflops: f64,
     pub gbytes_per_s: f64,
 }
@@ -42,7 +44,11 @@ impl std::fmt::Display for Timing {
             self.seconds * 1e3,
             self.gflops,
             self.gbytes_per_s
-        )
+        )?;
+        if let Some(c) = self.cpu_seconds {
+            write!(f, " {:>9.3} CPU-s", c)?;
+        }
+        Ok(())
     }
 }
 
@@ -82,6 +88,7 @@ pub fn time_gpu(ctx: &GpuContext, case: &Case, iters: usize) -> Result<Timing> {
     Ok(Timing {
         label: case.label.clone(),
         seconds,
+        cpu_seconds: None,
         gflops: case.op.flops(&shapes) as f64 / seconds / 1e9,
         gbytes_per_s: bytes as f64 / seconds / 1e9,
     })
@@ -96,20 +103,51 @@ pub fn time_cpu(case: &Case, iters: usize) -> Result<Timing> {
     let mut out = vec![0f32; numel(&out_shape)];
     case.op.cpu(&refs, &shapes, &mut out);
     let mut times = Vec::new();
+    let c0 = process_cpu_seconds();
     for _ in 0..iters.max(1) {
         let t0 = Instant::now();
         case.op.cpu(&refs, &shapes, &mut out);
         times.push(t0.elapsed().as_secs_f64());
     }
+    let cpu_seconds = c0
+        .zip(process_cpu_seconds())
+        .map(|(a, b)| (b - a) / iters.max(1) as f64);
     times.sort_by(|a, b| a.total_cmp(b));
     let seconds = times[times.len() / 2];
     let bytes: usize = case.shapes.iter().map(|s| numel(s) * 4).sum::<usize>() + out.len() * 4;
     Ok(Timing {
         label: case.label.clone(),
         seconds,
+        cpu_seconds,
         gflops: case.op.flops(&shapes) as f64 / seconds / 1e9,
         gbytes_per_s: bytes as f64 / seconds / 1e9,
     })
+}
+
+/// User + system CPU seconds this process has used so far (Linux `/proc/self/stat`, in
+/// clock ticks of 1/100 s); None elsewhere. On a shared machine CPU time per unit of work is
+/// steadier than wall time.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// The conv3d case `channels → channels`, kernel k, on an n³ input (batch 1).
+pub fn conv3d_case(channels: usize, k: usize, n: usize) -> Case {
+    Case::new(
+        format!("conv3d {channels}->{channels} k{k} {n}^3"),
+        crate::ops::conv3d::Conv3d::new(k),
+        vec![
+            vec![1, channels, n, n, n],
+            vec![channels, channels, k, k, k],
+            vec![channels],
+        ],
+    )
 }
 
 /// Every op's benchmark cases.
@@ -142,17 +180,23 @@ pub struct VitTiming {
     pub label: String,
     pub images_per_s: f64,
     pub gflops: f64,
-    /// Per-op (name, seconds, flops) of one profiled batch (GPU only).
+    /// Process CPU seconds per image (CPU backend, where measurable).
+    pub cpu_seconds_per_image: Option<f64>,
+    /// Per-op (name, seconds, flops) of one profiled batch.
     pub profile: Vec<(String, f64, u64)>,
 }
 
 impl std::fmt::Display for VitTiming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
+        write!(
             f,
             "{:<44} {:>8.3} images/s {:>8.2} GFLOP/s",
             self.label, self.images_per_s, self.gflops
         )?;
+        match self.cpu_seconds_per_image {
+            Some(c) => writeln!(f, " {c:>8.3} CPU-s/image")?,
+            None => writeln!(f)?,
+        }
         let total: f64 = self.profile.iter().map(|p| p.1).sum();
         for (op, s, fl) in &self.profile {
             writeln!(
@@ -192,11 +236,17 @@ pub fn vit(
         }
     );
     vit.run(&mut runner, &images, batch, h, w, batch)?; // warm-up: JIT, uploads
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), process_cpu_seconds());
     for _ in 0..iters.max(1) {
         vit.run(&mut runner, &images, batch, h, w, batch)?;
     }
     let secs = t0.elapsed().as_secs_f64() / iters.max(1) as f64;
+    let cpu = match &backend {
+        crate::models::Backend::Cpu => c0
+            .zip(process_cpu_seconds())
+            .map(|(a, b)| (b - a) / (iters.max(1) * batch.max(1)) as f64),
+        crate::models::Backend::Gpu(_) => None,
+    };
     let prof = if profile {
         let key = format!("vit {batch}x3x{h}x{w}");
         runner.profile(&key, &[&images])?
@@ -207,6 +257,7 @@ pub fn vit(
         label,
         images_per_s: batch as f64 / secs,
         gflops: vit.flops(h, w) as f64 * batch as f64 / secs / 1e9,
+        cpu_seconds_per_image: cpu,
         profile: prof,
     })
 }
@@ -234,7 +285,7 @@ pub fn torch_reference(args: &[String]) -> Option<serde_json::Value> {
 
 /// Runs a random-weight DINOv3UNet3D (base channels `base`, `channels` input features, an
 /// n³ tile, with or without context fusion) after one warm-up run; returns (seconds per
-/// tile, GFLOP/s, per-op profile).
+/// tile, GFLOP/s, per-op profile). [`unet_cpu_seconds`] has the CPU time of the last call.
 pub fn unet(
     backend: crate::models::Backend,
     base: usize,
@@ -273,13 +324,26 @@ pub fn unet(
     };
     let mut runner = Runner::new(backend);
     runner.run("unet", move || Ok(g), &inputs)?; // warm-up
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), process_cpu_seconds());
     for _ in 0..iters.max(1) {
         runner.run("unet", || unreachable_graph(), &inputs)?;
     }
     let secs = t0.elapsed().as_secs_f64() / iters.max(1) as f64;
+    if let (Some(a), Some(b)) = (c0, process_cpu_seconds()) {
+        UNET_CPU_MS.store(
+            ((b - a) / iters.max(1) as f64 * 1e3) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
     let prof = runner.profile("unet", &inputs)?;
     Ok((secs, flops as f64 / secs / 1e9, prof))
+}
+
+static UNET_CPU_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Process CPU seconds per tile of the last [`unet`] run (0 where not measurable).
+pub fn unet_cpu_seconds() -> f64 {
+    UNET_CPU_MS.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e3
 }
 
 fn unreachable_graph() -> Result<crate::graph::Graph> {

@@ -2,8 +2,11 @@
 
     tools/.venv/bin/python tools/bench_torch.py vit --size s --image 224 --batch 32
     tools/.venv/bin/python tools/bench_torch.py unet --base 32 --input 128
+    tools/.venv/bin/python tools/bench_torch.py conv3d --cin 128 --cout 128 --kernel 3 --input 64
 
-Prints one JSON line: {"what": ..., "images_per_s" | "voxels_per_s": ..., "seconds": ...}.
+Prints one JSON line: {"what": ..., "images_per_s" | "voxels_per_s" | "gflops": ..., "seconds": ...,
+"cpu_seconds": ..., "threads": ...}: seconds is wall time per iteration, cpu_seconds the process's
+user + sys CPU time per iteration (steadier than wall time on a shared machine).
 Random weights (timing only), fp32, torch.set_num_threads(THREADS) (default 2), no autocast.
 """
 
@@ -23,11 +26,16 @@ SIZES = {  # hidden, layers, heads, mlp, gated
 }
 
 
+CPU = {}  # process CPU seconds (user + sys) per iteration of the last bench()
+
+
 def bench(fn, iters):
+    """Wall seconds per iteration after one warm-up; CPU seconds go to CPU["seconds"]."""
     fn()  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
         fn()
+    CPU["seconds"] = (time.process_time() - c0) / iters
     return (time.perf_counter() - t0) / iters
 
 
@@ -59,9 +67,20 @@ def unet(args):
     return {"what": f"unet base {args.base} {n}^3", "voxels_per_s": n ** 3 / s, "seconds": s}
 
 
+def conv3d(args):
+    n, k = args.input, args.kernel
+    conv = torch.nn.Conv3d(args.cin, args.cout, k, padding=k // 2).eval()
+    x = torch.randn(1, args.cin, n, n, n)
+    with torch.inference_mode():
+        s = bench(lambda: conv(x), args.iters)
+    flops = 2 * args.cin * args.cout * k ** 3 * n ** 3
+    return {"what": f"conv3d {args.cin}->{args.cout} k{k} {n}^3", "gflops": flops / s / 1e9,
+            "seconds": s}
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["vit", "unet"])
+    p.add_argument("what", choices=["vit", "unet", "conv3d"])
     p.add_argument("--size", default="s")
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
@@ -69,11 +88,17 @@ def main():
     p.add_argument("--input", type=int, default=128)
     p.add_argument("--channels", type=int, default=384)
     p.add_argument("--context", action="store_true")
+    p.add_argument("--cin", type=int, default=128)
+    p.add_argument("--cout", type=int, default=128)
+    p.add_argument("--kernel", type=int, default=3)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(json.dumps(vit(a) if a.what == "vit" else unet(a)))
+    r = {"vit": vit, "unet": unet, "conv3d": conv3d}[a.what](a)
+    r["cpu_seconds"] = CPU["seconds"]
+    r["threads"] = a.threads
+    print(json.dumps(r))
 
 
 if __name__ == "__main__":

@@ -155,10 +155,14 @@ enum Cmd {
         /// With --unet: with context fusion.
         #[arg(long)]
         context: bool,
-        /// With --vit: print time per op.
+        /// Benchmark one conv3d with this many input and output channels (kernel 3, on a
+        /// --tile³ input) instead; with --torch, next to PyTorch's Conv3d.
+        #[arg(long)]
+        conv3d: Option<usize>,
+        /// With --vit / --unet: print time per op.
         #[arg(long)]
         profile: bool,
-        /// With --vit: also time PyTorch CPU on the same model size and input
+        /// With --vit / --unet / --conv3d: also time PyTorch CPU on the same model size and input
         /// (tools/bench_torch.py in tools/.venv) and print the ratio.
         #[arg(long)]
         torch: bool,
@@ -207,14 +211,22 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-                match volfuse::bench::torch_reference(&args)
-                    .and_then(|v| v["images_per_s"].as_f64())
-                {
-                    Some(t) => println!(
-                        "pytorch cpu (2 threads): {t:.3} images/s; volfuse / pytorch = {:.3}",
-                        ours.images_per_s / t
-                    ),
-                    None => println!(
+                match volfuse::bench::torch_reference(&args) {
+                    Some(v) if v["images_per_s"].as_f64().is_some() => {
+                        let t = v["images_per_s"].as_f64().unwrap_or(1.0);
+                        println!(
+                            "pytorch cpu (2 threads): {t:.3} images/s; volfuse / pytorch = {:.3}",
+                            ours.images_per_s / t
+                        );
+                        let torch_cpu = v["cpu_seconds"].as_f64().map(|c| c / batch as f64);
+                        if let (Some(o), Some(p)) = (ours.cpu_seconds_per_image, torch_cpu) {
+                            println!(
+                                "  by CPU time: pytorch {p:.3} CPU-s/image, volfuse {o:.3}; volfuse / pytorch speed = {:.3}",
+                                p / o
+                            );
+                        }
+                    }
+                    _ => println!(
                         "pytorch cpu: not available (create tools/.venv, see tools/README.md)"
                     ),
                 }
@@ -241,6 +253,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 if context { " + context" } else { "" },
                 (tile * tile * tile) as f64 / secs
             );
+            let ours_cpu = volfuse::bench::unet_cpu_seconds();
+            if ours_cpu > 0.0 {
+                println!("  {ours_cpu:.2} CPU-s per tile");
+            }
             if profile {
                 for (op, s, f) in prof {
                     println!(
@@ -266,9 +282,65 @@ fn dispatch(cli: Cli) -> Result<()> {
                 if context {
                     args.push("--context".into());
                 }
-                match volfuse::bench::torch_reference(&args).and_then(|v| v["seconds"].as_f64()) {
-                    Some(t) => println!("pytorch cpu (2 threads): {t:.2} s per tile; volfuse / pytorch speed = {:.3}", t / secs),
-                    None => println!("pytorch cpu: not available (create tools/.venv, see tools/README.md)"),
+                match volfuse::bench::torch_reference(&args) {
+                    Some(v) if v["seconds"].as_f64().is_some() => {
+                        let t = v["seconds"].as_f64().unwrap_or(1.0);
+                        println!("pytorch cpu (2 threads): {t:.2} s per tile; volfuse / pytorch speed = {:.3}", t / secs);
+                        if let Some(p) = v["cpu_seconds"].as_f64().filter(|_| ours_cpu > 0.0) {
+                            println!(
+                                "  by CPU time: pytorch {p:.2} CPU-s, volfuse {ours_cpu:.2} CPU-s; volfuse / pytorch speed = {:.3}",
+                                p / ours_cpu
+                            );
+                        }
+                    }
+                    _ => println!(
+                        "pytorch cpu: not available (create tools/.venv, see tools/README.md)"
+                    ),
+                }
+            }
+            Ok(())
+        }
+        Cmd::Bench {
+            conv3d: Some(channels),
+            device,
+            iters,
+            tile,
+            torch,
+            ..
+        } => {
+            let case = volfuse::bench::conv3d_case(channels, 3, tile);
+            let ours = match device.backend()? {
+                ModelBackend::Cpu => volfuse::bench::time_cpu(&case, iters)?,
+                ModelBackend::Gpu(ctx) => volfuse::bench::time_gpu(&ctx, &case, iters)?,
+            };
+            println!("{ours}");
+            if torch {
+                let args: Vec<String> = ["conv3d", "--cin", &channels.to_string(), "--cout"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain([channels.to_string(), "--kernel".into(), "3".into()])
+                    .chain(["--input".into(), tile.to_string(), "--iters".into()])
+                    .chain([iters.to_string()])
+                    .collect();
+                match volfuse::bench::torch_reference(&args) {
+                    Some(v) if v["seconds"].as_f64().is_some() => {
+                        let t = v["seconds"].as_f64().unwrap_or(1.0);
+                        println!(
+                            "pytorch cpu (2 threads): {:.3} s, {:.2} GFLOP/s; volfuse / pytorch speed = {:.3}",
+                            t,
+                            v["gflops"].as_f64().unwrap_or(0.0),
+                            t / ours.seconds
+                        );
+                        if let (Some(o), Some(p)) = (ours.cpu_seconds, v["cpu_seconds"].as_f64()) {
+                            println!(
+                                "  by CPU time: pytorch {p:.3} CPU-s, volfuse {o:.3} CPU-s; volfuse / pytorch speed = {:.3}",
+                                p / o
+                            );
+                        }
+                    }
+                    _ => println!(
+                        "pytorch cpu: not available (create tools/.venv, see tools/README.md)"
+                    ),
                 }
             }
             Ok(())

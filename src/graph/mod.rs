@@ -19,7 +19,7 @@ mod cpu;
 mod gpu;
 mod plan;
 
-pub use cpu::CpuExecutor;
+pub use cpu::{CpuExecutor, CpuSlots};
 pub use gpu::{ConstCache, GpuExecutor, GraphInput};
 pub use plan::{Plan, Step};
 

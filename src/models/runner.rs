@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::graph::{ConstCache, CpuExecutor, GpuExecutor, Graph, GraphInput, Plan};
+use crate::graph::{ConstCache, CpuExecutor, CpuSlots, GpuExecutor, Graph, GraphInput, Plan};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -37,6 +37,8 @@ struct Prepared {
     graph: Graph,
     plan: Plan,
     exe: Option<GpuExecutor>,
+    /// The CPU backend's buffers, reused by every run.
+    cpu: std::sync::Mutex<CpuSlots>,
 }
 
 /// A backend plus the graphs prepared on it, keyed by a caller-chosen string (e.g. the
@@ -70,13 +72,32 @@ impl Runner {
                 Backend::Cpu => None,
                 Backend::Gpu(ctx) => Some(GpuExecutor::new(ctx, &graph, &plan, &mut self.consts)?),
             };
-            self.prepared
-                .insert(key.to_string(), Prepared { graph, plan, exe });
+            self.prepared.insert(
+                key.to_string(),
+                Prepared {
+                    graph,
+                    plan,
+                    exe,
+                    cpu: Default::default(),
+                },
+            );
+        }
+        if matches!(self.backend, Backend::Cpu) {
+            // Only the graph being run keeps CPU buffers: repeated runs reuse them, and
+            // memory stays that of one graph.
+            for (k, p) in self.prepared.iter_mut() {
+                if k != key {
+                    *p.cpu.get_mut().unwrap_or_else(|e| e.into_inner()) = CpuSlots::default();
+                }
+            }
         }
         let p = &self.prepared[key];
         match (&self.backend, &p.exe) {
             (Backend::Gpu(ctx), Some(exe)) => exe.run(ctx, &p.graph, inputs),
-            _ => CpuExecutor::run(&p.graph, &p.plan, inputs),
+            _ => {
+                let mut slots = p.cpu.lock().unwrap_or_else(|e| e.into_inner());
+                CpuExecutor::run_with(&p.graph, &p.plan, inputs, &mut slots)
+            }
         }
     }
 
@@ -102,8 +123,15 @@ impl Runner {
             let graph = build()?;
             let plan = graph.plan(true);
             let exe = Some(GpuExecutor::new(&ctx, &graph, &plan, &mut self.consts)?);
-            self.prepared
-                .insert(key.to_string(), Prepared { graph, plan, exe });
+            self.prepared.insert(
+                key.to_string(),
+                Prepared {
+                    graph,
+                    plan,
+                    exe,
+                    cpu: Default::default(),
+                },
+            );
         }
         let p = &self.prepared[key];
         match &p.exe {
@@ -117,7 +145,7 @@ impl Runner {
         }
     }
 
-    /// Per-op wall times of one run of a prepared graph (GPU only; waits after every op).
+    /// Per-op wall times of one run of a prepared graph (on the GPU it waits after every op).
     pub fn profile(&self, key: &str, inputs: &[&[f32]]) -> Result<Vec<(String, f64, u64)>> {
         match (&self.backend, self.prepared.get(key)) {
             (
@@ -128,6 +156,10 @@ impl Runner {
                     ..
                 }),
             ) => exe.profile(ctx, graph, inputs),
+            (Backend::Cpu, Some(p)) => {
+                let mut slots = p.cpu.lock().unwrap_or_else(|e| e.into_inner());
+                CpuExecutor::profile(&p.graph, &p.plan, inputs, &mut slots)
+            }
             _ => Ok(Vec::new()),
         }
     }

@@ -77,17 +77,43 @@ pub fn batchnorm(
     if d.inner == 0 {
         return;
     }
-    for (plane, (xp, op)) in x
-        .chunks_exact(d.inner)
-        .zip(out.chunks_exact_mut(d.inner))
-        .enumerate()
-    {
-        let c = plane % d.c;
-        let mean = running_mean[c] as f64;
-        let scale = weight[c] as f64 / (running_var[c] as f64 + eps as f64).sqrt();
-        for (o, v) in op.iter_mut().zip(xp) {
-            *o = ((*v as f64 - mean) * scale + bias[c] as f64) as f32;
+    // Planes (one channel of one batch element) are split across threads.
+    crate::ops::par::for_units(out, d.inner, (1 << 15) / d.inner + 1, |p0, planes| {
+        let x = &x[p0 * d.inner..];
+        for (k, (xp, op)) in x
+            .chunks_exact(d.inner)
+            .zip(planes.chunks_exact_mut(d.inner))
+            .enumerate()
+        {
+            batchnorm_plane(
+                xp,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                (p0 + k) % d.c,
+                eps,
+                op,
+            );
         }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn batchnorm_plane(
+    xp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    c: usize,
+    eps: f32,
+    op: &mut [f32],
+) {
+    let mean = running_mean[c] as f64;
+    let scale = weight[c] as f64 / (running_var[c] as f64 + eps as f64).sqrt();
+    for (o, v) in op.iter_mut().zip(xp) {
+        *o = ((*v as f64 - mean) * scale + bias[c] as f64) as f32;
     }
 }
 

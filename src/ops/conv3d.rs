@@ -14,7 +14,8 @@
 use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
-use crate::ops::matmul::{matmul, Dims, Matmul};
+use crate::ops::matmul::gemm_strided;
+use crate::ops::par;
 use crate::shaders::CONV3D;
 use std::sync::Arc;
 
@@ -79,81 +80,84 @@ impl Conv3d {
     }
 }
 
-/// Floats of im2col scratch the CPU reference may hold at once (16 MiB).
-const COL_LIMIT: usize = 1 << 22;
+/// Floats of im2col scratch per task of the CPU reference (4 MiB: it stays in cache).
+const COL_LIMIT: usize = 1 << 20;
 
-/// The CPU reference: im2col over chunks of depth slices, then a gemm per chunk.
+/// The CPU reference. K = 1: one gemm per sample, `W (O×C) · x[n] (C×DHW)`. K = 3:
+/// the (z, y) rows of each sample are split into chunks of a few rows; per chunk an im2col
+/// block `(C·27) × voxels` (zero padded) is built and multiplied by `W (O × C·27)`; chunks
+/// run in parallel, each writing its own voxels of every output channel.
 pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
     let ConvDims { n, c, o, k, .. } = d;
-    let (hw, dhw) = (d.h * d.w, d.voxels());
-    let ck = c * k * k * k;
+    let (w, hw, dhw) = (d.w, d.h * d.w, d.voxels());
+    let (kkk, pad) = (k * k * k, (k / 2) as isize);
+    let ck = c * kkk;
     assert!(x.len() >= n * c * dhw && weight.len() >= o * ck && bias.len() >= o);
     assert!(out.len() >= n * o * dhw);
     if dhw == 0 || o == 0 {
         return;
     }
-    let pad = (k / 2) as isize;
-    let slices = (COL_LIMIT / (ck * hw).max(1)).clamp(1, d.d.max(1));
-    let mut col = vec![0f32; if k == 1 { 0 } else { ck * slices * hw }];
-    let mut tmp = vec![0f32; o * slices * hw];
+    if k == 1 {
+        for ni in 0..n {
+            let on = &mut out[ni * o * dhw..(ni + 1) * o * dhw];
+            par::for_units(on, dhw, 1, |o0, rows| {
+                for (i, row) in rows.chunks_mut(dhw).enumerate() {
+                    row.fill(bias[o0 + i]);
+                }
+            });
+            let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
+            gemm_strided((o, dhw, c), on, dhw, weight, (c, 1), xn, (dhw, 1), true);
+        }
+        return;
+    }
+    let rows = d.d * d.h;
+    let per = (COL_LIMIT / (ck * w).max(1)).clamp(1, rows);
+    let chunks = rows.div_ceil(per);
+    let shared = par::SharedOut::new(out);
     for ni in 0..n {
         let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
-        for z0 in (0..d.d).step_by(slices) {
-            let nz = slices.min(d.d - z0);
-            let vc = nz * hw;
-            let b: &[f32] = if k == 1 {
-                // x[n] is already the (C × DHW) matrix: gather this chunk's columns.
-                col.resize(c * vc, 0.0);
+        par::for_each_index_init(
+            chunks,
+            || (vec![0f32; ck * per * w], vec![0f32; o * per * w]),
+            |(col, tmp), ch| {
+                let (r0, r1) = (ch * per, ((ch + 1) * per).min(rows));
+                let vc = (r1 - r0) * w;
                 for ci in 0..c {
-                    col[ci * vc..(ci + 1) * vc]
-                        .copy_from_slice(&xn[ci * dhw + z0 * hw..ci * dhw + z0 * hw + vc]);
-                }
-                &col
-            } else {
-                for ci in 0..c {
-                    for t in 0..k * k * k {
-                        let (kd, kh, kw) = (t / (k * k), (t / k) % k, t % k);
-                        let row = &mut col[(ci * k * k * k + t) * vc..][..vc];
-                        for zl in 0..nz {
-                            let zz = (z0 + zl) as isize + kd as isize - pad;
-                            for y in 0..d.h {
-                                let yy = y as isize + kh as isize - pad;
-                                let dst = &mut row[(zl * d.h + y) * d.w..][..d.w];
-                                if zz < 0 || zz >= d.d as isize || yy < 0 || yy >= d.h as isize {
-                                    dst.fill(0.0);
-                                    continue;
-                                }
-                                let src =
-                                    &xn[ci * dhw + zz as usize * hw + yy as usize * d.w..][..d.w];
-                                for (xo, v) in dst.iter_mut().enumerate() {
-                                    let xx = xo as isize + kw as isize - pad;
-                                    *v = if xx < 0 || xx >= d.w as isize {
-                                        0.0
-                                    } else {
-                                        src[xx as usize]
-                                    };
-                                }
+                    for t in 0..kkk {
+                        let (kd, kh) = ((t / (k * k)) as isize, ((t / k) % k) as isize);
+                        let shift = (t % k) as isize - pad;
+                        let crow = &mut col[(ci * kkk + t) * vc..][..vc];
+                        for r in r0..r1 {
+                            let dst = &mut crow[(r - r0) * w..][..w];
+                            let zz = (r / d.h) as isize + kd - pad;
+                            let yy = (r % d.h) as isize + kh - pad;
+                            if zz < 0 || zz >= d.d as isize || yy < 0 || yy >= d.h as isize {
+                                dst.fill(0.0);
+                                continue;
+                            }
+                            let src = &xn[ci * dhw + zz as usize * hw + yy as usize * w..][..w];
+                            // dst[x] = src[x + shift], zero outside the row.
+                            let s = shift.unsigned_abs().min(w);
+                            if shift >= 0 {
+                                dst[..w - s].copy_from_slice(&src[s..]);
+                                dst[w - s..].fill(0.0);
+                            } else {
+                                dst[s..].copy_from_slice(&src[..w - s]);
+                                dst[..s].fill(0.0);
                             }
                         }
                     }
                 }
-                &col
-            };
-            let dims = Dims {
-                batch: 1,
-                m: o,
-                n: vc,
-                k: ck,
-                b_batched: false,
-            };
-            matmul(&Matmul::default(), dims, weight, b, &[], &mut tmp[..o * vc]);
-            for oi in 0..o {
-                let dst = &mut out[(ni * o + oi) * dhw + z0 * hw..][..vc];
-                for (v, t) in dst.iter_mut().zip(&tmp[oi * vc..(oi + 1) * vc]) {
-                    *v = t + bias[oi];
+                gemm_strided((o, vc, ck), tmp, vc, weight, (ck, 1), col, (vc, 1), false);
+                for oi in 0..o {
+                    // SAFETY: chunk `ch` writes only voxels r0·w..r1·w of each channel.
+                    let dst = unsafe { shared.slice((ni * o + oi) * dhw + r0 * w, vc) };
+                    for (v, t) in dst.iter_mut().zip(&tmp[oi * vc..(oi + 1) * vc]) {
+                        *v = t + bias[oi];
+                    }
                 }
-            }
-        }
+            },
+        );
     }
 }
 
@@ -500,13 +504,15 @@ mod tests {
 
     #[test]
     fn reference_chunks_depth() {
-        // Large enough that the im2col scratch is split into several depth chunks.
+        // Large enough that the im2col scratch is split into several row chunks.
         let mut r = rng();
         let sh = shapes(1, 40, 2, [6, 64, 64], 3);
         let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
         let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
         let d = Conv3d::new(3).dims(&refs).unwrap();
-        assert!(COL_LIMIT / (d.c * 27 * d.h * d.w) < d.d);
+        // Several row chunks, the last one short.
+        let per = COL_LIMIT / (d.c * 27 * d.w);
+        assert!(per < d.d * d.h && (d.d * d.h) % per != 0);
         let mut out = vec![0f32; d.n * d.o * d.voxels()];
         conv3d(d, &data[0], &data[1], &data[2], &mut out);
         let want = naive(d, &data[0], &data[1], &data[2]);

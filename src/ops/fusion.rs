@@ -6,6 +6,7 @@ use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs};
 use crate::ops::elementwise::sigmoid;
+use crate::ops::matmul::gemm_strided;
 use crate::shaders::FUSION;
 
 /// Inputs: raw (N, C, S...), raw_proj weight (C, C, 1, 1, 1) or (C, C), bias (C),
@@ -13,7 +14,8 @@ use crate::shaders::FUSION;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ContextGate;
 
-/// The CPU reference of [`ContextGate`].
+/// The CPU reference of [`ContextGate`]: the 1×1×1 projection as a gemm into `out`, then
+/// the gated sum, channels split across threads.
 pub fn context_gate(
     raw: &[f32],
     w: &[f32],
@@ -24,23 +26,24 @@ pub fn context_gate(
     s: usize,
     out: &mut [f32],
 ) {
-    let mut proj = vec![0f32; s];
+    if s == 0 || c == 0 {
+        return;
+    }
     for ni in 0..n {
         let base = ni * c * s;
-        for o in 0..c {
-            proj.fill(b[o]);
-            for ci in 0..c {
-                let wv = w[o * c + ci];
-                let r = &raw[base + ci * s..base + (ci + 1) * s];
-                for (p, x) in proj.iter_mut().zip(r) {
-                    *p += wv * x;
+        let on = &mut out[base..base + c * s];
+        // out[n] = W · raw[n] (a gemm), then out = raw + (out + b)·σ(gate) per channel.
+        gemm_strided((c, s, c), on, s, w, (c, 1), &raw[base..], (s, 1), false);
+        crate::ops::par::for_units(on, s, (1 << 15) / s + 1, |o0, rows| {
+            for (k, row) in rows.chunks_mut(s).enumerate() {
+                let o = o0 + k;
+                let at = base + o * s;
+                let (r, g) = (&raw[at..at + s], &gate[at..at + s]);
+                for ((p, x), gv) in row.iter_mut().zip(r).zip(g) {
+                    *p = x + (*p + b[o]) * sigmoid(*gv);
                 }
             }
-            for v in 0..s {
-                let i = base + o * s + v;
-                out[i] = raw[i] + proj[v] * sigmoid(gate[i]);
-            }
-        }
+        });
     }
 }
 
@@ -151,6 +154,36 @@ mod tests {
         let mut out = [0.0];
         context_gate(&[2.0], &[3.0], &[1.0], &[0.0], 1, 1, 1, &mut out);
         assert!((out[0] - (2.0 + 7.0 * 0.5)).abs() < 1e-6);
+    }
+
+    /// The gemm-based reference against the loops of the definition.
+    #[test]
+    fn reference_matches_definition() {
+        use crate::ops::testing::{random, rel_err, rng};
+        let mut r = rng();
+        for (n, c, s) in [(1, 1, 1), (2, 5, 37), (1, 24, 9 * 11 * 13)] {
+            let raw = random(&mut r, n * c * s);
+            let gate = random(&mut r, n * c * s);
+            let w = random(&mut r, c * c);
+            let b = random(&mut r, c);
+            let mut want = vec![0f32; n * c * s];
+            for ni in 0..n {
+                for o in 0..c {
+                    for v in 0..s {
+                        let mut p = b[o] as f64;
+                        for ci in 0..c {
+                            p += w[o * c + ci] as f64 * raw[(ni * c + ci) * s + v] as f64;
+                        }
+                        let i = (ni * c + o) * s + v;
+                        want[i] = raw[i] + p as f32 * sigmoid(gate[i]);
+                    }
+                }
+            }
+            let mut got = vec![f32::NAN; n * c * s];
+            context_gate(&raw, &w, &b, &gate, n, c, s, &mut got);
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-6, "{n} {c} {s}: {e}");
+        }
     }
 
     #[test]

@@ -90,7 +90,8 @@ impl Matmul {
     }
 }
 
-/// The CPU reference (through the `gemm` crate). `bias` is `[n]` or empty.
+/// The CPU reference (through the `gemm` crate, split across the CPU threads). `bias` is
+/// `[n]` or empty.
 pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut [f32]) {
     let Dims {
         batch,
@@ -112,6 +113,32 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
     } else {
         (n as isize, 1)
     };
+    // A shared B and a row-major A: the batch is just more rows of one product.
+    let (batch, rows) = if !b_batched && !m.trans_a && batch > 1 {
+        (1, batch * rows)
+    } else {
+        (batch, rows)
+    };
+    // One batch at a time, each product split across threads by gemm; many small
+    // batches instead go one per thread.
+    if batch > 1 && crate::ops::par::may_split() && rows * n * k < (1 << 21) {
+        let out = crate::ops::par::SharedOut::new(out);
+        crate::ops::par::for_each_index(batch, |bi| {
+            let d1 = Dims {
+                batch: 1,
+                m: rows,
+                n,
+                k,
+                b_batched: false,
+            };
+            let b_off = if b_batched { bi * k * n } else { 0 };
+            // SAFETY: batch `bi` writes only its own [rows x n] block of `out`.
+            let o = unsafe { out.slice(bi * rows * n, rows * n) };
+            matmul(m, d1, &a[bi * rows * k..], &b[b_off..], bias, o);
+        });
+        return;
+    }
+    let par = crate::ops::par::gemm_parallelism();
     for bi in 0..batch {
         let a_off = bi * rows * k;
         let b_off = if b_batched { bi * k * n } else { 0 };
@@ -152,9 +179,65 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
                 false,
                 false,
                 false,
-                gemm::Parallelism::None,
+                par,
             );
         }
+    }
+}
+
+/// A strided product for the other CPU references (conv3d):
+/// `dst[i·dst_rs + j] (+)= Σ_l a[i·a_rs + l·a_cs] · b[l·b_rs + j·b_cs]` for i < m, j < n,
+/// l < k; with `accumulate` the product is added to `dst`, else it replaces it. Split
+/// across the CPU threads unless called from inside a parallel task.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The last element each operand is read or written at must be in bounds.
+    assert!((m - 1) * dst_rs + n <= dst.len());
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
+    // SAFETY: every index touched is within the bounds asserted above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            crate::ops::par::gemm_parallelism(),
+        );
     }
 }
 

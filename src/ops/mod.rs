@@ -14,6 +14,7 @@ pub mod elementwise;
 pub mod fusion;
 pub mod matmul;
 pub mod norm;
+pub mod par;
 pub mod pool3d;
 pub mod resize;
 pub mod rope;

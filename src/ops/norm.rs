@@ -62,7 +62,17 @@ impl LayerNorm {
 
 /// The CPU reference: each row of `d` values of `x` is normalised with its mean and biased
 /// variance (two passes, f64), then scaled by `weight` and shifted by `bias`.
+/// Rows are split across threads.
 pub fn layernorm(x: &[f32], weight: &[f32], bias: &[f32], d: usize, eps: f32, out: &mut [f32]) {
+    if d == 0 {
+        return;
+    }
+    super::par::for_units(out, d, 64, |r0, rows| {
+        layernorm_rows(&x[r0 * d..], weight, bias, d, eps, rows)
+    });
+}
+
+fn layernorm_rows(x: &[f32], weight: &[f32], bias: &[f32], d: usize, eps: f32, out: &mut [f32]) {
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
         let var = xr

@@ -59,50 +59,49 @@ impl Pool3d {
     }
 }
 
-/// Calls `f(out_index, [8 window elements])` for every output of a 2×2×2, stride-2 pool.
-fn windows(x: &[f32], dims: PoolDims, mut f: impl FnMut(usize, [f32; 8])) {
-    let PoolDims { lead, d, h, w } = dims;
+/// Sets every output of a 2×2×2, stride-2 pool to `f([8 window elements])`; output planes
+/// are split across threads.
+fn windows(x: &[f32], dims: PoolDims, out: &mut [f32], f: impl Fn([f32; 8]) -> f32 + Sync + Send) {
+    let PoolDims { d, h, w, .. } = dims;
     let [od, oh, ow] = dims.out();
-    let mut o = 0;
-    for l in 0..lead {
-        for z in 0..od {
+    let plane = oh * ow;
+    if plane == 0 || od == 0 {
+        return;
+    }
+    crate::ops::par::for_units(out, plane, (1 << 14) / plane + 1, |p0, planes| {
+        for (k, op) in planes.chunks_mut(plane).enumerate() {
+            let (l, z) = ((p0 + k) / od, (p0 + k) % od);
             for y in 0..oh {
                 let row = |dz: usize, dy: usize| ((l * d + 2 * z + dz) * h + 2 * y + dy) * w;
                 let (r00, r01, r10, r11) = (row(0, 0), row(0, 1), row(1, 0), row(1, 1));
                 for c in 0..ow {
-                    let c = 2 * c;
-                    f(
-                        o,
-                        [
-                            x[r00 + c],
-                            x[r00 + c + 1],
-                            x[r01 + c],
-                            x[r01 + c + 1],
-                            x[r10 + c],
-                            x[r10 + c + 1],
-                            x[r11 + c],
-                            x[r11 + c + 1],
-                        ],
-                    );
-                    o += 1;
+                    let x0 = 2 * c;
+                    op[y * ow + c] = f([
+                        x[r00 + x0],
+                        x[r00 + x0 + 1],
+                        x[r01 + x0],
+                        x[r01 + x0 + 1],
+                        x[r10 + x0],
+                        x[r10 + x0 + 1],
+                        x[r11 + x0],
+                        x[r11 + x0 + 1],
+                    ]);
                 }
             }
         }
-    }
+    });
 }
 
 /// CPU reference of `MaxPool3d(2)`: the max of each 2×2×2 window.
 pub fn maxpool3d(x: &[f32], dims: PoolDims, out: &mut [f32]) {
-    windows(x, dims, |o, v| {
-        out[o] = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    windows(x, dims, out, |v| {
+        v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     });
 }
 
 /// CPU reference of `avg_pool3d(k=2, s=2)`: the mean of each 2×2×2 window.
 pub fn avgpool3d(x: &[f32], dims: PoolDims, out: &mut [f32]) {
-    windows(x, dims, |o, v| {
-        out[o] = v.iter().sum::<f32>() / 8.0;
-    });
+    windows(x, dims, out, |v| v.iter().sum::<f32>() / 8.0);
 }
 
 impl Op for Pool3d {

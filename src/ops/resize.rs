@@ -110,12 +110,19 @@ pub fn taps(axis: Axis) -> Vec<(usize, usize, f32, f32)> {
 }
 
 /// CPU reference of trilinear resizing of `lead` volumes `(D, H, W)` along `axes` (D, H, W).
+/// Output planes are split across threads.
 pub fn trilinear(x: &[f32], lead: usize, axes: [Axis; 3], out: &mut [f32]) {
     let [td, th, tw] = axes.map(taps);
     let [d, h, w] = axes.map(|a| a.n_in);
-    let mut o = 0;
-    for l in 0..lead {
-        for &(d0, d1, wd0, wd1) in &td {
+    let plane = th.len() * tw.len();
+    if plane == 0 || td.is_empty() {
+        return;
+    }
+    let out = &mut out[..lead * td.len() * plane];
+    crate::ops::par::for_units(out, plane, (1 << 14) / plane + 1, |p0, planes| {
+        for (k, op) in planes.chunks_mut(plane).enumerate() {
+            let (l, (d0, d1, wd0, wd1)) = ((p0 + k) / td.len(), td[(p0 + k) % td.len()]);
+            let mut o = 0;
             for &(h0, h1, wh0, wh1) in &th {
                 let row = |dz: usize, hy: usize| &x[((l * d + dz) * h + hy) * w..][..w];
                 let rows = [row(d0, h0), row(d0, h1), row(d1, h0), row(d1, h1)];
@@ -123,31 +130,40 @@ pub fn trilinear(x: &[f32], lead: usize, axes: [Axis; 3], out: &mut [f32]) {
                     let [a, b, c, e] = rows.map(|r| r[w0] * ww0 + r[w1] * ww1);
                     let v0 = a * wh0 + b * wh1;
                     let v1 = c * wh0 + e * wh1;
-                    out[o] = v0 * wd0 + v1 * wd1;
+                    op[o] = v0 * wd0 + v1 * wd1;
                     o += 1;
                 }
             }
         }
-    }
+    });
 }
 
 /// CPU reference of bilinear resizing of `lead` planes `(H, W)` along `axes` (H, W).
+/// Planes are split across threads.
 pub fn bilinear(x: &[f32], lead: usize, axes: [Axis; 2], out: &mut [f32]) {
     let [th, tw] = axes.map(taps);
     let [h, w] = axes.map(|a| a.n_in);
-    let mut o = 0;
-    for l in 0..lead {
-        for &(h0, h1, wh0, wh1) in &th {
-            let r0 = &x[(l * h + h0) * w..][..w];
-            let r1 = &x[(l * h + h1) * w..][..w];
-            for &(w0, w1, ww0, ww1) in &tw {
-                let a = r0[w0] * ww0 + r0[w1] * ww1;
-                let b = r1[w0] * ww0 + r1[w1] * ww1;
-                out[o] = a * wh0 + b * wh1;
-                o += 1;
+    let plane = th.len() * tw.len();
+    if plane == 0 {
+        return;
+    }
+    let out = &mut out[..lead * plane];
+    crate::ops::par::for_units(out, plane, (1 << 14) / plane + 1, |l0, planes| {
+        for (k, op) in planes.chunks_mut(plane).enumerate() {
+            let l = l0 + k;
+            let mut o = 0;
+            for &(h0, h1, wh0, wh1) in &th {
+                let r0 = &x[(l * h + h0) * w..][..w];
+                let r1 = &x[(l * h + h1) * w..][..w];
+                for &(w0, w1, ww0, ww1) in &tw {
+                    let a = r0[w0] * ww0 + r0[w1] * ww1;
+                    let b = r1[w0] * ww0 + r1[w1] * ww1;
+                    op[o] = a * wh0 + b * wh1;
+                    o += 1;
+                }
             }
         }
-    }
+    });
 }
 
 #[repr(C)]

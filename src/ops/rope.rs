@@ -26,9 +26,29 @@ pub fn rope(
     prefix: usize,
     out: &mut [f32],
 ) {
+    if dim == 0 || t == 0 {
+        return;
+    }
+    super::par::for_units(out, dim, 64, |r0, rows| {
+        rope_rows(&x[r0 * dim..], cos, sin, t, dim, hd, prefix, r0, rows)
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rope_rows(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    t: usize,
+    dim: usize,
+    hd: usize,
+    prefix: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
     let half = hd / 2;
     for (row, (xr, or)) in x.chunks(dim).zip(out.chunks_mut(dim)).enumerate() {
-        let tok = row % t;
+        let tok = (r0 + row) % t;
         if tok < prefix {
             or.copy_from_slice(xr);
             continue;
