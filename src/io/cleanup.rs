@@ -9,13 +9,25 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::error::{Error, Result};
 
 static REGISTRY: Mutex<BTreeMap<u64, PathBuf>> = Mutex::new(BTreeMap::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Writers hold it (shared) while they write to a temporary path; the interrupt handler
+/// takes it exclusively, so it never removes a path in the middle of a write that could
+/// recreate part of it, and no write starts after the removal.
+static WRITE_GATE: RwLock<()> = RwLock::new(());
+
+/// Held while writing to a temporary output (see [`remove_all`]). Refuses once the
+/// process was interrupted.
+pub fn write_guard() -> Result<RwLockReadGuard<'static, ()>> {
+    let g = WRITE_GATE.read().unwrap_or_else(|p| p.into_inner());
+    check_interrupted()?;
+    Ok(g)
+}
 
 /// A temporary output path, removed when dropped unless [`TempPath::commit`] renamed it.
 #[derive(Debug)]
@@ -56,7 +68,7 @@ impl TempPath {
     /// exists (allowed by the caller's `--force` check) is moved aside first and removed
     /// after the rename, so the new output appears in one step.
     pub fn commit(self, target: &Path) -> Result<()> {
-        check_interrupted()?;
+        let _gate = write_guard()?;
         let mut aside = None;
         if target.is_dir() {
             let old = TempPath::beside(target)?;
@@ -116,7 +128,10 @@ pub fn registered() -> Vec<PathBuf> {
 /// Removes every registered temporary path and marks the process as interrupted: writers
 /// refuse further slabs from then on, so nothing recreates what was removed.
 pub fn remove_all() {
+    let gate = WRITE_GATE.write().unwrap_or_else(|p| p.into_inner());
     INTERRUPTED.store(true, Ordering::SeqCst);
+    // the gate stays closed: this process is about to exit
+    std::mem::forget(gate);
     let mut reg = lock();
     for p in reg.values() {
         remove_path(p);

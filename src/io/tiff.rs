@@ -399,7 +399,7 @@ impl<K: TiffKind> SlabWriter for TiffWriter<K> {
 
     fn write_slab(&mut self, z0: usize, slab: SlabData<'_>) -> Result<()> {
         let nz = check_slab(&self.shape, self.next_z, z0, slab.len())?;
-        before_slab()?;
+        let _gate = before_slab()?;
         let (k, _, plane) = kdp(&self.shape);
         for z in 0..nz {
             for c in 0..k {

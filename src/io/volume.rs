@@ -483,16 +483,16 @@ pub(crate) fn kdp(shape: &[usize]) -> (usize, usize, usize) {
 }
 
 /// Test hook: `VOLFUSE_TEST_SLAB_DELAY_MS` makes every streaming writer sleep before each
-/// slab, so the Ctrl-C test can interrupt a run mid-write. Also refuses slabs after an
-/// interrupt.
-pub(crate) fn before_slab() -> Result<()> {
+/// slab, so the Ctrl-C test can interrupt a run mid-write. Returns the guard to hold while
+/// writing the slab (refused after an interrupt).
+pub(crate) fn before_slab() -> Result<std::sync::RwLockReadGuard<'static, ()>> {
     if let Some(ms) = std::env::var("VOLFUSE_TEST_SLAB_DELAY_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    crate::io::cleanup::check_interrupted()
+    crate::io::cleanup::write_guard()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -554,7 +554,7 @@ impl SlabWriter for NpyWriter {
 
     fn write_slab(&mut self, z0: usize, slab: SlabData<'_>) -> Result<()> {
         let nz = check_slab(&self.shape, self.next_z, z0, slab.len())?;
-        before_slab()?;
+        let _gate = before_slab()?;
         let (k, d, plane) = kdp(&self.shape);
         let per_k = nz * plane;
         let es = match self.ty {

@@ -372,7 +372,7 @@ impl SlabWriter for ZarrWriter {
 
     fn write_slab(&mut self, z0: usize, slab: SlabData<'_>) -> Result<()> {
         let nz = check_slab(&self.shape, self.next_z, z0, slab.len())?;
-        before_slab()?;
+        let _gate = before_slab()?;
         let (k, _, plane) = kdp(&self.shape);
         for z in 0..nz {
             let rows = self.rows();
@@ -482,7 +482,8 @@ mod tests {
         let a = read_json(&p2, &p2.join("0/.zarray")).unwrap();
         assert_eq!(a["chunks"], json!([1, 4, 4, 4]));
         assert_eq!(a["dimension_separator"], "/");
-        assert!(p2.join("0/1/4/4/4").is_file(), "v2 chunk keys use '/'");
+        assert!(p2.join("0/1/1/1/1").is_file(), "v2 chunk keys use '/'");
+        assert!(p3.join("0/c/1/1/1/1").is_file(), "v3 default chunk keys");
         for p in [&p2, &p3] {
             let (s, data, _) = read_array(p, &ReadOptions::default()).unwrap();
             assert_eq!(s, shape.to_vec());
