@@ -554,7 +554,7 @@ fn formats_ctrl_c_leaves_no_half_written_output() {
     for name in ["out.npy", "out.tif", "out.zarr"] {
         let out = d.join(name);
         // 4 slabs of 16 z, 400 ms each: the writer is mid-output for over a second
-        let mut child = Command::new(env!("CARGO_BIN_EXE_volfuse"))
+        let child = Command::new(env!("CARGO_BIN_EXE_volfuse"))
             .args([
                 "convert",
                 "--input",

@@ -242,7 +242,14 @@ pub fn output_format(path: &Path) -> Result<Format> {
 /// are returned as they are; int8, int16 and float16 are converted to float32 exactly (the
 /// returned notes say so); other dtypes are refused with a message naming them.
 pub fn read_array(path: &Path, opts: &ReadOptions) -> Result<(Vec<usize>, ArrayData, Vec<String>)> {
-    match input_format(path)? {
+    let format = input_format(path)?;
+    if format != Format::Zarr && opts.level.is_some_and(|l| l > 0) {
+        return Err(Error::io(
+            path,
+            "has a single scale; multiscale levels (--level) exist only in OME-Zarr inputs",
+        ));
+    }
+    match format {
         Format::Npy => {
             let npy = crate::io::npy::read(path)?;
             let mut notes = Vec::new();
@@ -820,6 +827,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not found"), "{e}");
+        npy::write(&p, &[2, 3, 4], &[0.5f32; 24], true).unwrap();
+        let e = read_volume(&p, &ReadOptions { level: Some(1) })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only in OME-Zarr"), "{e}");
         std::fs::write(d.join("v.raw"), b"x").unwrap();
         let e = read_volume(&d.join("v.raw"), &ReadOptions::default())
             .unwrap_err()
