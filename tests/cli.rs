@@ -478,4 +478,325 @@ fn run_single_tile_keeps_the_model_grid() {
         "{same} of {}",
         want.len()
     );
+// ---------------------------------------------------------------------------------------------
+// Formats and safe outputs (issue #6): every bad input fails with a clear message, a non-zero
+// exit and nothing written; Ctrl-C leaves nothing behind.
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh folder for one test.
+fn formats_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("volfuse-cli-fmt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Names of temporary files or folders left in `dir`.
+fn formats_leftovers(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+/// Runs volfuse expecting failure; checks the message, that nothing panicked, that `out`
+/// does not exist and that no temporary file is left beside it.
+fn formats_fails(args: &[&str], want: &[&str], out: &std::path::Path) {
+    let (ok, log) = volfuse(args);
+    assert!(!ok, "{args:?} succeeded: {log}");
+    assert!(!log.contains("panicked"), "{log}");
+    for w in want {
+        assert!(log.contains(w), "{args:?}: expected '{w}' in: {log}");
+    }
+    assert!(!out.exists(), "{} was written", out.display());
+    if let Some(dir) = out.parent().filter(|d| d.is_dir()) {
+        assert!(
+            formats_leftovers(dir).is_empty(),
+            "{:?}",
+            formats_leftovers(dir)
+        );
+    }
+}
+
+#[test]
+fn formats_convert_round_trips_through_every_format() {
+    let d = formats_dir("convert");
+    let src = d.join("v.npy");
+    let vals: Vec<u16> = (0..20 * 9 * 7).map(|i| (i * 37 % 60000) as u16).collect();
+    npy::write(&src, &[20, 9, 7], &vals, false).unwrap();
+    let chain = ["v.tif", "v2.zarr", "v3.zarr", "back.npy"];
+    let mut prev = src.clone();
+    for (i, name) in chain.iter().enumerate() {
+        let out = d.join(name);
+        let mut args = vec![
+            "convert",
+            "--input",
+            prev.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        if i == 1 {
+            args.extend(["--zarr-version", "2"]);
+        }
+        let (ok, log) = volfuse(&args);
+        assert!(ok, "{log}");
+        prev = out;
+    }
+    assert!(d.join("v2.zarr/.zattrs").is_file() && d.join("v3.zarr/zarr.json").is_file());
+    let back = npy::read(&prev).unwrap();
+    assert_eq!(back.shape, vec![20, 9, 7]);
+    assert_eq!(back.data, npy::NpyData::U16(vals));
+    assert!(formats_leftovers(&d).is_empty());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn formats_bad_inputs_and_outputs_fail_cleanly() {
+    let d = formats_dir("bad");
+    let model = fixture("bundle_tiny_ctx");
+    let raw = fixture("e2e_tiny_ctx/raw.npy");
+    let out = d.join("labels.npy");
+    let m = model.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let run = |input: &str, model: &str, out: &str| -> Vec<String> {
+        [
+            "run",
+            "--backend",
+            "cpu",
+            "--model",
+            model,
+            "--input",
+            input,
+            "--output",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let check = |args: Vec<String>, want: &[&str], out: &std::path::Path| {
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        formats_fails(&a, want, out);
+    };
+
+    // unreadable: missing, and not a .npy at all
+    let missing = d.join("missing.npy");
+    check(
+        run(missing.to_str().unwrap(), m, o),
+        &["missing.npy", "not found"],
+        &out,
+    );
+    let garbage = d.join("garbage.npy");
+    std::fs::write(&garbage, b"this is not numpy data at all, not even close").unwrap();
+    check(run(garbage.to_str().unwrap(), m, o), &["garbage.npy"], &out);
+
+    // truncated .npy and .tif
+    let good = npy::read(&raw).unwrap();
+    let trunc = d.join("trunc.npy");
+    let bytes = std::fs::read(&raw).unwrap();
+    std::fs::write(&trunc, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    check(
+        run(trunc.to_str().unwrap(), m, o),
+        &["trunc.npy", "truncated"],
+        &out,
+    );
+    let tif = d.join("raw.tif");
+    let (ok, log) = volfuse(&[
+        "convert",
+        "--input",
+        raw.to_str().unwrap(),
+        "--output",
+        tif.to_str().unwrap(),
+    ]);
+    assert!(ok, "{log}");
+    let tbytes = std::fs::read(&tif).unwrap();
+    let ttrunc = d.join("trunc.tif");
+    std::fs::write(&ttrunc, &tbytes[..tbytes.len() / 2]).unwrap();
+    let tout = d.join("from_trunc.npy");
+    formats_fails(
+        &[
+            "convert",
+            "--input",
+            ttrunc.to_str().unwrap(),
+            "--output",
+            tout.to_str().unwrap(),
+        ],
+        &["trunc.tif", "truncated or corrupt"],
+        &tout,
+    );
+
+    // wrong dtype, 2-D, NaN and Inf
+    let f64p = d.join("f64.npy");
+    npy::write(
+        &f64p,
+        &good.shape,
+        &good.to_f32().iter().map(|x| *x as f64).collect::<Vec<_>>(),
+        false,
+    )
+    .unwrap();
+    check(
+        run(f64p.to_str().unwrap(), m, o),
+        &["float64", "float32"],
+        &out,
+    );
+    let flat = d.join("flat.npy");
+    npy::write(&flat, &[8, 8], &[1u8; 64], false).unwrap();
+    check(run(flat.to_str().unwrap(), m, o), &["3-D", "[8, 8]"], &out);
+    for (name, bad) in [("nan.npy", f32::NAN), ("inf.npy", f32::NEG_INFINITY)] {
+        let mut v = good.to_f32();
+        v[5] = bad;
+        let p = d.join(name);
+        npy::write(&p, &good.shape, &v, false).unwrap();
+        check(
+            run(p.to_str().unwrap(), m, o),
+            &[name, "non-finite", "nan_to_num"],
+            &out,
+        );
+    }
+
+    // missing bundle files
+    let copy = |name: &str, skip: &str| -> PathBuf {
+        let b = d.join(name);
+        std::fs::create_dir_all(b.join("backbone")).unwrap();
+        for f in [
+            "volfuse.json",
+            "unet.safetensors",
+            "backbone/config.json",
+            "backbone/model.safetensors",
+        ] {
+            if f != skip {
+                std::fs::copy(model.join(f), b.join(f)).unwrap();
+            }
+        }
+        b
+    };
+    let no_unet = copy("no_unet", "unet.safetensors");
+    check(
+        run(raw.to_str().unwrap(), no_unet.to_str().unwrap(), o),
+        &["unet.safetensors"],
+        &out,
+    );
+    let no_cfg = copy("no_cfg", "backbone/config.json");
+    check(
+        run(raw.to_str().unwrap(), no_cfg.to_str().unwrap(), o),
+        &["config.json"],
+        &out,
+    );
+    let no_manifest = copy("no_manifest", "volfuse.json");
+    check(
+        run(raw.to_str().unwrap(), no_manifest.to_str().unwrap(), o),
+        &["volfuse.json"],
+        &out,
+    );
+
+    // output folder missing
+    let nowhere = d.join("no/such/folder/labels.npy");
+    check(
+        run(raw.to_str().unwrap(), m, nowhere.to_str().unwrap()),
+        &["does not exist"],
+        &nowhere,
+    );
+    for ext in ["npy", "tif", "zarr"] {
+        let p = d.join(format!("no/such/folder/v.{ext}"));
+        formats_fails(
+            &[
+                "convert",
+                "--input",
+                raw.to_str().unwrap(),
+                "--output",
+                p.to_str().unwrap(),
+            ],
+            &["does not exist"],
+            &p,
+        );
+    }
+
+    // an existing output is kept without --force (run and convert, file and folder outputs)
+    std::fs::write(&out, b"precious").unwrap();
+    let (ok, log) = volfuse(
+        &run(raw.to_str().unwrap(), m, o)
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    );
+    assert!(!ok && log.contains("--force"), "{log}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    let z = d.join("keep.zarr");
+    std::fs::create_dir_all(&z).unwrap();
+    std::fs::write(z.join("precious"), b"1").unwrap();
+    let (ok, log) = volfuse(&[
+        "convert",
+        "--input",
+        raw.to_str().unwrap(),
+        "--output",
+        z.to_str().unwrap(),
+    ]);
+    assert!(!ok && log.contains("--force"), "{log}");
+    assert!(z.join("precious").is_file());
+    let (ok, log) = volfuse(&[
+        "convert",
+        "--input",
+        raw.to_str().unwrap(),
+        "--output",
+        z.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(ok, "{log}");
+    assert!(!z.join("precious").exists() && z.join("zarr.json").is_file());
+    assert!(
+        formats_leftovers(&d).is_empty(),
+        "{:?}",
+        formats_leftovers(&d)
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn formats_ctrl_c_leaves_no_half_written_output() {
+    let d = formats_dir("sigint");
+    let src = d.join("v.npy");
+    npy::write(&src, &[64, 16, 16], &vec![7u8; 64 * 256], false).unwrap();
+    for name in ["out.npy", "out.tif", "out.zarr"] {
+        let out = d.join(name);
+        // 4 slabs of 16 z, 400 ms each: the writer is mid-output for over a second
+        let child = Command::new(env!("CARGO_BIN_EXE_volfuse"))
+            .args([
+                "convert",
+                "--input",
+                src.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .env("VOLFUSE_TEST_SLAB_DELAY_MS", "400")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run volfuse");
+        let t = std::time::Instant::now();
+        while formats_leftovers(&d).is_empty() {
+            assert!(
+                t.elapsed().as_secs() < 30,
+                "{name}: no temporary output appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let pid = child.id().to_string();
+        let killed = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        assert!(killed.success());
+        let out_ = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out_.stderr);
+        assert_eq!(out_.status.code(), Some(130), "{name}: {log}");
+        assert!(log.contains("interrupted"), "{name}: {log}");
+        assert!(!out.exists(), "{name} was written");
+        assert!(
+            formats_leftovers(&d).is_empty(),
+            "{name}: {:?}",
+            formats_leftovers(&d)
+        );
+    }
+    std::fs::remove_dir_all(&d).unwrap();
 }

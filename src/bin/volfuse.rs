@@ -70,6 +70,23 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Convert a volume between formats (.npy, .tif/.tiff stack, .zarr OME-Zarr), streamed slab by slab.
+    Convert {
+        /// Volume (D, H, W): .npy, .tif/.tiff, a folder of .tif pages, or .zarr (OME-Zarr v2/v3).
+        #[arg(long)]
+        input: PathBuf,
+        /// OME-Zarr input: the multiscale level to read (0 = full resolution).
+        #[arg(long, default_value_t = 0)]
+        level: usize,
+        /// Output: .npy, .tif/.tiff or .zarr.
+        #[arg(long)]
+        output: PathBuf,
+        /// .zarr output: Zarr format 3 (OME-NGFF 0.5) or 2 (OME-NGFF 0.4).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=3))]
+        zarr_version: u8,
+        #[arg(long)]
+        force: bool,
+    },
     /// Run the DINOv3 ViT on images: (N, 3, H, W) float32, already normalised → last_hidden_state (N, T, C).
     Backbone {
         /// HF DINOv3 folder (config.json + model.safetensors).
@@ -173,6 +190,9 @@ fn main() -> std::process::ExitCode {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
+    if let Err(e) = volfuse::io::cleanup::install_interrupt_handler() {
+        eprintln!("warning: {e}");
+    }
     match dispatch(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -182,9 +202,62 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn convert(input: &Path, level: usize, output: &Path, zarr_version: u8, force: bool) -> Result<()> {
+    use volfuse::io::volume::{self as vol, OutType, SlabData};
+    use volfuse::models::planes::VolumeData;
+    let t = std::time::Instant::now();
+    let opts = vol::ReadOptions { level: Some(level) };
+    let (v, notes) = vol::read_volume_noted(input, &opts)?;
+    for n in notes {
+        eprintln!("note: {n}");
+    }
+    let [d, h, w] = v.shape();
+    let ty = match v.data() {
+        VolumeData::U8(_) => OutType::U8,
+        VolumeData::U16(_) => OutType::U16,
+        VolumeData::F32(_) => OutType::F32,
+    };
+    let wopts = vol::WriteOptions {
+        force,
+        zarr_version: if zarr_version == 2 {
+            vol::ZarrVersion::V2
+        } else {
+            vol::ZarrVersion::V3
+        },
+        chunk: None,
+    };
+    let mut writer = vol::create_writer_with(output, &[d, h, w], ty, &wopts)?;
+    let plane = h * w;
+    for z0 in (0..d).step_by(16) {
+        let r = z0 * plane..(z0 + 16).min(d) * plane;
+        let slab = match v.data() {
+            VolumeData::U8(x) => SlabData::U8(&x[r]),
+            VolumeData::U16(x) => SlabData::U16(&x[r]),
+            VolumeData::F32(x) => SlabData::F32(&x[r]),
+        };
+        writer.write_slab(z0, slab)?;
+    }
+    writer.finish()?;
+    eprintln!(
+        "converted {} ({d}×{h}×{w} {}) → {} in {:.2} s",
+        input.display(),
+        v.dtype(),
+        output.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Info { model, device } => info(model.as_deref(), &device),
+        Cmd::Convert {
+            input,
+            level,
+            output,
+            zarr_version,
+            force,
+        } => convert(&input, level, &output, zarr_version, force),
         Cmd::Bench {
             vit: Some(size),
             device,

@@ -402,7 +402,7 @@ fn write_elements<T: NpyElement>(w: &mut impl std::io::Write, data: &[T]) -> std
 }
 
 /// The full header (magic, version, length, dict, padding, newline) for an array.
-fn header_bytes(dtype: DType, shape: &[usize]) -> Vec<u8> {
+pub(crate) fn header_bytes(dtype: DType, shape: &[usize]) -> Vec<u8> {
     let shape_repr = match shape {
         [] => "()".to_string(),
         [n] => format!("({n},)"),

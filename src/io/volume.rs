@@ -6,10 +6,13 @@
 //! `0..D` exactly once. [`SlabWriter::finish`] makes the output visible (rename of the
 //! temporary file); dropping a writer without `finish` leaves nothing at the output path.
 
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::io::npy::{self, NpyElement};
+use crate::io::cleanup::TempPath;
+use crate::io::npy::{self, NpyData, NpyElement};
 
 /// One slab of output values.
 #[derive(Clone, Copy, Debug)]
@@ -143,46 +146,469 @@ impl SlabWriter for MemoryWriter {
 /// How to read an input volume.
 #[derive(Clone, Debug, Default)]
 pub struct ReadOptions {
-    /// OME-Zarr: the multiscale level to read (0 = full resolution).
+    /// OME-Zarr: the multiscale level to read (0 = full resolution, the default).
     pub level: Option<usize>,
 }
 
-/// Reads an input volume `(D, H, W)` (format chosen by extension). The interim
-/// implementation reads `.npy`; TIFF stacks and OME-Zarr follow.
-pub fn read_volume(path: &Path, opts: &ReadOptions) -> Result<crate::models::Volume> {
-    let _ = opts;
-    crate::models::Volume::read(path)
+/// The elements of an array read from a file (uint8, uint16 or float32).
+pub use crate::models::planes::VolumeData as ArrayData;
+
+/// Which Zarr format a `.zarr` output is written in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ZarrVersion {
+    V2,
+    #[default]
+    V3,
 }
 
-/// Creates a writer for `path` (format chosen by extension). Refuses an existing `path`
-/// unless `force`. The interim implementation buffers in memory and writes `.npy` at
-/// `finish`; streaming writers (npy, TIFF, OME-Zarr) replace it.
+/// How to write an output array (see [`create_writer_with`]).
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    /// Replace an existing output.
+    pub force: bool,
+    /// `.zarr` outputs: Zarr v3 (OME-NGFF 0.5, the default) or v2 (OME-NGFF 0.4).
+    pub zarr_version: ZarrVersion,
+    /// `.zarr` outputs: chunk edge along z, y and x (default 64, clamped to the shape).
+    pub chunk: Option<usize>,
+}
+
+/// The file formats volfuse reads and writes, chosen by extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// NumPy `.npy`.
+    Npy,
+    /// A multi-page TIFF (`.tif`, `.tiff`): one page per z.
+    Tiff,
+    /// A folder of single-page TIFFs, one per z, sorted by file name (input only).
+    TiffFolder,
+    /// OME-Zarr (v2 or v3) or a plain Zarr array: a `.zarr` folder.
+    Zarr,
+}
+
+const FORMATS: &str = ".npy, .tif/.tiff (a multi-page stack), .zarr (OME-Zarr v2/v3 or a plain zarr array), or a folder of single-page .tif files";
+
+fn has_ext(path: &Path, exts: &[&str]) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// The format of an input path: by extension, or by what a folder holds.
+pub fn input_format(path: &Path) -> Result<Format> {
+    if has_ext(path, &["npy"]) {
+        return Ok(Format::Npy);
+    }
+    if has_ext(path, &["tif", "tiff"]) {
+        return Ok(Format::Tiff);
+    }
+    if has_ext(path, &["zarr"]) {
+        return Ok(Format::Zarr);
+    }
+    if path.is_dir() {
+        if [".zarray", ".zgroup", "zarr.json"]
+            .iter()
+            .any(|f| path.join(f).is_file())
+        {
+            return Ok(Format::Zarr);
+        }
+        return Ok(Format::TiffFolder);
+    }
+    if !path.exists() {
+        return Err(Error::io(path, "file not found"));
+    }
+    Err(Error::io(
+        path,
+        format!("unknown volume format (by its extension); volfuse reads {FORMATS}"),
+    ))
+}
+
+/// The format of an output path, by extension.
+pub fn output_format(path: &Path) -> Result<Format> {
+    if has_ext(path, &["npy"]) {
+        Ok(Format::Npy)
+    } else if has_ext(path, &["tif", "tiff"]) {
+        Ok(Format::Tiff)
+    } else if has_ext(path, &["zarr"]) {
+        Ok(Format::Zarr)
+    } else {
+        Err(Error::io(
+            path,
+            "unknown output format; name the output .npy, .tif/.tiff or .zarr",
+        ))
+    }
+}
+
+/// Reads an array (any rank) from `.npy`, a TIFF stack or Zarr. uint8, uint16 and float32
+/// are returned as they are; int8, int16 and float16 are converted to float32 exactly (the
+/// returned notes say so); other dtypes are refused with a message naming them.
+pub fn read_array(path: &Path, opts: &ReadOptions) -> Result<(Vec<usize>, ArrayData, Vec<String>)> {
+    let format = input_format(path)?;
+    if format != Format::Zarr && opts.level.is_some_and(|l| l > 0) {
+        return Err(Error::io(
+            path,
+            "has a single scale; multiscale levels (--level) exist only in OME-Zarr inputs",
+        ));
+    }
+    match format {
+        Format::Npy => {
+            let npy = crate::io::npy::read(path)?;
+            let mut notes = Vec::new();
+            let dtype = npy.dtype();
+            let data = match npy.data {
+                NpyData::U8(v) => ArrayData::U8(v),
+                NpyData::U16(v) => ArrayData::U16(v),
+                NpyData::F32(v) => ArrayData::F32(v),
+                d @ (NpyData::F16(_) | NpyData::I16(_)) => {
+                    notes.push(format!(
+                        "{}: {} converted to float32 (exact)",
+                        path.display(),
+                        dtype_name(dtype)
+                    ));
+                    ArrayData::F32(d.into_f32())
+                }
+                _ => return Err(unsupported_dtype(path, dtype_name(dtype))),
+            };
+            Ok((npy.shape, data, notes))
+        }
+        Format::Tiff => crate::io::tiff::read(path),
+        Format::TiffFolder => crate::io::tiff::read_folder(path),
+        Format::Zarr => crate::io::zarr::read(path, opts.level.unwrap_or(0)),
+    }
+}
+
+fn dtype_name(d: crate::io::DType) -> &'static str {
+    use crate::io::DType;
+    match d {
+        DType::F32 => "float32",
+        DType::F64 => "float64",
+        DType::F16 => "float16",
+        DType::U8 => "uint8",
+        DType::U16 => "uint16",
+        DType::U32 => "uint32",
+        DType::I16 => "int16",
+        DType::I32 => "int32",
+        DType::I64 => "int64",
+        DType::Bool => "bool",
+    }
+}
+
+/// The error for a volume dtype volfuse does not take.
+pub(crate) fn unsupported_dtype(path: &Path, dtype: &str) -> Error {
+    Error::io(
+        path,
+        format!(
+            "volume dtype {dtype} is not supported: volfuse takes uint8, uint16 or float32 \
+             (int8, int16 and float16 are converted to float32).\n  fix: convert the volume, \
+             e.g. in NumPy vol.astype(numpy.float32)"
+        ),
+    )
+}
+
+/// Reads an input volume `(D, H, W)`: `.npy`, a TIFF stack (a multi-page `.tif`, or a
+/// folder of single-page TIFFs sorted by name), or OME-Zarr v2/v3 (`.zarr`; the multiscale
+/// level `opts.level`, default 0) or a plain zarr array. Leading axes of size 1 (OME-Zarr's
+/// t, c) are dropped. Also returns notes (dtype conversions) for the user.
+pub fn read_volume_noted(
+    path: &Path,
+    opts: &ReadOptions,
+) -> Result<(crate::models::Volume, Vec<String>)> {
+    let (shape, data, notes) = read_array(path, opts)?;
+    let mut dims: Vec<usize> = shape.clone();
+    while dims.len() > 3 && dims[0] == 1 {
+        dims.remove(0);
+    }
+    let shape3: [usize; 3] = dims[..].try_into().map_err(|_| {
+        Error::io(
+            path,
+            format!(
+                "the volume must be 3-D (D, H, W), got shape {shape:?}{}",
+                if shape.len() == 2 {
+                    ".\n  fix: a single image needs a depth axis, e.g. numpy.save(path, img[None]), \
+                     or a TIFF stack with one page per z"
+                } else if shape.len() > 3 {
+                    ".\n  fix: volfuse takes one channel; select it first"
+                } else {
+                    ""
+                }
+            ),
+        )
+    })?;
+    let vol = crate::models::Volume::new(shape3, data).map_err(|e| match e {
+        Error::Invalid(m) => Error::io(path, m),
+        e => e,
+    })?;
+    Ok((vol, notes))
+}
+
+/// Reads an input volume `(D, H, W)`; see [`read_volume_noted`] (this drops the notes).
+pub fn read_volume(path: &Path, opts: &ReadOptions) -> Result<crate::models::Volume> {
+    read_volume_noted(path, opts).map(|(v, _)| v)
+}
+
+/// Creates a streaming writer for `path`, the format chosen by extension (`.npy`,
+/// `.tif`/`.tiff`, `.zarr` as OME-Zarr v3). Refuses an existing `path` unless `force`, and
+/// a missing folder. Nothing appears at `path` until [`SlabWriter::finish`].
 pub fn create_writer(
     path: &Path,
     shape: &[usize],
     ty: OutType,
     force: bool,
 ) -> Result<Box<dyn SlabWriter>> {
-    if path.exists() && !force {
+    create_writer_with(
+        path,
+        shape,
+        ty,
+        &WriteOptions {
+            force,
+            ..WriteOptions::default()
+        },
+    )
+}
+
+/// [`create_writer`] with options (Zarr version, chunk size).
+pub fn create_writer_with(
+    path: &Path,
+    shape: &[usize],
+    ty: OutType,
+    opts: &WriteOptions,
+) -> Result<Box<dyn SlabWriter>> {
+    let format = output_format(path)?;
+    check_slab(shape, 0, 0, 0)?;
+    if shape.contains(&0) {
+        return Err(Error::Invalid(format!(
+            "cannot write {}: output shape {shape:?} has an empty axis",
+            path.display()
+        )));
+    }
+    if format != Format::Zarr && path.is_dir() {
         return Err(Error::io(
             path,
-            "already exists; pass --force to overwrite it, or choose another output path",
+            "is a folder; give the path of a file to write",
         ));
     }
-    let path = path.to_path_buf();
-    let mut w = MemoryWriter::new(shape);
-    w.on_finish = Some(Box::new(move |shape: &[usize], ch: Vec<Vec<f64>>| {
-        let all: Vec<f64> = ch.concat();
-        fn conv<T: NpyElement>(v: &[f64], f: impl Fn(f64) -> T) -> Vec<T> {
-            v.iter().map(|x| f(*x)).collect()
-        }
+    crate::io::check_output(path, opts.force)?;
+    Ok(match format {
+        Format::Npy => Box::new(NpyWriter::create(path, shape, ty, opts.force)?),
+        Format::Tiff => crate::io::tiff::create_writer(path, shape, ty, opts.force)?,
+        Format::Zarr => crate::io::zarr::create_writer(path, shape, ty, opts)?,
+        Format::TiffFolder => unreachable!("not an output format"),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slab buffers shared by the writers
+// ---------------------------------------------------------------------------------------------
+
+/// A typed buffer of output values, filled from slabs of any type (converted as Rust's `as`
+/// does for floats → integers: saturating, NaN → 0; integers are clamped).
+#[derive(Clone, Debug)]
+pub(crate) enum SlabBuf {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+impl SlabBuf {
+    pub(crate) fn zeros(ty: OutType, n: usize) -> SlabBuf {
         match ty {
-            OutType::U8 => npy::write(&path, shape, &conv(&all, |x| x as u8), force),
-            OutType::U16 => npy::write(&path, shape, &conv(&all, |x| x as u16), force),
-            OutType::F32 => npy::write(&path, shape, &conv(&all, |x| x as f32), force),
+            OutType::U8 => SlabBuf::U8(vec![0; n]),
+            OutType::U16 => SlabBuf::U16(vec![0; n]),
+            OutType::F32 => SlabBuf::F32(vec![0.0; n]),
         }
-    }));
-    Ok(Box::new(w))
+    }
+
+    /// Copies `src[range]` (converted) to `self[dst..]`.
+    pub(crate) fn copy_from(
+        &mut self,
+        dst: usize,
+        src: SlabData<'_>,
+        range: std::ops::Range<usize>,
+    ) {
+        let n = range.len();
+        match (self, src) {
+            (SlabBuf::U8(d), SlabData::U8(s)) => d[dst..dst + n].copy_from_slice(&s[range]),
+            (SlabBuf::U8(d), SlabData::U16(s)) => {
+                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
+                    *o = (*x).min(u8::MAX as u16) as u8;
+                }
+            }
+            (SlabBuf::U8(d), SlabData::F32(s)) => {
+                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
+                    *o = *x as u8;
+                }
+            }
+            (SlabBuf::U16(d), SlabData::U8(s)) => {
+                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
+                    *o = *x as u16;
+                }
+            }
+            (SlabBuf::U16(d), SlabData::U16(s)) => d[dst..dst + n].copy_from_slice(&s[range]),
+            (SlabBuf::U16(d), SlabData::F32(s)) => {
+                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
+                    *o = *x as u16;
+                }
+            }
+            (SlabBuf::F32(d), SlabData::U8(s)) => {
+                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
+                    *o = *x as f32;
+                }
+            }
+            (SlabBuf::F32(d), SlabData::U16(s)) => {
+                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
+                    *o = *x as f32;
+                }
+            }
+            (SlabBuf::F32(d), SlabData::F32(s)) => d[dst..dst + n].copy_from_slice(&s[range]),
+        }
+    }
+
+    /// The values `[range]` as little-endian bytes.
+    pub(crate) fn le_bytes(&self, range: std::ops::Range<usize>) -> std::borrow::Cow<'_, [u8]> {
+        fn le<T: NpyElement>(v: &[T]) -> std::borrow::Cow<'_, [u8]> {
+            if cfg!(target_endian = "little") {
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice(v))
+            } else {
+                let w: Vec<T> = v.iter().map(|x| x.to_le()).collect();
+                std::borrow::Cow::Owned(bytemuck::cast_slice(&w).to_vec())
+            }
+        }
+        match self {
+            SlabBuf::U8(v) => le(&v[range]),
+            SlabBuf::U16(v) => le(&v[range]),
+            SlabBuf::F32(v) => le(&v[range]),
+        }
+    }
+}
+
+/// `(K, D, H·W)` of a writer's shape.
+pub(crate) fn kdp(shape: &[usize]) -> (usize, usize, usize) {
+    match shape {
+        [d, h, w] => (1, *d, h * w),
+        [k, d, h, w] => (*k, *d, h * w),
+        _ => (1, 0, 0),
+    }
+}
+
+/// Test hook: `VOLFUSE_TEST_SLAB_DELAY_MS` makes every streaming writer sleep before each
+/// slab, so the Ctrl-C test can interrupt a run mid-write. Returns the guard to hold while
+/// writing the slab (refused after an interrupt).
+pub(crate) fn before_slab() -> Result<std::sync::RwLockReadGuard<'static, ()>> {
+    if let Some(ms) = std::env::var("VOLFUSE_TEST_SLAB_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    crate::io::cleanup::write_guard()
+}
+
+// ---------------------------------------------------------------------------------------------
+// .npy streaming writer
+// ---------------------------------------------------------------------------------------------
+
+/// Writes a `.npy` file slab by slab: the header goes in first, each channel's part of a
+/// slab is written at its own offset, and the finished file is renamed into place.
+pub struct NpyWriter {
+    tmp: TempPath,
+    file: File,
+    target: PathBuf,
+    shape: Vec<usize>,
+    ty: OutType,
+    force: bool,
+    header_len: u64,
+    next_z: usize,
+}
+
+impl NpyWriter {
+    pub fn create(path: &Path, shape: &[usize], ty: OutType, force: bool) -> Result<NpyWriter> {
+        let dtype = match ty {
+            OutType::U8 => crate::io::DType::U8,
+            OutType::U16 => crate::io::DType::U16,
+            OutType::F32 => crate::io::DType::F32,
+        };
+        let header = npy::header_bytes(dtype, shape);
+        let total = shape
+            .iter()
+            .try_fold(dtype.size() as u64, |a, &s| a.checked_mul(s as u64))
+            .and_then(|n| n.checked_add(header.len() as u64))
+            .ok_or_else(|| Error::Invalid(format!("output shape {shape:?} is too large")))?;
+        let tmp = TempPath::beside(path)?;
+        let ioerr = |e: std::io::Error| Error::io(path, format!("could not write the file: {e}"));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp.path())
+            .map_err(ioerr)?;
+        file.write_all(&header).map_err(ioerr)?;
+        file.set_len(total).map_err(ioerr)?;
+        Ok(NpyWriter {
+            tmp,
+            file,
+            target: path.to_path_buf(),
+            shape: shape.to_vec(),
+            ty,
+            force,
+            header_len: header.len() as u64,
+            next_z: 0,
+        })
+    }
+}
+
+impl SlabWriter for NpyWriter {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn write_slab(&mut self, z0: usize, slab: SlabData<'_>) -> Result<()> {
+        let nz = check_slab(&self.shape, self.next_z, z0, slab.len())?;
+        let _gate = before_slab()?;
+        let (k, d, plane) = kdp(&self.shape);
+        let per_k = nz * plane;
+        let es = match self.ty {
+            OutType::U8 => 1,
+            OutType::U16 => 2,
+            OutType::F32 => 4,
+        };
+        let mut buf = SlabBuf::zeros(self.ty, per_k);
+        for c in 0..k {
+            buf.copy_from(0, slab, c * per_k..(c + 1) * per_k);
+            let off = self.header_len + ((c * d + z0) * plane * es) as u64;
+            let r = self
+                .file
+                .seek(SeekFrom::Start(off))
+                .and_then(|_| self.file.write_all(&buf.le_bytes(0..per_k)));
+            r.map_err(|e| Error::io(&self.target, format!("could not write the file: {e}")))?;
+        }
+        self.next_z += nz;
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        let (_, d, _) = kdp(&self.shape);
+        if self.next_z != d {
+            return Err(Error::io(
+                &self.target,
+                format!(
+                    "output finished after z {} of {d}; nothing was written",
+                    self.next_z
+                ),
+            ));
+        }
+        if !self.force && self.target.exists() {
+            return Err(Error::io(
+                &self.target,
+                "appeared while writing; pass --force to overwrite it",
+            ));
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(&self.target, format!("could not write the file: {e}")))?;
+        let NpyWriter {
+            tmp, file, target, ..
+        } = *self;
+        drop(file);
+        tmp.commit(&target)
+    }
 }
 
 #[cfg(test)]
@@ -205,5 +631,212 @@ mod tests {
         );
         assert_eq!(&w.channels[1][8..], &[20., 21., 22., 23.]);
         Box::new(w).finish().unwrap();
+    }
+
+    fn tmpdir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("volfuse-vol-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Writes `vals` (C order, `shape`) through `create_writer` in slabs of varying depth.
+    fn write_slabs(path: &Path, shape: &[usize], vals: &ArrayData, opts: &WriteOptions) {
+        let ty = match vals {
+            ArrayData::U8(_) => OutType::U8,
+            ArrayData::U16(_) => OutType::U16,
+            ArrayData::F32(_) => OutType::F32,
+        };
+        let mut w = create_writer_with(path, shape, ty, opts).unwrap();
+        let (k, d, plane) = kdp(shape);
+        let mut z = 0;
+        for nz in [2usize, 1, 3, 4].iter().cycle() {
+            if z == d {
+                break;
+            }
+            let nz = (*nz).min(d - z);
+            let idx: Vec<usize> = (0..k)
+                .flat_map(|c| (c * d + z) * plane..(c * d + z + nz) * plane)
+                .collect();
+            match vals {
+                ArrayData::U8(v) => {
+                    let s: Vec<u8> = idx.iter().map(|&i| v[i]).collect();
+                    w.write_slab(z, SlabData::U8(&s)).unwrap()
+                }
+                ArrayData::U16(v) => {
+                    let s: Vec<u16> = idx.iter().map(|&i| v[i]).collect();
+                    w.write_slab(z, SlabData::U16(&s)).unwrap()
+                }
+                ArrayData::F32(v) => {
+                    let s: Vec<f32> = idx.iter().map(|&i| v[i]).collect();
+                    w.write_slab(z, SlabData::F32(&s)).unwrap()
+                }
+            }
+            z += nz;
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn every_format_round_trips_every_dtype_and_rank() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let d = tmpdir("rt");
+        let outs = [
+            ("a.npy", ZarrVersion::V3),
+            ("a.tif", ZarrVersion::V3),
+            ("a3.zarr", ZarrVersion::V3),
+            ("a2.zarr", ZarrVersion::V2),
+        ];
+        for shape in [vec![9usize, 10, 11], vec![3, 7, 5, 6]] {
+            let n: usize = shape.iter().product();
+            let arrays = [
+                ArrayData::U8((0..n).map(|_| rng.random()).collect()),
+                ArrayData::U16((0..n).map(|_| rng.random()).collect()),
+                ArrayData::F32((0..n).map(|_| rng.random_range(-1e3f32..1e3)).collect()),
+            ];
+            for vals in &arrays {
+                for (name, v) in outs {
+                    let p = d.join(name);
+                    let opts = WriteOptions {
+                        force: true,
+                        zarr_version: v,
+                        chunk: Some(4),
+                    };
+                    write_slabs(&p, &shape, vals, &opts);
+                    let (s, got, notes) = read_array(&p, &ReadOptions::default()).unwrap();
+                    let what = format!("{name} {shape:?} {} seed {seed}", vals.dtype());
+                    assert_eq!(s, shape, "{what}");
+                    assert!(&got == vals, "{what}: values differ");
+                    assert!(notes.is_empty(), "{what}");
+                }
+            }
+        }
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn unfinished_writers_leave_nothing_and_outputs_are_kept_without_force() {
+        let d = tmpdir("unfinished");
+        for name in ["u.npy", "u.tif", "u.zarr"] {
+            let p = d.join(name);
+            let mut w = create_writer(&p, &[4, 3, 3], OutType::U8, false).unwrap();
+            w.write_slab(0, SlabData::U8(&[1u8; 18])).unwrap();
+            drop(w); // an error in the caller: no finish
+            assert!(!p.exists(), "{name}");
+            let mut w = create_writer(&p, &[4, 3, 3], OutType::U8, false).unwrap();
+            w.write_slab(0, SlabData::U8(&[1u8; 18])).unwrap();
+            let e = w.finish().unwrap_err().to_string();
+            assert!(e.contains("after z 2 of 4"), "{name}: {e}");
+            assert!(!p.exists(), "{name}");
+            // an existing output is kept without force, replaced with it
+            let old = ArrayData::U8(vec![9; 36]);
+            write_slabs(&p, &[4, 3, 3], &old, &WriteOptions::default());
+            let e = create_writer(&p, &[4, 3, 3], OutType::U8, false)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("--force"), "{name}: {e}");
+            assert_eq!(read_array(&p, &ReadOptions::default()).unwrap().1, old);
+            let new = ArrayData::U8(vec![5; 36]);
+            let force = WriteOptions {
+                force: true,
+                ..Default::default()
+            };
+            write_slabs(&p, &[4, 3, 3], &new, &force);
+            assert_eq!(read_array(&p, &ReadOptions::default()).unwrap().1, new);
+        }
+        let e = create_writer(&d.join("no/such/dir/x.npy"), &[1, 2, 2], OutType::U8, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let e = create_writer(&d.join("x.png"), &[1, 2, 2], OutType::U8, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown output format"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn npy_inputs_bad_and_converted() {
+        let d = tmpdir("npyin");
+        let p = d.join("v.npy");
+        // float16 and int16 are converted exactly, with a note
+        let h: Vec<half::f16> = (0..8)
+            .map(|i| half::f16::from_f32(i as f32 * 0.5))
+            .collect();
+        npy::write(&p, &[2, 2, 2], &h, true).unwrap();
+        let (v, notes) = read_volume_noted(&p, &ReadOptions::default()).unwrap();
+        assert_eq!(
+            v.data(),
+            &ArrayData::F32((0..8).map(|i| i as f32 * 0.5).collect())
+        );
+        assert!(notes[0].contains("float16 converted"), "{notes:?}");
+        // float64 is refused, naming the dtype and what is accepted
+        npy::write(&p, &[2, 2, 2], &[1.0f64; 8], true).unwrap();
+        let e = read_volume(&p, &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("float64") && e.contains("uint8, uint16 or float32"),
+            "{e}"
+        );
+        // 2-D
+        npy::write(&p, &[3, 4], &[1u8; 12], true).unwrap();
+        let e = read_volume(&p, &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3-D") && e.contains("img[None]"), "{e}");
+        // NaN / Inf
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = vec![0.5f32; 24];
+            x[13] = bad;
+            npy::write(&p, &[2, 3, 4], &x, true).unwrap();
+            let e = read_volume(&p, &ReadOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("non-finite") && e.contains("(1, 0, 1)"), "{e}");
+        }
+        // truncated
+        npy::write(&p, &[2, 3, 4], &[0.5f32; 24], true).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 7]).unwrap();
+        let e = read_volume(&p, &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
+        // unreadable / unknown
+        let e = read_volume(&d.join("nope.npy"), &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not found"), "{e}");
+        npy::write(&p, &[2, 3, 4], &[0.5f32; 24], true).unwrap();
+        let e = read_volume(&p, &ReadOptions { level: Some(1) })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only in OME-Zarr"), "{e}");
+        std::fs::write(d.join("v.raw"), b"x").unwrap();
+        let e = read_volume(&d.join("v.raw"), &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown volume format"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
