@@ -66,6 +66,33 @@ pub enum LimitsChoice {
     Downlevel,
 }
 
+impl LimitsChoice {
+    /// Parses `adapter`, `default` (or `webgpu`) or `downlevel`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "adapter" | "" => Ok(LimitsChoice::Adapter),
+            "default" | "webgpu" => Ok(LimitsChoice::WebGpuDefault),
+            "downlevel" => Ok(LimitsChoice::Downlevel),
+            other => Err(Error::Invalid(format!(
+                "unknown limits '{other}': use one of adapter, default, downlevel"
+            ))),
+        }
+    }
+
+    /// The limits to request from an adapter offering `adapter`: the adapter's own, or
+    /// the chosen preset made no better than the adapter anywhere (a preset value the
+    /// adapter cannot meet is lowered to the adapter's).
+    pub fn resolve(self, adapter: &wgpu::Limits) -> wgpu::Limits {
+        match self {
+            LimitsChoice::Adapter => adapter.clone(),
+            LimitsChoice::WebGpuDefault => wgpu::Limits::default().or_worse_values_from(adapter),
+            LimitsChoice::Downlevel => {
+                wgpu::Limits::downlevel_defaults().or_worse_values_from(adapter)
+            }
+        }
+    }
+}
+
 /// Options for a headless context.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -76,9 +103,13 @@ pub struct GpuOptions {
 }
 
 impl GpuOptions {
-    /// Options with `VOLFUSE_API` and `VOLFUSE_ADAPTER` applied where the fields are unset.
+    /// Options with `VOLFUSE_API`, `VOLFUSE_ADAPTER` and `VOLFUSE_LIMITS` applied where
+    /// the fields are unset.
     pub fn from_env() -> Result<Self> {
         let mut o = GpuOptions::default();
+        if let Ok(l) = std::env::var("VOLFUSE_LIMITS") {
+            o.limits = LimitsChoice::parse(&l)?;
+        }
         if let Ok(api) = std::env::var("VOLFUSE_API") {
             o.api = Api::parse(&api)?;
         }
@@ -201,15 +232,7 @@ impl GpuContext {
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let features = adapter.features() & wanted;
-        let limits = match opts.limits {
-            LimitsChoice::Adapter => adapter.limits(),
-            LimitsChoice::WebGpuDefault => {
-                wgpu::Limits::default().using_resolution(adapter.limits())
-            }
-            LimitsChoice::Downlevel => {
-                wgpu::Limits::downlevel_defaults().using_resolution(adapter.limits())
-            }
-        };
+        let limits = opts.limits.resolve(&adapter.limits());
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("volfuse"),
             required_features: features,
