@@ -145,6 +145,15 @@ pub struct Caps {
 
 type PipelineKey = (&'static str, &'static str, String);
 
+/// A kernel a context compiled: the shader variant's name (see `shaders::variants`), the
+/// entry point and the `override` constants it was specialised with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompiledKernel {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, f64)>,
+}
+
 /// A wgpu device and queue plus everything volfuse caches on them.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -153,6 +162,7 @@ pub struct GpuContext {
     pub caps: Caps,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     textures: Mutex<HashMap<(usize, u32), wgpu::Texture>>,
+    compiled: Mutex<Vec<CompiledKernel>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -280,6 +290,7 @@ impl GpuContext {
             caps,
             pipelines: Mutex::new(HashMap::new()),
             textures: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(Vec::new()),
         }
     }
 
@@ -345,7 +356,29 @@ impl GpuContext {
         }
         let p = Arc::new(pipeline);
         cache.insert(key, p.clone());
+        self.record_compiled(shader.name, entry, constants);
         Ok(p)
+    }
+
+    fn record_compiled(
+        &self,
+        shader: &'static str,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) {
+        if let Ok(mut c) = self.compiled.lock() {
+            c.push(CompiledKernel {
+                shader,
+                entry,
+                constants: constants.to_vec(),
+            });
+        }
+    }
+
+    /// Every kernel this context compiled so far, in order: which shader variants, entry
+    /// points and specialisation constants the engine chose for this device.
+    pub fn compiled_kernels(&self) -> Vec<CompiledKernel> {
+        self.compiled.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// A pipeline with an explicit bind group layout (needed for dynamic offsets).
@@ -401,6 +434,7 @@ impl GpuContext {
         }
         let p = Arc::new(pipeline);
         cache.insert(key, p.clone());
+        self.record_compiled(shader.name, entry, &[]);
         Ok((p, bgl))
     }
 
