@@ -361,3 +361,61 @@ fn forced_limits_are_applied_and_no_better_than_the_adapter() {
     assert!(LimitsChoice::parse("downlevel").is_ok());
     assert!(LimitsChoice::parse("tiny").is_err());
 }
+
+fn budget_context(budget: u64) -> Arc<GpuContext> {
+    let mut opts = GpuOptions::from_env().expect("VOLFUSE_* variables");
+    opts.memory_budget = Some(budget);
+    common::gpu(); // sets XDG_RUNTIME_DIR when unset
+    Arc::new(GpuContext::new(&opts).expect("a GPU adapter"))
+}
+
+#[test]
+fn a_tiny_memory_budget_is_a_typed_out_of_memory_error_with_a_hint() {
+    use volfuse::ops::{elementwise, run_gpu};
+    let ctx = budget_context(4 << 20);
+    let relu = elementwise::Unary::Relu;
+    // Small work fits the budget and still runs.
+    let x: Vec<f32> = (0..1000).map(|i| i as f32 - 500.0).collect();
+    let (y, _) = run_gpu(&ctx, &relu, &[(&x, &[1000])], None).expect("fits the budget");
+    assert_eq!(y[0], 0.0);
+    assert_eq!(y[999], 499.0);
+    // 2 MiB in + 2 MiB out exceed 4 MiB together with what is already held.
+    let big = vec![1.0f32; 1 << 19];
+    let err = run_gpu(&ctx, &relu, &[(&big, &[1 << 19])], None).unwrap_err();
+    assert!(
+        matches!(err, volfuse::Error::OutOfMemory { .. }),
+        "got {err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("smaller tile") && msg.contains("--backend cpu"),
+        "{msg}"
+    );
+
+    // A whole model under a budget too small for it fails the same way, without a panic.
+    let ctx = budget_context(1 << 20);
+    let bundle = volfuse::models::Bundle::load(&common::fixture("bundle_tiny_ctx")).unwrap();
+    let raw = volfuse::models::Volume::read(&common::fixture("e2e_tiny_ctx/raw.npy")).unwrap();
+    let mut runner = volfuse::models::Runner::new(volfuse::models::Backend::Gpu(ctx));
+    let err = volfuse::models::pipeline::segment(&bundle, &mut runner, &raw, None, 64)
+        .err()
+        .expect("1 MiB is too small for the tiny model");
+    assert!(
+        matches!(err, volfuse::Error::OutOfMemory { .. }),
+        "got {err:?}"
+    );
+    assert!(volfuse::gpu::parse_bytes("64M").unwrap() == 64 << 20);
+    assert!(volfuse::gpu::parse_bytes("lots").is_err());
+}
+
+#[test]
+fn device_loss_is_a_typed_error_with_a_hint() {
+    use volfuse::ops::{elementwise, run_gpu};
+    let ctx = budget_context(u64::MAX);
+    let x = vec![1.0f32; 256];
+    run_gpu(&ctx, &elementwise::Unary::Relu, &[(&x, &[256])], None).expect("runs");
+    ctx.device.destroy();
+    let err = run_gpu(&ctx, &elementwise::Unary::Relu, &[(&x, &[256])], None).unwrap_err();
+    assert!(matches!(err, volfuse::Error::DeviceLost(_)), "got {err:?}");
+    assert!(err.to_string().contains("--backend cpu"), "{err}");
+}
