@@ -419,3 +419,52 @@ fn device_loss_is_a_typed_error_with_a_hint() {
     assert!(matches!(err, volfuse::Error::DeviceLost(_)), "got {err:?}");
     assert!(err.to_string().contains("--backend cpu"), "{err}");
 }
+
+#[test]
+fn every_entry_point_fits_webgpu_default_limits() {
+    // WebGPU's defaults bound every device volfuse targets; entry points that need more
+    // than the downlevel 4 storage buffers must have a fallback the engine picks instead
+    // (proven by the downlevel run in emitted_specialisations_translate_...).
+    let d = wgpu::Limits::default();
+    let mut failures = Vec::new();
+    let mut over_downlevel = Vec::new();
+    for shader in shaders::variants() {
+        let (module, info) = parse(shader).expect("validated above");
+        for (i, ep) in module.entry_points.iter().enumerate() {
+            let fi = info.get_entry_point(i);
+            let mut storage = 0;
+            let mut workgroup_bytes = 0u32;
+            for (h, g) in module.global_variables.iter() {
+                if fi[h].is_empty() {
+                    continue;
+                }
+                match g.space {
+                    naga::AddressSpace::Storage { .. } => storage += 1,
+                    naga::AddressSpace::WorkGroup => {
+                        workgroup_bytes += module.types[g.ty].inner.size(module.to_ctx())
+                    }
+                    _ => {}
+                }
+            }
+            let [x, y, z] = ep.workgroup_size;
+            let name = format!("{}::{}", shader.name, ep.name);
+            if storage > d.max_storage_buffers_per_shader_stage {
+                failures.push(format!("{name}: {storage} storage buffers"));
+            }
+            if x * y * z > d.max_compute_invocations_per_workgroup {
+                failures.push(format!("{name}: workgroup {x}×{y}×{z}"));
+            }
+            if workgroup_bytes > d.max_compute_workgroup_storage_size {
+                failures.push(format!("{name}: {workgroup_bytes} B workgroup storage"));
+            }
+            if storage > 4 {
+                over_downlevel.push(format!("{name} ({storage})"));
+            }
+        }
+    }
+    eprintln!(
+        "entry points needing more than 4 storage buffers: {}",
+        over_downlevel.join(", ")
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
