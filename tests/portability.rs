@@ -1,6 +1,6 @@
 //! Portability: every shader variant the engine can emit is translated by naga to the
 //! languages of wgpu's other backends (MSL for Metal, HLSL for DX12, SPIR-V for Vulkan,
-//! GLSL ES 3.10 for GL), and the engine runs under forced WebGPU-default and downlevel
+//! GLSL ES 3.10 and GLSL 4.30 for GL), and the engine runs under forced WebGPU-default and downlevel
 //! limits, falling back to variants that fit.
 //!
 //! Where the variants come from: `volfuse::shaders::variants()` lists every source text
@@ -126,32 +126,39 @@ fn translate(
     // OpenGL ES 3.1 context. Subgroup variants are never chosen there (wgpu's GL backend
     // does not expose SUBGROUP), so only the portable texts must translate.
     if !subgroups {
-        let glsl_opts = glsl::Options {
-            version: glsl::Version::Embedded {
+        // Desktop GLSL 4.30 too: what wgpu emits when EGL gives it a desktop GL context
+        // (llvmpipe here reports "4.5 (Core Profile)").
+        for version in [
+            glsl::Version::Embedded {
                 version: 310,
                 is_webgl: false,
             },
-            ..Default::default()
-        };
-        let glsl_pipe = glsl::PipelineOptions {
-            shader_stage: ShaderStage::Compute,
-            entry_point: entry.to_string(),
-            multiview: None,
-        };
-        let mut text = String::new();
-        match glsl::Writer::new(
-            &mut text,
-            &module,
-            &info,
-            &glsl_opts,
-            &glsl_pipe,
-            naga::proc::BoundsCheckPolicies::default(),
-        )
-        .and_then(|mut w| w.write())
-        {
-            Ok(_) if text.contains("layout(local_size_x") => {}
-            Ok(_) => failures.push("glsl: no compute layout written".into()),
-            Err(e) => failures.push(format!("glsl: {e}")),
+            glsl::Version::Desktop(430),
+        ] {
+            let glsl_opts = glsl::Options {
+                version,
+                ..Default::default()
+            };
+            let glsl_pipe = glsl::PipelineOptions {
+                shader_stage: ShaderStage::Compute,
+                entry_point: entry.to_string(),
+                multiview: None,
+            };
+            let mut text = String::new();
+            match glsl::Writer::new(
+                &mut text,
+                &module,
+                &info,
+                &glsl_opts,
+                &glsl_pipe,
+                naga::proc::BoundsCheckPolicies::default(),
+            )
+            .and_then(|mut w| w.write())
+            {
+                Ok(_) if text.contains("layout(local_size_x") => {}
+                Ok(_) => failures.push(format!("glsl {version}: no compute layout written")),
+                Err(e) => failures.push(format!("glsl {version}: {e}")),
+            }
         }
     }
     failures
