@@ -81,7 +81,12 @@ fn translate(
         entry_point: entry.to_string(),
     };
     match spv::write_vec(&module, &info, &spv_opts, Some(&spv_pipe)) {
-        Ok(words) if words.len() > 5 && words[0] == 0x0723_0203 => {}
+        Ok(words) if words.len() > 5 && words[0] == 0x0723_0203 => {
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            if let Some(e) = external("spirv-val", &["--target-env", "vulkan1.1"], &bytes, "spv") {
+                failures.push(format!("spir-v (spirv-val): {e}"));
+            }
+        }
         Ok(_) => failures.push("spir-v: empty or bad magic".into()),
         Err(e) => failures.push(format!("spir-v: {e}")),
     }
@@ -155,7 +160,11 @@ fn translate(
             )
             .and_then(|mut w| w.write())
             {
-                Ok(_) if text.contains("layout(local_size_x") => {}
+                Ok(_) if text.contains("layout(local_size_x") => {
+                    if let Some(e) = external("glslangValidator", &[], text.as_bytes(), "comp") {
+                        failures.push(format!("glsl {version} (glslang): {e}"));
+                    }
+                }
                 Ok(_) => failures.push(format!("glsl {version}: no compute layout written")),
                 Err(e) => failures.push(format!("glsl {version}: {e}")),
             }
@@ -163,6 +172,38 @@ fn translate(
     }
     failures
 }
+
+/// Runs an external validator (`spirv-val`, `glslangValidator`) on `data` when it is on
+/// PATH: the translated code is then checked by the consumer's own front end, not only
+/// produced. Returns its complaint, or None (valid, or the tool is not installed).
+fn external(tool: &str, args: &[&str], data: &[u8], suffix: &str) -> Option<String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "volfuse-portability-{}-{}.{suffix}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, data).ok()?;
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .arg(&path)
+        .output();
+    let _ = std::fs::remove_file(&path);
+    let out = out.ok()?; // not installed
+    EXTERNAL_RUNS.fetch_add(1, Ordering::Relaxed);
+    if out.status.success() {
+        None
+    } else {
+        Some(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+static EXTERNAL_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn entry_points(module: &Module) -> Vec<String> {
     module
@@ -206,7 +247,10 @@ fn every_variant_and_entry_point_translates_to_msl_hlsl_spirv_glsl() {
             translated += 1;
         }
     }
-    eprintln!("translated {translated} (variant, entry point) pairs");
+    eprintln!(
+        "translated {translated} (variant, entry point) pairs; {} external validator runs",
+        EXTERNAL_RUNS.load(std::sync::atomic::Ordering::Relaxed)
+    );
     assert!(translated > 2 * shaders::ALL.len());
     assert!(
         failures.is_empty(),
