@@ -40,3 +40,43 @@ fn context_gate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgrou
         }
     }
 }
+
+// The same in two passes, for devices with fewer than 5 storage buffers per shader stage
+// (downlevel limits allow 4): context_gate_proj writes the projection Σ W·raw + b to out,
+// context_gate_apply turns it into raw + out · σ(gate) in place.
+@compute @workgroup_size(64)
+fn context_gate_proj(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let v = gid.x;
+    let ob = wg.y % p.oblocks;
+    let n = wg.y / p.oblocks;
+    if (v >= p.s) { return; }
+    let base = n * p.c * p.s;
+    let o0 = ob * 4u;
+    var acc = vec4<f32>(0.0);
+    for (var c = 0u; c < p.c; c++) {
+        let r = raw[base + c * p.s + v];
+        let wr = vec4<f32>(w[min(o0, p.c - 1u) * p.c + c], w[min(o0 + 1u, p.c - 1u) * p.c + c],
+                           w[min(o0 + 2u, p.c - 1u) * p.c + c], w[min(o0 + 3u, p.c - 1u) * p.c + c]);
+        acc += wr * r;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let o = o0 + j;
+        if (o < p.c) { out[base + o * p.s + v] = acc[j] + b[o]; }
+    }
+}
+
+@compute @workgroup_size(64)
+fn context_gate_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let v = gid.x;
+    let ob = wg.y % p.oblocks;
+    let n = wg.y / p.oblocks;
+    if (v >= p.s) { return; }
+    let base = n * p.c * p.s;
+    for (var j = 0u; j < 4u; j++) {
+        let o = ob * 4u + j;
+        if (o < p.c) {
+            let i = base + o * p.s + v;
+            out[i] = raw[i] + out[i] / (1.0 + exp(-gate[i]));
+        }
+    }
+}

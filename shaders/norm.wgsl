@@ -68,6 +68,33 @@ fn batchnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
     for (var i = i0; i < min(i0 + G, n); i++) { out[i] = (x[i] - mean) * scale + shift; }
 }
 
+// Batchnorm in two passes, for devices with fewer than 6 storage buffers per shader stage
+// (downlevel limits allow 4): batchnorm_normalize writes (x - mean) / sqrt(var + eps) to
+// out, batchnorm_affine scales and shifts it in place.
+@compute @workgroup_size(64)
+fn batchnorm_normalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let i0 = index(wg, nwg, lid) * G;
+    let n = p.n;
+    if (i0 >= n) { return; }
+    let c = (i0 / p.d) % p.c;
+    let mean = running_mean[c];
+    let rstd = 1.0 / sqrt(running_var[c] + p.eps);
+    for (var i = i0; i < min(i0 + G, n); i++) { out[i] = (x[i] - mean) * rstd; }
+}
+
+@compute @workgroup_size(64)
+fn batchnorm_affine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i0 = index(wg, nwg, lid) * G;
+    let n = p.n;
+    if (i0 >= n) { return; }
+    let c = (i0 / p.d) % p.c;
+    let scale = weight[c];
+    let shift = bias[c];
+    for (var i = i0; i < min(i0 + G, n); i++) { out[i] = out[i] * scale + shift; }
+}
+
 // BEGIN subgroups (stripped on devices without subgroup operations)
 //
 // layernorm_sg, for CPU-like devices with subgroups of at least 8 lanes (lavapipe), where

@@ -34,7 +34,20 @@ pub enum Error {
     #[error("shader '{name}' failed: {msg}")]
     Shader { name: String, msg: String },
 
-    /// GPU execution failed (device lost, out of memory, validation).
+    /// The device ran out of memory, or an allocation would exceed the memory budget
+    /// given in `GpuOptions::memory_budget` / `VOLFUSE_MEMORY_BUDGET`.
+    #[error("out of GPU memory: {what} needs {bytes} bytes{detail}.\n  fix: use a smaller tile or batch, or --backend cpu")]
+    OutOfMemory {
+        what: String,
+        bytes: u64,
+        detail: String,
+    },
+
+    /// The device was lost (driver reset, GPU removed or hung, or the device destroyed).
+    #[error("the GPU device was lost: {0}\n  fix: run again; if it recurs use a smaller tile, or --backend cpu")]
+    DeviceLost(String),
+
+    /// GPU execution failed (validation or an internal error).
     #[error("GPU execution failed: {0}\n  hint: try a smaller tile, or --backend cpu")]
     Gpu(String),
 

@@ -79,3 +79,29 @@ shaders! {
     FUSION => "fusion",
     LABELS => "labels",
 }
+
+/// Every source text the engine may hand to a device: each family as written (chosen on
+/// devices with subgroup operations) and its [`Shader::portable`] form (chosen without).
+/// Kernel code asks for shaders only through these, so this list is what the
+/// cross-compilation tests translate; `GpuContext::compiled_kernels` reports which of them
+/// (by name) a device actually compiled, with which entry points and constants.
+pub fn variants() -> Vec<&'static Shader> {
+    ALL.iter().flat_map(|s| [*s, s.portable()]).collect()
+}
+
+/// The variant named `name` (a family's name, or its portable name).
+pub fn variant(name: &str) -> Option<&'static Shader> {
+    variants().into_iter().find(|s| s.name == name)
+}
+
+impl Shader {
+    /// True when this text uses subgroup operations (its device needs `SUBGROUP`).
+    pub fn uses_subgroups(&self) -> bool {
+        self.text.contains("subgroup")
+            && self
+                .text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .any(|l| l.contains("subgroup"))
+    }
+}

@@ -99,12 +99,14 @@ impl GpuContext {
         self.check_binding(what, bytes)?;
         // Multiples of 256 bytes: any buffer's tail is a valid uniform-window offset.
         let size = bytes.max(MIN_BUFFER_BYTES).div_ceil(256) * 256;
-        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(what),
-            size,
-            usage: STORAGE,
-            mapped_at_creation: false,
-        }))
+        self.allocate(what, size, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(what),
+                size,
+                usage: STORAGE,
+                mapped_at_creation: false,
+            })
+        })
     }
 
     /// A new device tensor with unspecified contents.
@@ -135,13 +137,18 @@ impl GpuContext {
         } else {
             bytemuck::cast_slice(data)
         };
-        let buffer = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        // Created empty and then written (not mapped at creation), so a refused allocation
+        // is an error to report rather than a panic inside wgpu.
+        let size = (contents.len() as u64).div_ceil(4) * 4;
+        let buffer = self.allocate("tensor upload", size, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("tensor"),
-                contents,
+                size,
                 usage: STORAGE,
-            });
+                mapped_at_creation: false,
+            })
+        })?;
+        self.queue.write_buffer(&buffer, 0, contents);
         Ok(GpuTensor {
             buffer: Arc::new(buffer),
             shape: shape.to_vec(),

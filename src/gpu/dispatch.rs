@@ -132,6 +132,22 @@ impl GpuContext {
 
     /// Builds a dispatch for `args`.
     pub fn dispatch(&self, args: KernelArgs<'_>) -> Result<Dispatch> {
+        let bindings: Vec<u32> = (1..=args.buffers.len() as u32).collect();
+        self.dispatch_bound(args, &bindings)
+    }
+
+    /// As [`GpuContext::dispatch`], with `args.buffers[i]` bound at `bindings[i]` instead
+    /// of `i + 1`: for entry points that use a subset of their shader's bindings (the
+    /// variants that fit devices with few storage buffers per stage).
+    pub fn dispatch_bound(&self, args: KernelArgs<'_>, bindings: &[u32]) -> Result<Dispatch> {
+        if bindings.len() != args.buffers.len() {
+            return Err(Error::Gpu(format!(
+                "{}: {} buffers for {} bindings",
+                args.entry,
+                args.buffers.len(),
+                bindings.len()
+            )));
+        }
         let pipeline = self.pipeline(args.shader, args.entry, args.constants)?;
         let layout = pipeline.get_bind_group_layout(0);
         let uniform = if args.params.is_empty() {
@@ -149,9 +165,9 @@ impl GpuContext {
         entries.extend(
             args.buffers
                 .iter()
-                .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
+                .zip(bindings)
+                .map(|(b, i)| wgpu::BindGroupEntry {
+                    binding: *i,
                     resource: b.as_entire_binding(),
                 }),
         );

@@ -66,6 +66,33 @@ pub enum LimitsChoice {
     Downlevel,
 }
 
+impl LimitsChoice {
+    /// Parses `adapter`, `default` (or `webgpu`) or `downlevel`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "adapter" | "" => Ok(LimitsChoice::Adapter),
+            "default" | "webgpu" => Ok(LimitsChoice::WebGpuDefault),
+            "downlevel" => Ok(LimitsChoice::Downlevel),
+            other => Err(Error::Invalid(format!(
+                "unknown limits '{other}': use one of adapter, default, downlevel"
+            ))),
+        }
+    }
+
+    /// The limits to request from an adapter offering `adapter`: the adapter's own, or
+    /// the chosen preset made no better than the adapter anywhere (a preset value the
+    /// adapter cannot meet is lowered to the adapter's).
+    pub fn resolve(self, adapter: &wgpu::Limits) -> wgpu::Limits {
+        match self {
+            LimitsChoice::Adapter => adapter.clone(),
+            LimitsChoice::WebGpuDefault => wgpu::Limits::default().or_worse_values_from(adapter),
+            LimitsChoice::Downlevel => {
+                wgpu::Limits::downlevel_defaults().or_worse_values_from(adapter)
+            }
+        }
+    }
+}
+
 /// Options for a headless context.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -73,14 +100,49 @@ pub struct GpuOptions {
     /// Substring of the adapter name (case-insensitive).
     pub adapter: Option<String>,
     pub limits: LimitsChoice,
+    /// Most bytes of device memory volfuse may hold at once (None: no budget beyond the
+    /// device's own). An allocation past it is [`Error::OutOfMemory`]. Counted from wgpu's
+    /// allocator report where the backend has one (Vulkan, DX12); elsewhere (GL, Metal)
+    /// every buffer volfuse created counts, freed or not.
+    pub memory_budget: Option<u64>,
+}
+
+/// Parses a byte count: `123`, `64K`, `512M`, `2G` (binary units, optional `iB`/`B`).
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_uppercase();
+    let t = t.trim_end_matches("IB").trim_end_matches('B');
+    let (num, mul) = match t.chars().last() {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "'{s}' is not a byte count (examples: 1048576, 64M, 2G)"
+            ))
+        })
 }
 
 impl GpuOptions {
-    /// Options with `VOLFUSE_API` and `VOLFUSE_ADAPTER` applied where the fields are unset.
+    /// Options with `VOLFUSE_API`, `VOLFUSE_ADAPTER` and `VOLFUSE_LIMITS` applied where
+    /// the fields are unset.
     pub fn from_env() -> Result<Self> {
         let mut o = GpuOptions::default();
+        if let Ok(l) = std::env::var("VOLFUSE_LIMITS") {
+            o.limits = LimitsChoice::parse(&l)?;
+        }
         if let Ok(api) = std::env::var("VOLFUSE_API") {
             o.api = Api::parse(&api)?;
+        }
+        if let Ok(b) = std::env::var("VOLFUSE_MEMORY_BUDGET") {
+            if !b.is_empty() {
+                o.memory_budget = Some(parse_bytes(&b)?);
+            }
         }
         if let Ok(a) = std::env::var("VOLFUSE_ADAPTER") {
             if !a.is_empty() {
@@ -114,6 +176,15 @@ pub struct Caps {
 
 type PipelineKey = (&'static str, &'static str, String);
 
+/// A kernel a context compiled: the shader variant's name (see `shaders::variants`), the
+/// entry point and the `override` constants it was specialised with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompiledKernel {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, f64)>,
+}
+
 /// A wgpu device and queue plus everything volfuse caches on them.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -122,6 +193,13 @@ pub struct GpuContext {
     pub caps: Caps,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     textures: Mutex<HashMap<(usize, u32), wgpu::Texture>>,
+    compiled: Mutex<Vec<CompiledKernel>>,
+    /// See [`GpuOptions::memory_budget`].
+    budget: Option<u64>,
+    /// Bytes of every buffer created through the context (the budget's fallback count).
+    created: std::sync::atomic::AtomicU64,
+    /// Set by the device-lost callback (headless contexts) or when a submission fails.
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -201,15 +279,7 @@ impl GpuContext {
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let features = adapter.features() & wanted;
-        let limits = match opts.limits {
-            LimitsChoice::Adapter => adapter.limits(),
-            LimitsChoice::WebGpuDefault => {
-                wgpu::Limits::default().using_resolution(adapter.limits())
-            }
-            LimitsChoice::Downlevel => {
-                wgpu::Limits::downlevel_defaults().using_resolution(adapter.limits())
-            }
-        };
+        let limits = opts.limits.resolve(&adapter.limits());
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("volfuse"),
             required_features: features,
@@ -222,7 +292,93 @@ impl GpuContext {
             adapter: info.name.clone(),
             source,
         })?;
-        Ok(Self::from_device(device, queue, info))
+        let mut ctx = Self::from_device(device, queue, info);
+        ctx.budget = opts.memory_budget;
+        // The device is our own: its loss is recorded and reported as Error::DeviceLost by
+        // the next wait, and errors nobody scoped are kept for it instead of panicking.
+        let lost = ctx.lost.clone();
+        ctx.device.set_device_lost_callback(move |reason, msg| {
+            if let Ok(mut l) = lost.lock() {
+                l.get_or_insert(format!("{reason:?}: {msg}"));
+            }
+        });
+        let lost = ctx.lost.clone();
+        ctx.device.on_uncaptured_error(Arc::new(move |e| {
+            if let Ok(mut l) = lost.lock() {
+                if let wgpu::Error::OutOfMemory { .. } = e {
+                    l.get_or_insert(format!("out of memory: {e}"));
+                    return;
+                }
+                if l.is_some() {
+                    // After a loss every call fails; the loss itself is what we report.
+                    log::debug!("wgpu after device loss: {e}");
+                    return;
+                }
+            }
+            // As wgpu's default: an unscoped validation error is a bug in volfuse.
+            panic!("wgpu error: {e}");
+        }));
+        Ok(ctx)
+    }
+
+    /// Checks `bytes` more against the memory budget (no-op without one).
+    pub(crate) fn reserve(&self, what: &str, bytes: u64) -> Result<()> {
+        let Some(budget) = self.budget else {
+            return Ok(());
+        };
+        let used = self
+            .device
+            .generate_allocator_report()
+            .map(|r| r.total_allocated_bytes)
+            .unwrap_or_else(|| self.created.load(std::sync::atomic::Ordering::Relaxed));
+        if used.saturating_add(bytes) > budget {
+            return Err(Error::OutOfMemory {
+                what: what.to_string(),
+                bytes,
+                detail: format!(" but the memory budget is {budget} bytes with {used} in use"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates a buffer through `make` within the budget, turning wgpu's out-of-memory
+    /// error into [`Error::OutOfMemory`].
+    pub(crate) fn allocate(
+        &self,
+        what: &str,
+        bytes: u64,
+        make: impl FnOnce() -> wgpu::Buffer,
+    ) -> Result<wgpu::Buffer> {
+        self.check_lost()?;
+        self.reserve(what, bytes)?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = make();
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::OutOfMemory {
+                what: what.to_string(),
+                bytes,
+                detail: format!(" and the device refused it ({e})"),
+            });
+        }
+        self.created
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(buffer)
+    }
+
+    /// [`Error::DeviceLost`] once the device is gone.
+    pub fn check_lost(&self) -> Result<()> {
+        // A non-blocking poll delivers a pending device-lost callback.
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        match self.lost.lock().map(|l| l.clone()) {
+            Ok(None) => Ok(()),
+            Ok(Some(msg)) if msg.starts_with("out of memory") => Err(Error::OutOfMemory {
+                what: "a GPU submission".into(),
+                bytes: 0,
+                detail: format!(" ({msg})"),
+            }),
+            Ok(Some(msg)) => Err(Error::DeviceLost(msg)),
+            Err(_) => Err(Error::DeviceLost("state poisoned".into())),
+        }
     }
 
     /// Wraps a caller's device and queue. Kernel choice follows the device's own
@@ -257,6 +413,10 @@ impl GpuContext {
             caps,
             pipelines: Mutex::new(HashMap::new()),
             textures: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(Vec::new()),
+            budget: None,
+            created: std::sync::atomic::AtomicU64::new(0),
+            lost: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -322,7 +482,29 @@ impl GpuContext {
         }
         let p = Arc::new(pipeline);
         cache.insert(key, p.clone());
+        self.record_compiled(shader.name, entry, constants);
         Ok(p)
+    }
+
+    fn record_compiled(
+        &self,
+        shader: &'static str,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) {
+        if let Ok(mut c) = self.compiled.lock() {
+            c.push(CompiledKernel {
+                shader,
+                entry,
+                constants: constants.to_vec(),
+            });
+        }
+    }
+
+    /// Every kernel this context compiled so far, in order: which shader variants, entry
+    /// points and specialisation constants the engine chose for this device.
+    pub fn compiled_kernels(&self) -> Vec<CompiledKernel> {
+        self.compiled.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// A pipeline with an explicit bind group layout (needed for dynamic offsets).
@@ -378,6 +560,7 @@ impl GpuContext {
         }
         let p = Arc::new(pipeline);
         cache.insert(key, p.clone());
+        self.record_compiled(shader.name, entry, &[]);
         Ok((p, bgl))
     }
 
@@ -435,8 +618,17 @@ impl GpuContext {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("volfuse"),
             });
+        self.check_lost()?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         record_all(&mut enc, dispatches);
         self.queue.submit([enc.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::OutOfMemory {
+                what: "a GPU submission".into(),
+                bytes: 0,
+                detail: format!(" ({e})"),
+            });
+        }
         self.wait()
     }
 
@@ -478,9 +670,10 @@ impl GpuContext {
 
     /// Blocks until all submitted work has finished.
     pub fn wait(&self) -> Result<()> {
+        self.check_lost()?;
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(e.to_string()))?;
-        Ok(())
+        self.check_lost()
     }
 }

@@ -171,13 +171,40 @@ impl Op for BatchNorm {
             .into_iter()
             .find(|g| d.inner % g == 0)
             .unwrap_or(1);
+        let shader = super::norm::shader_for(ctx);
+        let workgroups = ctx.grid((n.div_ceil(g) as u64).div_ceil(64))?;
+        let constants = [("G", g as f64)];
+        if ctx.caps.max_storage_buffers_per_stage < 6 {
+            // Two passes of at most 4 storage buffers each (downlevel devices).
+            let args = |entry, buffers| KernelArgs {
+                shader,
+                entry,
+                constants: &constants,
+                buffers,
+                params: bytemuck::bytes_of(&p),
+                workgroups,
+            };
+            return Ok(vec![
+                ctx.dispatch_bound(
+                    args(
+                        "batchnorm_normalize",
+                        &[inputs[0], out, inputs[3], inputs[4]],
+                    ),
+                    &[1, 4, 5, 6],
+                )?,
+                ctx.dispatch_bound(
+                    args("batchnorm_affine", &[inputs[1], inputs[2], out]),
+                    &[2, 3, 4],
+                )?,
+            ]);
+        }
         Ok(vec![ctx.dispatch(KernelArgs {
-            shader: super::norm::shader_for(ctx),
+            shader,
             entry: "batchnorm",
-            constants: &[("G", g as f64)],
+            constants: &constants,
             buffers: &[inputs[0], inputs[1], inputs[2], out, inputs[3], inputs[4]],
             params: bytemuck::bytes_of(&p),
-            workgroups: ctx.grid((n.div_ceil(g) as u64).div_ceil(64))?,
+            workgroups,
         })?])
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {

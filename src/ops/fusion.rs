@@ -95,14 +95,32 @@ impl Op for ContextGate {
                 "context_gate: {n}×{c} channels exceed the dispatch limit"
             )));
         }
-        Ok(vec![ctx.dispatch(KernelArgs {
+        let params = [c as u32, s as u32, n as u32, oblocks as u32];
+        let args = |entry, buffers| KernelArgs {
             shader: &FUSION,
-            entry: "context_gate",
+            entry,
             constants: &[],
-            buffers: &[inputs[0], inputs[1], inputs[2], inputs[3], out],
-            params: bytemuck::cast_slice(&[c as u32, s as u32, n as u32, oblocks as u32]),
+            buffers,
+            params: bytemuck::cast_slice(&params),
             workgroups: [s.div_ceil(64) as u32, wy as u32, 1],
-        })?])
+        };
+        if ctx.caps.max_storage_buffers_per_stage < 5 {
+            // Two passes of at most 4 storage buffers each (downlevel devices).
+            return Ok(vec![
+                ctx.dispatch_bound(
+                    args("context_gate_proj", &[inputs[0], inputs[1], inputs[2], out]),
+                    &[1, 2, 3, 5],
+                )?,
+                ctx.dispatch_bound(
+                    args("context_gate_apply", &[inputs[0], inputs[3], out]),
+                    &[1, 4, 5],
+                )?,
+            ]);
+        }
+        Ok(vec![ctx.dispatch(args(
+            "context_gate",
+            &[inputs[0], inputs[1], inputs[2], inputs[3], out],
+        ))?])
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
         self.dims(shapes)

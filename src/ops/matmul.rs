@@ -705,7 +705,9 @@ mod tests {
                 .collect()
         };
         let lin = Matmul::linear(false);
-        let expect_tex = c.caps.subgroups && c.caps.min_subgroup_size >= 8;
+        let expect_tex = c.caps.subgroups
+            && c.caps.min_subgroup_size >= 8
+            && c.caps.max_uniform_binding >= WINDOW;
         let got = names(lin, vec![vec![10, 384], vec![40, 384]]);
         if expect_tex {
             assert_eq!(got, vec!["matmul_tex16"; 3]);
