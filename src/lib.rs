@@ -38,6 +38,7 @@
 //! the tile pipeline), [`graph`], [`gpu`], [`ops`], [`io`], [`shaders`], [`mod@bench`].
 
 pub mod bench;
+pub mod bench_stages;
 pub mod engine;
 pub mod error;
 pub mod gpu;

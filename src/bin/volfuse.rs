@@ -187,6 +187,16 @@ enum Cmd {
         /// (tools/bench_torch.py in tools/.venv) and print the ratio.
         #[arg(long)]
         torch: bool,
+        /// One tile of the whole pipeline, stage by stage: a bundle folder, or
+        /// `random:vit-s,base32,input64[,slice224,classes3,noctx,xy]` (random weights).
+        #[arg(long)]
+        model: Option<String>,
+        /// With --model: side of the random raw/context volumes (default: the model's input size).
+        #[arg(long)]
+        volume: Option<usize>,
+        /// With --model: FLOPs, bytes and device memory per stage, without running anything.
+        #[arg(long)]
+        costs_only: bool,
     },
 }
 
@@ -206,6 +216,16 @@ fn main() -> std::process::ExitCode {
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Info { model, device } => info(model.as_deref(), &device),
+        Cmd::Bench {
+            model: Some(model),
+            device,
+            iters,
+            batch,
+            volume,
+            costs_only,
+            torch,
+            ..
+        } => bench_model(&model, &device, iters, batch, volume, costs_only, torch),
         Cmd::Bench {
             vit: Some(size),
             device,
@@ -401,6 +421,59 @@ fn bench(device: &DeviceArgs, filter: &[String], iters: usize) -> Result<()> {
             for c in &cases {
                 println!("{}", time_cpu(c, iters)?);
             }
+        }
+    }
+    Ok(())
+}
+
+fn bench_model(
+    model: &str,
+    device: &DeviceArgs,
+    iters: usize,
+    batch: usize,
+    volume: Option<usize>,
+    costs_only: bool,
+    torch: bool,
+) -> Result<()> {
+    use volfuse::bench_stages as bs;
+    let bundle = bs::load_model(model).with_context(|| format!("loading the model {model}"))?;
+    let backend = device.backend()?;
+    if costs_only {
+        print!("{}", bs::costs(&bundle, &backend, batch)?);
+        return Ok(());
+    }
+    let mut runner = Runner::new(backend);
+    let ours = bs::run(&bundle, &mut runner, batch, volume, iters)?;
+    print!("{ours}");
+    if torch {
+        let args = bs::reference_args(&bundle, volume, iters.min(2));
+        match bs::torch_pipeline(&args) {
+            Some(v) => {
+                let t = v["seconds"].as_f64().unwrap_or(f64::NAN);
+                let ours_t = ours.total_seconds.unwrap_or(f64::NAN);
+                println!(
+                    "pytorch cpu reference ({} threads): {t:.2} s per tile (features {:.2} s, UNet {:.2} s), peak RSS {:.0} MiB",
+                    v["threads"].as_u64().unwrap_or(0),
+                    v["features_seconds"].as_f64().unwrap_or(f64::NAN),
+                    v["unet_seconds"].as_f64().unwrap_or(f64::NAN),
+                    v["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+                );
+                println!(
+                    "volfuse / pytorch speed = {:.3}; UNet alone {:.3}",
+                    t / ours_t,
+                    v["unet_seconds"].as_f64().unwrap_or(f64::NAN)
+                        / ours
+                            .stages
+                            .iter()
+                            .filter(|s| s.name.starts_with("UNet") || s.name.contains("fusion") || s.name.starts_with("head"))
+                            .filter_map(|s| s.seconds)
+                            .sum::<f64>()
+                );
+                if let (Some(p), Some(r)) = (v["peak_rss_bytes"].as_f64(), ours.peak_rss) {
+                    println!("peak resident memory volfuse / pytorch = {:.3}", r as f64 / p);
+                }
+            }
+            None => println!("pytorch cpu: not available (create tools/.venv, see tools/README.md)"),
         }
     }
     Ok(())
