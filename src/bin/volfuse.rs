@@ -38,6 +38,9 @@ struct DeviceArgs {
     /// Graphics API: native (Vulkan/Metal/DX12), vulkan, metal, dx12 or gl (also VOLFUSE_API).
     #[arg(long)]
     api: Option<String>,
+    /// Keep every kernel's default variant: no timing, no autotune cache (also VOLFUSE_NO_AUTOTUNE=1).
+    #[arg(long)]
+    no_autotune: bool,
 }
 
 impl DeviceArgs {
@@ -49,6 +52,9 @@ impl DeviceArgs {
     }
 
     fn gpu(&self) -> Result<GpuContext> {
+        if self.no_autotune {
+            std::env::set_var("VOLFUSE_NO_AUTOTUNE", "1");
+        }
         let mut o = GpuOptions::from_env()?;
         if let Some(a) = &self.api {
             o.api = Api::parse(a)?;
@@ -197,6 +203,10 @@ enum Cmd {
         /// With --model: FLOPs, bytes and device memory per stage, without running anything.
         #[arg(long)]
         costs_only: bool,
+        /// Time every variant of the tunable kernels on the bench shapes, print the gain of
+        /// the tuned choice over the default and store the choices in the autotune cache.
+        #[arg(long)]
+        autotune: bool,
     },
 }
 
@@ -216,6 +226,12 @@ fn main() -> std::process::ExitCode {
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Info { model, device } => info(model.as_deref(), &device),
+        Cmd::Bench {
+            autotune: true,
+            device,
+            iters,
+            ..
+        } => bench_autotune(&device, iters),
         Cmd::Bench {
             model: Some(model),
             device,
@@ -422,6 +438,39 @@ fn bench(device: &DeviceArgs, filter: &[String], iters: usize) -> Result<()> {
                 println!("{}", time_cpu(c, iters)?);
             }
         }
+    }
+    Ok(())
+}
+
+fn bench_autotune(device: &DeviceArgs, iters: usize) -> Result<()> {
+    use volfuse::autotune;
+    if !autotune::enabled() || device.no_autotune {
+        anyhow::bail!("--autotune with autotuning turned off (--no-autotune or VOLFUSE_NO_AUTOTUNE)");
+    }
+    let ctx = device.gpu().context("choosing a GPU adapter")?;
+    println!("adapter: {}", ctx.describe());
+    let mut cache = autotune::TuneCache::open_default();
+    let rows = autotune::bench(&ctx, &mut cache, iters)?;
+    for r in &rows {
+        let times: Vec<String> = r
+            .variants
+            .iter()
+            .map(|(n, s)| format!("{n} {}", s.map_or("failed".into(), |s| format!("{:.3} ms", s * 1e3))))
+            .collect();
+        println!(
+            "{:<44} {}  → {} (gain over the default {:.2}×)",
+            r.label,
+            times.join(", "),
+            r.chosen,
+            r.gain
+        );
+    }
+    match &cache.path {
+        Some(p) => {
+            cache.save()?;
+            println!("choices saved to {}", p.display());
+        }
+        None => println!("no cache dir (set XDG_CACHE_HOME or HOME): choices not saved"),
     }
     Ok(())
 }
