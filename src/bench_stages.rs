@@ -201,6 +201,42 @@ fn graph_cost(g: &Graph, pick: impl Fn(usize) -> bool) -> Cost {
     c
 }
 
+/// FLOPs and bytes of a graph per op name (most FLOPs first).
+pub fn op_breakdown(g: &Graph) -> Vec<(&'static str, Cost)> {
+    let mut m: std::collections::BTreeMap<&'static str, Cost> = Default::default();
+    for i in 0..g.nodes.len() {
+        *m.entry(g.nodes[i].op.name()).or_default() += node_cost(g, i);
+    }
+    let mut v: Vec<_> = m.into_iter().collect();
+    v.sort_by(|a, b| b.1.flops.cmp(&a.1.flops).then(b.1.bytes.cmp(&a.1.bytes)));
+    v
+}
+
+/// The per-op table of one ViT image and of the UNet graph of `b` (for `--costs-only`).
+pub fn op_tables(b: &Bundle) -> Result<String> {
+    let s = b.slice_size;
+    let mut out = String::new();
+    let (_, build) = unet_graph(b, b.unet.fusion);
+    for (title, g) in [
+        (format!("ViT, one {s}x{s} image"), b.vit.graph(1, s, s)?),
+        ("UNet graph (with fusion and head)".to_string(), build()?),
+    ] {
+        out += &format!(
+            "{title}:\n{:<20} {:>12} {:>10} {:>8}\n",
+            "op", "GFLOP", "GB moved", "FLOP/B"
+        );
+        for (name, c) in op_breakdown(&g) {
+            out += &format!(
+                "{name:<20} {:>12.3} {:>10.3} {:>8.1}\n",
+                c.flops as f64 / 1e9,
+                c.bytes as f64 / 1e9,
+                c.flops as f64 / c.bytes.max(1) as f64
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// The stage each node of the UNet graph (from `unet_graph`) belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum UnetPart {

@@ -489,6 +489,7 @@ fn bench_model(
     let backend = device.backend()?;
     if costs_only {
         print!("{}", bs::costs(&bundle, &backend, batch)?);
+        print!("{}", bs::op_tables(&bundle)?);
         return Ok(());
     }
     let mut runner = Runner::new(backend);
