@@ -301,6 +301,9 @@ pub struct StageReport {
     pub device_bytes: Option<u64>,
     /// The process's peak resident memory (Linux VmHWM).
     pub peak_rss: Option<u64>,
+    /// CPU seconds (user + system, all threads, lavapipe's included) per timed tile: a
+    /// fairer measure than wall time on a shared machine.
+    pub cpu_seconds: Option<f64>,
 }
 
 fn mib(b: u64) -> f64 {
@@ -375,11 +378,28 @@ impl std::fmt::Display for StageReport {
                 mib(b)
             )?;
         }
+        if let Some(c) = self.cpu_seconds {
+            writeln!(
+                f,
+                "CPU time per tile (user + system, all threads): {c:.1} s"
+            )?;
+        }
         if let Some(b) = self.peak_rss {
             writeln!(f, "process peak resident memory: {:.1} MiB", mib(b))?;
         }
         Ok(())
     }
+}
+
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`, 100 ticks/s).
+pub fn process_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / 100.0)
 }
 
 /// The process's peak resident set (VmHWM) on Linux.
@@ -533,6 +553,7 @@ pub fn costs(b: &Bundle, backend: &Backend, batch: usize) -> Result<StageReport>
         total_seconds: None,
         device_bytes: None,
         peak_rss: None,
+        cpu_seconds: None,
     })
 }
 
@@ -659,7 +680,11 @@ pub fn run(
     let mut acc = [0f64; 9];
     let mut node_secs: Vec<f64> = Vec::new();
     let mut sum_wall = 0.0;
+    let mut cpu0 = None;
     for it in 0..=iters {
+        if it == 1 {
+            cpu0 = process_cpu_seconds();
+        }
         let t_tile = Instant::now();
         let t0 = Instant::now();
         let raw = Volume::read(&raw_path)?;
@@ -714,6 +739,10 @@ pub fn run(
             *a += s / iters as f64;
         }
     }
+    let cpu_seconds = match (cpu0, process_cpu_seconds()) {
+        (Some(a), Some(b)) => Some((b - a) / iters as f64),
+        _ => None,
+    };
     let _ = std::fs::remove_dir_all(&tmp);
     // Split the measured UNet time by the profile's shares.
     let (_, _, g) = unet_costs(b, with_ctx)?;
@@ -797,6 +826,7 @@ pub fn run(
             Backend::Gpu(_) => Some(act + consts),
         },
         peak_rss: peak_rss(),
+        cpu_seconds,
     })
 }
 
@@ -986,5 +1016,6 @@ mod tests {
         let sum: f64 = rep.stages.iter().filter_map(|s| s.seconds).sum();
         assert!(sum <= total * 1.05 + 1e-3, "{sum} vs {total}\n{text}");
         assert!(text.contains("context fusion gates"), "{text}");
+        assert!(rep.cpu_seconds.is_some_and(|c| c >= 0.0), "{text}");
     }
 }

@@ -9,8 +9,8 @@ tools/reference_unet.py with context fusion, softmax and argmax (as `predict` do
 
 Random weights (timing only), fp32 (no bf16 autocast, like volfuse), torch.set_num_threads
 (THREADS, default 2), one warm-up tile, then --iters timed tiles (mean). Prints one JSON line:
-{"seconds", "features_seconds", "unet_seconds", "stages": {...}, "peak_rss_bytes",
-"baseline_rss_bytes", "threads"}; peak_rss is the process's ru_maxrss after the runs,
+{"seconds", "features_seconds", "unet_seconds", "stages": {...}, "cpu_seconds" (user + system
+per timed tile), "peak_rss_bytes", "baseline_rss_bytes", "threads"}; peak_rss is the process's ru_maxrss after the runs,
 baseline the same after importing torch and before any model exists.
 """
 
@@ -98,11 +98,17 @@ def main():
         t["unet"] = time.perf_counter() - t0
         return t
 
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     tile()  # warm-up
+    cpu0 = cpu()
     acc = {}
     for _ in range(max(1, a.iters)):
         for k, v in tile().items():
             acc[k] = acc.get(k, 0.0) + v / max(1, a.iters)
+    cpu_seconds = (cpu() - cpu0) / max(1, a.iters)
     feats = acc.get("features_raw", 0.0) + acc.get("features_context", 0.0)
     print(json.dumps({
         "what": f"reference tile {n}^3, vit d{a.hidden} x{a.layers}, slice {a.slice}, unet base {a.base}"
@@ -111,6 +117,7 @@ def main():
         "features_seconds": feats,
         "unet_seconds": acc["unet"],
         "stages": acc,
+        "cpu_seconds": cpu_seconds,
         "peak_rss_bytes": rss_bytes(),
         "baseline_rss_bytes": baseline,
         "threads": a.threads,

@@ -519,6 +519,12 @@ fn bench_model(
                             .filter_map(|s| s.seconds)
                             .sum::<f64>()
                 );
+                if let (Some(p), Some(c)) = (v["cpu_seconds"].as_f64(), ours.cpu_seconds) {
+                    println!(
+                        "CPU seconds per tile: pytorch {p:.1}, volfuse {c:.1}; volfuse / pytorch speed by CPU time = {:.3}",
+                        p / c
+                    );
+                }
                 if let (Some(p), Some(r)) = (v["peak_rss_bytes"].as_f64(), ours.peak_rss) {
                     println!("peak resident memory volfuse / pytorch = {:.3}", r as f64 / p);
                 }
