@@ -165,8 +165,9 @@ pub fn key(ctx: &GpuContext, family: &str, shapes: &[Vec<usize>]) -> String {
 }
 
 /// Picks the variant of `family` for `shapes`: the default (index 0) when autotuning is off,
-/// the cached choice when there is one naming a current variant, else the fastest of
-/// `iters` timed runs each (the choice is stored in `cache`, not saved).
+/// the cached choice when there is one naming a current variant, else the fastest by the
+/// median of `iters` timed runs (a variant whose first run takes over twice the best so
+/// far is timed once only). The choice is stored in `cache`, not saved.
 pub fn choose(
     ctx: &GpuContext,
     cache: &mut TuneCache,
@@ -207,7 +208,18 @@ pub fn choose(
             shapes: shapes.to_vec(),
         };
         // A variant that cannot run here (e.g. it needs a feature) is skipped, not fatal.
-        seconds.push(time_gpu(ctx, &case, iters).ok().map(|t| t.seconds));
+        // One run first; a variant over twice the best so far is not timed further.
+        let best = seconds
+            .iter()
+            .flatten()
+            .fold(f64::INFINITY, |m: f64, s: &f64| m.min(*s));
+        let once = time_gpu(ctx, &case, 1).ok().map(|t| t.seconds);
+        seconds.push(match once {
+            Some(t) if iters > 1 && t <= 2.0 * best => {
+                time_gpu(ctx, &case, iters).ok().map(|t| t.seconds)
+            }
+            other => other,
+        });
     }
     let index = seconds
         .iter()

@@ -1018,4 +1018,31 @@ mod tests {
         assert!(text.contains("context fusion gates"), "{text}");
         assert!(rep.cpu_seconds.is_some_and(|c| c >= 0.0), "{text}");
     }
+
+    #[test]
+    fn stage_run_on_the_gpu_splits_the_unet_by_its_profile() {
+        let ctx = crate::gpu::GpuContext::new(&crate::gpu::GpuOptions::from_env().unwrap())
+            .expect("a GPU adapter (install mesa-vulkan-drivers)");
+        let b = tiny(true);
+        let mut runner = Runner::new(Backend::Gpu(std::sync::Arc::new(ctx)));
+        let rep = run(&b, &mut runner, 16, None, 1).unwrap();
+        let text = rep.to_string();
+        let get = |n: &str| {
+            rep.stages
+                .iter()
+                .find(|s| s.name == n)
+                .and_then(|s| s.seconds)
+        };
+        // The per-node profile attributed time to both the body and the fusion branch.
+        assert!(
+            get("UNet (without fusion, head)").is_some_and(|t| t > 0.0),
+            "{text}"
+        );
+        assert!(
+            get("context fusion gates").is_some_and(|t| t > 0.0),
+            "{text}"
+        );
+        assert!(rep.device_bytes.is_some_and(|d| d > 0), "{text}");
+        assert!(text.contains(&runner.backend.describe()));
+    }
 }
