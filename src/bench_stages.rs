@@ -571,8 +571,7 @@ fn describe_bundle(b: &Bundle, batch: usize, sched: &FeatureSchedule) -> String 
     let c = &b.vit.config;
     let [d, h, w] = b.unet.config.input_size;
     format!(
-        "tile {d}x{h}x{w}: ViT {}x{} (d {}, {} layers) on {} plane(s) of {}² slices (batch ≤ {batch}, used {:?}), UNet base {}{}, {} classes",
-        c.patch_size,
+        "tile {d}x{h}x{w}: ViT/{} (width {}, {} layers) on {} plane(s) of {}² slices (batch ≤ {batch}, used {:?}), UNet base {}{}, {} classes",
         c.patch_size,
         c.hidden_size,
         c.num_hidden_layers,
