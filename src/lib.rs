@@ -37,7 +37,9 @@
 //! they may change between versions: [`models`] (ViT, UNet, bundle, feature extraction,
 //! the tile pipeline), [`graph`], [`gpu`], [`ops`], [`io`], [`shaders`], [`mod@bench`].
 
+pub mod autotune;
 pub mod bench;
+pub mod bench_stages;
 pub mod engine;
 pub mod error;
 pub mod gpu;

@@ -38,6 +38,9 @@ struct DeviceArgs {
     /// Graphics API: native (Vulkan/Metal/DX12), vulkan, metal, dx12 or gl (also VOLFUSE_API).
     #[arg(long)]
     api: Option<String>,
+    /// Keep every kernel's default variant: no timing, no autotune cache (also VOLFUSE_NO_AUTOTUNE=1).
+    #[arg(long)]
+    no_autotune: bool,
 }
 
 impl DeviceArgs {
@@ -49,6 +52,9 @@ impl DeviceArgs {
     }
 
     fn gpu(&self) -> Result<GpuContext> {
+        if self.no_autotune {
+            std::env::set_var("VOLFUSE_NO_AUTOTUNE", "1");
+        }
         let mut o = GpuOptions::from_env()?;
         if let Some(a) = &self.api {
             o.api = Api::parse(a)?;
@@ -183,6 +189,20 @@ enum Cmd {
         /// (tools/bench_torch.py in tools/.venv) and print the ratio.
         #[arg(long)]
         torch: bool,
+        /// One tile of the whole pipeline, stage by stage: a bundle folder, or
+        /// `random:vit-s,base32,input64[,slice224,classes3,noctx,xy]` (random weights).
+        #[arg(long)]
+        model: Option<String>,
+        /// With --model: side of the random raw/context volumes (default: the model's input size).
+        #[arg(long)]
+        volume: Option<usize>,
+        /// With --model: FLOPs, bytes and device memory per stage, without running anything.
+        #[arg(long)]
+        costs_only: bool,
+        /// Time every variant of the tunable kernels on the bench shapes, print the gain of
+        /// the tuned choice over the default and store the choices in the autotune cache.
+        #[arg(long)]
+        autotune: bool,
     },
 }
 
@@ -258,6 +278,22 @@ fn dispatch(cli: Cli) -> Result<()> {
             zarr_version,
             force,
         } => convert(&input, level, &output, zarr_version, force),
+        Cmd::Bench {
+            autotune: true,
+            device,
+            iters,
+            ..
+        } => bench_autotune(&device, iters),
+        Cmd::Bench {
+            model: Some(model),
+            device,
+            iters,
+            batch,
+            volume,
+            costs_only,
+            torch,
+            ..
+        } => bench_model(&model, &device, iters, batch, volume, costs_only, torch),
         Cmd::Bench {
             vit: Some(size),
             device,
@@ -501,6 +537,99 @@ fn bench(device: &DeviceArgs, filter: &[String], iters: usize) -> Result<()> {
             for c in &cases {
                 println!("{}", time_cpu(c, iters)?);
             }
+        }
+    }
+    Ok(())
+}
+
+fn bench_autotune(device: &DeviceArgs, iters: usize) -> Result<()> {
+    use volfuse::autotune;
+    if !autotune::enabled() || device.no_autotune {
+        anyhow::bail!("--autotune with autotuning turned off (--no-autotune or VOLFUSE_NO_AUTOTUNE)");
+    }
+    let ctx = device.gpu().context("choosing a GPU adapter")?;
+    println!("adapter: {}", ctx.describe());
+    let mut cache = autotune::TuneCache::open_default();
+    let rows = autotune::bench(&ctx, &mut cache, iters)?;
+    for r in &rows {
+        let times: Vec<String> = r
+            .variants
+            .iter()
+            .map(|(n, s)| format!("{n} {}", s.map_or("failed".into(), |s| format!("{:.3} ms", s * 1e3))))
+            .collect();
+        println!(
+            "{:<44} {}  → {} (gain over the default {:.2}×)",
+            r.label,
+            times.join(", "),
+            r.chosen,
+            r.gain
+        );
+    }
+    match &cache.path {
+        Some(p) => {
+            cache.save()?;
+            println!("choices saved to {}", p.display());
+        }
+        None => println!("no cache dir (set XDG_CACHE_HOME or HOME): choices not saved"),
+    }
+    Ok(())
+}
+
+fn bench_model(
+    model: &str,
+    device: &DeviceArgs,
+    iters: usize,
+    batch: usize,
+    volume: Option<usize>,
+    costs_only: bool,
+    torch: bool,
+) -> Result<()> {
+    use volfuse::bench_stages as bs;
+    let bundle = bs::load_model(model).with_context(|| format!("loading the model {model}"))?;
+    let backend = device.backend()?;
+    if costs_only {
+        print!("{}", bs::costs(&bundle, &backend, batch)?);
+        print!("{}", bs::op_tables(&bundle)?);
+        return Ok(());
+    }
+    let mut runner = Runner::new(backend);
+    let ours = bs::run(&bundle, &mut runner, batch, volume, iters)?;
+    print!("{ours}");
+    if torch {
+        let args = bs::reference_args(&bundle, volume, iters.min(2));
+        match bs::torch_pipeline(&args) {
+            Some(v) => {
+                let t = v["seconds"].as_f64().unwrap_or(f64::NAN);
+                let ours_t = ours.total_seconds.unwrap_or(f64::NAN);
+                println!(
+                    "pytorch cpu reference ({} threads): {t:.2} s per tile (features {:.2} s, UNet {:.2} s), peak RSS {:.0} MiB",
+                    v["threads"].as_u64().unwrap_or(0),
+                    v["features_seconds"].as_f64().unwrap_or(f64::NAN),
+                    v["unet_seconds"].as_f64().unwrap_or(f64::NAN),
+                    v["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+                );
+                println!(
+                    "volfuse / pytorch speed = {:.3}; UNet alone {:.3}",
+                    t / ours_t,
+                    v["unet_seconds"].as_f64().unwrap_or(f64::NAN)
+                        / ours
+                            .stages
+                            .iter()
+                            .filter(|s| s.name.starts_with("UNet") || s.name.contains("fusion") || s.name.starts_with("head"))
+                            .filter_map(|s| s.seconds)
+                            .sum::<f64>()
+                );
+                if let (Some(p), Some(c)) = (v["cpu_seconds"].as_f64(), ours.cpu_seconds) {
+                    println!(
+                        "CPU seconds per tile: pytorch {p:.1}, volfuse {c:.1}; volfuse / pytorch speed by CPU time = {:.3}",
+                        p / c
+                    );
+                }
+                if let (Some(p), Some(r)) = (v["peak_rss_bytes"].as_f64(), ours.peak_rss) {
+                    println!("peak resident memory volfuse / pytorch = {:.3}", r as f64 / p);
+                }
+            }
+            None => println!("pytorch cpu: not available (create tools/.venv, see tools/README.md)"),
         }
     }
     Ok(())

@@ -214,6 +214,31 @@ impl GpuExecutor {
         Ok(v)
     }
 
+    /// Runs once more with a wait after every node; returns the wall seconds of each node
+    /// (nodes in graph order; 0 for nodes without dispatches).
+    pub fn profile_nodes(&self, ctx: &GpuContext, g: &Graph, inputs: &[&[f32]]) -> Result<Vec<f64>> {
+        g.check_inputs(inputs)?;
+        for ((slot, _), d) in self.inputs.iter().zip(inputs) {
+            ctx.write(&self.slots[*slot], d);
+        }
+        ctx.wait()?;
+        let mut secs = vec![0f64; g.nodes.len()];
+        let mut i = 0;
+        while i < self.dispatches.len() {
+            let node = self.owner[i];
+            let j = self.owner[i..]
+                .iter()
+                .position(|o| *o != node)
+                .map(|p| i + p)
+                .unwrap_or(self.owner.len());
+            let t0 = std::time::Instant::now();
+            ctx.run(&self.dispatches[i..j])?;
+            secs[node] += t0.elapsed().as_secs_f64();
+            i = j;
+        }
+        Ok(secs)
+    }
+
     /// The device buffer holding output `i` after a run (valid until the next run).
     pub fn output_buffer(&self, i: usize) -> Option<&wgpu::Buffer> {
         self.outputs

@@ -47,6 +47,8 @@ pub struct Runner {
     pub backend: Backend,
     consts: ConstCache,
     prepared: HashMap<String, Prepared>,
+    /// Runs and wall seconds per key since the last [`Runner::take_timings`] (benchmarks).
+    timings: HashMap<String, (usize, f64)>,
 }
 
 impl Runner {
@@ -55,6 +57,7 @@ impl Runner {
             backend,
             consts: ConstCache::new(),
             prepared: HashMap::new(),
+            timings: HashMap::new(),
         }
     }
 
@@ -92,12 +95,65 @@ impl Runner {
             }
         }
         let p = &self.prepared[key];
-        match (&self.backend, &p.exe) {
+        let t0 = std::time::Instant::now();
+        let out = match (&self.backend, &p.exe) {
             (Backend::Gpu(ctx), Some(exe)) => exe.run(ctx, &p.graph, inputs),
             _ => {
                 let mut slots = p.cpu.lock().unwrap_or_else(|e| e.into_inner());
                 CpuExecutor::run_with(&p.graph, &p.plan, inputs, &mut slots)
             }
+        };
+        let e = self.timings.entry(key.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t0.elapsed().as_secs_f64();
+        out
+    }
+
+    /// (key, runs, wall seconds incl. uploads and read-back) of every [`Runner::run`] since
+    /// the last call; clears them.
+    pub fn take_timings(&mut self) -> Vec<(String, usize, f64)> {
+        let mut v: Vec<_> = self.timings.drain().map(|(k, (n, s))| (k, n, s)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The graph and plan prepared under `key`.
+    pub fn prepared(&self, key: &str) -> Option<(&Graph, &Plan)> {
+        self.prepared.get(key).map(|p| (&p.graph, &p.plan))
+    }
+
+    /// Keys of the prepared graphs.
+    pub fn keys(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.prepared.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Bytes of the device buffers this runner holds: (activations of every prepared graph,
+    /// uploaded constants). Both 0 on the CPU backend.
+    pub fn device_bytes(&self) -> (u64, u64) {
+        match self.backend {
+            Backend::Cpu => (0, 0),
+            Backend::Gpu(_) => (
+                self.prepared.values().map(|p| p.plan.peak_bytes).sum(),
+                self.consts.bytes(),
+            ),
+        }
+    }
+
+    /// Wall seconds of every node of a prepared graph, from one run with a wait after each
+    /// node (GPU). None for an unknown key or the CPU backend.
+    pub fn profile_nodes(&self, key: &str, inputs: &[&[f32]]) -> Result<Option<Vec<f64>>> {
+        match (&self.backend, self.prepared.get(key)) {
+            (
+                Backend::Gpu(ctx),
+                Some(Prepared {
+                    graph,
+                    exe: Some(exe),
+                    ..
+                }),
+            ) => exe.profile_nodes(ctx, graph, inputs).map(Some),
+            _ => Ok(None),
         }
     }
 

@@ -1,0 +1,445 @@
+//! Per-adapter kernel autotuning: for an op with several GPU variants that compute the same
+//! thing, time every variant once per (adapter + driver, op family, shape class), remember
+//! the fastest in a JSON map in the user's cache dir, and use it from then on.
+//!
+//! - Cache file: `$XDG_CACHE_HOME/volfuse/autotune.json`, else `~/.cache/volfuse/autotune.json`
+//!   (or `VOLFUSE_AUTOTUNE_CACHE`). A map `"adapter|driver|family|class" → variant name`.
+//!   A missing file is an empty map; an unreadable or corrupt one is ignored with a warning
+//!   (and replaced on the next save); the file is written through a temporary file.
+//! - `VOLFUSE_NO_AUTOTUNE=1` (the command line's `--no-autotune`) turns it off: every op
+//!   keeps its default variant. The default must always be correct on its own: tuning only
+//!   ever picks among variants that compute the same numbers.
+//! - A cached name that is not among the variants offered now (an older volfuse) is
+//!   ignored and retuned.
+//!
+//! Shape classes round every dimension up to a power of two, so nearby shapes share one
+//! measurement.
+
+use crate::bench::{time_gpu, Case};
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::ops::Op;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Whether autotuning is on (`VOLFUSE_NO_AUTOTUNE` unset, empty or `0`).
+pub fn enabled() -> bool {
+    !matches!(std::env::var("VOLFUSE_NO_AUTOTUNE"), Ok(v) if !v.is_empty() && v != "0")
+}
+
+/// The cache file: `VOLFUSE_AUTOTUNE_CACHE`, `$XDG_CACHE_HOME/volfuse/autotune.json` or
+/// `$HOME/.cache/volfuse/autotune.json`; None when none of these is set.
+pub fn default_path() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("VOLFUSE_AUTOTUNE_CACHE") {
+        return Some(p);
+    }
+    var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .map(|d| d.join("volfuse").join("autotune.json"))
+}
+
+/// The adapter part of a key: name and driver (a driver update retunes).
+pub fn adapter_key(ctx: &GpuContext) -> String {
+    format!(
+        "{} [{:?}] {} {}",
+        ctx.info.name, ctx.info.backend, ctx.info.driver, ctx.info.driver_info
+    )
+}
+
+/// Every dimension rounded up to a power of two, joined with `x`.
+pub fn shape_class(dims: &[usize]) -> String {
+    dims.iter()
+        .map(|d| d.max(&1).next_power_of_two().to_string())
+        .collect::<Vec<_>>()
+        .join("x")
+}
+
+/// The choices made so far, as stored in the cache file.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TuneCache {
+    /// Where it is saved (None: memory only).
+    pub path: Option<PathBuf>,
+    pub map: BTreeMap<String, String>,
+}
+
+impl TuneCache {
+    /// Reads `path`. A missing file gives an empty cache; a file that cannot be read or
+    /// parsed gives an empty cache and the warning to print.
+    pub fn load(path: &Path) -> (TuneCache, Option<String>) {
+        let empty = TuneCache {
+            path: Some(path.to_path_buf()),
+            map: BTreeMap::new(),
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (empty, None),
+            Err(e) => {
+                return (
+                    empty,
+                    Some(format!(
+                        "warning: ignoring the autotune cache {}: {e}",
+                        path.display()
+                    )),
+                )
+            }
+        };
+        match serde_json::from_str::<BTreeMap<String, String>>(&text) {
+            Ok(map) => (
+                TuneCache {
+                    path: Some(path.to_path_buf()),
+                    map,
+                },
+                None,
+            ),
+            Err(e) => (
+                empty,
+                Some(format!(
+                    "warning: ignoring the corrupt autotune cache {} ({e}); it will be rewritten",
+                    path.display()
+                )),
+            ),
+        }
+    }
+
+    /// The default cache ([`default_path`]), warnings printed to stderr.
+    pub fn open_default() -> TuneCache {
+        match default_path() {
+            Some(p) => {
+                let (c, warn) = TuneCache::load(&p);
+                if let Some(w) = warn {
+                    eprintln!("{w}");
+                }
+                c
+            }
+            None => TuneCache::default(),
+        }
+    }
+
+    /// Writes the map (through a temporary file in the same folder).
+    pub fn save(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let text = serde_json::to_string_pretty(&self.map)
+            .map_err(|e| Error::Invalid(format!("autotune cache: {e}")))?;
+        let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.map.get(key).map(|s| s.as_str())
+    }
+}
+
+/// One variant of an op: a name (stored in the cache) and the op configured for it.
+pub struct Variant {
+    pub name: &'static str,
+    pub op: Box<dyn Op>,
+}
+
+/// What [`choose`] decided.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    /// Index into the variants.
+    pub index: usize,
+    pub name: &'static str,
+    /// Whether it came from the cache (no timing this time).
+    pub cached: bool,
+    /// Median seconds per variant when timed now (same order as the variants).
+    pub seconds: Vec<Option<f64>>,
+}
+
+/// The cache key of `family` on `shapes` for this adapter.
+pub fn key(ctx: &GpuContext, family: &str, shapes: &[Vec<usize>]) -> String {
+    let class: Vec<String> = shapes.iter().map(|s| shape_class(s)).collect();
+    format!("{}|{family}|{}", adapter_key(ctx), class.join(","))
+}
+
+/// Picks the variant of `family` for `shapes`: the default (index 0) when autotuning is off,
+/// the cached choice when there is one naming a current variant, else the fastest by the
+/// median of `iters` timed runs (a variant whose first run takes over twice the best so
+/// far is timed once only). The choice is stored in `cache`, not saved.
+pub fn choose(
+    ctx: &GpuContext,
+    cache: &mut TuneCache,
+    family: &str,
+    shapes: &[Vec<usize>],
+    variants: Vec<Variant>,
+    iters: usize,
+) -> Result<Choice> {
+    if variants.is_empty() {
+        return Err(Error::Invalid(format!("autotune {family}: no variants")));
+    }
+    let none = vec![None; variants.len()];
+    if !enabled() {
+        return Ok(Choice {
+            index: 0,
+            name: variants[0].name,
+            cached: false,
+            seconds: none,
+        });
+    }
+    let k = key(ctx, family, shapes);
+    if let Some(name) = cache.get(&k) {
+        if let Some(i) = variants.iter().position(|v| v.name == name) {
+            return Ok(Choice {
+                index: i,
+                name: variants[i].name,
+                cached: true,
+                seconds: none,
+            });
+        }
+    }
+    let names: Vec<&'static str> = variants.iter().map(|v| v.name).collect();
+    let mut seconds = Vec::with_capacity(variants.len());
+    for v in variants {
+        let case = Case {
+            label: format!("{family} {}", v.name),
+            op: v.op,
+            shapes: shapes.to_vec(),
+        };
+        // A variant that cannot run here (e.g. it needs a feature) is skipped, not fatal.
+        // One run first; a variant over twice the best so far is not timed further.
+        let best = seconds
+            .iter()
+            .flatten()
+            .fold(f64::INFINITY, |m: f64, s: &f64| m.min(*s));
+        let once = time_gpu(ctx, &case, 1).ok().map(|t| t.seconds);
+        seconds.push(match once {
+            Some(t) if iters > 1 && t <= 2.0 * best => {
+                time_gpu(ctx, &case, iters).ok().map(|t| t.seconds)
+            }
+            other => other,
+        });
+    }
+    let index = seconds
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|s| (i, s)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
+        .ok_or_else(|| {
+            Error::Gpu(format!(
+                "autotune {family}: no variant ran on {}",
+                ctx.info.name
+            ))
+        })?;
+    cache.map.insert(k, names[index].to_string());
+    Ok(Choice {
+        index,
+        name: names[index],
+        cached: false,
+        seconds,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tunable ops
+// ---------------------------------------------------------------------------------------------
+
+use crate::ops::matmul::{Matmul, MatmulKernel};
+
+/// The variants of a `Matmul` (its transposes and bias kept), default first.
+pub fn matmul_variants(base: &Matmul) -> Vec<Variant> {
+    [
+        ("matmul:auto", MatmulKernel::Auto),
+        ("matmul:generic", MatmulKernel::Generic),
+    ]
+    .into_iter()
+    .map(|(name, kernel)| Variant {
+        name,
+        op: Box::new(Matmul { kernel, ..*base }),
+    })
+    .collect()
+}
+
+/// The kernel to use for `base` on `shapes`, from the cache or timed now (see [`choose`]).
+pub fn tune_matmul(
+    ctx: &GpuContext,
+    cache: &mut TuneCache,
+    base: &Matmul,
+    shapes: &[Vec<usize>],
+    iters: usize,
+) -> Result<(MatmulKernel, Choice)> {
+    let family = format!(
+        "matmul ta{} tb{} bias{}",
+        base.trans_a as u8, base.trans_b as u8, base.bias as u8
+    );
+    let choice = choose(ctx, cache, &family, shapes, matmul_variants(base), iters)?;
+    let kernel = match choice.name {
+        "matmul:generic" => MatmulKernel::Generic,
+        _ => MatmulKernel::Auto,
+    };
+    Ok((kernel, choice))
+}
+
+/// One row of `volfuse bench --autotune`.
+#[derive(Debug, Clone)]
+pub struct TuneRow {
+    pub label: String,
+    pub variants: Vec<(&'static str, Option<f64>)>,
+    pub chosen: &'static str,
+    /// default seconds / chosen seconds.
+    pub gain: f64,
+}
+
+/// Tunes the matmul shapes of `ops::matmul::bench_cases` (ignoring the cache, so every
+/// variant is timed) and stores the choices in `cache`.
+pub fn bench(ctx: &GpuContext, cache: &mut TuneCache, iters: usize) -> Result<Vec<TuneRow>> {
+    let mut rows = Vec::new();
+    for case in crate::ops::matmul::bench_cases() {
+        let Some(base) = matmul_from_case(&case) else {
+            continue;
+        };
+        let mut scratch = TuneCache::default();
+        let (_, choice) = tune_matmul(ctx, &mut scratch, &base, &case.shapes, iters)?;
+        cache.map.extend(scratch.map);
+        let names = ["matmul:auto", "matmul:generic"];
+        let def = choice.seconds.first().copied().flatten();
+        let best = choice.seconds.get(choice.index).copied().flatten();
+        rows.push(TuneRow {
+            label: case.label.clone(),
+            variants: names
+                .iter()
+                .copied()
+                .zip(choice.seconds.iter().copied())
+                .collect(),
+            chosen: choice.name,
+            gain: match (def, best) {
+                (Some(d), Some(b)) if b > 0.0 => d / b,
+                _ => f64::NAN,
+            },
+        });
+    }
+    Ok(rows)
+}
+
+/// The `Matmul` of a bench case, recovered from its debug form (bench cases box their op).
+fn matmul_from_case(case: &Case) -> Option<Matmul> {
+    let s = format!("{:?}", case.op);
+    if !s.starts_with("Matmul") {
+        return None;
+    }
+    let flag = |f: &str| s.contains(&format!("{f}: true"));
+    Some(Matmul {
+        trans_a: flag("trans_a"),
+        trans_b: flag("trans_b"),
+        bias: flag("bias"),
+        kernel: MatmulKernel::Auto,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{ctx, random, rel_err, rng};
+    use crate::ops::{run_cpu, run_gpu};
+    use rand::Rng;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("volfuse-autotune-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d.join("volfuse").join("autotune.json")
+    }
+
+    #[test]
+    fn cache_round_trip() {
+        let p = tmp("rt");
+        let (mut c, warn) = TuneCache::load(&p);
+        assert!(warn.is_none() && c.map.is_empty());
+        c.map
+            .insert("a|matmul|64x64".into(), "matmul:generic".into());
+        c.map.insert("b|conv|8".into(), "x".into());
+        c.save().unwrap();
+        let (back, warn) = TuneCache::load(&p);
+        assert!(warn.is_none());
+        assert_eq!(back, c);
+        let _ = std::fs::remove_dir_all(p.parent().unwrap().parent().unwrap());
+    }
+
+    #[test]
+    fn corrupt_cache_is_ignored_with_a_warning() {
+        let p = tmp("corrupt");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        for bad in ["{not json", "[1, 2]", "{\"k\": 3}"] {
+            std::fs::write(&p, bad).unwrap();
+            let (c, warn) = TuneCache::load(&p);
+            assert!(c.map.is_empty(), "{bad}");
+            assert!(warn.is_some_and(|w| w.contains("corrupt")), "{bad}");
+        }
+        let _ = std::fs::remove_dir_all(p.parent().unwrap().parent().unwrap());
+    }
+
+    #[test]
+    fn shape_classes_round_up() {
+        assert_eq!(shape_class(&[1000, 384, 1]), "1024x512x1");
+        assert_eq!(shape_class(&[0, 64]), "1x64");
+    }
+
+    #[test]
+    fn tuned_matmul_is_a_valid_variant_and_matches_the_reference() {
+        let c = ctx();
+        let mut r = rng();
+        let (m, n, k) = (
+            r.random_range(17..200usize),
+            r.random_range(5..70usize),
+            4 * r.random_range(2..40usize),
+        );
+        let bias = r.random_bool(0.5);
+        let base = Matmul::linear(bias);
+        let mut shapes = vec![vec![m, k], vec![n, k]];
+        if bias {
+            shapes.push(vec![n]);
+        }
+        let mut cache = TuneCache::default();
+        let (kernel, choice) = tune_matmul(c, &mut cache, &base, &shapes, 1).unwrap();
+        let names: Vec<&str> = matmul_variants(&base).iter().map(|v| v.name).collect();
+        assert!(names.contains(&choice.name));
+        if enabled() {
+            assert!(!choice.cached);
+            assert_eq!(cache.map.len(), 1);
+            // Second time: from the cache, same choice, nothing timed.
+            let (k2, ch2) = tune_matmul(c, &mut cache, &base, &shapes, 1).unwrap();
+            assert!(ch2.cached && k2 == kernel && ch2.seconds.iter().all(|s| s.is_none()));
+        }
+        // A stale name in the cache is retuned, not trusted.
+        if let Some(v) = cache.map.values_mut().next() {
+            *v = "matmul:removed".into();
+            let (_, ch3) = tune_matmul(c, &mut cache, &base, &shapes, 1).unwrap();
+            assert!(!ch3.cached && names.contains(&ch3.name));
+        }
+        let data: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|s| random(&mut r, s.iter().product()))
+            .collect();
+        let inputs: Vec<(&[f32], &[usize])> = data
+            .iter()
+            .zip(&shapes)
+            .map(|(d, s)| (d.as_slice(), s.as_slice()))
+            .collect();
+        let (want, _) = run_cpu(&base, &inputs).unwrap();
+        let tuned = Matmul { kernel, ..base };
+        let (got, _) = run_gpu(c, &tuned, &inputs, Some(f32::NAN)).unwrap();
+        let (def, _) = run_gpu(c, &base, &inputs, Some(f32::NAN)).unwrap();
+        assert!(
+            rel_err(&got, &want) <= 1e-5,
+            "tuned {kernel:?}: {}",
+            rel_err(&got, &want)
+        );
+        assert!(
+            rel_err(&got, &def) <= 1e-5,
+            "tuned vs default: {}",
+            rel_err(&got, &def)
+        );
+    }
+}
