@@ -13,6 +13,9 @@ pub mod io;
 pub mod models;
 pub mod ops;
 pub mod shaders;
+pub mod synth;
+pub mod eval;
+pub mod demo;
 
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions, GpuTensor};
