@@ -440,10 +440,13 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthVolume> {
     let mut ctx = vec![0.0f64; n];
     let ratio = cfg.context_ratio as f64;
     let sub = [-ratio / 3.0, 0.0, ratio / 3.0];
-    for z in 0..d {
+    let scene = &scene;
+    // One z-slice per work item, spread over the available cores (the result does not
+    // depend on the thread count: every voxel is computed independently).
+    let slice = |z: usize, raw: &mut [f64], truth: &mut [u8], ctx: &mut [f64]| {
         for y in 0..h {
             for x in 0..w {
-                let i = (z * h + y) * w + x;
+                let i = y * w + x;
                 let p = [centre(z, d), centre(y, h), centre(x, w)];
                 truth[i] = scene.sample(p).1;
                 let mut acc = 0.0;
@@ -467,7 +470,29 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthVolume> {
                 ctx[i] = acc / 27.0;
             }
         }
-    }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 16);
+    let per = d.div_ceil(threads);
+    std::thread::scope(|s| {
+        let chunks = raw
+            .chunks_mut(per * h * w)
+            .zip(truth.chunks_mut(per * h * w))
+            .zip(ctx.chunks_mut(per * h * w));
+        for (t, ((r, tr), c)) in chunks.enumerate() {
+            s.spawn(move || {
+                for (k, ((r, tr), c)) in r
+                    .chunks_mut(h * w)
+                    .zip(tr.chunks_mut(h * w))
+                    .zip(c.chunks_mut(h * w))
+                    .enumerate()
+                {
+                    slice(t * per + k, r, tr, c);
+                }
+            });
+        }
+    });
     gauss_blur(&mut raw, cfg.shape, BLUR_SIGMA);
     let mut noise = Rng::new(hash3(cfg.seed, [1, 2, 3], 3));
     let raw: Vec<u8> = raw
