@@ -4,13 +4,13 @@
     tools/.venv/bin/python tools/train_demo.py [--volfuse target/release/volfuse] [--out demo]
                                                [--tiles 120] [--steps 1500] [--force]
 
-What it does, all on the CPU with 2 torch threads:
+What it does, all on the CPU (2 worker processes of 1 torch thread each):
 
 1. Generates training volumes with `volfuse synth` (the Rust generator, src/synth.rs), so the
    training data are exactly what `volfuse demo` segments: 32^3 raw tiles, their concentric
    context (4x the extent, same voxel shape) and the truth (0 background, 1 nucleus, 2 pore,
    3 mitochondrion). Tile centres are drawn at a random distance (0..1.6 radii) from a nucleus
-   centre for most tiles, anywhere in the scene for the rest.
+   centre for 80 % of the tiles, anywhere in the scene for the rest.
 2. Builds a tiny DINOv3-shaped ViT (HF DINOv3ViTModel: patch 4, hidden 32, 2 layers, 2 heads,
    4 registers) with seeded random weights. It stays frozen (random features are enough for the
    UNet to learn from on this data, and freezing it lets the features be computed once).
@@ -19,7 +19,8 @@ What it does, all on the CPU with 2 torch threads:
    so 16x16 tokens per slice), and caches them as float16.
 4. Trains two DINOv3UNet3D (tools/reference_unet.py; base_channels 4, input_size 32^3, 4
    classes) on the cached features: one with context fusion, one without, same data, same
-   seed, same steps. Loss: cross entropy + soft Dice.
+   seed, same steps, batch 1, AdamW + one-cycle LR, in parallel (one process each).
+   Loss: cross entropy + soft Dice.
 5. Scores both on held-out tiles, writes the bundles (volfuse.json, unet.safetensors in
    float16, backbone/) to <out>/with_context and <out>/no_context, and a check volume
    (<out>/../target/demo_check or --check-dir) with the PyTorch logits of both bundles (as
