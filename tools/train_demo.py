@@ -110,6 +110,26 @@ def synth(volfuse: Path, seed: int, offset: float | None, tmp: Path):
     return out
 
 
+def vit_patch_tokens(model, pixels: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+    """reference_features.vit_patch_tokens with the grid from the ViT's own patch size.
+
+    dinov3_playground (and so tools/reference_features.py) assumes patch 16: it keeps the last
+    (S/16)^2 tokens. volfuse uses config.patch_size, which is the same for every shipped
+    DINOv3 (patch 16) and right for the demo's patch-4 ViT; with the reference's rule the
+    features of a patch-4 ViT would be the last 16 of its 256 patch tokens.
+    """
+    p = model.config.patch_size
+    B, _, Hp, Wp = pixels.shape
+    g_h, g_w = Hp // p, Wp // p
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels).last_hidden_state.float()
+    patches = hidden[:, hidden.shape[1] - g_h * g_w:, :]
+    return patches.reshape(B, g_h, g_w, -1).permute(3, 0, 1, 2).contiguous()
+
+
+rf.vit_patch_tokens = vit_patch_tokens  # extract_features_plane looks it up at call time
+
+
 def features(vol: np.ndarray, vit) -> np.ndarray:
     return rf.extract_dinov3_features_3d(vol, vit, MEAN, STD, (TILE, TILE, TILE), SLICE,
                                          use_orthogonal_planes=True, autocast=False)
