@@ -159,11 +159,11 @@ enum Cmd {
         /// Seed of the generated volume.
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Volume side (a multiple of the models' 32-voxel tile).
-        #[arg(long, default_value_t = 64)]
+        /// Volume side (a multiple of the models' 32-voxel tile; 32 = one tile per model).
+        #[arg(long, default_value_t = 32)]
         size: usize,
         /// Centre the volume this far from a nucleus centre (fraction of its radius).
-        #[arg(long, default_value_t = 0.6)]
+        #[arg(long, default_value_t = 0.8)]
         nucleus_offset: f64,
         /// Where to write the volumes, labels and preview.png.
         #[arg(long, default_value = "volfuse-demo")]
