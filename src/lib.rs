@@ -40,14 +40,17 @@
 pub mod autotune;
 pub mod bench;
 pub mod bench_stages;
+pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod gpu;
 pub mod graph;
 pub mod io;
 pub mod models;
 pub mod ops;
 pub mod shaders;
+pub mod synth;
 pub mod tiling;
 
 pub use engine::{DeviceSegmentation, DeviceVolume, Engine, Model, VoxelType};

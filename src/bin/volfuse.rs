@@ -149,6 +149,63 @@ enum Cmd {
     /// Segment a volume of any size with a model bundle, tile by tile: labels, and optionally
     /// probabilities and logits, on the raw volume's voxel grid.
     Run(RunArgs),
+    /// Segment a generated EM-like volume with the shipped demo models (with and without context) and score both against the truth.
+    Demo {
+        /// Seed of the generated volume.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Volume side (a multiple of the models' 32-voxel tile; 32 = one tile per model).
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// Centre the volume this far from a nucleus centre (fraction of its radius).
+        #[arg(long, default_value_t = 0.8)]
+        nucleus_offset: f64,
+        /// Where to write the volumes, labels and preview.png.
+        #[arg(long, default_value = "volfuse-demo")]
+        output_dir: PathBuf,
+        /// Folder holding the two demo bundles with_context/ and no_context/ (default: the source tree's demo/).
+        #[arg(long)]
+        models: Option<PathBuf>,
+        /// Slices per ViT batch.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Generate a synthetic EM-like volume with ground truth: raw.npy, context.npy (concentric, coarser, same voxel shape), truth.npy.
+    Synth {
+        /// Random seed (the same seed gives the same files).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Volume size D H W.
+        #[arg(long, num_args = 3, value_names = ["D", "H", "W"], default_values_t = [64, 64, 64])]
+        size: Vec<usize>,
+        /// Context voxel size / raw voxel size.
+        #[arg(long, default_value_t = volfuse::synth::DEFAULT_CONTEXT_RATIO)]
+        context_ratio: usize,
+        /// Centre the volume this far from a nucleus centre (fraction of its radius); default: anywhere.
+        #[arg(long)]
+        nucleus_offset: Option<f64>,
+        /// Folder for raw.npy, context.npy and truth.npy (created if missing).
+        #[arg(long)]
+        output_dir: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Score labels against a ground truth: per-class IoU and Dice, confusion counts, mean IoU.
+    Eval {
+        /// Predicted labels (D, H, W) .npy, integer.
+        #[arg(long)]
+        labels: PathBuf,
+        /// True labels (D, H, W) .npy, integer, same shape.
+        #[arg(long)]
+        truth: PathBuf,
+        /// Class names in label order, for the table (default: the synthetic volumes' names).
+        #[arg(long, num_args = 1..)]
+        names: Option<Vec<String>>,
+    },
     /// Benchmark the kernels on the chosen adapter (GFLOP/s, GB/s).
     Bench {
         /// Only cases whose label contains one of these words.
@@ -476,7 +533,45 @@ fn dispatch(cli: Cli) -> Result<()> {
             &backbone, &input, &size, slice_size, mean, std, xy_only, batch, &output, force,
             &device,
         ),
-        Cmd::Run(args) => run_model(&args),
+        Cmd::Run(args) => {
+            if let Some(dir) = &args.dump_gates {
+                let ctx = match args.context.as_deref() {
+                    None | Some("auto") | Some("none") => anyhow::bail!(
+                        "--dump-gates needs the context as a file (--context FILE): the gates are computed on one tile of the raw volume and its context"
+                    ),
+                    Some(c) => PathBuf::from(c),
+                };
+                dump_gates(
+                    &args.model,
+                    &args.input,
+                    Some(&ctx),
+                    dir,
+                    args.batch,
+                    args.force,
+                    &args.device,
+                )?;
+            }
+            run_model(&args)
+        }
+        Cmd::Demo {
+            seed,
+            size,
+            nucleus_offset,
+            output_dir,
+            models,
+            batch,
+            force,
+            device,
+        } => run_demo(
+            seed,
+            size,
+            nucleus_offset,
+            &output_dir,
+            models,
+            batch,
+            force,
+            &device,
+        ),
         Cmd::Backbone {
             backbone,
             input,
@@ -485,6 +580,26 @@ fn dispatch(cli: Cli) -> Result<()> {
             force,
             device,
         } => run_backbone(&backbone, &input, &output, batch, force, &device),
+        Cmd::Synth {
+            seed,
+            size,
+            context_ratio,
+            nucleus_offset,
+            output_dir,
+            force,
+        } => run_synth(
+            seed,
+            &size,
+            context_ratio,
+            nucleus_offset,
+            &output_dir,
+            force,
+        ),
+        Cmd::Eval {
+            labels,
+            truth,
+            names,
+        } => run_eval(&labels, &truth, names),
     }
 }
 
@@ -545,7 +660,9 @@ fn bench(device: &DeviceArgs, filter: &[String], iters: usize) -> Result<()> {
 fn bench_autotune(device: &DeviceArgs, iters: usize) -> Result<()> {
     use volfuse::autotune;
     if !autotune::enabled() || device.no_autotune {
-        anyhow::bail!("--autotune with autotuning turned off (--no-autotune or VOLFUSE_NO_AUTOTUNE)");
+        anyhow::bail!(
+            "--autotune with autotuning turned off (--no-autotune or VOLFUSE_NO_AUTOTUNE)"
+        );
     }
     let ctx = device.gpu().context("choosing a GPU adapter")?;
     println!("adapter: {}", ctx.describe());
@@ -555,7 +672,12 @@ fn bench_autotune(device: &DeviceArgs, iters: usize) -> Result<()> {
         let times: Vec<String> = r
             .variants
             .iter()
-            .map(|(n, s)| format!("{n} {}", s.map_or("failed".into(), |s| format!("{:.3} ms", s * 1e3))))
+            .map(|(n, s)| {
+                format!(
+                    "{n} {}",
+                    s.map_or("failed".into(), |s| format!("{:.3} ms", s * 1e3))
+                )
+            })
             .collect();
         println!(
             "{:<44} {}  → {} (gain over the default {:.2}×)",
@@ -615,7 +737,9 @@ fn bench_model(
                         / ours
                             .stages
                             .iter()
-                            .filter(|s| s.name.starts_with("UNet") || s.name.contains("fusion") || s.name.starts_with("head"))
+                            .filter(|s| s.name.starts_with("UNet")
+                                || s.name.contains("fusion")
+                                || s.name.starts_with("head"))
                             .filter_map(|s| s.seconds)
                             .sum::<f64>()
                 );
@@ -626,10 +750,15 @@ fn bench_model(
                     );
                 }
                 if let (Some(p), Some(r)) = (v["peak_rss_bytes"].as_f64(), ours.peak_rss) {
-                    println!("peak resident memory volfuse / pytorch = {:.3}", r as f64 / p);
+                    println!(
+                        "peak resident memory volfuse / pytorch = {:.3}",
+                        r as f64 / p
+                    );
                 }
             }
-            None => println!("pytorch cpu: not available (create tools/.venv, see tools/README.md)"),
+            None => {
+                println!("pytorch cpu: not available (create tools/.venv, see tools/README.md)")
+            }
         }
     }
     Ok(())
@@ -829,6 +958,10 @@ struct RunArgs {
     /// the raw volume's shape.
     #[arg(long)]
     single_tile: bool,
+    /// Also write the four context-fusion gate maps (gate1.npy … gate4.npy, (Ck, d, h, w))
+    /// of the model's single-tile run into this folder (needs --context FILE).
+    #[arg(long)]
+    dump_gates: Option<PathBuf>,
     /// Slices per ViT batch.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -1140,6 +1273,252 @@ fn run_single_tile(a: &RunArgs) -> Result<()> {
         a.output.display(),
         t0.elapsed().as_secs_f64(),
         found.join(", ")
+    );
+    Ok(())
+}
+
+fn run_synth(
+    seed: u64,
+    size: &[usize],
+    context_ratio: usize,
+    nucleus_offset: Option<f64>,
+    dir: &Path,
+    force: bool,
+) -> Result<()> {
+    let [d, h, w] = size[..] else {
+        anyhow::bail!("--size needs three numbers D H W")
+    };
+    let files = ["raw.npy", "context.npy", "truth.npy"].map(|f| dir.join(f));
+    for f in &files {
+        check_output(f, force)?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cfg = volfuse::synth::SynthConfig::new(seed, [d, h, w]);
+    cfg.context_ratio = context_ratio;
+    cfg.nucleus_offset = nucleus_offset;
+    let t0 = std::time::Instant::now();
+    let v = volfuse::synth::generate(&cfg)?;
+    npy::write(&files[0], &v.shape, &v.raw, force)?;
+    npy::write(&files[1], &v.shape, &v.context, force)?;
+    npy::write(&files[2], &v.shape, &v.truth, force)?;
+    let mut counts = [0usize; 4];
+    for t in &v.truth {
+        counts[*t as usize] += 1;
+    }
+    eprintln!(
+        "synth: seed {seed}, {:?} voxels, context ×{context_ratio} → {} in {:.2} s; voxels per class {}",
+        v.shape,
+        dir.display(),
+        t0.elapsed().as_secs_f64(),
+        volfuse::synth::CLASS_NAMES
+            .iter()
+            .zip(counts)
+            .map(|(n, c)| format!("{n} {c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// A label volume as u16 values: integer dtypes only, values checked.
+fn read_labels(path: &Path) -> Result<(Vec<usize>, Vec<u16>)> {
+    let x = npy::read(path)?;
+    let shape = x.shape.clone();
+    if !matches!(
+        x.dtype(),
+        DType::U8 | DType::U16 | DType::U32 | DType::I16 | DType::I32 | DType::I64
+    ) {
+        anyhow::bail!(
+            "{}: labels must be an integer array, found {:?}; save the argmax of your predictions as integers",
+            path.display(),
+            x.dtype()
+        );
+    }
+    let mut out = Vec::with_capacity(x.len());
+    for (i, v) in x.to_f32().into_iter().enumerate() {
+        if !(0.0..=65535.0).contains(&v) {
+            anyhow::bail!(
+                "{}: label {v} at index {i} is outside 0..=65535; labels must be class indices",
+                path.display()
+            );
+        }
+        out.push(v as u16);
+    }
+    Ok((shape, out))
+}
+
+fn run_eval(labels: &Path, truth: &Path, names: Option<Vec<String>>) -> Result<()> {
+    let (ps, p) = read_labels(labels)?;
+    let (ts, t) = read_labels(truth)?;
+    if ps != ts {
+        anyhow::bail!(
+            "the labels {} have shape {ps:?} but the truth {} has {ts:?}; they must match",
+            labels.display(),
+            truth.display()
+        );
+    }
+    let names: Vec<String> = names.unwrap_or_else(|| {
+        volfuse::synth::CLASS_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    });
+    let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let s = volfuse::eval::score(&p, &t, 0)?;
+    print!("{}", volfuse::eval::table(&names, &[("prediction", &s)]));
+    println!("accuracy {:.4}", s.accuracy());
+    println!("confusion (voxels):");
+    print!("{}", volfuse::eval::confusion_text(&names, &s));
+    Ok(())
+}
+
+fn dump_gates(
+    model: &Path,
+    input: &Path,
+    context: Option<&Path>,
+    dir: &Path,
+    batch: usize,
+    force: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    let files: Vec<PathBuf> = (1..=4).map(|k| dir.join(format!("gate{k}.npy"))).collect();
+    for f in &files {
+        check_output(f, force)?;
+    }
+    let bundle = volfuse::models::Bundle::load(model)
+        .with_context(|| format!("loading the model bundle {}", model.display()))?;
+    if !bundle.unet.fusion {
+        anyhow::bail!(
+            "--dump-gates: the model {} has no context fusion, so it has no gate maps; drop --dump-gates or use a context-fused model",
+            model.display()
+        );
+    }
+    let Some(context) = context else {
+        anyhow::bail!(
+            "--dump-gates needs --context: the gates are computed from the context volume"
+        );
+    };
+    let raw = volfuse::models::Volume::read(input)?;
+    let ctx = volfuse::models::Volume::read(context)?;
+    let mut runner = Runner::new(device.backend()?);
+    let gates = volfuse::models::gates::gate_maps(&bundle, &mut runner, &raw, &ctx, batch.max(1))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (g, f) in gates.iter().zip(&files) {
+        npy::write(f, &g.shape, &g.data, force)?;
+        let mean = g.data.iter().map(|v| *v as f64).sum::<f64>() / g.data.len().max(1) as f64;
+        eprintln!("wrote {} {:?} (mean gate {mean:.3})", f.display(), g.shape);
+    }
+    Ok(())
+}
+
+/// Writes bytes through a temporary file in the same folder, renamed into place.
+fn write_file_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    check_output(path, force)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            anyhow::anyhow!("writing {}: {e}", path.display())
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_demo(
+    seed: u64,
+    size: usize,
+    nucleus_offset: f64,
+    out: &Path,
+    models: Option<PathBuf>,
+    batch: usize,
+    force: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    use volfuse::eval::{score, table};
+    use volfuse::synth::{generate, SynthConfig, CLASS_NAMES};
+    let t_all = std::time::Instant::now();
+    let names = [
+        "raw.npy",
+        "context.npy",
+        "truth.npy",
+        "labels_no_context.npy",
+        "labels_context.npy",
+        "preview.png",
+    ];
+    let files: Vec<PathBuf> = names.iter().map(|n| out.join(n)).collect();
+    for f in &files {
+        check_output(f, force)?;
+    }
+    let models = models.unwrap_or_else(volfuse::demo::models_dir);
+    let load = |v: &str| {
+        let dir = models.join(v);
+        volfuse::models::Bundle::load(&dir).with_context(|| {
+            format!(
+                "loading the demo model {} (the demo models ship in the source tree's demo/ folder; pass --models DIR if you moved them)",
+                dir.display()
+            )
+        })
+    };
+    let no_ctx = load("no_context")?;
+    let with_ctx = load("with_context")?;
+    let ratio = volfuse::synth::DEFAULT_CONTEXT_RATIO;
+    let mut cfg = SynthConfig::new(seed, [size; 3]);
+    cfg.nucleus_offset = Some(nucleus_offset);
+    let t0 = std::time::Instant::now();
+    let v = generate(&cfg)?;
+    eprintln!(
+        "demo: generated a {size}³ EM-like volume (seed {seed}) + its ×{ratio} context in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let backend = device.backend()?;
+    eprintln!("demo: running both models on {}", backend.describe());
+    let mut runner = Runner::new(backend);
+    let shape = v.shape;
+    let mut run = |b: &volfuse::models::Bundle, label: &str| -> Result<Vec<u16>> {
+        let t = std::time::Instant::now();
+        let l = volfuse::demo::segment_tiles(
+            b,
+            &mut runner,
+            &v.raw,
+            &v.context,
+            shape,
+            ratio,
+            batch.max(1),
+        )?;
+        eprintln!("demo: {label}: {:.2} s", t.elapsed().as_secs_f64());
+        Ok(l)
+    };
+    let l0 = run(&no_ctx, "without context")?;
+    let l1 = run(&with_ctx, "with context")?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    npy::write(&files[0], &shape, &v.raw, force)?;
+    npy::write(&files[1], &shape, &v.context, force)?;
+    npy::write(&files[2], &shape, &v.truth, force)?;
+    let to_u8 = |l: &[u16]| l.iter().map(|x| *x as u8).collect::<Vec<u8>>();
+    npy::write(&files[3], &shape, &to_u8(&l0), force)?;
+    npy::write(&files[4], &shape, &to_u8(&l1), force)?;
+    let png =
+        volfuse::demo::preview_png(&v.raw, &v.truth, &[&l0, &l1], shape, (256 / size).max(1))?;
+    write_file_atomic(&files[5], &png, force)?;
+    let truth: Vec<u16> = v.truth.iter().map(|x| *x as u16).collect();
+    let s0 = score(&l0, &truth, CLASS_NAMES.len())?;
+    let s1 = score(&l1, &truth, CLASS_NAMES.len())?;
+    println!(
+        "{}",
+        table(&CLASS_NAMES, &[("no context", &s0), ("with context", &s1)])
+    );
+    println!(
+        "wrote {} (raw, context, truth, labels, preview.png: middle slice raw | truth | no context | with context) in {:.1} s",
+        out.display(),
+        t_all.elapsed().as_secs_f64()
     );
     Ok(())
 }

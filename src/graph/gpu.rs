@@ -216,7 +216,12 @@ impl GpuExecutor {
 
     /// Runs once more with a wait after every node; returns the wall seconds of each node
     /// (nodes in graph order; 0 for nodes without dispatches).
-    pub fn profile_nodes(&self, ctx: &GpuContext, g: &Graph, inputs: &[&[f32]]) -> Result<Vec<f64>> {
+    pub fn profile_nodes(
+        &self,
+        ctx: &GpuContext,
+        g: &Graph,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<f64>> {
         g.check_inputs(inputs)?;
         for ((slot, _), d) in self.inputs.iter().zip(inputs) {
             ctx.write(&self.slots[*slot], d);

@@ -1,6 +1,7 @@
 //! Models, written to read like the PyTorch they mirror, built as [`crate::graph::Graph`]s.
 
 pub mod bundle;
+pub mod gates;
 pub mod pipeline;
 pub mod planes;
 pub mod preprocess;

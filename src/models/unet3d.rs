@@ -397,11 +397,22 @@ impl Unet3d {
     }
 
     /// `skip + raw_proj(skip) ⊙ σ(conv3(ReLU(BN(conv0(ctx)))))` for level `i` (1-based).
-    fn fuse(&self, g: &mut Graph, skip: Value, ctx: Value, i: usize) -> Result<Value> {
+    /// With `gates`, the gate σ(…) is also computed as a value of its own and pushed there.
+    fn fuse(
+        &self,
+        g: &mut Graph,
+        skip: Value,
+        ctx: Value,
+        i: usize,
+        gates: Option<&mut Vec<Value>>,
+    ) -> Result<Value> {
         let f = format!("context_fusion{i}");
         let a = self.conv(g, ctx, &format!("{f}.context_proj.0"), 1)?;
         let a = g.op(Unary::Relu, &[a])?;
         let gate = self.conv(g, a, &format!("{f}.context_proj.3"), 1)?;
+        if let Some(gates) = gates {
+            gates.push(g.op(Unary::Sigmoid, &[gate])?);
+        }
         let w = self.c(g, &format!("{f}.raw_proj.weight"))?;
         let b = self.c(g, &format!("{f}.raw_proj.bias"))?;
         g.op(ContextGate, &[skip, w, b, gate])
@@ -410,6 +421,35 @@ impl Unet3d {
     /// Adds the network to `g`: features (N, Cd, d, h, w) [+ context features of the same
     /// shape] → logits (N, K, d, h, w). Without `ctx` the skips are not fused.
     pub fn build(&self, g: &mut Graph, feats: Value, ctx: Option<Value>) -> Result<Value> {
+        self.build_inner(g, feats, ctx, None)
+    }
+
+    /// [`Unet3d::build`], also returning the four fusion gates σ(ctx_proj(ctx_k)) of shapes
+    /// (N, Ck, d/2^(k-1), …), k = 1..4, as values of the graph (for inspection). Errors if the
+    /// model has no context fusion or no context is given.
+    pub fn build_with_gates(
+        &self,
+        g: &mut Graph,
+        feats: Value,
+        ctx: Value,
+    ) -> Result<(Value, Vec<Value>)> {
+        if !self.fusion {
+            return Err(Error::Invalid(
+                "this model has no context fusion, so it has no gates to show".into(),
+            ));
+        }
+        let mut gates = Vec::with_capacity(4);
+        let logits = self.build_inner(g, feats, Some(ctx), Some(&mut gates))?;
+        Ok((logits, gates))
+    }
+
+    fn build_inner(
+        &self,
+        g: &mut Graph,
+        feats: Value,
+        ctx: Option<Value>,
+        mut gates: Option<&mut Vec<Value>>,
+    ) -> Result<Value> {
         let cfg = &self.config;
         let fs = g.shape(feats).to_vec();
         if fs.len() != 5
@@ -449,7 +489,7 @@ impl Unet3d {
                     c = g.op(Pool3d::Avg, &[c])?;
                 }
                 let ck = self.conv(g, c, &format!("context_proj{}", i + 1), 1)?;
-                *skip = self.fuse(g, *skip, ck, i + 1)?;
+                *skip = self.fuse(g, *skip, ck, i + 1, gates.as_deref_mut())?;
             }
         }
         for (name, skip) in ["dec4", "dec3", "dec2", "dec1"]
