@@ -1,11 +1,22 @@
-// Batched matmul out[b] = op(A[b]) · op(B[b]) + bias, strides in elements.
+// Batched matmul out[b] = act(op(A[b]) · op(B[b]) + bias), strides in elements; act is
+// identity, GELU or SiLU (the epilogue, so an MLP's activation costs no extra pass).
 // Variant "matmul": each invocation computes a 4x4 tile in registers; no shared memory.
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
     a_rs: u32, a_cs: u32, a_bs: u32,
     b_rs: u32, b_cs: u32, b_bs: u32,
-    has_bias: u32, tiles_n: u32,
+    has_bias: u32, tiles_n: u32, act: u32, _p0: u32,
+    _p1: u32, _p2: u32,
+}
+
+// The epilogue activation: 0 identity, 1 GELU (erf), 2 SiLU.
+fn activate(v: f32, act: u32) -> f32 {
+    switch act {
+        case 1u: { return gelu_(v); }
+        case 2u: { return silu_(v); }
+        default: { return v; }
+    }
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -52,7 +63,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             if (c < p.n) {
                 var v = acc[i][j];
                 if (p.has_bias != 0u) { v += bias[c]; }
-                out[bi * p.m * p.n + r * p.n + c] = v;
+                out[bi * p.m * p.n + r * p.n + c] = activate(v, p.act);
             }
         }
     }
@@ -77,7 +88,7 @@ struct TexParams {
     w_base: u32,  // vec4 index of column c0 inside the uniform window
     has_bias: u32,
     w_base2: u32, // vec4 index of column c0 + 8 inside the second window (16-column blocks)
-    _p1: u32,
+    act: u32,     // epilogue activation (see activate)
 }
 
 @group(0) @binding(0) var<uniform> tp: TexParams;
@@ -122,7 +133,7 @@ fn store_row(row: u32, acc: array<f32, 16>, cols: u32) {
         if (c < tp.n) {
             var v = acc[j];
             if (tp.has_bias != 0u) { v += tbias[c]; }
-            tout[row * tp.n + c] = v;
+            tout[row * tp.n + c] = activate(v, tp.act);
         }
     }
 }

@@ -19,6 +19,39 @@ pub struct Matmul {
     pub bias: bool,
     /// Kernel choice; `Auto` picks from the device's features and limits.
     pub kernel: MatmulKernel,
+    /// Applied to every output element after the bias (the epilogue).
+    pub act: Activation,
+}
+
+/// The epilogue activation of a [`Matmul`]: an MLP's `act(x·Wᵀ + b)` in one pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Identity,
+    /// GELU with the exact erf, as `elementwise::gelu`.
+    Gelu,
+    /// SiLU, as `elementwise::silu`.
+    Silu,
+}
+
+impl Activation {
+    /// The code the shaders' `activate` switches on.
+    fn code(self) -> u32 {
+        match self {
+            Activation::Identity => 0,
+            Activation::Gelu => 1,
+            Activation::Silu => 2,
+        }
+    }
+
+    /// The CPU reference: the element-wise ops' own functions.
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Identity => x,
+            Activation::Gelu => super::elementwise::gelu(x),
+            Activation::Silu => super::elementwise::silu(x),
+        }
+    }
 }
 
 /// The GPU kernel variants of [`Matmul`].
@@ -50,7 +83,13 @@ impl Matmul {
             trans_b: true,
             bias,
             kernel: MatmulKernel::Auto,
+            act: Activation::Identity,
         }
+    }
+
+    /// This matmul with `act` applied in its epilogue.
+    pub fn with_act(self, act: Activation) -> Self {
+        Matmul { act, ..self }
     }
 
     pub fn dims(&self, inputs: &[&[usize]]) -> Result<Dims> {
@@ -156,6 +195,11 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
             );
         }
     }
+    if m.act != Activation::Identity {
+        for v in out[..batch * rows * n].iter_mut() {
+            *v = m.act.apply(*v);
+        }
+    }
 }
 
 impl Op for Matmul {
@@ -214,6 +258,8 @@ struct Params {
     b_bs: u32,
     has_bias: u32,
     tiles_n: u32,
+    act: u32,
+    _pad: [u32; 3],
 }
 
 fn gpu_matmul(
@@ -241,6 +287,8 @@ fn gpu_matmul(
         b_bs: if d.b_batched { (d.k * d.n) as u32 } else { 0 },
         has_bias: m.bias as u32,
         tiles_n: tiles_n as u32,
+        act: m.act.code(),
+        _pad: [0; 3],
     };
     let tiles = (d.m.div_ceil(tm) * tiles_n) as u64;
     Ok(vec![ctx.dispatch(KernelArgs {
@@ -266,7 +314,7 @@ struct TexParams {
     w_base: u32,
     has_bias: u32,
     w_base2: u32,
-    _pad: u32,
+    act: u32,
 }
 
 /// Bytes of the uniform window holding a block of W (the WGSL array size).
@@ -393,7 +441,7 @@ fn gpu_matmul_tex(
             w_base: ((col_byte - start) / 16) as u32,
             has_bias: m.bias as u32,
             w_base2: ((col_byte2 - start2) / 16) as u32,
-            _pad: 0,
+            act: m.act.code(),
         };
         let at = b * align as usize;
         param_bytes[at..at + params_size as usize].copy_from_slice(bytemuck::bytes_of(&p));
@@ -526,7 +574,7 @@ mod tests {
                         };
                         s += av as f64 * bv as f64;
                     }
-                    out[bi * d.m * d.n + i * d.n + j] = s as f32;
+                    out[bi * d.m * d.n + i * d.n + j] = m.act.apply(s as f32);
                 }
             }
         }
@@ -563,17 +611,18 @@ mod tests {
     #[test]
     fn reference_matches_naive() {
         let mut r = rng();
-        for (ta, tb, bias) in [
-            (false, false, false),
-            (true, false, true),
-            (false, true, true),
-            (true, true, false),
+        for (ta, tb, bias, act) in [
+            (false, false, false, Activation::Identity),
+            (true, false, true, Activation::Gelu),
+            (false, true, true, Activation::Silu),
+            (true, true, false, Activation::Identity),
         ] {
             let m = Matmul {
                 trans_a: ta,
                 trans_b: tb,
                 bias,
                 kernel: MatmulKernel::Auto,
+                act,
             };
             let s = shapes(&m, Some(3), 7, 5, 9, true);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
@@ -660,6 +709,7 @@ mod tests {
                 trans_b: tb,
                 bias,
                 kernel: MatmulKernel::Generic,
+                act: Activation::Identity,
             };
             for (batch, rows, n, k, bb) in [
                 (None, 1, 1, 1, false),
@@ -669,6 +719,25 @@ mod tests {
                 (None, 257, 384, 384, false),
             ] {
                 check_op(&m, &shapes(&m, batch, rows, n, k, bb), 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn epilogue_activation_matches_reference() {
+        // Both kernels (texture path where the device has it, and the generic one), with
+        // and without bias, odd sizes.
+        for act in [Activation::Gelu, Activation::Silu] {
+            for kernel in [MatmulKernel::Auto, MatmulKernel::Generic] {
+                for bias in [false, true] {
+                    let m = Matmul {
+                        kernel,
+                        ..Matmul::linear(bias).with_act(act)
+                    };
+                    for (batch, rows, n, k) in [(None, 67, 37, 64), (Some(2), 45, 70, 1536)] {
+                        check_op(&m, &shapes(&m, batch, rows, n, k, false), 1e-5);
+                    }
+                }
             }
         }
     }
