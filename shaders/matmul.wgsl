@@ -6,17 +6,17 @@ struct Params {
     m: u32, n: u32, k: u32, batch: u32,
     a_rs: u32, a_cs: u32, a_bs: u32,
     b_rs: u32, b_cs: u32, b_bs: u32,
-    has_bias: u32, tiles_n: u32, act: u32, _p0: u32,
-    _p1: u32, _p2: u32,
+    has_bias: u32, tiles_n: u32,
 }
 
-// The epilogue activation: 0 identity, 1 GELU (erf), 2 SiLU.
-fn activate(v: f32, act: u32) -> f32 {
-    switch act {
-        case 1u: { return gelu_(v); }
-        case 2u: { return silu_(v); }
-        default: { return v; }
-    }
+// The epilogue activation, a pipeline constant so each variant compiles only its own:
+// 0 identity, 1 GELU (erf), 2 SiLU.
+override ACT: u32 = 0u;
+
+fn activate(v: f32) -> f32 {
+    if (ACT == 1u) { return gelu_(v); }
+    if (ACT == 2u) { return silu_(v); }
+    return v;
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -63,7 +63,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             if (c < p.n) {
                 var v = acc[i][j];
                 if (p.has_bias != 0u) { v += bias[c]; }
-                out[bi * p.m * p.n + r * p.n + c] = activate(v, p.act);
+                out[bi * p.m * p.n + r * p.n + c] = activate(v);
             }
         }
     }
@@ -88,7 +88,7 @@ struct TexParams {
     w_base: u32,  // vec4 index of column c0 inside the uniform window
     has_bias: u32,
     w_base2: u32, // vec4 index of column c0 + 8 inside the second window (16-column blocks)
-    act: u32,     // epilogue activation (see activate)
+    _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> tp: TexParams;
@@ -126,14 +126,28 @@ fn bc4(acc: ptr<function, array<f32, 16>>, xv: vec4<f32>, w: vec4<f32>) {
     (*acc)[3] += dot(xv, subgroupBroadcast(w, 3u));
 }
 
+// Adds the bias of columns c .. c + 7 to acc[o ..]: lane j loads column c + j's bias (one
+// storage-buffer load per lane instead of eight) and broadcasts it. Call in uniform control
+// flow, before any lane returns.
+fn add_bias8(acc: ptr<function, array<f32, 16>>, o: u32, c: u32, lane: u32) {
+    if (tp.has_bias == 0u) { return; }
+    let b = tbias[min(c + lane, tp.n - 1u)];
+    (*acc)[o + 0u] += subgroupBroadcast(b, 0u);
+    (*acc)[o + 1u] += subgroupBroadcast(b, 1u);
+    (*acc)[o + 2u] += subgroupBroadcast(b, 2u);
+    (*acc)[o + 3u] += subgroupBroadcast(b, 3u);
+    (*acc)[o + 4u] += subgroupBroadcast(b, 4u);
+    (*acc)[o + 5u] += subgroupBroadcast(b, 5u);
+    (*acc)[o + 6u] += subgroupBroadcast(b, 6u);
+    (*acc)[o + 7u] += subgroupBroadcast(b, 7u);
+}
+
 fn store_row(row: u32, acc: array<f32, 16>, cols: u32) {
     if (row >= tp.m) { return; }
     for (var j = 0u; j < cols; j++) {
         let c = tp.c0 + j;
         if (c < tp.n) {
-            var v = acc[j];
-            if (tp.has_bias != 0u) { v += tbias[c]; }
-            tout[row * tp.n + c] = activate(v, tp.act);
+            tout[row * tp.n + c] = activate(acc[j]);
         }
     }
 }
@@ -153,6 +167,8 @@ fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         bc8(&acc, 0u, xv, wu[wa + l]);
         bc8(&acc, 8u, xv, wu2[wb + l]);
     }
+    add_bias8(&acc, 0u, tp.c0, sl);
+    add_bias8(&acc, 8u, c2, sl);
     store_row(row, acc, 16u);
 }
 
@@ -166,6 +182,7 @@ fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     for (var l = 0u; l < tp.k4; l++) {
         bc4(&acc, xload(xr + l), wu[wa + l]);
     }
+    add_bias8(&acc, 0u, tp.c0, sl);
     store_row(row, acc, 4u);
 }
 // END subgroups
