@@ -18,18 +18,7 @@ fn index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wg.x + wg.y * nwg.x) * WG + lid;
 }
 
-// erf(x) with fractional error < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit).
-fn erf_(x: f32) -> f32 {
-    let z = abs(x);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
-        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
-        t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(r - 1.0, 1.0 - r, x >= 0.0);
-}
-
-fn gelu_(x: f32) -> f32 { return 0.5 * x * (1.0 + erf_(x * 0.70710678118654752)); }
-fn sigmoid_(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
+// erf_, gelu_, silu_, sigmoid_: shaders/lib/activation.wgsl (appended).
 
 @compute @workgroup_size(64)
 fn gelu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -42,7 +31,7 @@ fn gelu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 fn silu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = index(wg, nwg, lid);
-    if (i < p.n) { let x = a[i]; out[i] = x * sigmoid_(x); }
+    if (i < p.n) { out[i] = silu_(a[i]); }
 }
 
 @compute @workgroup_size(64)
@@ -74,6 +63,17 @@ fn mul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
        @builtin(local_invocation_index) lid: u32) {
     let i = index(wg, nwg, lid);
     if (i < p.n) { out[i] = a[i] * b[(i / p.b_inner) % p.b_len]; }
+}
+
+// x + λ ⊙ y with λ a vector along the last axis (LayerScale and the residual add in one pass):
+// a = x, b = y, binding 4 = λ; λ index = (i / b_inner) % b_len.
+@group(0) @binding(4) var<storage, read> lambda_: array<f32>;
+
+@compute @workgroup_size(64)
+fn scale_add(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = fma(lambda_[(i / p.b_inner) % p.b_len], b[i], a[i]); }
 }
 
 // f16 storage: halves packed two per u32 (low first), converted with the core builtins.

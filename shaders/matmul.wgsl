@@ -1,4 +1,5 @@
-// Batched matmul out[b] = op(A[b]) · op(B[b]) + bias, strides in elements.
+// Batched matmul out[b] = act(op(A[b]) · op(B[b]) + bias), strides in elements; act is
+// identity, GELU or SiLU (the epilogue, so an MLP's activation costs no extra pass).
 // Variant "matmul": each invocation computes a 4x4 tile in registers; no shared memory.
 
 struct Params {
@@ -6,6 +7,16 @@ struct Params {
     a_rs: u32, a_cs: u32, a_bs: u32,
     b_rs: u32, b_cs: u32, b_bs: u32,
     has_bias: u32, tiles_n: u32,
+}
+
+// The epilogue activation, a pipeline constant so each variant compiles only its own:
+// 0 identity, 1 GELU (erf), 2 SiLU.
+override ACT: u32 = 0u;
+
+fn activate(v: f32) -> f32 {
+    if (ACT == 1u) { return gelu_(v); }
+    if (ACT == 2u) { return silu_(v); }
+    return v;
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -52,7 +63,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
             if (c < p.n) {
                 var v = acc[i][j];
                 if (p.has_bias != 0u) { v += bias[c]; }
-                out[bi * p.m * p.n + r * p.n + c] = v;
+                out[bi * p.m * p.n + r * p.n + c] = activate(v);
             }
         }
     }
@@ -115,14 +126,28 @@ fn bc4(acc: ptr<function, array<f32, 16>>, xv: vec4<f32>, w: vec4<f32>) {
     (*acc)[3] += dot(xv, subgroupBroadcast(w, 3u));
 }
 
+// Adds the bias of columns c .. c + 7 to acc[o ..]: lane j loads column c + j's bias (one
+// storage-buffer load per lane instead of eight) and broadcasts it. Call in uniform control
+// flow, before any lane returns.
+fn add_bias8(acc: ptr<function, array<f32, 16>>, o: u32, c: u32, lane: u32) {
+    if (tp.has_bias == 0u) { return; }
+    let b = tbias[min(c + lane, tp.n - 1u)];
+    (*acc)[o + 0u] += subgroupBroadcast(b, 0u);
+    (*acc)[o + 1u] += subgroupBroadcast(b, 1u);
+    (*acc)[o + 2u] += subgroupBroadcast(b, 2u);
+    (*acc)[o + 3u] += subgroupBroadcast(b, 3u);
+    (*acc)[o + 4u] += subgroupBroadcast(b, 4u);
+    (*acc)[o + 5u] += subgroupBroadcast(b, 5u);
+    (*acc)[o + 6u] += subgroupBroadcast(b, 6u);
+    (*acc)[o + 7u] += subgroupBroadcast(b, 7u);
+}
+
 fn store_row(row: u32, acc: array<f32, 16>, cols: u32) {
     if (row >= tp.m) { return; }
     for (var j = 0u; j < cols; j++) {
         let c = tp.c0 + j;
         if (c < tp.n) {
-            var v = acc[j];
-            if (tp.has_bias != 0u) { v += tbias[c]; }
-            tout[row * tp.n + c] = v;
+            tout[row * tp.n + c] = activate(acc[j]);
         }
     }
 }
@@ -142,6 +167,8 @@ fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         bc8(&acc, 0u, xv, wu[wa + l]);
         bc8(&acc, 8u, xv, wu2[wb + l]);
     }
+    add_bias8(&acc, 0u, tp.c0, sl);
+    add_bias8(&acc, 8u, c2, sl);
     store_row(row, acc, 16u);
 }
 
@@ -155,6 +182,7 @@ fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     for (var l = 0u; l < tp.k4; l++) {
         bc4(&acc, xload(xr + l), wu[wa + l]);
     }
+    add_bias8(&acc, 0u, tp.c0, sl);
     store_row(row, acc, 4u);
 }
 // END subgroups

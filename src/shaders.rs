@@ -55,17 +55,25 @@ pub fn without_subgroups(text: &str) -> String {
     }
 }
 
+/// `NAME => "file"` embeds `shaders/file.wgsl`; `+ "lib"` appends `shaders/lib/lib.wgsl`
+/// (helper functions shared by several families, e.g. the activations).
 macro_rules! shaders {
-    ($($id:ident => $file:literal),* $(,)?) => {
-        $(pub static $id: Shader = Shader { name: $file, text: include_str!(concat!("../shaders/", $file, ".wgsl")) };)*
+    ($($id:ident => $file:literal $(+ $lib:literal)*),* $(,)?) => {
+        $(pub static $id: Shader = Shader {
+            name: $file,
+            text: concat!(
+                include_str!(concat!("../shaders/", $file, ".wgsl")),
+                $("\n", include_str!(concat!("../shaders/lib/", $lib, ".wgsl")),)*
+            ),
+        };)*
         /// Every shader, for validation and cross-compilation tests.
         pub static ALL: &[&Shader] = &[$(&$id),*];
     };
 }
 
 shaders! {
-    ELEMENTWISE => "elementwise",
-    MATMUL => "matmul",
+    ELEMENTWISE => "elementwise" + "activation",
+    MATMUL => "matmul" + "activation",
     NORM => "norm",
     SOFTMAX => "softmax",
     ATTENTION => "attention",

@@ -514,13 +514,30 @@ impl GpuContext {
         entry: &'static str,
         layout: &[wgpu::BindGroupLayoutEntry],
     ) -> Result<(Arc<wgpu::ComputePipeline>, wgpu::BindGroupLayout)> {
+        self.pipeline_with_layout_consts(shader, entry, &[], layout)
+    }
+
+    /// [`pipeline_with_layout`](Self::pipeline_with_layout) with WGSL `override` values
+    /// (part of the cache key).
+    pub fn pipeline_with_layout_consts(
+        &self,
+        shader: &Shader,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+        layout: &[wgpu::BindGroupLayoutEntry],
+    ) -> Result<(Arc<wgpu::ComputePipeline>, wgpu::BindGroupLayout)> {
         let bgl = self
             .device
             .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some(entry),
                 entries: layout,
             });
-        let key = (shader.name, entry, "explicit".to_string());
+        let key_consts = constants
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let key = (shader.name, entry, format!("explicit {key_consts}"));
         let mut cache = self
             .pipelines
             .lock()
@@ -549,7 +566,10 @@ impl GpuContext {
                 layout: Some(&pl),
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: true,
+                },
                 cache: None,
             });
         if let Some(err) = pollster::block_on(scope.pop()) {

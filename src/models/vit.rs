@@ -7,8 +7,9 @@ use crate::error::{Error, Result};
 use crate::graph::{Graph, Value};
 use crate::io::Weights;
 use crate::ops::attention::Attention;
-use crate::ops::elementwise::{Binary, BinaryKind, Unary};
-use crate::ops::matmul::Matmul;
+use crate::ops::elementwise::Binary;
+use crate::ops::elementwise::ScaleAdd;
+use crate::ops::matmul::{Activation, Matmul};
 use crate::ops::norm::LayerNorm;
 use crate::ops::rope::Rope;
 use crate::ops::tokens::{Patchify, PrependTokens};
@@ -88,10 +89,11 @@ impl VitConfig {
         Ok(())
     }
 
-    fn activation(&self) -> std::result::Result<Unary, String> {
+    /// The MLP activation, applied in the epilogue of its first matmul.
+    fn activation(&self) -> std::result::Result<Activation, String> {
         match self.hidden_act.as_str() {
-            "gelu" => Ok(Unary::Gelu),
-            "silu" | "swish" => Ok(Unary::Silu),
+            "gelu" => Ok(Activation::Gelu),
+            "silu" | "swish" => Ok(Activation::Silu),
             other => Err(format!(
                 "hidden_act '{other}' is not supported (gelu or silu)"
             )),
@@ -259,12 +261,24 @@ impl Vit {
 
     /// `x·Wᵀ + b` with the bias only when the checkpoint has one.
     fn linear(&self, g: &mut Graph, x: Value, prefix: &str, bias: bool) -> Result<Value> {
+        self.linear_act(g, x, prefix, bias, Activation::Identity)
+    }
+
+    /// `act(x·Wᵀ + b)`, the activation applied in the matmul's epilogue.
+    fn linear_act(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        prefix: &str,
+        bias: bool,
+        act: Activation,
+    ) -> Result<Value> {
         let w = self.c(g, &format!("{prefix}.weight"))?;
         if bias {
             let b = self.c(g, &format!("{prefix}.bias"))?;
-            g.op(Matmul::linear(true), &[x, w, b])
+            g.op(Matmul::linear(true).with_act(act), &[x, w, b])
         } else {
-            g.op(Matmul::linear(false), &[x, w])
+            g.op(Matmul::linear(false).with_act(act), &[x, w])
         }
     }
 
@@ -280,8 +294,7 @@ impl Vit {
     /// `x + λ ⊙ y` (LayerScale then the residual add).
     fn residual(&self, g: &mut Graph, x: Value, y: Value, lambda: &str) -> Result<Value> {
         let l = self.c(g, lambda)?;
-        let scaled = g.op(Binary::along(BinaryKind::Mul, 2), &[y, l])?;
-        g.op(Binary::add(), &[x, scaled])
+        g.op(ScaleAdd, &[x, y, l])
     }
 
     /// Adds the forward pass to `g` for `pixels` (B, C, H, W); returns last_hidden_state.
@@ -338,13 +351,12 @@ impl Vit {
             // h = h + λ2 ⊙ MLP(LN2(h))
             let x = self.layernorm(g, h, &format!("{p}.norm2"))?;
             let m = if cfg.use_gated_mlp {
-                let gate = self.linear(g, x, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?;
-                let gate = g.op(act, &[gate])?;
+                let gate =
+                    self.linear_act(g, x, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias, act)?;
                 let up = self.linear(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?;
                 g.op(Binary::mul(), &[gate, up])?
             } else {
-                let up = self.linear(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?;
-                g.op(act, &[up])?
+                self.linear_act(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act)?
             };
             let m = self.linear(g, m, &format!("{p}.mlp.down_proj"), cfg.mlp_bias)?;
             h = self.residual(g, h, m, &format!("{p}.layer_scale2.lambda1"))?;

@@ -233,10 +233,71 @@ impl Op for Binary {
     }
 }
 
+/// `x + λ ⊙ y` with `λ` a vector along the last axis: LayerScale and the residual add of a
+/// transformer block in one pass. Inputs: x, y (same shape), λ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ScaleAdd;
+
+/// The CPU reference of [`ScaleAdd`]: `out[i] = x[i] + λ[i % c] · y[i]`, fused as the
+/// kernel does (one rounding).
+pub fn scale_add(x: &[f32], y: &[f32], lambda: &[f32], out: &mut [f32]) {
+    let c = lambda.len();
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = lambda[i % c].mul_add(y[i], x[i]);
+    }
+}
+
+impl Op for ScaleAdd {
+    fn name(&self) -> &'static str {
+        "scale_add"
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        expect_inputs(self.name(), inputs, 3)?;
+        let (x, y, l) = (inputs[0], inputs[1], inputs[2]);
+        if x != y || x.is_empty() || numel(l) != x[x.len() - 1] {
+            return Err(Error::shape(
+                self.name(),
+                format!("x {x:?} and y {y:?} must match, and λ {l:?} must be their last axis"),
+            ));
+        }
+        Ok(x.to_vec())
+    }
+    fn cpu(&self, inputs: &[&[f32]], _shapes: &[&[usize]], out: &mut [f32]) {
+        scale_add(inputs[0], inputs[1], inputs[2], out);
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let n = numel(shapes[0]) as u32;
+        let c = numel(shapes[2]) as u32;
+        Ok(vec![ctx.dispatch(KernelArgs {
+            shader: &ELEMENTWISE,
+            entry: "scale_add",
+            constants: &[],
+            buffers: &[inputs[0], out, inputs[1], inputs[2]],
+            params: bytemuck::cast_slice(&[n, 1, c, 0]),
+            workgroups: ctx.grid((n as u64).div_ceil(64))?,
+        })?])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::testing::check_op;
+
+    #[test]
+    fn scale_add_matches_reference() {
+        for shape in [vec![1, 1], vec![67, 5], vec![3, 201, 384], vec![2, 7, 33]] {
+            let c = shape[shape.len() - 1];
+            check_op(&ScaleAdd, &[shape.clone(), shape, vec![c]], 1e-6);
+        }
+        assert!(ScaleAdd.output_shape(&[&[4, 5], &[4, 5], &[4]]).is_err());
+    }
 
     #[test]
     fn unary_matches_reference() {

@@ -19,6 +19,39 @@ pub struct Matmul {
     pub bias: bool,
     /// Kernel choice; `Auto` picks from the device's features and limits.
     pub kernel: MatmulKernel,
+    /// Applied to every output element after the bias (the epilogue).
+    pub act: Activation,
+}
+
+/// The epilogue activation of a [`Matmul`]: an MLP's `act(x·Wᵀ + b)` in one pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Identity,
+    /// GELU with the exact erf, as `elementwise::gelu`.
+    Gelu,
+    /// SiLU, as `elementwise::silu`.
+    Silu,
+}
+
+impl Activation {
+    /// The value of the shader's `ACT` pipeline constant.
+    fn code(self) -> f64 {
+        match self {
+            Activation::Identity => 0.0,
+            Activation::Gelu => 1.0,
+            Activation::Silu => 2.0,
+        }
+    }
+
+    /// The CPU reference: the element-wise ops' own functions.
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Identity => x,
+            Activation::Gelu => super::elementwise::gelu(x),
+            Activation::Silu => super::elementwise::silu(x),
+        }
+    }
 }
 
 /// The GPU kernel variants of [`Matmul`].
@@ -50,7 +83,13 @@ impl Matmul {
             trans_b: true,
             bias,
             kernel: MatmulKernel::Auto,
+            act: Activation::Identity,
         }
+    }
+
+    /// This matmul with `act` applied in its epilogue.
+    pub fn with_act(self, act: Activation) -> Self {
+        Matmul { act, ..self }
     }
 
     pub fn dims(&self, inputs: &[&[usize]]) -> Result<Dims> {
@@ -181,6 +220,11 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
                 false,
                 par,
             );
+        }
+    }
+    if m.act != Activation::Identity {
+        for v in out[..batch * rows * n].iter_mut() {
+            *v = m.act.apply(*v);
         }
     }
 }
@@ -329,7 +373,7 @@ fn gpu_matmul(
     Ok(vec![ctx.dispatch(KernelArgs {
         shader: MATMUL.portable(),
         entry: "matmul",
-        constants: &[],
+        constants: &[("ACT", m.act.code())],
         buffers: &[inputs[0], inputs[1], bias, out],
         params: bytemuck::bytes_of(&p),
         workgroups: {
@@ -427,9 +471,10 @@ fn gpu_matmul_tex(
         count: None,
     };
     let params_size = std::mem::size_of::<TexParams>() as u64;
-    let (pipeline, bgl) = ctx.pipeline_with_layout(
+    let (pipeline, bgl) = ctx.pipeline_with_layout_consts(
         &MATMUL,
         entry,
+        &[("ACT", m.act.code())],
         &[
             uniform(0, params_size),
             uniform(1, WINDOW),
@@ -609,7 +654,7 @@ mod tests {
                         };
                         s += av as f64 * bv as f64;
                     }
-                    out[bi * d.m * d.n + i * d.n + j] = s as f32;
+                    out[bi * d.m * d.n + i * d.n + j] = m.act.apply(s as f32);
                 }
             }
         }
@@ -646,17 +691,18 @@ mod tests {
     #[test]
     fn reference_matches_naive() {
         let mut r = rng();
-        for (ta, tb, bias) in [
-            (false, false, false),
-            (true, false, true),
-            (false, true, true),
-            (true, true, false),
+        for (ta, tb, bias, act) in [
+            (false, false, false, Activation::Identity),
+            (true, false, true, Activation::Gelu),
+            (false, true, true, Activation::Silu),
+            (true, true, false, Activation::Identity),
         ] {
             let m = Matmul {
                 trans_a: ta,
                 trans_b: tb,
                 bias,
                 kernel: MatmulKernel::Auto,
+                act,
             };
             let s = shapes(&m, Some(3), 7, 5, 9, true);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
@@ -678,7 +724,9 @@ mod tests {
         for bias in [false, true] {
             let m = Matmul::linear(bias);
             for (batch, rows, n, k) in [
-                (None, 1, 1, 4),
+                // (a single output of a 4-term dot product can cancel to ~0, where a
+                // max-relative error is meaningless: keep a few outputs)
+                (None, 2, 5, 4),
                 (None, 67, 37, 64),
                 (Some(3), 45, 70, 1024),
                 (None, 130, 21, 1536),
@@ -745,6 +793,7 @@ mod tests {
                 trans_b: tb,
                 bias,
                 kernel: MatmulKernel::Generic,
+                act: Activation::Identity,
             };
             for (batch, rows, n, k, bb) in [
                 (None, 1, 1, 1, false),
@@ -754,6 +803,25 @@ mod tests {
                 (None, 257, 384, 384, false),
             ] {
                 check_op(&m, &shapes(&m, batch, rows, n, k, bb), 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn epilogue_activation_matches_reference() {
+        // Both kernels (texture path where the device has it, and the generic one), with
+        // and without bias, odd sizes.
+        for act in [Activation::Gelu, Activation::Silu] {
+            for kernel in [MatmulKernel::Auto, MatmulKernel::Generic] {
+                for bias in [false, true] {
+                    let m = Matmul {
+                        kernel,
+                        ..Matmul::linear(bias).with_act(act)
+                    };
+                    for (batch, rows, n, k) in [(None, 67, 37, 64), (Some(2), 45, 70, 1536)] {
+                        check_op(&m, &shapes(&m, batch, rows, n, k, false), 1e-5);
+                    }
+                }
             }
         }
     }
