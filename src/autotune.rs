@@ -335,6 +335,8 @@ fn matmul_from_case(case: &Case) -> Option<Matmul> {
         trans_b: flag("trans_b"),
         bias: flag("bias"),
         kernel: MatmulKernel::Auto,
+        // bench cases have no epilogue activation
+        act: Default::default(),
     })
 }
 

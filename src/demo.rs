@@ -1,16 +1,18 @@
 //! `volfuse demo`: the shipped demo models (demo/with_context, demo/no_context, trained by
 //! tools/train_demo.py on [`crate::synth`] volumes) run on a generated volume.
 //!
-//! Volumes larger than the models' tile are cut into non-overlapping tiles; each tile's
-//! context is the concentric crop of the volume's context (which spans `ratio`× the raw
-//! extent around the same centre, with the same voxel shape), i.e. the training geometry.
-// TODO(tiling): switch to the sliding-window API once it lands (overlap + blending).
+//! Volumes larger than the models' tile go through the sliding window of
+//! [`crate::tiling`]; each tile's context is the concentric crop of the volume's context
+//! (which spans `ratio`× the raw extent around the same centre, with the same voxel
+//! shape), i.e. the training geometry.
 
 use crate::error::{Error, Result};
-use crate::models::pipeline::segment;
+use crate::io::volume::{check_slab, SlabData, SlabWriter};
 use crate::models::planes::VolumeData;
 use crate::models::{Bundle, Runner, Volume};
+use crate::tiling::{run_tiled, Context, Outputs, TileOptions};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 /// The demo models' folder in the source tree.
 pub fn models_dir() -> PathBuf {
@@ -28,20 +30,38 @@ pub fn class_colour(k: u16) -> [u8; 3] {
     }
 }
 
-fn crop(v: &[u8], shape: [usize; 3], start: [usize; 3], size: [usize; 3]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size.iter().product());
-    for z in 0..size[0] {
-        for y in 0..size[1] {
-            let row = ((start[0] + z) * shape[1] + start[1] + y) * shape[2] + start[2];
-            out.extend_from_slice(&v[row..row + size[2]]);
-        }
-    }
-    out
+/// Collects label slabs into one array (the demo volumes are small).
+struct CollectLabels {
+    shape: Vec<usize>,
+    next_z: usize,
+    out: Arc<Mutex<Vec<u16>>>,
 }
 
-/// Segments a (D, H, W) uint8 volume with its concentric context (same shape, `ratio`× the
-/// extent) by non-overlapping tiles of the model's input size. Each side must be a multiple
-/// of the tile side, and tile centres must fall on the context grid.
+impl SlabWriter for CollectLabels {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn write_slab(&mut self, z0: usize, slab: SlabData<'_>) -> Result<()> {
+        self.next_z += check_slab(&self.shape, self.next_z, z0, slab.len())?;
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        match slab {
+            SlabData::U8(v) => out.extend(v.iter().map(|x| *x as u16)),
+            SlabData::U16(v) => out.extend_from_slice(v),
+            SlabData::F32(v) => out.extend(v.iter().map(|x| *x as u16)),
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Segments a (D, H, W) uint8 volume with its concentric context (same voxel shape, `ratio`×
+/// the extent) by the sliding window of [`crate::tiling::run_tiled`]: tiles of the model's
+/// input size (the demo models see raw voxels 1:1), 25 % overlap, Gaussian blending, each
+/// tile's context the concentric crop of the context volume — the training geometry.
 pub fn segment_tiles(
     b: &Bundle,
     runner: &mut Runner,
@@ -51,7 +71,6 @@ pub fn segment_tiles(
     ratio: usize,
     batch: usize,
 ) -> Result<Vec<u16>> {
-    let t = b.unet.config.input_size;
     let n: usize = shape.iter().product();
     if raw.len() != n || context.len() != n {
         return Err(Error::Invalid(format!(
@@ -60,44 +79,41 @@ pub fn segment_tiles(
             context.len()
         )));
     }
-    for a in 0..3 {
-        let off = (t[a] as isize - shape[a] as isize) / 2; // tile centre offset, first tile
-        if shape[a] % t[a] != 0 || shape[a] < t[a] || off % ratio as isize != 0 {
-            return Err(Error::Invalid(format!(
-                "volume {shape:?}: every side must be a multiple of the model's tile {t:?}, with tile centres on the ×{ratio} context grid (e.g. sides 32, 64, 96 with ratio 4)"
-            )));
-        }
-        let reach = shape[a] / 2 + (shape[a] - t[a]) / (2 * ratio) + t[a] / 2;
-        if reach > shape[a] {
-            return Err(Error::Invalid(format!(
-                "volume {shape:?}: the context of the outer tiles would reach beyond the context volume; use a larger volume or a smaller context ratio"
-            )));
-        }
-    }
-    let mut labels = vec![0u16; n];
-    let tiles = [0, 1, 2].map(|a| shape[a] / t[a]);
-    for tz in 0..tiles[0] {
-        for ty in 0..tiles[1] {
-            for tx in 0..tiles[2] {
-                let start = [tz * t[0], ty * t[1], tx * t[2]];
-                let cstart = [0, 1, 2].map(|a| {
-                    // tile centre relative to the volume centre, in context voxels
-                    let rel = (start[a] + t[a] / 2) as isize - (shape[a] / 2) as isize;
-                    ((shape[a] / 2) as isize + rel / ratio as isize - (t[a] / 2) as isize) as usize
-                });
-                let r = Volume::new(t, VolumeData::U8(crop(raw, shape, start, t)))?;
-                let c = Volume::new(t, VolumeData::U8(crop(context, shape, cstart, t)))?;
-                let seg = segment(b, runner, &r, Some(&c), batch)?;
-                let [_, d, h, w] = seg.shape;
-                for z in 0..d {
-                    for y in 0..h {
-                        let dst = ((start[0] + z) * shape[1] + start[1] + y) * shape[2] + start[2];
-                        let src = (z * h + y) * w;
-                        labels[dst..dst + w].copy_from_slice(&seg.labels[src..src + w]);
-                    }
-                }
-            }
-        }
+    let raw = Volume::new(shape, VolumeData::U8(raw.to_vec()))?;
+    let context = Volume::new(shape, VolumeData::U8(context.to_vec()))?;
+    let labels = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let outputs = Outputs {
+        labels: Some(Box::new(CollectLabels {
+            shape: shape.to_vec(),
+            next_z: 0,
+            out: labels.clone(),
+        })),
+        probabilities: None,
+        logits: None,
+    };
+    let opts = TileOptions {
+        tile: Some(b.unet.config.input_size),
+        batch,
+        ..TileOptions::default()
+    };
+    run_tiled(
+        b,
+        runner,
+        &raw,
+        Context::Volume {
+            volume: &context,
+            scale: ratio as f64,
+        },
+        &opts,
+        outputs,
+        &mut |_| {},
+    )?;
+    let labels = std::mem::take(&mut *labels.lock().unwrap_or_else(|e| e.into_inner()));
+    if labels.len() != n {
+        return Err(Error::Invalid(format!(
+            "the tiled run wrote {} of {n} labels",
+            labels.len()
+        )));
     }
     Ok(labels)
 }

@@ -478,6 +478,8 @@ fn run_single_tile_keeps_the_model_grid() {
         "{same} of {}",
         want.len()
     );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Formats and safe outputs (issue #6): every bad input fails with a clear message, a non-zero
 // exit and nothing written; Ctrl-C leaves nothing behind.

@@ -537,7 +537,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             if let Some(dir) = &args.dump_gates {
                 let ctx = match args.context.as_deref() {
                     None | Some("auto") | Some("none") => anyhow::bail!(
-                        "--dump-gates needs the context as a file (--context FILE): the gates are computed on one tile of the raw volume and its context"
+                        "--dump-gates needs --context FILE: the gates are computed on one tile of the raw volume and its context volume"
                     ),
                     Some(c) => PathBuf::from(c),
                 };
