@@ -440,10 +440,7 @@ mod tests {
     use crate::io::volume::{create_writer, read_array, read_volume, ReadOptions};
 
     fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("volfuse-tiff-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::io::volume::test_dir("tiff", name)
     }
 
     #[test]

@@ -612,6 +612,15 @@ impl SlabWriter for NpyWriter {
     }
 }
 
+/// A fresh, empty scratch directory `volfuse-{tag}-{pid}-{name}` of the unit tests.
+#[cfg(test)]
+pub(crate) fn test_dir(tag: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("volfuse-{tag}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,10 +644,19 @@ mod tests {
     }
 
     fn tmpdir(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("volfuse-vol-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        test_dir("vol", name)
+    }
+
+    /// Asserts that no `*.tmp` file is left in `d`, then removes `d`.
+    fn assert_no_tmp_and_remove(d: &Path) {
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     /// Writes `vals` (C order, `shape`) through `create_writer` in slabs of varying depth.
@@ -714,14 +732,7 @@ mod tests {
                 }
             }
         }
-        let left: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp"))
-            .collect();
-        assert!(left.is_empty(), "temporary files left: {left:?}");
-        std::fs::remove_dir_all(&d).unwrap();
+        assert_no_tmp_and_remove(&d);
     }
 
     #[test]
@@ -765,14 +776,7 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("unknown output format"), "{e}");
-        let left: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp"))
-            .collect();
-        assert!(left.is_empty(), "temporary files left: {left:?}");
-        std::fs::remove_dir_all(&d).unwrap();
+        assert_no_tmp_and_remove(&d);
     }
 
     #[test]

@@ -394,10 +394,7 @@ mod tests {
     use crate::io::volume::{create_writer_with, read_array, read_volume, ReadOptions};
 
     fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("volfuse-zarr-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::io::volume::test_dir("zarr", name)
     }
 
     fn write_u16(path: &Path, shape: &[usize], vals: &[u16], v: ZarrVersion, chunk: usize) {
