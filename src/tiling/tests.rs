@@ -518,24 +518,14 @@ fn tiled_equals_single_tile(backend: crate::models::Backend) {
     let (tile, note) = tile_extent(&b);
     assert_eq!((tile, note), ([64; 3], None));
     let mut r = rng();
-    let raw = Volume::new(
-        [64; 3],
-        VolumeData::U8(
-            (0..64 * 64 * 64)
-                .map(|_| r.random_range(0..=255u8))
-                .collect(),
-        ),
-    )
-    .unwrap();
-    let ctx = Volume::new(
-        [64; 3],
-        VolumeData::U8(
-            (0..64 * 64 * 64)
-                .map(|_| r.random_range(0..=255u8))
-                .collect(),
-        ),
-    )
-    .unwrap();
+    let mut random_volume = || {
+        let v = (0..64 * 64 * 64)
+            .map(|_| r.random_range(0..=255u8))
+            .collect();
+        Volume::new([64; 3], VolumeData::U8(v)).unwrap()
+    };
+    let raw = random_volume();
+    let ctx = random_volume();
     let mut runner = Runner::new(backend);
     let seg = pipeline::segment(&b, &mut runner, &raw, Some(&ctx), 16).unwrap();
     let mut want = vec![0.0; 3 * 64 * 64 * 64];
