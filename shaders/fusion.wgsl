@@ -17,6 +17,19 @@ struct Params {
 @group(0) @binding(4) var<storage, read> gate: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
+// Σ_c W[o, c]·raw[n, c, v] for the 4 output channels o0..o0+3 (clamped to the last
+// channel) of voxel v; base = n·c·s.
+fn project(base: u32, o0: u32, v: u32) -> vec4<f32> {
+    var acc = vec4<f32>(0.0);
+    for (var c = 0u; c < p.c; c++) {
+        let r = raw[base + c * p.s + v];
+        let wr = vec4<f32>(w[min(o0, p.c - 1u) * p.c + c], w[min(o0 + 1u, p.c - 1u) * p.c + c],
+                           w[min(o0 + 2u, p.c - 1u) * p.c + c], w[min(o0 + 3u, p.c - 1u) * p.c + c]);
+        acc += wr * r;
+    }
+    return acc;
+}
+
 @compute @workgroup_size(64)
 fn context_gate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let v = gid.x;
@@ -25,13 +38,7 @@ fn context_gate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgrou
     if (v >= p.s) { return; }
     let base = n * p.c * p.s;
     let o0 = ob * 4u;
-    var acc = vec4<f32>(0.0);
-    for (var c = 0u; c < p.c; c++) {
-        let r = raw[base + c * p.s + v];
-        let wr = vec4<f32>(w[min(o0, p.c - 1u) * p.c + c], w[min(o0 + 1u, p.c - 1u) * p.c + c],
-                           w[min(o0 + 2u, p.c - 1u) * p.c + c], w[min(o0 + 3u, p.c - 1u) * p.c + c]);
-        acc += wr * r;
-    }
+    let acc = project(base, o0, v);
     for (var j = 0u; j < 4u; j++) {
         let o = o0 + j;
         if (o < p.c) {
@@ -52,13 +59,7 @@ fn context_gate_proj(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wor
     if (v >= p.s) { return; }
     let base = n * p.c * p.s;
     let o0 = ob * 4u;
-    var acc = vec4<f32>(0.0);
-    for (var c = 0u; c < p.c; c++) {
-        let r = raw[base + c * p.s + v];
-        let wr = vec4<f32>(w[min(o0, p.c - 1u) * p.c + c], w[min(o0 + 1u, p.c - 1u) * p.c + c],
-                           w[min(o0 + 2u, p.c - 1u) * p.c + c], w[min(o0 + 3u, p.c - 1u) * p.c + c]);
-        acc += wr * r;
-    }
+    let acc = project(base, o0, v);
     for (var j = 0u; j < 4u; j++) {
         let o = o0 + j;
         if (o < p.c) { out[base + o * p.s + v] = acc[j] + b[o]; }

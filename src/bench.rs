@@ -265,6 +265,17 @@ pub fn vit(
 /// Runs `tools/bench_torch.py ARGS` with the tools venv's Python (or `VOLFUSE_TORCH_PYTHON`)
 /// and returns its JSON line; None when torch is not installed here.
 pub fn torch_reference(args: &[String]) -> Option<serde_json::Value> {
+    tools_python_json("tools/bench_torch.py", args, false)
+}
+
+/// Runs the Python script `script` (relative to the crate root) with the tools venv's Python
+/// (or `VOLFUSE_TORCH_PYTHON`) and returns the last JSON line it prints; None when that
+/// Python is not installed here. `report_failure`: print the script's stderr when it fails.
+pub(crate) fn tools_python_json(
+    script: &str,
+    args: &[String],
+    report_failure: bool,
+) -> Option<serde_json::Value> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = std::env::var_os("VOLFUSE_TORCH_PYTHON")
         .map(std::path::PathBuf::from)
@@ -273,12 +284,15 @@ pub fn torch_reference(args: &[String]) -> Option<serde_json::Value> {
         return None;
     }
     let out = std::process::Command::new(python)
-        .arg(root.join("tools/bench_torch.py"))
+        .arg(root.join(script))
         .args(args)
         .output()
         .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
+    if report_failure && !out.status.success() {
+        eprintln!("{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
 }

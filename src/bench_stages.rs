@@ -391,16 +391,8 @@ impl std::fmt::Display for StageReport {
     }
 }
 
-/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`, 100 ticks/s).
-pub fn process_cpu_seconds() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &s[s.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ut: f64 = f.get(11)?.parse().ok()?;
-    let st: f64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) / 100.0)
-}
+// One implementation for both benches.
+pub use crate::bench::process_cpu_seconds;
 
 /// The process's peak resident set (VmHWM) on Linux.
 pub fn peak_rss() -> Option<u64> {
@@ -884,28 +876,7 @@ pub fn reference_args(b: &Bundle, volume: Option<usize>, iters: usize) -> Vec<St
 /// Runs `tools/bench_reference.py` (the PyTorch CPU pipeline) with the tools venv and
 /// returns its JSON line; None when torch is not installed here.
 pub fn torch_pipeline(args: &[String]) -> Option<serde_json::Value> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = std::env::var_os("VOLFUSE_TORCH_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("tools/.venv/bin/python"));
-    if !python.exists() {
-        return None;
-    }
-    let out = std::process::Command::new(python)
-        .arg(root.join("tools/bench_reference.py"))
-        .args(args)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "tools/bench_reference.py failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
+    crate::bench::tools_python_json("tools/bench_reference.py", args, true)
 }
 
 #[cfg(test)]

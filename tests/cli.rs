@@ -2,33 +2,10 @@
 
 mod common;
 
-use common::{fixture, rel_err};
+use common::{fixture, rel_err, tmp, volfuse};
 use std::path::PathBuf;
 use std::process::Command;
 use volfuse::io::npy;
-
-fn volfuse(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_volfuse"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run volfuse");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("volfuse-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
-}
 
 #[test]
 fn backbone_writes_last_hidden_state_on_both_backends() {

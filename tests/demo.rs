@@ -1,34 +1,14 @@
 //! The shipped demo models (demo/) on generated volumes, `volfuse eval` and
 //! `volfuse run --dump-gates`.
 
+mod common;
+
+use common::{fixture, tmp, volfuse};
 use std::path::PathBuf;
-use std::process::Command;
 use volfuse::eval::score;
 use volfuse::io::npy;
 use volfuse::models::{Backend, Bundle, Runner};
 use volfuse::synth::{generate, SynthConfig, DEFAULT_CONTEXT_RATIO};
-
-fn volfuse(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_volfuse"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .output()
-        .expect("run volfuse");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("volfuse-demo-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
-}
 
 fn models(v: &str) -> PathBuf {
     volfuse::demo::models_dir().join(v)
@@ -88,17 +68,18 @@ fn eval_prints_known_scores() {
     // truth 0 0 0 1 1 2 / pred 0 0 1 1 1 0 → IoU 0.5, 0.667, 0
     npy::write(&t, &[1, 2, 3], &[0u8, 0, 0, 1, 1, 2], true).unwrap();
     npy::write(&p, &[1, 2, 3], &[0u8, 0, 1, 1, 1, 0], true).unwrap();
-    let (ok, out) = volfuse(&[
-        "eval",
-        "--labels",
-        p.to_str().unwrap(),
-        "--truth",
-        t.to_str().unwrap(),
-        "--names",
-        "bg",
-        "a",
-        "b",
-    ]);
+    let eval = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--labels",
+            p.to_str().unwrap(),
+            "--truth",
+            t.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        volfuse(&a)
+    };
+    let (ok, out) = eval(&["--names", "bg", "a", "b"]);
     assert!(ok, "{out}");
     let row = |name: &str| {
         out.lines()
@@ -118,13 +99,7 @@ fn eval_prints_known_scores() {
     assert!(out.contains("accuracy 0.6667"), "{out}");
     // shapes must match
     npy::write(&p, &[6], &[0u8, 0, 1, 1, 1, 0], true).unwrap();
-    let (ok, out) = volfuse(&[
-        "eval",
-        "--labels",
-        p.to_str().unwrap(),
-        "--truth",
-        t.to_str().unwrap(),
-    ]);
+    let (ok, out) = eval(&[]);
     assert!(!ok && out.contains("must match"), "{out}");
 }
 
@@ -132,7 +107,7 @@ fn eval_prints_known_scores() {
 fn dump_gates_writes_four_maps_and_refuses_models_without_fusion() {
     // The context-fused fixture bundle (random weights, 16³ tile): the gate path does not
     // depend on trained weights.
-    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundle_tiny_ctx");
+    let m = fixture("bundle_tiny_ctx");
     let mut cfg = SynthConfig::new(7, [16; 3]);
     cfg.nucleus_offset = Some(0.8);
     let v = generate(&cfg).unwrap();
@@ -172,7 +147,10 @@ fn dump_gates_writes_four_maps_and_refuses_models_without_fusion() {
         let s = 16 >> (k - 1);
         assert_eq!(g.shape, vec![c << (k - 1), s, s, s]);
         let d = g.to_f32();
-        assert!(d.iter().all(|x| (0.0..=1.0).contains(x)), "gate{k} outside [0, 1]");
+        assert!(
+            d.iter().all(|x| (0.0..=1.0).contains(x)),
+            "gate{k} outside [0, 1]"
+        );
         let (lo, hi) = d
             .iter()
             .fold((1f32, 0f32), |(a, b), x| (a.min(*x), b.max(*x)));

@@ -181,22 +181,8 @@ impl GpuExecutor {
         g: &Graph,
         inputs: &[&[f32]],
     ) -> Result<Vec<(String, f64, u64)>> {
-        g.check_inputs(inputs)?;
-        for ((slot, _), d) in self.inputs.iter().zip(inputs) {
-            ctx.write(&self.slots[*slot], d);
-        }
-        ctx.wait()?;
         let mut by_op: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
-        let mut i = 0;
-        while i < self.dispatches.len() {
-            let node = self.owner[i];
-            let j = self.owner[i..]
-                .iter()
-                .position(|o| *o != node)
-                .map(|p| i + p)
-                .unwrap_or(self.owner.len());
-            let t0 = std::time::Instant::now();
-            ctx.run(&self.dispatches[i..j])?;
+        self.run_timed(ctx, g, inputs, |node, secs| {
             let n = &g.nodes[node];
             let shapes: Vec<&[usize]> = n
                 .inputs
@@ -204,10 +190,9 @@ impl GpuExecutor {
                 .map(|v| g.values[v.0].shape.as_slice())
                 .collect();
             let e = by_op.entry(n.op.name().to_string()).or_default();
-            e.0 += t0.elapsed().as_secs_f64();
+            e.0 += secs;
             e.1 += n.op.flops(&shapes);
-            i = j;
-        }
+        })?;
         let mut v: Vec<(String, f64, u64)> =
             by_op.into_iter().map(|(k, (t, f))| (k, t, f)).collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -222,12 +207,25 @@ impl GpuExecutor {
         g: &Graph,
         inputs: &[&[f32]],
     ) -> Result<Vec<f64>> {
+        let mut secs = vec![0f64; g.nodes.len()];
+        self.run_timed(ctx, g, inputs, |node, s| secs[node] += s)?;
+        Ok(secs)
+    }
+
+    /// Writes the inputs, then runs the dispatches node by node with a wait after each
+    /// node's run of dispatches, calling `timed(node, wall seconds)` for each such run.
+    fn run_timed(
+        &self,
+        ctx: &GpuContext,
+        g: &Graph,
+        inputs: &[&[f32]],
+        mut timed: impl FnMut(usize, f64),
+    ) -> Result<()> {
         g.check_inputs(inputs)?;
         for ((slot, _), d) in self.inputs.iter().zip(inputs) {
             ctx.write(&self.slots[*slot], d);
         }
         ctx.wait()?;
-        let mut secs = vec![0f64; g.nodes.len()];
         let mut i = 0;
         while i < self.dispatches.len() {
             let node = self.owner[i];
@@ -238,10 +236,10 @@ impl GpuExecutor {
                 .unwrap_or(self.owner.len());
             let t0 = std::time::Instant::now();
             ctx.run(&self.dispatches[i..j])?;
-            secs[node] += t0.elapsed().as_secs_f64();
+            timed(node, t0.elapsed().as_secs_f64());
             i = j;
         }
-        Ok(secs)
+        Ok(())
     }
 
     /// The device buffer holding output `i` after a run (valid until the next run).

@@ -20,8 +20,8 @@ use ::tiff::tags::Tag;
 use crate::error::{Error, Result};
 use crate::io::cleanup::TempPath;
 use crate::io::volume::{
-    before_slab, check_slab, kdp, unsupported_dtype, ArrayData, OutType, SlabBuf, SlabData,
-    SlabWriter,
+    before_slab, check_finish, check_slab, kdp, unsupported_dtype, ArrayData, OutType, SlabBuf,
+    SlabData, SlabWriter,
 };
 
 const CORRUPT_FIX: &str = "the file was probably cut short while being copied or written, or \
@@ -415,22 +415,7 @@ impl<K: TiffKind> SlabWriter for TiffWriter<K> {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        let (_, d, _) = kdp(&self.shape);
-        if self.next_z != d {
-            return Err(Error::io(
-                &self.target,
-                format!(
-                    "output finished after z {} of {d}; nothing was written",
-                    self.next_z
-                ),
-            ));
-        }
-        if !self.force && self.target.exists() {
-            return Err(Error::io(
-                &self.target,
-                "appeared while writing; pass --force to overwrite it",
-            ));
-        }
+        check_finish(&self.target, &self.shape, self.next_z, self.force)?;
         let TiffWriter {
             enc,
             file,
@@ -455,10 +440,7 @@ mod tests {
     use crate::io::volume::{create_writer, read_array, read_volume, ReadOptions};
 
     fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("volfuse-tiff-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::io::volume::test_dir("tiff", name)
     }
 
     #[test]

@@ -424,39 +424,31 @@ impl SlabBuf {
         src: SlabData<'_>,
         range: std::ops::Range<usize>,
     ) {
+        /// `d[i] = f(s[i])`.
+        fn map<S: Copy, D>(d: &mut [D], s: &[S], f: impl Fn(S) -> D) {
+            for (o, x) in d.iter_mut().zip(s) {
+                *o = f(*x);
+            }
+        }
         let n = range.len();
         match (self, src) {
             (SlabBuf::U8(d), SlabData::U8(s)) => d[dst..dst + n].copy_from_slice(&s[range]),
-            (SlabBuf::U8(d), SlabData::U16(s)) => {
-                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
-                    *o = (*x).min(u8::MAX as u16) as u8;
-                }
-            }
-            (SlabBuf::U8(d), SlabData::F32(s)) => {
-                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
-                    *o = *x as u8;
-                }
-            }
+            (SlabBuf::U8(d), SlabData::U16(s)) => map(&mut d[dst..dst + n], &s[range], |x| {
+                x.min(u8::MAX as u16) as u8
+            }),
+            (SlabBuf::U8(d), SlabData::F32(s)) => map(&mut d[dst..dst + n], &s[range], |x| x as u8),
             (SlabBuf::U16(d), SlabData::U8(s)) => {
-                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
-                    *o = *x as u16;
-                }
+                map(&mut d[dst..dst + n], &s[range], |x| x as u16)
             }
             (SlabBuf::U16(d), SlabData::U16(s)) => d[dst..dst + n].copy_from_slice(&s[range]),
             (SlabBuf::U16(d), SlabData::F32(s)) => {
-                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
-                    *o = *x as u16;
-                }
+                map(&mut d[dst..dst + n], &s[range], |x| x as u16)
             }
             (SlabBuf::F32(d), SlabData::U8(s)) => {
-                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
-                    *o = *x as f32;
-                }
+                map(&mut d[dst..dst + n], &s[range], |x| x as f32)
             }
             (SlabBuf::F32(d), SlabData::U16(s)) => {
-                for (o, x) in d[dst..dst + n].iter_mut().zip(&s[range]) {
-                    *o = *x as f32;
-                }
+                map(&mut d[dst..dst + n], &s[range], |x| x as f32)
             }
             (SlabBuf::F32(d), SlabData::F32(s)) => d[dst..dst + n].copy_from_slice(&s[range]),
         }
@@ -487,6 +479,30 @@ pub(crate) fn kdp(shape: &[usize]) -> (usize, usize, usize) {
         [k, d, h, w] => (*k, *d, h * w),
         _ => (1, 0, 0),
     }
+}
+
+/// What every streaming writer checks before it commits: all `D` z-planes of `shape` were
+/// written, and (without `force`) `target` did not appear meanwhile.
+pub(crate) fn check_finish(
+    target: &Path,
+    shape: &[usize],
+    next_z: usize,
+    force: bool,
+) -> Result<()> {
+    let (_, d, _) = kdp(shape);
+    if next_z != d {
+        return Err(Error::io(
+            target,
+            format!("output finished after z {next_z} of {d}; nothing was written"),
+        ));
+    }
+    if !force && target.exists() {
+        return Err(Error::io(
+            target,
+            "appeared while writing; pass --force to overwrite it",
+        ));
+    }
+    Ok(())
 }
 
 /// Test hook: `VOLFUSE_TEST_SLAB_DELAY_MS` makes every streaming writer sleep before each
@@ -584,22 +600,7 @@ impl SlabWriter for NpyWriter {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        let (_, d, _) = kdp(&self.shape);
-        if self.next_z != d {
-            return Err(Error::io(
-                &self.target,
-                format!(
-                    "output finished after z {} of {d}; nothing was written",
-                    self.next_z
-                ),
-            ));
-        }
-        if !self.force && self.target.exists() {
-            return Err(Error::io(
-                &self.target,
-                "appeared while writing; pass --force to overwrite it",
-            ));
-        }
+        check_finish(&self.target, &self.shape, self.next_z, self.force)?;
         self.file
             .sync_all()
             .map_err(|e| Error::io(&self.target, format!("could not write the file: {e}")))?;
@@ -609,6 +610,15 @@ impl SlabWriter for NpyWriter {
         drop(file);
         tmp.commit(&target)
     }
+}
+
+/// A fresh, empty scratch directory `volfuse-{tag}-{pid}-{name}` of the unit tests.
+#[cfg(test)]
+pub(crate) fn test_dir(tag: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("volfuse-{tag}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
 #[cfg(test)]
@@ -634,10 +644,19 @@ mod tests {
     }
 
     fn tmpdir(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("volfuse-vol-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        test_dir("vol", name)
+    }
+
+    /// Asserts that no `*.tmp` file is left in `d`, then removes `d`.
+    fn assert_no_tmp_and_remove(d: &Path) {
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     /// Writes `vals` (C order, `shape`) through `create_writer` in slabs of varying depth.
@@ -713,14 +732,7 @@ mod tests {
                 }
             }
         }
-        let left: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp"))
-            .collect();
-        assert!(left.is_empty(), "temporary files left: {left:?}");
-        std::fs::remove_dir_all(&d).unwrap();
+        assert_no_tmp_and_remove(&d);
     }
 
     #[test]
@@ -764,14 +776,7 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("unknown output format"), "{e}");
-        let left: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp"))
-            .collect();
-        assert!(left.is_empty(), "temporary files left: {left:?}");
-        std::fs::remove_dir_all(&d).unwrap();
+        assert_no_tmp_and_remove(&d);
     }
 
     #[test]

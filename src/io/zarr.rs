@@ -24,8 +24,8 @@ use zarrs::metadata::{ChunkKeySeparator, FillValueMetadata};
 use crate::error::{Error, Result};
 use crate::io::cleanup::TempPath;
 use crate::io::volume::{
-    before_slab, check_slab, kdp, unsupported_dtype, ArrayData, OutType, SlabBuf, SlabData,
-    SlabWriter, WriteOptions, ZarrVersion,
+    before_slab, check_finish, check_slab, kdp, unsupported_dtype, ArrayData, OutType, SlabBuf,
+    SlabData, SlabWriter, WriteOptions, ZarrVersion,
 };
 
 fn zerr(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -143,42 +143,29 @@ pub fn read(path: &Path, level: usize) -> Result<(Vec<usize>, ArrayData, Vec<Str
             path.display()
         ));
     };
+    // The whole array as a `Vec<$t>`.
+    macro_rules! read {
+        ($t:ty) => {
+            array
+                .retrieve_array_subset::<Vec<$t>>(&subset)
+                .map_err(get)?
+        };
+    }
     let data = if dt.is::<UInt8DataType>() {
-        ArrayData::U8(
-            array
-                .retrieve_array_subset::<Vec<u8>>(&subset)
-                .map_err(get)?,
-        )
+        ArrayData::U8(read!(u8))
     } else if dt.is::<UInt16DataType>() {
-        ArrayData::U16(
-            array
-                .retrieve_array_subset::<Vec<u16>>(&subset)
-                .map_err(get)?,
-        )
+        ArrayData::U16(read!(u16))
     } else if dt.is::<Float32DataType>() {
-        ArrayData::F32(
-            array
-                .retrieve_array_subset::<Vec<f32>>(&subset)
-                .map_err(get)?,
-        )
+        ArrayData::F32(read!(f32))
     } else if dt.is::<Int8DataType>() {
         conv("int8");
-        let v = array
-            .retrieve_array_subset::<Vec<i8>>(&subset)
-            .map_err(get)?;
-        ArrayData::F32(v.into_iter().map(f32::from).collect())
+        ArrayData::F32(read!(i8).into_iter().map(f32::from).collect())
     } else if dt.is::<Int16DataType>() {
         conv("int16");
-        let v = array
-            .retrieve_array_subset::<Vec<i16>>(&subset)
-            .map_err(get)?;
-        ArrayData::F32(v.into_iter().map(f32::from).collect())
+        ArrayData::F32(read!(i16).into_iter().map(f32::from).collect())
     } else if dt.is::<Float16DataType>() {
         conv("float16");
-        let v = array
-            .retrieve_array_subset::<Vec<half::f16>>(&subset)
-            .map_err(get)?;
-        ArrayData::F32(v.into_iter().map(|x| x.to_f32()).collect())
+        ArrayData::F32(read!(half::f16).into_iter().map(|x| x.to_f32()).collect())
     } else {
         return Err(unsupported_dtype(path, &dt.to_string()));
     };
@@ -392,22 +379,7 @@ impl SlabWriter for ZarrWriter {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        let (_, d, _) = kdp(&self.shape);
-        if self.next_z != d {
-            return Err(Error::io(
-                &self.target,
-                format!(
-                    "output finished after z {} of {d}; nothing was written",
-                    self.next_z
-                ),
-            ));
-        }
-        if !self.force && self.target.exists() {
-            return Err(Error::io(
-                &self.target,
-                "appeared while writing; pass --force to overwrite it",
-            ));
-        }
+        check_finish(&self.target, &self.shape, self.next_z, self.force)?;
         let ZarrWriter {
             array, tmp, target, ..
         } = *self;
@@ -422,10 +394,7 @@ mod tests {
     use crate::io::volume::{create_writer_with, read_array, read_volume, ReadOptions};
 
     fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("volfuse-zarr-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::io::volume::test_dir("zarr", name)
     }
 
     fn write_u16(path: &Path, shape: &[usize], vals: &[u16], v: ZarrVersion, chunk: usize) {

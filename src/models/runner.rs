@@ -61,13 +61,9 @@ impl Runner {
         }
     }
 
-    /// Runs the graph stored under `key`, building it with `build` on first use.
-    pub fn run(
-        &mut self,
-        key: &str,
-        build: impl FnOnce() -> Result<Graph>,
-        inputs: &[&[f32]],
-    ) -> Result<Vec<Vec<f32>>> {
+    /// Builds and plans the graph stored under `key` with `build` (and its GPU executor on
+    /// the GPU backend) unless it is prepared already.
+    fn prepare(&mut self, key: &str, build: impl FnOnce() -> Result<Graph>) -> Result<()> {
         if !self.prepared.contains_key(key) {
             let graph = build()?;
             let plan = graph.plan(true);
@@ -85,6 +81,17 @@ impl Runner {
                 },
             );
         }
+        Ok(())
+    }
+
+    /// Runs the graph stored under `key`, building it with `build` on first use.
+    pub fn run(
+        &mut self,
+        key: &str,
+        build: impl FnOnce() -> Result<Graph>,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.prepare(key, build)?;
         if matches!(self.backend, Backend::Cpu) {
             // Only the graph being run keeps CPU buffers: repeated runs reuse them, and
             // memory stays that of one graph.
@@ -175,20 +182,7 @@ impl Runner {
                 ))
             }
         };
-        if !self.prepared.contains_key(key) {
-            let graph = build()?;
-            let plan = graph.plan(true);
-            let exe = Some(GpuExecutor::new(&ctx, &graph, &plan, &mut self.consts)?);
-            self.prepared.insert(
-                key.to_string(),
-                Prepared {
-                    graph,
-                    plan,
-                    exe,
-                    cpu: Default::default(),
-                },
-            );
-        }
+        self.prepare(key, build)?;
         let p = &self.prepared[key];
         match &p.exe {
             Some(exe) => {

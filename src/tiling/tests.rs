@@ -86,6 +86,31 @@ fn linear_logits(k: usize, start: [isize; 3], tile: [usize; 3], coef: &[[f32; 4]
     out
 }
 
+/// [`tile_loop`] without context or progress, on the labels head; panics on an error.
+fn run_labels(
+    raw: &Volume,
+    k: usize,
+    model_grid: [usize; 3],
+    tile: [usize; 3],
+    opts: &TileOptions,
+    outputs: Outputs,
+    predict: &mut dyn FnMut(TileJob<'_>) -> Result<Option<Vec<f32>>>,
+) -> Summary {
+    tile_loop(
+        raw,
+        None,
+        k,
+        Head::Labels,
+        model_grid,
+        tile,
+        opts,
+        outputs,
+        predict,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
 fn expected_linear(k: usize, shape: [usize; 3], coef: &[[f32; 4]]) -> Vec<f32> {
     linear_logits(k, [0, 0, 0], shape, coef)
 }
@@ -227,19 +252,7 @@ fn blending_weights_sum_to_one() {
             ..Default::default()
         };
         let mut predict = |j: TileJob<'_>| Ok(Some(linear_logits(k, j.start, tile, &coef)));
-        let s = tile_loop(
-            &raw,
-            None,
-            k,
-            Head::Labels,
-            tile,
-            tile,
-            &opts,
-            outputs,
-            &mut predict,
-            &mut |_| {},
-        )
-        .unwrap();
+        let s = run_labels(&raw, k, tile, tile, &opts, outputs, &mut predict);
         let got = lw.values();
         let want = expected_linear(k, shape, &coef);
         let e = rel_err(&got, &want);
@@ -281,19 +294,7 @@ fn one_tile_is_the_resized_model_output() {
             ..Default::default()
         };
         let mut predict = |_: TileJob<'_>| Ok(Some(coarse.clone()));
-        tile_loop(
-            &raw,
-            None,
-            k,
-            Head::Labels,
-            grid,
-            tile,
-            &opts,
-            outputs,
-            &mut predict,
-            &mut |_| {},
-        )
-        .unwrap();
+        run_labels(&raw, k, grid, tile, &opts, outputs, &mut predict);
         let got = lw.values();
         assert!(
             rel_err(&got, &want) < 1e-6,
@@ -327,19 +328,15 @@ fn slabs_are_emitted_in_order_as_they_finish_and_memory_is_bounded() {
             log2.borrow_mut().push(format!("tile z{}", j.start[0]));
             Ok(Some(linear_logits(2, j.start, tile, &coef)))
         };
-        let s = tile_loop(
+        let s = run_labels(
             &raw,
-            None,
             2,
-            Head::Labels,
             tile,
             tile,
             &TileOptions::default(),
             outputs,
             &mut predict,
-            &mut |_| {},
-        )
-        .unwrap();
+        );
         let log = log.borrow();
         let planes: Vec<usize> = log
             .iter()
@@ -417,19 +414,7 @@ fn foreground_skipping_labels_background_without_running() {
             &[[0.0; 4], [1.0, 0.0, 0.0, 0.0]],
         )))
     };
-    let s = tile_loop(
-        &raw,
-        None,
-        2,
-        Head::Labels,
-        tile,
-        tile,
-        &opts,
-        outputs,
-        &mut predict,
-        &mut |_| {},
-    )
-    .unwrap();
+    let s = run_labels(&raw, 2, tile, tile, &opts, outputs, &mut predict);
     assert_eq!((s.tiles_run, s.tiles_skipped), (4, 8));
     assert_eq!(calls, 4);
     let l = lab.values();
@@ -533,24 +518,14 @@ fn tiled_equals_single_tile(backend: crate::models::Backend) {
     let (tile, note) = tile_extent(&b);
     assert_eq!((tile, note), ([64; 3], None));
     let mut r = rng();
-    let raw = Volume::new(
-        [64; 3],
-        VolumeData::U8(
-            (0..64 * 64 * 64)
-                .map(|_| r.random_range(0..=255u8))
-                .collect(),
-        ),
-    )
-    .unwrap();
-    let ctx = Volume::new(
-        [64; 3],
-        VolumeData::U8(
-            (0..64 * 64 * 64)
-                .map(|_| r.random_range(0..=255u8))
-                .collect(),
-        ),
-    )
-    .unwrap();
+    let mut random_volume = || {
+        let v = (0..64 * 64 * 64)
+            .map(|_| r.random_range(0..=255u8))
+            .collect();
+        Volume::new([64; 3], VolumeData::U8(v)).unwrap()
+    };
+    let raw = random_volume();
+    let ctx = random_volume();
     let mut runner = Runner::new(backend);
     let seg = pipeline::segment(&b, &mut runner, &raw, Some(&ctx), 16).unwrap();
     let mut want = vec![0.0; 3 * 64 * 64 * 64];

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use volfuse::gpu::{GpuContext, GpuOptions};
 
@@ -36,4 +37,29 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
             d / scale
         })
         .fold(0f32, f32::max)
+}
+
+/// Runs the `volfuse` binary of this build; returns (success, stdout + stderr).
+pub fn volfuse(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_volfuse"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run volfuse");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A path `name` in a scratch directory of this test process.
+pub fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("volfuse-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
 }
