@@ -43,9 +43,9 @@ pub const DEFAULT_CONTEXT_RATIO: usize = 4;
 
 const JITTER: f64 = 0.1; // seed jitter, fraction of the spacing (each axis, ±)
 const NUCLEUS_RADIUS: (f64, f64) = (0.33, 0.38); // fraction of the spacing
-const BLOB_RADIUS: (f64, f64) = (1.8, 2.6); // voxels, pores and mitochondria alike
-const PORES_PER_NUCLEUS: usize = 300;
-const MITOS_PER_CELL: usize = 600;
+const BLOB_RADIUS: (f64, f64) = (2.6, 3.6); // voxels, pores and mitochondria alike
+const PORES_PER_NUCLEUS: usize = 600;
+const MITOS_PER_CELL: usize = 2000;
 const CYTOPLASM: f64 = 0.75;
 const NUCLEUS_FACTOR: f64 = 0.6;
 const BLOB_FACTOR: f64 = 0.4;

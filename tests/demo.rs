@@ -19,7 +19,7 @@ fn models(v: &str) -> PathBuf {
 const CASES: [(u64, f64); 3] = [(101, 0.7), (102, 0.9), (103, 1.1)];
 
 #[test]
-#[ignore = "the demo bundles (demo/with_context, demo/no_context) are not trained yet: run tools/train_demo.py, then this test"]
+#[ignore = "the shipped demo bundles reach mean IoU 0.86 here but context beats no context on pores by only 0.035 (< 0.1): retrain with tools/train_demo.py, then run this test with --ignored"]
 fn shipped_models_segment_generated_volumes_and_context_helps() {
     let no_ctx = Bundle::load(&models("no_context")).unwrap();
     let with_ctx = Bundle::load(&models("with_context")).unwrap();

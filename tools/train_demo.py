@@ -2,25 +2,33 @@
 """Train the demo models shipped in demo/ (with and without context fusion).
 
     tools/.venv/bin/python tools/train_demo.py [--volfuse target/release/volfuse] [--out demo]
-                                               [--tiles 120] [--steps 1500] [--force]
+                                               [--tiles 96] [--steps 1400] [--max-minutes 9] [--force]
+
+The shipped bundles in demo/ were made with (635 s in all on 2 busy cores):
+
+    tools/.venv/bin/python tools/train_demo.py --tiles 96 --val 12 --steps 1400 --max-minutes 9 \
+        --eval-every 200 --batch 2 --lr 3e-3 --weight-power 0.8 --min-offset 0.4 --force
 
 What it does, all on the CPU (2 worker processes of 1 torch thread each):
 
 1. Generates training volumes with `volfuse synth` (the Rust generator, src/synth.rs), so the
    training data are exactly what `volfuse demo` segments: 32^3 raw tiles, their concentric
    context (4x the extent, same voxel shape) and the truth (0 background, 1 nucleus, 2 pore,
-   3 mitochondrion). Tile centres are drawn at a random distance (0..1.6 radii) from a nucleus
-   centre for 80 % of the tiles, anywhere in the scene for the rest.
+   3 mitochondrion). Tile centres are drawn at a random distance (--min-offset..1.6 radii)
+   from a nucleus centre for 80 % of the tiles, anywhere in the scene for the rest.
 2. Builds a tiny DINOv3-shaped ViT (HF DINOv3ViTModel: patch 4, hidden 32, 2 layers, 2 heads,
    4 registers) with seeded random weights. It stays frozen (random features are enough for the
    UNet to learn from on this data, and freezing it lets the features be computed once).
 3. Extracts dinov3_playground's orthogonal-plane features of every raw and context tile once
    (tools/reference_features.py, the code volfuse's parity tests use; slices resized to 64^2,
    so 16x16 tokens per slice), and caches them as float16.
-4. Trains two DINOv3UNet3D (tools/reference_unet.py; base_channels 4, input_size 32^3, 4
+4. Trains two DINOv3UNet3D (tools/reference_unet.py; --base-channels 4, input_size 32^3, 4
    classes) on the cached features: one with context fusion, one without, same data, same
-   seed, same steps, batch 1, AdamW + one-cycle LR, in parallel (one process each).
-   Loss: cross entropy + soft Dice.
+   seed, same steps, batch --batch, AdamW + one-cycle LR (--lr), in parallel (one process
+   each). Loss: cross entropy with class weights frequency^-(--weight-power) + soft Dice.
+   Both are scored on the held-out tiles every --eval-every steps and the state with the best
+   validation mean IoU is kept; --max-minutes stops a run early (the one-cycle schedule is
+   then cut short).
 5. Scores both on held-out tiles, writes the bundles (volfuse.json, unet.safetensors in
    float16, backbone/) to <out>/with_context and <out>/no_context, and a check volume
    (<out>/../target/demo_check or --check-dir) with the PyTorch logits of both bundles (as
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -56,6 +65,7 @@ CONTEXT_RATIO = 4
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
 SEED = 2024
+BASE_CHANNELS = int(os.environ.get("TRAIN_DEMO_BASE_CHANNELS", "4"))  # --base-channels (workers: env)
 
 
 def vit_config() -> DINOv3ViTConfig:
@@ -77,7 +87,7 @@ def vit_config() -> DINOv3ViTConfig:
 def model_config(context: bool) -> dict:
     return {
         "num_classes": len(CLASS_NAMES),
-        "base_channels": 4,
+        "base_channels": BASE_CHANNELS,
         "input_size": [TILE, TILE, TILE],
         "input_channels": 32,
         "model_id": "volfuse-demo/synthetic-em",
@@ -152,32 +162,66 @@ def iou_table(pred: np.ndarray, truth: np.ndarray) -> list:
     return out
 
 
-def train(context: bool, data: dict, steps: int, log) -> torch.nn.Module:
+def class_weights(truth: np.ndarray, power: float) -> torch.Tensor:
+    """Class frequencies to the power -`power`, normalised to mean 1 (the blobs are rare)."""
+    freq = np.bincount(truth.ravel(), minlength=len(CLASS_NAMES)).astype(np.float64) / truth.size
+    w = np.maximum(freq, 1e-4) ** -power
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def evaluate(unet, context: bool, val: dict) -> list:
+    was = unet.training
+    unet.eval()
+    preds = np.stack([predict(unet, val["raw"][i], val["context"][i] if context else None).argmax(0).numpy()
+                      for i in range(val["raw"].shape[0])])
+    unet.train(was)
+    return iou_table(preds, val["truth"])
+
+
+def train(context: bool, data: dict, steps: int, log, val: dict | None = None, eval_every: int = 200,
+          max_seconds: float = float("inf"), lr: float = 5e-3, batch: int = 2,
+          weight_power: float = 0.5) -> tuple:
+    """Trains one variant; returns (model with the best validation mean IoU, steps run)."""
     torch.manual_seed(SEED)
     unet = model_from_config(model_config(context))
     unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     n = data["raw"].shape[0]
+    weights = class_weights(data["truth"], weight_power)
     rng = np.random.default_rng(SEED)
     t0 = time.time()
-    batch = 1
+    best = (-1.0, None, 0)
+    step = 0
     for step in range(steps):
         idx = rng.choice(n, batch, replace=False)
         x = torch.from_numpy(data["raw"][idx].astype(np.float32))
         c = torch.from_numpy(data["context"][idx].astype(np.float32)) if context else None
         y = torch.from_numpy(data["truth"][idx].astype(np.int64))
         logits = unet(x, c)
-        loss = F.cross_entropy(logits, y) + dice_loss(logits, y)
+        loss = F.cross_entropy(logits, y, weight=weights) + dice_loss(logits, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0 or step == steps - 1:
+        last = step == steps - 1 or time.time() - t0 > max_seconds
+        if step % 50 == 0 or last:
             log(f"  [{'context' if context else 'no context'}] step {step:5d} loss {loss.item():.4f} "
                 f"({time.time() - t0:.0f} s)")
+        if val is not None and ((step + 1) % eval_every == 0 or last):
+            iou = evaluate(unet, context, val)
+            m = float(np.nanmean(iou))
+            log(f"  [{'context' if context else 'no context'}] step {step + 1} validation IoU "
+                + " ".join(f"{v:.3f}" for v in iou) + f" mean {m:.3f}")
+            if m > best[0]:
+                best = (m, {k: v.detach().clone() for k, v in unet.state_dict().items()}, step + 1)
+        if last:
+            break
+    if best[1] is not None:
+        unet.load_state_dict(best[1])
+        log(f"  [{'context' if context else 'no context'}] keeping step {best[2]} (validation mean IoU {best[0]:.3f})")
     unet.eval()
-    return unet
+    return unet, best[2] or step + 1
 
 
 def predict(unet, f: np.ndarray, c: np.ndarray | None) -> torch.Tensor:
@@ -241,14 +285,15 @@ def tile_job(job):
 
 
 def train_job(job):
-    """Trains one variant in a worker process; returns its state dict and time."""
-    context, cache, steps = job
+    """Trains one variant in a worker process; returns its state dict, time and steps."""
+    context, cache, steps, opts = job
     torch.set_num_threads(1)
     d = np.load(cache)
     tr = {k: d[k] for k in ("raw", "context", "truth")}
+    va = {k: d["val_" + k] for k in ("raw", "context", "truth")}
     t0 = time.time()
-    unet = train(context, tr, steps, lambda m: print(m, flush=True))
-    return {k: v.clone() for k, v in unet.state_dict().items()}, time.time() - t0
+    unet, done = train(context, tr, steps, lambda m: print(m, flush=True), val=va, **opts)
+    return {k: v.clone() for k, v in unet.state_dict().items()}, time.time() - t0, done
 
 
 def main() -> int:
@@ -262,10 +307,23 @@ def main() -> int:
     ap.add_argument("--val", type=int, default=8)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--max-minutes", type=float, default=float("inf"),
+                    help="stop training after this long (the best validated state is kept)")
+    ap.add_argument("--base-channels", type=int, default=4)
+    ap.add_argument("--weight-power", type=float, default=0.5,
+                    help="cross-entropy class weights: frequency ** -power")
+    ap.add_argument("--min-offset", type=float, default=0.0,
+                    help="tile centres at min-offset..1.6 nucleus radii from a nucleus centre")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global BASE_CHANNELS
+    BASE_CHANNELS = args.base_channels
+    os.environ["TRAIN_DEMO_BASE_CHANNELS"] = str(args.base_channels)
     torch.manual_seed(SEED)
     if not args.volfuse.is_file():
         print(f"{args.volfuse} not found: build it with `cargo build --release` or pass --volfuse", file=sys.stderr)
@@ -289,7 +347,7 @@ def main() -> int:
         n = args.tiles + args.val
         jobs = []
         for i in range(n):
-            offset = float(rng.uniform(0.0, 1.6)) if rng.uniform() < 0.8 else None
+            offset = float(rng.uniform(args.min_offset, 1.6)) if rng.uniform() < 0.8 else None
             jobs.append((str(args.volfuse), 10_000 + i, offset, str(tmp), str(vit_dir)))
         t0 = time.time()
         with ctxmp.Pool(args.workers) as pool:
@@ -305,15 +363,18 @@ def main() -> int:
         frac = np.bincount(tr["truth"].ravel(), minlength=4) / tr["truth"].size
         print(f"{n} tiles in {t_feat:.0f} s; class fractions {np.round(frac, 4).tolist()}", flush=True)
         cache = tmp / "train.npz"
-        np.savez(cache, raw=tr["raw"], context=tr["context"], truth=tr["truth"])
+        np.savez(cache, raw=tr["raw"], context=tr["context"], truth=tr["truth"],
+                 val_raw=va["raw"], val_context=va["context"], val_truth=va["truth"])
 
         results = {}
         models = {}
         t0 = time.time()
         with ctxmp.Pool(2) as pool:
-            trained = pool.map(train_job, [(False, str(cache), args.steps), (True, str(cache), args.steps)])
+            opts = dict(max_seconds=args.max_minutes * 60, lr=args.lr, batch=args.batch, eval_every=args.eval_every,
+                        weight_power=args.weight_power)
+            trained = pool.map(train_job, [(False, str(cache), args.steps, opts), (True, str(cache), args.steps, opts)])
         print(f"both variants trained in {time.time() - t0:.0f} s (in parallel)", flush=True)
-        for context, (sd, secs) in zip((False, True), trained):
+        for context, (sd, secs, done) in zip((False, True), trained):
             unet = model_from_config(model_config(context))
             unet.load_state_dict(sd)
             unet.eval()
@@ -321,7 +382,7 @@ def main() -> int:
                               for i in range(args.val)])
             iou = iou_table(preds, va["truth"])
             name = "with_context" if context else "no_context"
-            results[name] = dict(iou=iou, seconds=secs)
+            results[name] = dict(iou=iou, seconds=secs, steps=done)
             models[name] = (unet, context)
             print(f"{name}: trained in {secs:.0f} s; validation IoU "
                   + ", ".join(f"{c} {v:.3f}" for c, v in zip(CLASS_NAMES, iou))
@@ -329,7 +390,8 @@ def main() -> int:
 
         args.out.mkdir(parents=True, exist_ok=True)
         for name, (unet, context) in models.items():
-            info = {"steps": args.steps, "train_tiles": args.tiles, "validation_tiles": args.val,
+            info = {"steps": results[name]["steps"], "batch": args.batch, "max_lr": args.lr,
+                    "class_weight_power": args.weight_power, "min_offset": args.min_offset, "train_tiles": args.tiles, "validation_tiles": args.val,
                     "validation_iou": [round(v, 4) for v in results[name]["iou"]],
                     "train_seconds": round(results[name]["seconds"], 1)}
             write_bundle(args.out / name, unet, context, vit_dir, info)
