@@ -391,6 +391,57 @@ impl Model {
         }
     }
 
+    /// Segments a volume of any size with the sliding window of [`crate::tiling::run_tiled`]
+    /// (overlap, blending, context per tile, foreground skipping as `opts` says); finished
+    /// z-planes go to the `outputs` writers (e.g. [`crate::io::volume::create_writer`]), so
+    /// host memory is bounded by a tile row, not the volume.
+    ///
+    /// ```
+    /// # fn main() -> volfuse::Result<()> {
+    /// use volfuse::io::volume::MemoryWriter;
+    /// use volfuse::tiling::{Context, Outputs, TileOptions};
+    /// use volfuse::{Engine, Volume, VolumeData};
+    /// let model = Engine::cpu()
+    ///     .load_model(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bundle_tiny_ctx"))?;
+    /// let shape = [20, 24, 28];
+    /// let n = shape.iter().product::<usize>();
+    /// let raw = Volume::new(shape, VolumeData::U8((0..n).map(|i| (i * 7 % 251) as u8).collect()))?;
+    /// let outputs = Outputs {
+    ///     labels: Some(Box::new(MemoryWriter::new(&shape))),
+    ///     probabilities: None,
+    ///     logits: None,
+    /// };
+    /// let opts = TileOptions { tile: Some([16, 16, 16]), ..TileOptions::default() };
+    /// let summary = model.segment_volume(&raw, Context::FromRaw { scale: 2 }, &opts, outputs)?;
+    /// assert!(summary.tiles_run > 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn segment_volume(
+        &self,
+        raw: &Volume,
+        context: crate::tiling::Context<'_>,
+        opts: &crate::tiling::TileOptions,
+        outputs: crate::tiling::Outputs,
+    ) -> Result<crate::tiling::Summary> {
+        let mut runner = self.runner();
+        let run = |runner: &mut Runner| {
+            crate::tiling::run_tiled(
+                &self.bundle,
+                runner,
+                raw,
+                context,
+                opts,
+                outputs,
+                &mut |_| {},
+            )
+        };
+        match self.engine.gpu() {
+            Some(ctx) => captured(ctx, "segment_volume", || run(&mut runner)),
+            None => run(&mut runner),
+        }
+    }
+
     /// Segments one tile whose voxels are in device buffers of the engine's device; the
     /// outputs stay on the device (see the [module docs](crate::engine) for what is copied where).
     /// An error on the CPU engine.
