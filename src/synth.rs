@@ -7,13 +7,16 @@
 //! - **cells**: a jittered cubic lattice of seeds (spacing [`CELL_SPACING`]); every point
 //!   belongs to the nearest seed (Voronoi). Cell membranes are thin dark sheets along the
 //!   Voronoi faces.
-//! - **nuclei**: one large sphere per cell, darker than the cytoplasm.
+//! - **nuclei**: one large sphere per cell (radius ≈ 2 tiles of the demo models: a 32³ tile
+//!   is often entirely inside a nucleus or entirely in cytoplasm), darker than the cytoplasm.
 //! - **pores** (class 2): small dark blobs inside nuclei.
 //! - **mitochondria** (class 3): small dark blobs in the cytoplasm, drawn from the *same*
-//!   radius distribution with the *same* darkening factor as the pores.
+//!   radius distribution, at the *same* number per voxel, with the *same* darkening factor
+//!   as the pores.
 //!
-//! Intensities are multiplicative (cytoplasm `0.75`, × `0.6` in a nucleus, × `0.4` in a
-//! blob, × down to `0.45` on a membrane) and so is the noise (`× (1 + 0.08·N(0,1))`). The
+//! Intensities are multiplicative (cytoplasm `0.75` × a per-cell brightness in
+//! `0.85..1.15`, × `0.6` in a nucleus, × `0.4` in a blob, × down to `0.45` on a membrane)
+//! and so is the noise (`× (1 + 0.08·N(0,1))`). The
 //! feature extraction min-max-normalises every slice, so a region that lies entirely inside
 //! a nucleus looks statistically the same as one that lies entirely in cytoplasm: a blob
 //! there is a pore or a mitochondrion depending only on where the nucleus boundary is,
@@ -37,16 +40,18 @@ use std::collections::HashMap;
 /// Class names by label value.
 pub const CLASS_NAMES: [&str; 4] = ["background", "nucleus", "pore", "mitochondrion"];
 /// Lattice spacing of the cell seeds, in raw voxels.
-pub const CELL_SPACING: f64 = 128.0;
+pub const CELL_SPACING: f64 = 192.0;
 /// Default context ratio (context voxel size / raw voxel size).
 pub const DEFAULT_CONTEXT_RATIO: usize = 4;
 
 const JITTER: f64 = 0.1; // seed jitter, fraction of the spacing (each axis, ±)
-const NUCLEUS_RADIUS: (f64, f64) = (0.33, 0.38); // fraction of the spacing
+const NUCLEUS_RADIUS: (f64, f64) = (0.32, 0.36); // fraction of the spacing
 const BLOB_RADIUS: (f64, f64) = (2.6, 3.6); // voxels, pores and mitochondria alike
-const PORES_PER_NUCLEUS: usize = 600;
-const MITOS_PER_CELL: usize = 2000;
+/// Blobs per voxel of nucleus (pores) and of cytoplasm (mitochondria) alike, so that the
+/// blob density does not tell the two apart.
+const BLOB_DENSITY: f64 = 1.2e-3;
 const CYTOPLASM: f64 = 0.75;
+const BRIGHTNESS: (f64, f64) = (0.85, 1.15); // per-cell factor on every intensity
 const NUCLEUS_FACTOR: f64 = 0.6;
 const BLOB_FACTOR: f64 = 0.4;
 const MEMBRANE_DEPTH: f64 = 0.55;
@@ -137,6 +142,7 @@ struct Cell {
     seed: P3,
     nucleus: P3,
     radius: f64,
+    brightness: f64,
 }
 
 #[derive(Clone, Copy)]
@@ -159,6 +165,9 @@ struct Scene {
 }
 
 const BIN: f64 = 8.0;
+/// Bin size of the per-cell no-overlap check: ≥ the largest centre distance checked
+/// (2 · 3.6 + 2), so the 27 neighbouring bins hold every blob that could overlap.
+const OVERLAP_BIN: f64 = 10.0;
 
 impl Scene {
     fn cell_raw(seed: u64, origin: P3, c: [i64; 3]) -> Cell {
@@ -172,10 +181,12 @@ impl Scene {
         for v in n.iter_mut() {
             *v += r.range(-0.04, 0.04) * CELL_SPACING;
         }
+        let brightness = r.range(BRIGHTNESS.0, BRIGHTNESS.1);
         Cell {
             seed: s,
             nucleus: n,
             radius,
+            brightness,
         }
     }
 
@@ -274,11 +285,17 @@ impl Scene {
                 }
             }
         }
-        // Blobs of the cells that can reach the extent.
+        // Blobs of the cells that can reach the extent (a cell's blobs lie within
+        // ±0.6 spacing of its seed plus a blob radius; each cell's blobs depend only on the
+        // cell, so skipping the others changes nothing inside the extent).
+        let reach = 0.6 * CELL_SPACING + BLOB_RADIUS.1 + 1.0;
         for z in lo[0] + 1..hi[0] {
             for y in lo[1] + 1..hi[1] {
                 for x in lo[2] + 1..hi[2] {
-                    scene.add_blobs([z, y, x]);
+                    let s = scene.cell([z, y, x]).seed;
+                    if (0..3).all(|a| s[a].abs() < half[a] + reach) {
+                        scene.add_blobs([z, y, x]);
+                    }
                 }
             }
         }
@@ -304,26 +321,50 @@ impl Scene {
             (c.nucleus, c.radius, c.seed)
         };
         let mut mine: Vec<Blob> = Vec::new();
-        let ok = |mine: &[Blob], c: P3, r: f64| {
-            mine.iter()
-                .all(|b| d2(b.c, c) > (b.r + r + 2.0) * (b.r + r + 2.0))
+        // this cell's blobs by OVERLAP_BIN bins, for the no-overlap check
+        let mut grid: HashMap<[i64; 3], Vec<u32>> = HashMap::new();
+        let key = |c: P3| [0, 1, 2].map(|a| (c[a] / OVERLAP_BIN).floor() as i64);
+        let ok = |mine: &[Blob], grid: &HashMap<[i64; 3], Vec<u32>>, c: P3, r: f64| {
+            let g = key(c);
+            for dz in -1..=1 {
+                for dy in -1..=1 {
+                    for dx in -1..=1 {
+                        if let Some(ids) = grid.get(&[g[0] + dz, g[1] + dy, g[2] + dx]) {
+                            for &i in ids {
+                                let b = &mine[i as usize];
+                                if d2(b.c, c) <= (b.r + r + 2.0) * (b.r + r + 2.0) {
+                                    return false;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            true
+        };
+        let push = |mine: &mut Vec<Blob>, grid: &mut HashMap<[i64; 3], Vec<u32>>, b: Blob| {
+            grid.entry(key(b.c)).or_default().push(mine.len() as u32);
+            mine.push(b);
         };
         // pores: inside the nucleus
-        for _ in 0..PORES_PER_NUCLEUS * 3 {
-            if mine.len() >= PORES_PER_NUCLEUS {
+        let vol = 4.0 / 3.0 * std::f64::consts::PI * nr.powi(3);
+        let n_pores = (BLOB_DENSITY * vol).round() as usize;
+        for _ in 0..n_pores * 3 {
+            if mine.len() >= n_pores {
                 break;
             }
             let r = rng.range(BLOB_RADIUS.0, BLOB_RADIUS.1);
             let lim = nr - r - 1.5;
             let c = [0, 1, 2].map(|a| nc[a] + rng.range(-lim, lim));
-            if d2(c, nc) < lim * lim && ok(&mine, c, r) {
-                mine.push(Blob { c, r, class: 2 });
+            if d2(c, nc) < lim * lim && ok(&mine, &grid, c, r) {
+                push(&mut mine, &mut grid, Blob { c, r, class: 2 });
             }
         }
         let pores = mine.len();
         // mitochondria: in this cell's cytoplasm, away from the nucleus and the membranes
-        for _ in 0..MITOS_PER_CELL * 3 {
-            if mine.len() >= pores + MITOS_PER_CELL {
+        let n_mitos = (BLOB_DENSITY * (CELL_SPACING.powi(3) - vol)).round() as usize;
+        for _ in 0..n_mitos * 4 {
+            if mine.len() >= pores + n_mitos {
                 break;
             }
             let r = rng.range(BLOB_RADIUS.0, BLOB_RADIUS.1);
@@ -336,11 +377,14 @@ impl Scene {
             if (0..3).any(|a| (l[a] - k[a]).abs() > 1) {
                 continue;
             }
-            let (owner, face) = self.locate(c);
-            if owner != k || face < r + 2.0 || !ok(&mine, c, r) {
+            if !ok(&mine, &grid, c, r) {
                 continue;
             }
-            mine.push(Blob { c, r, class: 3 });
+            let (owner, face) = self.locate(c);
+            if owner != k || face < r + 2.0 {
+                continue;
+            }
+            push(&mut mine, &mut grid, Blob { c, r, class: 3 });
         }
         self.blobs.extend(mine);
     }
@@ -349,7 +393,7 @@ impl Scene {
     fn sample(&self, p: P3) -> (f64, u8) {
         let (k, face) = self.locate(p);
         let cell = self.cell(k);
-        let mut v = CYTOPLASM;
+        let mut v = CYTOPLASM * cell.brightness;
         let mut label = 0u8;
         if d2(p, cell.nucleus) < cell.radius * cell.radius {
             v *= NUCLEUS_FACTOR;

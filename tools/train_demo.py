@@ -4,18 +4,28 @@
     tools/.venv/bin/python tools/train_demo.py [--volfuse target/release/volfuse] [--out demo]
                                                [--tiles 96] [--steps 1400] [--max-minutes 9] [--force]
 
-The shipped bundles in demo/ were made with (635 s in all on 2 busy cores):
+The shipped bundles in demo/ were made in two runs on 2 busy cores (39 min + 11 min): 160
+training + 16 validation tiles, then the same features (--features) trained further from the
+first run's bundles (--init) at a lower learning rate:
 
-    tools/.venv/bin/python tools/train_demo.py --tiles 96 --val 12 --steps 1400 --max-minutes 9 \
-        --eval-every 200 --batch 2 --lr 3e-3 --weight-power 0.8 --min-offset 0.4 --force
+    tools/.venv/bin/python tools/train_demo.py --tiles 160 --val 16 --steps 2400 --max-minutes 22 \
+        --eval-every 200 --batch 2 --lr 3e-3 --weight-power 0.5 --min-offset 0 --max-offset 1.8 \
+        --near-fraction 0.8 --features /tmp/demo_features.npz --out /tmp/demo1 --force
+    tools/.venv/bin/python tools/train_demo.py --tiles 160 --val 16 --steps 1000 --max-minutes 15 \
+        --eval-every 200 --batch 2 --lr 1.5e-3 --weight-power 0.5 --min-offset 0 --max-offset 1.8 \
+        --near-fraction 0.8 --features /tmp/demo_features.npz --init /tmp/demo1 --force
+
+(the first run stopped at its time limit after 1551 steps and the second kept step 800; both
+runs keep the state with the best validation mean IoU.)
 
 What it does, all on the CPU (2 worker processes of 1 torch thread each):
 
 1. Generates training volumes with `volfuse synth` (the Rust generator, src/synth.rs), so the
    training data are exactly what `volfuse demo` segments: 32^3 raw tiles, their concentric
    context (4x the extent, same voxel shape) and the truth (0 background, 1 nucleus, 2 pore,
-   3 mitochondrion). Tile centres are drawn at a random distance (--min-offset..1.6 radii)
-   from a nucleus centre for 80 % of the tiles, anywhere in the scene for the rest.
+   3 mitochondrion). Tile centres are drawn at a random distance (--min-offset..--max-offset
+   radii) from a nucleus centre for --near-fraction of the tiles, anywhere in the scene for the
+   rest.
 2. Builds a tiny DINOv3-shaped ViT (HF DINOv3ViTModel: patch 4, hidden 32, 2 layers, 2 heads,
    4 registers) with seeded random weights. It stays frozen (random features are enough for the
    UNet to learn from on this data, and freezing it lets the features be computed once).
@@ -180,10 +190,12 @@ def evaluate(unet, context: bool, val: dict) -> list:
 
 def train(context: bool, data: dict, steps: int, log, val: dict | None = None, eval_every: int = 200,
           max_seconds: float = float("inf"), lr: float = 5e-3, batch: int = 2,
-          weight_power: float = 0.5) -> tuple:
+          weight_power: float = 0.5, init: str | None = None) -> tuple:
     """Trains one variant; returns (model with the best validation mean IoU, steps run)."""
     torch.manual_seed(SEED)
     unet = model_from_config(model_config(context))
+    if init:
+        unet.load_state_dict(load_bundle_unet(Path(init) / ("with_context" if context else "no_context")).state_dict())
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -316,8 +328,15 @@ def main() -> int:
     ap.add_argument("--weight-power", type=float, default=0.5,
                     help="cross-entropy class weights: frequency ** -power")
     ap.add_argument("--min-offset", type=float, default=0.0,
-                    help="tile centres at min-offset..1.6 nucleus radii from a nucleus centre")
+                    help="tile centres at min-offset..max-offset nucleus radii from a nucleus centre")
+    ap.add_argument("--max-offset", type=float, default=1.5)
+    ap.add_argument("--near-fraction", type=float, default=0.85,
+                    help="fraction of the tiles placed relative to a nucleus (the rest anywhere)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--features", type=Path, default=None,
+                    help="feature cache (.npz): reused if it exists (same --tiles/--val/offsets), written otherwise")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from the UNets of these bundles (DIR/with_context, DIR/no_context)")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -347,31 +366,48 @@ def main() -> int:
         n = args.tiles + args.val
         jobs = []
         for i in range(n):
-            offset = float(rng.uniform(args.min_offset, 1.6)) if rng.uniform() < 0.8 else None
+            offset = (float(rng.uniform(args.min_offset, args.max_offset))
+                      if rng.uniform() < args.near_fraction else None)
             jobs.append((str(args.volfuse), 10_000 + i, offset, str(tmp), str(vit_dir)))
         t0 = time.time()
-        with ctxmp.Pool(args.workers) as pool:
-            out = []
-            for i, r in enumerate(pool.imap(tile_job, jobs)):
-                out.append(r)
-                if i % 10 == 0:
-                    print(f"tiles {i + 1}/{n} ({time.time() - t0:.0f} s)", flush=True)
-        t_feat = time.time() - t0
-        arr = {k: np.stack([o[j] for o in out]) for j, k in enumerate(("raw", "context", "truth", "raw_vol", "ctx_vol"))}
-        tr = {k: v[: args.tiles] for k, v in arr.items()}
-        va = {k: v[args.tiles:] for k, v in arr.items()}
-        frac = np.bincount(tr["truth"].ravel(), minlength=4) / tr["truth"].size
-        print(f"{n} tiles in {t_feat:.0f} s; class fractions {np.round(frac, 4).tolist()}", flush=True)
         cache = tmp / "train.npz"
-        np.savez(cache, raw=tr["raw"], context=tr["context"], truth=tr["truth"],
-                 val_raw=va["raw"], val_context=va["context"], val_truth=va["truth"])
+        if args.features is not None and args.features.is_file():
+            d = np.load(args.features)
+            tr = {k: d[k] for k in ("raw", "context", "truth")}
+            va = {k: d["val_" + k] for k in ("raw", "context", "truth")}
+            if tr["raw"].shape[0] != args.tiles or va["raw"].shape[0] != args.val:
+                print(f"{args.features} holds {tr['raw'].shape[0]}+{va['raw'].shape[0]} tiles, "
+                      f"not --tiles {args.tiles} --val {args.val}", file=sys.stderr)
+                return 2
+            _, _, _, rv, cv = tile_job(jobs[args.tiles])  # the check volume's raw and context
+            va["raw_vol"], va["ctx_vol"] = rv[None], cv[None]
+            shutil.copy(args.features, cache)
+            print(f"features from {args.features}", flush=True)
+        else:
+            with ctxmp.Pool(args.workers) as pool:
+                out = []
+                for i, r in enumerate(pool.imap(tile_job, jobs)):
+                    out.append(r)
+                    if i % 10 == 0:
+                        print(f"tiles {i + 1}/{n} ({time.time() - t0:.0f} s)", flush=True)
+            t_feat = time.time() - t0
+            arr = {k: np.stack([o[j] for o in out]) for j, k in enumerate(("raw", "context", "truth", "raw_vol", "ctx_vol"))}
+            tr = {k: v[: args.tiles] for k, v in arr.items()}
+            va = {k: v[args.tiles:] for k, v in arr.items()}
+            print(f"{n} tiles in {t_feat:.0f} s", flush=True)
+            np.savez(cache, raw=tr["raw"], context=tr["context"], truth=tr["truth"],
+                     val_raw=va["raw"], val_context=va["context"], val_truth=va["truth"])
+            if args.features is not None:
+                shutil.copy(cache, args.features)
+        frac = np.bincount(tr["truth"].ravel(), minlength=4) / tr["truth"].size
+        print(f"class fractions {np.round(frac, 4).tolist()}", flush=True)
 
         results = {}
         models = {}
         t0 = time.time()
         with ctxmp.Pool(2) as pool:
             opts = dict(max_seconds=args.max_minutes * 60, lr=args.lr, batch=args.batch, eval_every=args.eval_every,
-                        weight_power=args.weight_power)
+                        weight_power=args.weight_power, init=str(args.init) if args.init else None)
             trained = pool.map(train_job, [(False, str(cache), args.steps, opts), (True, str(cache), args.steps, opts)])
         print(f"both variants trained in {time.time() - t0:.0f} s (in parallel)", flush=True)
         for context, (sd, secs, done) in zip((False, True), trained):
@@ -391,7 +427,8 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for name, (unet, context) in models.items():
             info = {"steps": results[name]["steps"], "batch": args.batch, "max_lr": args.lr,
-                    "class_weight_power": args.weight_power, "min_offset": args.min_offset, "train_tiles": args.tiles, "validation_tiles": args.val,
+                    "class_weight_power": args.weight_power, "min_offset": args.min_offset, "max_offset": args.max_offset,
+                    "near_fraction": args.near_fraction, "init": str(args.init) if args.init else None, "base_channels": args.base_channels, "train_tiles": args.tiles, "validation_tiles": args.val,
                     "validation_iou": [round(v, 4) for v in results[name]["iou"]],
                     "train_seconds": round(results[name]["seconds"], 1)}
             write_bundle(args.out / name, unet, context, vit_dir, info)

@@ -152,13 +152,13 @@ enum Cmd {
     /// Segment a generated EM-like volume with the shipped demo models (with and without context) and score both against the truth.
     Demo {
         /// Seed of the generated volume.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = volfuse::demo::DEFAULT_SEED)]
         seed: u64,
-        /// Volume side (a multiple of the models' 32-voxel tile; 32 = one tile per model).
-        #[arg(long, default_value_t = 32)]
+        /// Volume side (≥ the models' 32-voxel tile; larger volumes run the sliding window).
+        #[arg(long, default_value_t = volfuse::demo::DEFAULT_SIZE)]
         size: usize,
         /// Centre the volume this far from a nucleus centre (fraction of its radius).
-        #[arg(long, default_value_t = 0.8)]
+        #[arg(long, default_value_t = volfuse::demo::DEFAULT_NUCLEUS_OFFSET)]
         nucleus_offset: f64,
         /// Where to write the volumes, labels and preview.png.
         #[arg(long, default_value = "volfuse-demo")]
