@@ -302,7 +302,6 @@ pub fn scratch_bytes(ctx: &GpuContext, g: &Graph) -> Result<u64> {
 
 /// Copies rows `[r0, r1)` of every leading index of a `(lead, d, plane)` tensor in `src`
 /// to rows starting at `dst_row` of a `(lead, dst_d, plane)` tensor in `dst`.
-#[allow(clippy::too_many_arguments)]
 fn row_copies(
     src: &wgpu::Buffer,
     (lead, d, plane): (usize, usize, usize),
@@ -334,6 +333,7 @@ fn row_copies(
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 /// The dispatches of `op` run slab by slab through `scratch`: input rows copied in before
 /// each slab's first dispatch, the slab's exact output rows copied out after its last.
 pub fn dispatches(
@@ -397,14 +397,14 @@ pub fn dispatches(
             d_out,
             s.o0,
         );
-        match (ds.first_mut(), before.is_empty()) {
-            (Some(first), _) => {
-                let mut b = before;
-                b.append(&mut first.before);
-                first.before = b;
-            }
-            (None, _) => return Err(internal("the op made no dispatch".into())),
-        }
+        let first = ds
+            .first_mut()
+            .ok_or_else(|| internal("the op made no dispatch".into()))?;
+        // The slab's rows go in before anything the op itself copies (its texture copies
+        // read the scratch buffer).
+        let mut b = before;
+        b.append(&mut first.before);
+        first.before = b;
         if let Some(last) = ds.last_mut() {
             last.after.extend(after);
         }
