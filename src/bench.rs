@@ -328,6 +328,10 @@ pub fn unet(
     let y = unet.build(&mut g, f, c)?;
     g.output(y);
     let flops = g.flops();
+    let scratch = match &backend {
+        crate::models::Backend::Gpu(ctx) => crate::graph::split::scratch_bytes(ctx, &g)?,
+        crate::models::Backend::Cpu => 0,
+    };
     let data: Vec<f32> = (0..numel(&shape))
         .map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0)
         .collect();
@@ -338,6 +342,8 @@ pub fn unet(
     };
     let mut runner = Runner::new(backend);
     runner.run("unet", move || Ok(g), &inputs)?; // warm-up
+    let (act, consts) = runner.device_bytes();
+    *UNET_DEVICE_BYTES.lock().unwrap_or_else(|e| e.into_inner()) = [act, consts, scratch];
     let (t0, c0) = (Instant::now(), process_cpu_seconds());
     for _ in 0..iters.max(1) {
         runner.run("unet", || unreachable_graph(), &inputs)?;
@@ -354,6 +360,13 @@ pub fn unet(
 }
 
 static UNET_CPU_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+static UNET_DEVICE_BYTES: std::sync::Mutex<[u64; 3]> = std::sync::Mutex::new([0; 3]);
+
+/// Device bytes of the last [`unet`] run on a GPU: [activations, weights, slab scratch].
+pub fn unet_device_bytes() -> [u64; 3] {
+    *UNET_DEVICE_BYTES.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Process CPU seconds per tile of the last [`unet`] run (0 where not measurable).
 pub fn unet_cpu_seconds() -> f64 {

@@ -97,6 +97,25 @@ impl GpuContext {
     /// A storage buffer of `bytes` bytes (at least 4), uninitialised contents.
     pub fn storage_buffer(&self, what: &str, bytes: u64) -> Result<wgpu::Buffer> {
         self.check_binding(what, bytes)?;
+        self.buffer_unchecked(what, bytes)
+    }
+
+    /// A storage buffer that may be larger than one storage binding (up to the device's
+    /// max buffer size): kernels reach such a tensor in depth slabs copied in and out
+    /// (`graph::split`), never by binding it whole.
+    pub fn large_buffer(&self, what: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        if bytes > self.caps.max_buffer {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit: self.caps.max_buffer,
+                adapter: self.info.name.clone(),
+            });
+        }
+        self.buffer_unchecked(what, bytes)
+    }
+
+    fn buffer_unchecked(&self, what: &str, bytes: u64) -> Result<wgpu::Buffer> {
         // Multiples of 256 bytes: any buffer's tail is a valid uniform-window offset.
         let size = bytes.max(MIN_BUFFER_BYTES).div_ceil(256) * 256;
         self.allocate(what, size, || {

@@ -57,6 +57,31 @@ impl TextureCopy {
     }
 }
 
+/// A buffer-to-buffer copy recorded around a dispatch (outside the compute pass): the
+/// depth slabs of tensors larger than one storage binding go in and out this way.
+#[derive(Debug, Clone)]
+pub struct BufferCopy {
+    pub src: wgpu::Buffer,
+    pub src_offset: u64,
+    pub dst: wgpu::Buffer,
+    pub dst_offset: u64,
+    pub bytes: u64,
+}
+
+impl BufferCopy {
+    fn record(&self, enc: &mut wgpu::CommandEncoder) {
+        if self.bytes > 0 {
+            enc.copy_buffer_to_buffer(
+                &self.src,
+                self.src_offset,
+                &self.dst,
+                self.dst_offset,
+                self.bytes,
+            );
+        }
+    }
+}
+
 /// One compute dispatch, ready to record.
 #[derive(Debug, Clone)]
 pub struct Dispatch {
@@ -69,6 +94,10 @@ pub struct Dispatch {
     /// Copies recorded before this dispatch (outside the compute pass). A kernel that
     /// reads a scratch texture carries the copy that fills it, so the pair is never split.
     pub copies: Vec<Arc<TextureCopy>>,
+    /// Buffer copies recorded before this dispatch (and before its texture copies).
+    pub before: Vec<BufferCopy>,
+    /// Buffer copies recorded after this dispatch.
+    pub after: Vec<BufferCopy>,
 }
 
 impl Dispatch {
@@ -80,23 +109,33 @@ impl Dispatch {
     }
 }
 
-/// Records `dispatches` into `enc`: compute passes, broken where a copy must come first.
+/// Records `dispatches` into `enc`: compute passes, broken where a copy must come first
+/// (or after).
 pub fn record_all(enc: &mut wgpu::CommandEncoder, dispatches: &[Dispatch]) {
     let mut start = 0;
     while start < dispatches.len() {
+        for c in &dispatches[start].before {
+            c.record(enc);
+        }
         for c in &dispatches[start].copies {
             c.record(enc);
         }
-        let end = dispatches[start + 1..]
-            .iter()
-            .position(|d| !d.copies.is_empty())
-            .map(|p| start + 1 + p)
-            .unwrap_or(dispatches.len());
+        let mut end = start + 1;
+        while end < dispatches.len()
+            && dispatches[end - 1].after.is_empty()
+            && dispatches[end].before.is_empty()
+            && dispatches[end].copies.is_empty()
+        {
+            end += 1;
+        }
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
         for d in &dispatches[start..end] {
             d.record(&mut pass);
         }
         drop(pass);
+        for c in &dispatches[end - 1].after {
+            c.record(enc);
+        }
         start = end;
     }
 }
@@ -183,6 +222,8 @@ impl GpuContext {
             workgroups: args.workgroups,
             offsets: Vec::new(),
             copies: Vec::new(),
+            before: Vec::new(),
+            after: Vec::new(),
         })
     }
 }

@@ -8,7 +8,7 @@ mod buffers;
 mod dispatch;
 
 pub use buffers::{pack_f16, unpack_f16, DType, GpuTensor};
-pub use dispatch::{record_all, Dispatch, KernelArgs, TextureCopy};
+pub use dispatch::{record_all, BufferCopy, Dispatch, KernelArgs, TextureCopy};
 
 use crate::error::{Error, Result};
 use crate::shaders::Shader;
@@ -105,6 +105,11 @@ pub struct GpuOptions {
     /// allocator report where the backend has one (Vulkan, DX12); elsewhere (GL, Metal)
     /// every buffer volfuse created counts, freed or not.
     pub memory_budget: Option<u64>,
+    /// Run graph nodes whose activations exceed this many bytes in depth slabs, as if the
+    /// device's storage binding limit were this small (the smaller of the two counts).
+    /// Weights are unaffected. For tests of the paths for tensors larger than one binding
+    /// on small tensors (`VOLFUSE_SPLIT_BINDING`, e.g. `32K`).
+    pub split_binding: Option<u64>,
 }
 
 /// Parses a byte count: `123`, `64K`, `512M`, `2G` (binary units, optional `iB`/`B`).
@@ -144,6 +149,11 @@ impl GpuOptions {
                 o.memory_budget = Some(parse_bytes(&b)?);
             }
         }
+        if let Ok(b) = std::env::var("VOLFUSE_SPLIT_BINDING") {
+            if !b.is_empty() {
+                o.split_binding = Some(parse_bytes(&b)?);
+            }
+        }
         if let Ok(a) = std::env::var("VOLFUSE_ADAPTER") {
             if !a.is_empty() {
                 o.adapter = Some(a);
@@ -160,6 +170,9 @@ pub struct Caps {
     pub subgroups: bool,
     pub timestamps: bool,
     pub max_binding: u64,
+    /// Activations larger than this run in depth slabs (`graph::split`): `max_binding`
+    /// unless [`GpuOptions::split_binding`] lowers it.
+    pub split_binding: u64,
     pub max_buffer: u64,
     pub max_workgroups_per_dim: u32,
     pub max_storage_buffers_per_stage: u32,
@@ -294,6 +307,9 @@ impl GpuContext {
         })?;
         let mut ctx = Self::from_device(device, queue, info);
         ctx.budget = opts.memory_budget;
+        if let Some(m) = opts.split_binding {
+            ctx.caps.split_binding = ctx.caps.max_binding.min(m.max(256) / 256 * 256);
+        }
         // The device is our own: its loss is recorded and reported as Error::DeviceLost by
         // the next wait, and errors nobody scoped are kept for it instead of panicking.
         let lost = ctx.lost.clone();
@@ -391,6 +407,7 @@ impl GpuContext {
             subgroups: f.contains(wgpu::Features::SUBGROUP),
             timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
             max_binding: l.max_storage_buffer_binding_size as u64,
+            split_binding: l.max_storage_buffer_binding_size as u64,
             max_buffer: l.max_buffer_size,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,

@@ -56,6 +56,8 @@ pub enum GraphInput<'a> {
 /// A graph ready to run on a device.
 pub struct GpuExecutor {
     slots: Vec<Arc<wgpu::Buffer>>,
+    /// Bytes of the scratch buffers of nodes run in depth slabs (0 when none).
+    pub scratch_bytes: u64,
     dispatches: Vec<Dispatch>,
     /// The node each dispatch belongs to (for profiles).
     owner: Vec<usize>,
@@ -72,7 +74,7 @@ impl GpuExecutor {
             .slot_bytes
             .iter()
             .enumerate()
-            .map(|(i, b)| ctx.storage_buffer(&format!("slot {i}"), *b).map(Arc::new))
+            .map(|(i, b)| super::split::slot_buffer(ctx, &format!("slot {i}"), *b).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let mut value_buf: Vec<Option<Arc<wgpu::Buffer>>> = vec![None; g.values.len()];
         for (i, v) in g.values.iter().enumerate() {
@@ -81,6 +83,9 @@ impl GpuExecutor {
                 _ => plan.slot_of[i].map(|s| slots[s].clone()),
             };
         }
+        // Nodes whose tensors exceed one binding run in depth slabs (graph::split).
+        let splits = super::split::plan_graph(ctx, g, &value_buf)?;
+        let scratch = super::split::Scratch::new(ctx, &splits)?;
         let mut dispatches = Vec::new();
         let mut owner = Vec::new();
         for (i, n) in g.nodes.iter().enumerate() {
@@ -97,7 +102,15 @@ impl GpuExecutor {
             let out = value_buf[n.output.0]
                 .as_deref()
                 .expect("op outputs have slots");
-            let ds = n.op.gpu(ctx, &bufs, &shapes, out)?;
+            let ds = match &splits[i] {
+                Some(split) => {
+                    let out_shape = &g.values[n.output.0].shape;
+                    super::split::dispatches(
+                        ctx, &*n.op, split, &bufs, &shapes, out, out_shape, &scratch,
+                    )?
+                }
+                None => n.op.gpu(ctx, &bufs, &shapes, out)?,
+            };
             owner.extend(std::iter::repeat_n(i, ds.len()));
             dispatches.extend(ds);
         }
@@ -113,6 +126,7 @@ impl GpuExecutor {
         };
         Ok(GpuExecutor {
             slots,
+            scratch_bytes: scratch.bytes(),
             dispatches,
             owner,
             inputs: io(&g.inputs),

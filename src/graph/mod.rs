@@ -18,6 +18,7 @@
 mod cpu;
 mod gpu;
 mod plan;
+pub mod split;
 
 pub use cpu::{CpuExecutor, CpuSlots};
 pub use gpu::{ConstCache, GpuExecutor, GraphInput};

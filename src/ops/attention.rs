@@ -322,6 +322,8 @@ fn staged(
         .to_vec();
     Ok(vec![Dispatch {
         name: "attention_sg",
+        before: Vec::new(),
+        after: Vec::new(),
         pipeline,
         bind_group,
         workgroups: [

@@ -110,6 +110,16 @@ impl Op for Concat {
         }
         Ok(dispatches)
     }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        self.dims(shapes).ok()?;
+        (shapes[0].len() == 5).then(|| {
+            super::DepthRule::first(
+                shapes.len(),
+                shapes.len(),
+                super::DepthMap::Same { halo: 0 },
+            )
+        })
+    }
 }
 
 /// Benchmark cases for `cargo bench` (keep this function).

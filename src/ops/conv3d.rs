@@ -281,6 +281,8 @@ fn tex_dispatch(
     });
     Ok(Some(Dispatch {
         name: entry,
+        before: Vec::new(),
+        after: Vec::new(),
         pipeline,
         bind_group,
         workgroups,
@@ -404,6 +406,13 @@ impl Op for Conv3d {
         self.dims(shapes)
             .map(|d| 2 * (d.n * d.o * d.voxels() * d.c * d.k * d.k * d.k) as u64)
             .unwrap_or(0)
+    }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        self.dims(shapes).ok()?;
+        let map = super::DepthMap::Same {
+            halo: self.kernel / 2,
+        };
+        Some(super::DepthRule::first(1, 3, map))
     }
 }
 

@@ -280,6 +280,8 @@ fn gpu_conv_transpose3d(
             });
             out_d.push(Dispatch {
                 name: entry,
+                before: Vec::new(),
+                after: Vec::new(),
                 pipeline,
                 bind_group,
                 workgroups: [wx, wy, z],
@@ -339,6 +341,16 @@ impl Op for ConvTranspose3d {
         self.dims(shapes)
             .map(|d| 2 * (d.n * d.ci * d.co * d.voxels()) as u64 * 64)
             .unwrap_or(0)
+    }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        // k4 s2 p1: output row o reads input rows ⌈o/2⌉−1 ..= ⌊(o+1)/2⌋, inside the ×2
+        // rule's halo of one input row.
+        self.dims(shapes).ok()?;
+        Some(super::DepthRule::first(
+            1,
+            3,
+            super::DepthMap::Up { factor: 2 },
+        ))
     }
 }
 

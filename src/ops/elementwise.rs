@@ -88,6 +88,10 @@ impl Op for Unary {
             workgroups: ctx.grid((n as u64).div_ceil(64))?,
         })?])
     }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        (shapes.len() == 1 && shapes[0].len() >= 3)
+            .then(|| super::DepthRule::first(1, 1, super::DepthMap::Same { halo: 0 }))
+    }
 }
 
 /// A binary op whose second operand is either the same shape as the first, or a vector
@@ -230,6 +234,13 @@ impl Op for Binary {
             params: bytemuck::cast_slice(&[n, inner as u32, len as u32, 0]),
             workgroups: ctx.grid((n as u64).div_ceil(64))?,
         })?])
+    }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        let ok = self.axis.is_none()
+            && shapes.len() == 2
+            && shapes[0].len() >= 3
+            && shapes[0] == shapes[1];
+        ok.then(|| super::DepthRule::first(2, 2, super::DepthMap::Same { halo: 0 }))
     }
 }
 

@@ -127,6 +127,13 @@ impl Op for ContextGate {
             .map(|(n, c, s)| (2 * n * c * c * s + 4 * n * c * s) as u64)
             .unwrap_or(0)
     }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        self.dims(shapes).ok()?;
+        (shapes[0].len() == 5).then(|| super::DepthRule {
+            sliced: vec![true, false, false, true],
+            map: super::DepthMap::Same { halo: 0 },
+        })
+    }
 }
 
 /// Benchmark cases for `cargo bench`.

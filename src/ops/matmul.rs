@@ -584,6 +584,8 @@ fn gpu_matmul_tex(
         .enumerate()
         .map(|(i, offsets)| Dispatch {
             name: entry,
+            before: Vec::new(),
+            after: Vec::new(),
             pipeline: pipeline.clone(),
             bind_group: bind_group.clone(),
             workgroups,

@@ -44,6 +44,42 @@ pub trait Op: Send + Sync + std::fmt::Debug {
     fn flops(&self, _shapes: &[&[usize]]) -> u64 {
         0
     }
+    /// How the op runs in depth slabs when its tensors exceed one storage binding
+    /// (`graph::split`); None when it cannot be split that way.
+    fn depth_rule(&self, _shapes: &[&[usize]]) -> Option<DepthRule> {
+        None
+    }
+}
+
+/// How output depth rows depend on input depth rows, the depth axis being the third from
+/// last of every sliced tensor (`(.., D, H, W)`; the leading dims are kept whole).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DepthMap {
+    /// Same depth; output row `o` reads input rows `o - halo ..= o + halo` (zero padded
+    /// at the volume's faces, as the op itself does).
+    Same { halo: usize },
+    /// Output row `o` reads input rows `f·o .. f·o + f` (pooling with kernel = stride = f).
+    Down { factor: usize },
+    /// Output depth `f·D`, sampled at `(o + ½)/f − ½` with edge clamping (linear
+    /// upsampling by a power of two, align_corners=False).
+    Up { factor: usize },
+}
+
+/// Which inputs are sliced in depth (the rest — weights, biases — are bound whole) and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepthRule {
+    pub sliced: Vec<bool>,
+    pub map: DepthMap,
+}
+
+impl DepthRule {
+    /// The same map for the first `n` inputs of `total`.
+    pub fn first(n: usize, total: usize, map: DepthMap) -> Self {
+        DepthRule {
+            sliced: (0..total).map(|i| i < n).collect(),
+            map,
+        }
+    }
 }
 
 pub fn numel(shape: &[usize]) -> usize {

@@ -176,6 +176,8 @@ fn gpu_layernorm(
     });
     Ok(vec![Dispatch {
         name: "layernorm_sg",
+        before: Vec::new(),
+        after: Vec::new(),
         pipeline,
         bind_group,
         workgroups: [groups, 1, 1],

@@ -167,6 +167,14 @@ impl Op for Pool3d {
             .map(|s| per * numel(&s) as u64)
             .unwrap_or(0)
     }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        self.dims(shapes).ok()?;
+        Some(super::DepthRule::first(
+            1,
+            1,
+            super::DepthMap::Down { factor: 2 },
+        ))
+    }
 }
 
 /// Kernels index with u32 (plus up to one workgroup's span past the end).

@@ -310,6 +310,21 @@ impl Op for Trilinear {
             .map(|s| 21 * numel(&s) as u64)
             .unwrap_or(0)
     }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        // Only a power-of-two factor in depth: 1/f is exact in f32, so every slab samples
+        // at exactly the positions of the whole tensor.
+        if shapes.len() != 1 || shapes[0].len() < 3 {
+            return None;
+        }
+        // (A fixed target size would not follow the slab's depth.)
+        let Target::Factor(f) = self.target else {
+            return None;
+        };
+        let k = f[0].round().max(0.0) as usize;
+        let exact = f[0] == k as f64;
+        (exact && k >= 2 && k.is_power_of_two())
+            .then(|| super::DepthRule::first(1, 1, super::DepthMap::Up { factor: k }))
+    }
 }
 
 /// Bilinear resize of the last two axes of `(N, C, H, W)`.
