@@ -8,7 +8,9 @@
 // dispatch, and never frees the variants: with `p.c` as the loop bound each dispatch cost
 // ~40 ms of LLVM compilation and leaked ~0.5 MB (docs/lavapipe.md).
 
-override C: u32; // channels
+// Channels; always set by ContextGate::gpu (the default only lets the shader translate
+// without constants, tests/portability.rs).
+override C: u32 = 4u;
 
 struct Params {
     c: u32,       // channels (unused by the kernels: they read C)
