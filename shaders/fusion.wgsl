@@ -2,9 +2,18 @@
 //   out[n, o, v] = raw[n, o, v] + (Σ_c W[o, c]·raw[n, c, v] + b[o]) · σ(gate[n, o, v])
 // i.e. the 1×1×1 raw projection, the sigmoid gate and the residual in one pass, so the
 // projection never goes to memory. One invocation = one voxel × 4 output channels.
+//
+// The channel count is the pipeline constant C, not a uniform: lavapipe (Mesa 22.3)
+// "inlines" uniforms that bound loops by recompiling the shader with their values at every
+// dispatch, and never frees the variants: with `p.c` as the loop bound each dispatch cost
+// ~40 ms of LLVM compilation and leaked ~0.5 MB (docs/lavapipe.md).
+
+// Channels; always set by ContextGate::gpu (the default only lets the shader translate
+// without constants, tests/portability.rs).
+override C: u32 = 4u;
 
 struct Params {
-    c: u32,       // channels
+    c: u32,       // channels (unused by the kernels: they read C)
     s: u32,       // voxels per channel
     n: u32,       // batch
     oblocks: u32, // ceil(c / 4)
@@ -21,10 +30,10 @@ struct Params {
 // channel) of voxel v; base = n·c·s.
 fn project(base: u32, o0: u32, v: u32) -> vec4<f32> {
     var acc = vec4<f32>(0.0);
-    for (var c = 0u; c < p.c; c++) {
+    for (var c = 0u; c < C; c++) {
         let r = raw[base + c * p.s + v];
-        let wr = vec4<f32>(w[min(o0, p.c - 1u) * p.c + c], w[min(o0 + 1u, p.c - 1u) * p.c + c],
-                           w[min(o0 + 2u, p.c - 1u) * p.c + c], w[min(o0 + 3u, p.c - 1u) * p.c + c]);
+        let wr = vec4<f32>(w[min(o0, C - 1u) * C + c], w[min(o0 + 1u, C - 1u) * C + c],
+                           w[min(o0 + 2u, C - 1u) * C + c], w[min(o0 + 3u, C - 1u) * C + c]);
         acc += wr * r;
     }
     return acc;
@@ -36,12 +45,12 @@ fn context_gate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgrou
     let ob = wg.y % p.oblocks;
     let n = wg.y / p.oblocks;
     if (v >= p.s) { return; }
-    let base = n * p.c * p.s;
+    let base = n * C * p.s;
     let o0 = ob * 4u;
     let acc = project(base, o0, v);
     for (var j = 0u; j < 4u; j++) {
         let o = o0 + j;
-        if (o < p.c) {
+        if (o < C) {
             let i = base + o * p.s + v;
             out[i] = raw[i] + (acc[j] + b[o]) / (1.0 + exp(-gate[i]));
         }
@@ -57,12 +66,12 @@ fn context_gate_proj(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wor
     let ob = wg.y % p.oblocks;
     let n = wg.y / p.oblocks;
     if (v >= p.s) { return; }
-    let base = n * p.c * p.s;
+    let base = n * C * p.s;
     let o0 = ob * 4u;
     let acc = project(base, o0, v);
     for (var j = 0u; j < 4u; j++) {
         let o = o0 + j;
-        if (o < p.c) { out[base + o * p.s + v] = acc[j] + b[o]; }
+        if (o < C) { out[base + o * p.s + v] = acc[j] + b[o]; }
     }
 }
 
@@ -72,10 +81,10 @@ fn context_gate_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
     let ob = wg.y % p.oblocks;
     let n = wg.y / p.oblocks;
     if (v >= p.s) { return; }
-    let base = n * p.c * p.s;
+    let base = n * C * p.s;
     for (var j = 0u; j < 4u; j++) {
         let o = ob * 4u + j;
-        if (o < p.c) {
+        if (o < C) {
             let i = base + o * p.s + v;
             out[i] = raw[i] + out[i] / (1.0 + exp(-gate[i]));
         }

@@ -198,6 +198,39 @@ pub struct CompiledKernel {
     pub constants: Vec<(&'static str, f64)>,
 }
 
+/// Counts of live wgpu objects ([`GpuContext::live_resources`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveResources {
+    pub buffers: usize,
+    pub textures: usize,
+    pub texture_views: usize,
+    pub bind_groups: usize,
+    pub bind_group_layouts: usize,
+    pub pipeline_layouts: usize,
+    pub compute_pipelines: usize,
+    pub shader_modules: usize,
+    pub command_encoders: usize,
+    pub command_buffers: usize,
+    pub query_sets: usize,
+}
+
+impl LiveResources {
+    /// The sum of all counts.
+    pub fn total(&self) -> usize {
+        self.buffers
+            + self.textures
+            + self.texture_views
+            + self.bind_groups
+            + self.bind_group_layouts
+            + self.pipeline_layouts
+            + self.compute_pipelines
+            + self.shader_modules
+            + self.command_encoders
+            + self.command_buffers
+            + self.query_sets
+    }
+}
+
 /// A wgpu device and queue plus everything volfuse caches on them.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -213,6 +246,8 @@ pub struct GpuContext {
     created: std::sync::atomic::AtomicU64,
     /// Set by the device-lost callback (headless contexts) or when a submission fails.
     lost: Arc<Mutex<Option<String>>>,
+    /// The instance of a headless context (for [`GpuContext::live_resources`]).
+    instance: Option<wgpu::Instance>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -310,6 +345,7 @@ impl GpuContext {
         if let Some(m) = opts.split_binding {
             ctx.caps.split_binding = ctx.caps.max_binding.min(m.max(256) / 256 * 256);
         }
+        ctx.instance = Some(inst);
         // The device is our own: its loss is recorded and reported as Error::DeviceLost by
         // the next wait, and errors nobody scoped are kept for it instead of panicking.
         let lost = ctx.lost.clone();
@@ -434,7 +470,30 @@ impl GpuContext {
             budget: None,
             created: std::sync::atomic::AtomicU64::new(0),
             lost: Arc::new(Mutex::new(None)),
+            instance: None,
         }
+    }
+
+    /// Live wgpu objects of this context's instance (buffers, textures, bind groups, …), from
+    /// wgpu's hub report; `None` for a context around a caller's device
+    /// ([`GpuContext::from_device`]), whose instance volfuse does not hold. Objects wgpu
+    /// creates internally (staging buffers of `write_buffer`) are not counted.
+    pub fn live_resources(&self) -> Option<LiveResources> {
+        let r = self.instance.as_ref()?.generate_report()?;
+        let h = r.hub_report();
+        Some(LiveResources {
+            buffers: h.buffers.num_kept_from_user,
+            textures: h.textures.num_kept_from_user,
+            texture_views: h.texture_views.num_kept_from_user,
+            bind_groups: h.bind_groups.num_kept_from_user,
+            bind_group_layouts: h.bind_group_layouts.num_kept_from_user,
+            pipeline_layouts: h.pipeline_layouts.num_kept_from_user,
+            compute_pipelines: h.compute_pipelines.num_kept_from_user,
+            shader_modules: h.shader_modules.num_kept_from_user,
+            command_encoders: h.command_encoders.num_kept_from_user,
+            command_buffers: h.command_buffers.num_kept_from_user,
+            query_sets: h.query_sets.num_kept_from_user,
+        })
     }
 
     /// A one-line description: adapter name, API and driver.

@@ -96,10 +96,13 @@ impl Op for ContextGate {
             )));
         }
         let params = [c as u32, s as u32, n as u32, oblocks as u32];
+        // The channel count is a pipeline constant: lavapipe recompiles (and leaks) a shader
+        // whose loop is bounded by a uniform at every dispatch (see fusion.wgsl).
+        let constants = [("C", c as f64)];
         let args = |entry, buffers| KernelArgs {
             shader: &FUSION,
             entry,
-            constants: &[],
+            constants: &constants,
             buffers,
             params: bytemuck::cast_slice(&params),
             workgroups: [s.div_ceil(64) as u32, wy as u32, 1],

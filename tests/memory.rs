@@ -1,0 +1,168 @@
+//! Memory of repeated GPU runs: tiled inference must not accumulate wgpu objects or host
+//! memory per tile (issue 6: RSS grew ≈1.3 MB per tile on lavapipe, because the context
+//! gate's loop was bounded by a uniform and Mesa 22.3's lavapipe recompiled — and leaked —
+//! such a shader at every dispatch; see docs/lavapipe.md).
+
+mod common;
+
+use volfuse::graph::Graph;
+use volfuse::io::volume::MemoryWriter;
+use volfuse::models::{Backend, Bundle, Runner, Volume};
+use volfuse::tiling::{run_tiled, Context, Outputs, TileOptions};
+use volfuse::VolumeData;
+
+/// The tests of this file run one at a time (RSS is per process), each on its own context
+/// (wgpu's object counts are per instance).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn own_context() -> std::sync::Arc<volfuse::GpuContext> {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
+    let opts = volfuse::GpuOptions::from_env().expect("VOLFUSE_* settings");
+    std::sync::Arc::new(volfuse::GpuContext::new(&opts).expect("a GPU adapter"))
+}
+
+/// Resident set size of this process in KiB (0 where /proc is unavailable).
+fn vm_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A random uint8 volume.
+fn volume(seed: u64, shape: [usize; 3]) -> Volume {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let data: Vec<u8> = (0..shape.iter().product::<usize>())
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    Volume::new(shape, VolumeData::U8(data)).expect("volume")
+}
+
+fn tiny_bundle() -> Bundle {
+    let b = Bundle::load(&common::fixture("bundle_tiny_ctx")).expect("bundle");
+    assert!(
+        b.unet.fusion,
+        "the fixture must fuse context (it exercises the gates)"
+    );
+    b
+}
+
+/// The UNet with context fusion (context gates at every level) of the tiny bundle, as the
+/// tiled pipeline runs it. RSS must not grow with the number of runs: before the fix each
+/// run leaked ≈1.3 MB inside lavapipe (four gate dispatches, each a fresh shader compile),
+/// 12 runs ≈ 15 MB; the 6 MB bound leaves room for allocator noise. wgpu's live objects must
+/// not change at all.
+#[test]
+fn repeated_unet_runs_hold_memory_flat() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = own_context();
+    let bundle = tiny_bundle();
+    let mut runner = Runner::new(Backend::Gpu(ctx.clone()));
+    let [d, h, w] = bundle.unet.config.input_size;
+    let cd = bundle.unet.config.input_channels;
+    let feats: Vec<f32> = (0..cd * d * h * w)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let ctx_feats: Vec<f32> = feats.iter().rev().copied().collect();
+    let build = || {
+        let mut g = Graph::new();
+        let f = g.input("features", &[1, cd, d, h, w]);
+        let c = g.input("context", &[1, cd, d, h, w]);
+        let logits = bundle.unet.build(&mut g, f, Some(c))?;
+        g.output(logits);
+        Ok(g)
+    };
+    let mut run = || {
+        runner
+            .run("unet", build, &[&feats, &ctx_feats])
+            .expect("UNet run")
+    };
+    // Warm up: pipelines compiled, buffers and allocator blocks in place.
+    let first = run();
+    for _ in 0..2 {
+        run();
+    }
+    let live0 = ctx.live_resources();
+    let rss0 = vm_rss_kb();
+    let n = 12;
+    for _ in 0..n {
+        let out = run();
+        assert_eq!(out, first, "the same inputs gave different outputs");
+    }
+    let grown_kb = vm_rss_kb() as i64 - rss0 as i64;
+    assert_eq!(
+        ctx.live_resources(),
+        live0,
+        "wgpu objects accumulate across runs"
+    );
+    assert!(
+        grown_kb < 6 * 1024,
+        "RSS grew by {grown_kb} KiB over {n} UNet runs ({} KiB per run): something is \
+         allocated per run (a shader lavapipe recompiles per dispatch? see docs/lavapipe.md)",
+        grown_kb / n as i64
+    );
+}
+
+fn run_tiles(bundle: &Bundle, runner: &mut Runner, shape: [usize; 3], seed: u64) -> usize {
+    let raw = volume(seed, shape);
+    let ctx_vol = volume(seed + 1, shape);
+    let outputs = Outputs {
+        labels: Some(Box::new(MemoryWriter::new(&shape))),
+        ..Default::default()
+    };
+    let s = run_tiled(
+        bundle,
+        runner,
+        &raw,
+        Context::Volume {
+            volume: &ctx_vol,
+            scale: 1.0,
+        },
+        &TileOptions::default(),
+        outputs,
+        &mut |_| {},
+    )
+    .expect("tiled run");
+    s.tiles_run
+}
+
+/// The tiled segmentation on N tiles, then on 3N tiles with the same runner: the live wgpu
+/// objects (buffers, textures, bind groups, pipelines, …) after the second run equal those
+/// after the first — executors, bind groups and uniforms are built once per graph, not
+/// per tile, and nothing per-call (read-back staging, encoders) outlives its call.
+#[test]
+fn tiled_runs_do_not_accumulate_wgpu_objects() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = own_context();
+    let bundle = tiny_bundle();
+    let (tile, _) = volfuse::tiling::tile_extent(&bundle);
+    let mut runner = Runner::new(Backend::Gpu(ctx.clone()));
+    // One tile, then three along x (stride = 3/4 of a tile).
+    let n1 = run_tiles(&bundle, &mut runner, tile, 3);
+    let live1 = ctx
+        .live_resources()
+        .expect("a headless context reports its objects");
+    let long = [tile[0], tile[1], tile[2] + tile[2] / 4 * 3 * 2];
+    let n3 = run_tiles(&bundle, &mut runner, long, 5);
+    assert_eq!((n1, n3), (1, 3), "tile counts");
+    let live3 = ctx.live_resources().expect("live objects");
+    assert_eq!(
+        live3, live1,
+        "wgpu objects after {n3} tiles differ from those after {n1}"
+    );
+    assert!(live1.buffers > 0 && live1.bind_groups > 0 && live1.compute_pipelines > 0);
+}
