@@ -613,6 +613,11 @@ fn profile_nodes(runner: &Runner, key: &str, inputs: &[&[f32]]) -> Result<Vec<f6
     let (g, plan) = runner
         .prepared(key)
         .ok_or_else(|| Error::Invalid(format!("graph '{key}' is not prepared")))?;
+    profile_cpu(g, plan, inputs)
+}
+
+/// Per-node wall seconds of `g` run op by op with the CPU references, in buffers of its own.
+fn profile_cpu(g: &Graph, plan: &Plan, inputs: &[&[f32]]) -> Result<Vec<f64>> {
     g.check_inputs(inputs)?;
     let mut slots: Vec<Vec<f32>> = plan.slot_bytes.iter().map(|_| Vec::new()).collect();
     for (v, d) in g.inputs.iter().zip(inputs) {
@@ -724,6 +729,12 @@ pub fn run(
             secs[3 * k + 2] = (total - tv - tl).max(0.0);
         }
         let inputs: Vec<&[f32]> = feats.iter().map(|f| f.as_slice()).collect();
+        if it == 0 && matches!(runner.backend, Backend::Cpu) {
+            // Profile the UNet for the stage split before the runner holds the UNet's
+            // buffers, so the process's peak memory has one set of them, as in `volfuse run`.
+            let g = unet_graph(b, with_ctx).1()?;
+            node_secs = profile_cpu(&g, &g.plan(true), &inputs)?;
+        }
         let (key2, build) = unet_graph(b, with_ctx);
         let t0 = Instant::now();
         let out = runner.run(&key2, build, &inputs)?;
@@ -739,8 +750,11 @@ pub fn run(
         secs[8] = t0.elapsed().as_secs_f64();
         let wall = t_tile.elapsed().as_secs_f64();
         if it == 0 {
-            // The warm-up tile prepared the graphs; profile the UNet once for the split.
-            node_secs = profile_nodes(runner, &key, &inputs)?;
+            // The warm-up tile prepared the graphs; profile the UNet once for the split
+            // (done above on the CPU).
+            if node_secs.is_empty() {
+                node_secs = profile_nodes(runner, &key, &inputs)?;
+            }
             continue;
         }
         sum_wall += wall;
