@@ -20,6 +20,7 @@ use crate::models::planes::{Plane, VolumeData};
 use crate::models::{
     extract_features, Backend, Bundle, Runner, Unet3d, UnetConfig, Vit, VitConfig, Volume,
 };
+use crate::ops::conv3d::Conv3d;
 use crate::ops::numel;
 use crate::ops::resize::Bilinear;
 use std::time::Instant;
@@ -416,8 +417,14 @@ fn balanced(n: usize, cap: usize) -> usize {
 
 fn feature_schedule(b: &Bundle, backend: &Backend, batch: usize) -> Result<FeatureSchedule> {
     let params = feature_params(b, batch);
-    let est =
-        crate::models::planes::plan_memory_for(&b.vit, &params, params.input_size, None, backend)?;
+    // Projection-first, as `volfuse run` extracts them (the UNet's input conv on the tokens).
+    let est = crate::models::planes::plan_memory_for(
+        &b.vit,
+        &params,
+        params.input_size,
+        Some(b.unet.config.base_channels),
+        backend,
+    )?;
     let s = params.slice_size;
     let cap = params.batch.min(b.vit.max_batch(backend, s, s)).max(1);
     let mut planes = Vec::new();
@@ -436,11 +443,12 @@ fn feature_schedule(b: &Bundle, backend: &Backend, batch: usize) -> Result<Featu
     Ok(FeatureSchedule { planes })
 }
 
-/// FLOPs and bytes of one volume's features: (ViT, lift + plane mean), and the planned
-/// device bytes of each.
+/// FLOPs and bytes of one volume's features: (ViT, input conv + lift + plane mean), and
+/// the planned device bytes of each (projection-first, as [`crate::models::pipeline`]).
 fn feature_costs(b: &Bundle, sched: &FeatureSchedule) -> Result<((Cost, u64), (Cost, u64))> {
     let s = b.slice_size;
     let cd = b.vit.config.hidden_size;
+    let c = b.unet.config.base_channels;
     let g = s / b.vit.config.patch_size;
     let [d, h, w] = b.unet.config.input_size;
     let (mut vit, mut lift) = (Cost::default(), Cost::default());
@@ -468,15 +476,19 @@ fn feature_costs(b: &Bundle, sched: &FeatureSchedule) -> Result<((Cost, u64), (C
         }
         let hw = p.output_hw([d, h, w]);
         let mut lg = Graph::new();
-        let x = lg.input("tokens", &[lb, cd, g, g]);
-        let y = lg.op(Bilinear::to(hw), &[x])?;
+        // Projection-first: the input conv (Cd → C, 1×1×1) on the tokens, then the lift.
+        let x = lg.input("tokens", &[lb, cd, 1, g, g]);
+        let wt = lg.constant("projection.weight", vec![0.0; c * cd].into(), &[c, cd, 1, 1, 1])?;
+        let bias = lg.constant("projection.bias", vec![0.0; c].into(), &[c])?;
+        let y = lg.op(Conv3d::new(1), &[x, wt, bias])?;
+        let y = lg.op(Bilinear::to(hw), &[y])?;
         lg.output(y);
         lift += graph_cost(&lg, |_| true).times(chunks);
         lift_dev = lift_dev.max(lg.plan(true).peak_bytes);
     }
     // Host: scatter into the accumulator and the mean of the planes (read the lifted
     // slices, read + write the accumulator; one add per plane after the first, one divide).
-    let vox = (cd * d * h * w) as u64;
+    let vox = (c * d * h * w) as u64;
     let np = sched.planes.len() as u64;
     lift += Cost {
         flops: vox * np,
@@ -601,6 +613,11 @@ fn profile_nodes(runner: &Runner, key: &str, inputs: &[&[f32]]) -> Result<Vec<f6
     let (g, plan) = runner
         .prepared(key)
         .ok_or_else(|| Error::Invalid(format!("graph '{key}' is not prepared")))?;
+    profile_cpu(g, plan, inputs)
+}
+
+/// Per-node wall seconds of `g` run op by op with the CPU references, in buffers of its own.
+fn profile_cpu(g: &Graph, plan: &Plan, inputs: &[&[f32]]) -> Result<Vec<f64>> {
     g.check_inputs(inputs)?;
     let mut slots: Vec<Vec<f32>> = plan.slot_bytes.iter().map(|_| Vec::new()).collect();
     for (v, d) in g.inputs.iter().zip(inputs) {
@@ -689,9 +706,15 @@ pub fn run(
         let mut secs = [0f64; 9];
         secs[7] = t_read;
         let mut feats: Vec<Vec<f32>> = Vec::new();
-        for (k, v) in std::iter::once(&raw).chain(ctx.as_ref()).enumerate() {
+        let (proj, ctx_proj) = b.unet.input_projections()?;
+        let projs = std::iter::once(&proj).chain(ctx_proj.as_ref());
+        for (k, (v, p)) in std::iter::once(&raw)
+            .chain(ctx.as_ref())
+            .zip(projs)
+            .enumerate()
+        {
             let t0 = Instant::now();
-            feats.push(extract_features(&b.vit, runner, v, &params, None)?);
+            feats.push(extract_features(&b.vit, runner, v, &params, Some(p))?);
             let total = t0.elapsed().as_secs_f64();
             let (mut tv, mut tl) = (0.0, 0.0);
             for (key, _, s) in runner.take_timings() {
@@ -706,6 +729,12 @@ pub fn run(
             secs[3 * k + 2] = (total - tv - tl).max(0.0);
         }
         let inputs: Vec<&[f32]> = feats.iter().map(|f| f.as_slice()).collect();
+        if it == 0 && matches!(runner.backend, Backend::Cpu) {
+            // Profile the UNet for the stage split before the runner holds the UNet's
+            // buffers, so the process's peak memory has one set of them, as in `volfuse run`.
+            let g = unet_graph(b, with_ctx).1()?;
+            node_secs = profile_cpu(&g, &g.plan(true), &inputs)?;
+        }
         let (key2, build) = unet_graph(b, with_ctx);
         let t0 = Instant::now();
         let out = runner.run(&key2, build, &inputs)?;
@@ -721,8 +750,11 @@ pub fn run(
         secs[8] = t0.elapsed().as_secs_f64();
         let wall = t_tile.elapsed().as_secs_f64();
         if it == 0 {
-            // The warm-up tile prepared the graphs; profile the UNet once for the split.
-            node_secs = profile_nodes(runner, &key, &inputs)?;
+            // The warm-up tile prepared the graphs; profile the UNet once for the split
+            // (done above on the CPU).
+            if node_secs.is_empty() {
+                node_secs = profile_nodes(runner, &key, &inputs)?;
+            }
             continue;
         }
         sum_wall += wall;

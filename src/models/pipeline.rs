@@ -67,7 +67,8 @@ pub fn segment(
 }
 
 /// The UNet's inputs for one tile: features of the raw volume (and of the context when the
-/// model fuses it), (C, d, h, w) f32 on the host.
+/// model fuses it) already through the UNet's input convs, (C, d, h, w) f32 on the host
+/// with C = base channels (the input of [`unet_graph`]).
 pub(crate) struct UnetFeatures {
     pub features: Vec<f32>,
     pub context: Option<Vec<f32>>,
@@ -107,10 +108,13 @@ pub(crate) fn unet_features(
         (false, None) => None,
     };
     let params = feature_params(b, batch);
-    let features = extract_features(&b.vit, runner, raw, &params, None)?;
-    let context = match ctx {
-        Some(c) => Some(extract_features(&b.vit, runner, c, &params, None)?),
-        None => None,
+    // Projection-first: the UNet's input convs are applied to the ViT tokens, so the
+    // features are C (base channels) wide, not Cd (see planes.rs, "Projection-first").
+    let (proj, ctx_proj) = b.unet.input_projections()?;
+    let features = extract_features(&b.vit, runner, raw, &params, Some(&proj))?;
+    let context = match (ctx, &ctx_proj) {
+        (Some(c), Some(p)) => Some(extract_features(&b.vit, runner, c, &params, Some(p))?),
+        _ => None,
     };
     let [d, h, w] = b.unet.config.input_size;
     Ok(UnetFeatures {
@@ -121,21 +125,22 @@ pub(crate) fn unet_features(
     })
 }
 
-/// The runner key and builder of the UNet graph: inputs features (and context), outputs
-/// logits, probabilities and labels (argmax, as f32), in that order.
+/// The runner key and builder of the UNet graph: inputs projected features (and context)
+/// as [`unet_features`] gives them, (1, C, d, h, w) with C = base channels; outputs logits,
+/// probabilities and labels (argmax, as f32), in that order.
 pub(crate) fn unet_graph(
     b: &Bundle,
     with_ctx: bool,
 ) -> (String, impl FnOnce() -> Result<Graph> + '_) {
     let [d, h, w] = b.unet.config.input_size;
-    let cd = b.unet.config.input_channels;
-    let key = format!("unet {d}x{h}x{w} ctx={with_ctx}");
+    let c = b.unet.config.base_channels;
+    let key = format!("unet {d}x{h}x{w} ctx={with_ctx} projected");
     let build = move || -> Result<Graph> {
         let head = b.unet.config.head()?;
         let mut g = Graph::new();
-        let f = g.input("features", &[1, cd, d, h, w]);
-        let c = with_ctx.then(|| g.input("context", &[1, cd, d, h, w]));
-        let logits = b.unet.build(&mut g, f, c)?;
+        let f = g.input("features", &[1, c, d, h, w]);
+        let cv = with_ctx.then(|| g.input("context", &[1, c, d, h, w]));
+        let logits = b.unet.build_projected(&mut g, f, cv)?;
         let probs = match head {
             Head::Labels => g.op(ChannelSoftmax, &[logits])?,
             Head::Sigmoid => g.op(Unary::Sigmoid, &[logits])?,

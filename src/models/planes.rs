@@ -399,6 +399,34 @@ impl Projection {
         })
     }
 
+    /// As [`Projection::new`] on weights shared with their owner (a model's conv), so the
+    /// same weights give the same projection (graph keys and device constants reused).
+    pub(crate) fn shared(
+        weight: Arc<Vec<f32>>,
+        bias: Arc<Vec<f32>>,
+        out_channels: usize,
+        in_channels: usize,
+    ) -> Result<Projection> {
+        if out_channels == 0
+            || in_channels == 0
+            || weight.len() != out_channels * in_channels
+            || bias.len() != out_channels
+        {
+            return Err(Error::Invalid(format!(
+                "a projection {in_channels} → {out_channels} needs a ({out_channels}, \
+                 {in_channels}) weight and a ({out_channels}) bias, got {} and {} values",
+                weight.len(),
+                bias.len()
+            )));
+        }
+        Ok(Projection {
+            weight,
+            bias,
+            out_channels,
+            in_channels,
+        })
+    }
+
     pub fn out_channels(&self) -> usize {
         self.out_channels
     }
@@ -752,11 +780,18 @@ fn batch_pixels<T: Sample>(
 ) -> Vec<f32> {
     let s = params.slice_size;
     let per = 3 * s * s;
-    let mut pixels = Vec::with_capacity(batch * per);
-    for j in j0..j0 + n {
-        let (_, q) = sampler.prepare(data, j, s);
-        preprocess::preprocess_pixels(&q, params.mean, params.std, &mut pixels);
-    }
+    let mut pixels = vec![0f32; batch * per];
+    // Slices are independent: each thread prepares whole slices into its part of the batch.
+    crate::ops::par::for_units(&mut pixels[..n * per], per, 1, |i0, part| {
+        let mut buf = Vec::with_capacity(per);
+        for (i, dst) in part.chunks_mut(per).enumerate() {
+            let (_, q) = sampler.prepare(data, j0 + i0 + i, s);
+            buf.clear();
+            preprocess::preprocess_pixels(&q, params.mean, params.std, &mut buf);
+            dst.copy_from_slice(&buf);
+        }
+    });
+    pixels.truncate(n * per);
     let last = pixels.len() - per;
     for _ in n..batch {
         pixels.extend_from_within(last..last + per);

@@ -12,6 +12,7 @@ use crate::ops::elementwise::Unary;
 use crate::ops::fusion::ContextGate;
 use crate::ops::pool3d::Pool3d;
 use crate::ops::resize::Trilinear;
+use super::planes::Projection;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -421,7 +422,37 @@ impl Unet3d {
     /// Adds the network to `g`: features (N, Cd, d, h, w) [+ context features of the same
     /// shape] → logits (N, K, d, h, w). Without `ctx` the skips are not fused.
     pub fn build(&self, g: &mut Graph, feats: Value, ctx: Option<Value>) -> Result<Value> {
-        self.build_inner(g, feats, ctx, None)
+        self.build_inner(g, feats, ctx, None, false)
+    }
+
+    /// [`Unet3d::build`] for features that already went through `input_conv` (and context
+    /// features through `context_input_conv`): (N, C, d, h, w) with C = base channels, as
+    /// feature extraction with [`Unet3d::input_projections`] produces them
+    /// ("projection-first"); the two 1×1×1 input convs are skipped.
+    pub fn build_projected(&self, g: &mut Graph, feats: Value, ctx: Option<Value>) -> Result<Value> {
+        self.build_inner(g, feats, ctx, None, true)
+    }
+
+    /// `input_conv` and (with fusion) `context_input_conv` as projections for
+    /// projection-first feature extraction; they share this model's weight buffers, so
+    /// every call gives the same (cache-friendly) projection.
+    pub fn input_projections(&self) -> Result<(Projection, Option<Projection>)> {
+        let get = |name: &str| -> Result<Projection> {
+            let w = self.w.get(&format!("{name}.weight"));
+            let b = self.w.get(&format!("{name}.bias"));
+            match (w, b) {
+                (Some((w, ws)), Some((b, _))) if ws.len() == 5 => {
+                    Projection::shared(w.clone(), b.clone(), ws[0], ws[1])
+                }
+                _ => Err(Error::Weights(format!("  '{name}' was not loaded"))),
+            }
+        };
+        let ctx = if self.fusion {
+            Some(get("context_input_conv")?)
+        } else {
+            None
+        };
+        Ok((get("input_conv")?, ctx))
     }
 
     /// [`Unet3d::build`], also returning the four fusion gates σ(ctx_proj(ctx_k)) of shapes
@@ -439,7 +470,7 @@ impl Unet3d {
             ));
         }
         let mut gates = Vec::with_capacity(4);
-        let logits = self.build_inner(g, feats, Some(ctx), Some(&mut gates))?;
+        let logits = self.build_inner(g, feats, Some(ctx), Some(&mut gates), false)?;
         Ok((logits, gates))
     }
 
@@ -449,18 +480,24 @@ impl Unet3d {
         feats: Value,
         ctx: Option<Value>,
         mut gates: Option<&mut Vec<Value>>,
+        projected: bool,
     ) -> Result<Value> {
         let cfg = &self.config;
         let fs = g.shape(feats).to_vec();
+        let channels = if projected {
+            cfg.base_channels
+        } else {
+            cfg.input_channels
+        };
         if fs.len() != 5
-            || fs[1] != cfg.input_channels
+            || fs[1] != channels
             || fs[2] % 16 != 0
             || fs[3] % 16 != 0
             || fs[4] % 16 != 0
         {
             return Err(Error::Invalid(format!(
-                "UNet features must be (N, {}, d, h, w) with d, h, w multiples of 16, got {fs:?}",
-                cfg.input_channels
+                "UNet features must be (N, {channels}, d, h, w) with d, h, w multiples of 16, got {fs:?}{}",
+                if projected { " (projected by input_conv)" } else { "" }
             )));
         }
         if let Some(cv) = ctx {
@@ -471,7 +508,11 @@ impl Unet3d {
                 )));
             }
         }
-        let x = self.conv(g, feats, "input_conv", 1)?;
+        let x = if projected {
+            feats
+        } else {
+            self.conv(g, feats, "input_conv", 1)?
+        };
         let x = self.upsample(g, x)?;
         let mut skips = Vec::with_capacity(4);
         let mut h = x;
@@ -482,7 +523,11 @@ impl Unet3d {
         }
         let mut h = self.block(g, h, "bottleneck")?;
         if let (true, Some(cv)) = (self.fusion, ctx) {
-            let cb = self.conv(g, cv, "context_input_conv", 1)?;
+            let cb = if projected {
+                cv
+            } else {
+                self.conv(g, cv, "context_input_conv", 1)?
+            };
             let mut c = self.upsample(g, cb)?;
             for (i, skip) in skips.iter_mut().enumerate() {
                 if i > 0 {

@@ -11,7 +11,8 @@
 //! conv3d.rs for why). They need x to fill whole rgba32float texels, else the portable
 //! kernel runs.
 
-use super::{expect_inputs, Op};
+use super::matmul::gemm_strided;
+use super::{expect_inputs, par, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
 use crate::shaders::CONV_TRANSPOSE3D;
@@ -66,8 +67,14 @@ impl ConvTranspose3d {
     }
 }
 
-/// The CPU reference, in scatter form straight from the definition:
-/// `out[n, co, 2i−1+k] += x[n, ci, i] · w[ci, co, k]` per axis, plus the bias.
+/// Floats of the column block of one chunk of input z-planes (32 MiB).
+const COL_LIMIT: usize = 8 << 20;
+
+/// The CPU reference, in scatter form: `out[n, co, 2i−1+k] += x[n, ci, i] · w[ci, co, k]`
+/// per axis, plus the bias. The products come from one gemm per chunk of input z-planes,
+/// `P (Co·64 × voxels) = Wᵀ (Co·64 × Ci) · x (Ci × voxels)`, whose rows are then added
+/// into the output at `2i − 1 + k` (col2im; output channels split across threads). The
+/// tests check it against the plain loops of the definition.
 pub fn conv_transpose3d(
     d: TransposeDims,
     x: &[f32],
@@ -75,48 +82,83 @@ pub fn conv_transpose3d(
     bias: &[f32],
     out: &mut [f32],
 ) {
+    conv_transpose3d_chunked(d, x, weight, bias, out, COL_LIMIT)
+}
+
+fn conv_transpose3d_chunked(
+    d: TransposeDims,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    col_limit: usize,
+) {
     let TransposeDims { n, ci, co, .. } = d;
     let (od, oh, ow) = (2 * d.d, 2 * d.h, 2 * d.w);
-    let ov = od * oh * ow;
-    assert!(x.len() >= n * ci * d.voxels() && weight.len() >= ci * co * 64);
+    let (hw, dhw, ov) = (d.h * d.w, d.voxels(), od * oh * ow);
+    assert!(x.len() >= n * ci * dhw && weight.len() >= ci * co * 64);
     assert!(bias.len() >= co && out.len() >= n * co * ov);
+    if ov == 0 || co == 0 {
+        return;
+    }
+    let rows = co * 64;
+    let planes = (col_limit / (rows * hw).max(1)).clamp(1, d.d);
+    let mut p = vec![0f32; rows * planes * hw];
     for ni in 0..n {
-        for o in 0..co {
-            out[(ni * co + o) * ov..(ni * co + o + 1) * ov].fill(bias[o]);
-        }
-        for c in 0..ci {
-            for iz in 0..d.d {
-                for iy in 0..d.h {
-                    for ix in 0..d.w {
-                        let xv = x[(((ni * ci + c) * d.d + iz) * d.h + iy) * d.w + ix];
-                        for o in 0..co {
-                            let wb = (c * co + o) * 64;
-                            let ob = (ni * co + o) * ov;
-                            for kz in 0..4 {
-                                let Some(oz) = (2 * iz + kz).checked_sub(1).filter(|&v| v < od)
+        let on = &mut out[ni * co * ov..(ni + 1) * co * ov];
+        par::for_units(on, ov, 1, |o0, slab| {
+            for (i, ch) in slab.chunks_mut(ov).enumerate() {
+                ch.fill(bias[o0 + i]);
+            }
+        });
+        let xn = &x[ni * ci * dhw..(ni + 1) * ci * dhw];
+        let mut z0 = 0;
+        while z0 < d.d {
+            let nz = planes.min(d.d - z0);
+            let v = nz * hw;
+            // P[(o·64 + k), voxel] = Σ_c w[c, o, k] · x[c, z0·hw + voxel].
+            gemm_strided(
+                (rows, v, ci),
+                &mut p,
+                v,
+                weight,
+                (1, rows),
+                &xn[z0 * hw..],
+                (dhw, 1),
+                false,
+            );
+            let p = &p[..rows * v];
+            par::for_units(on, ov, 1, |o0, slab| {
+                for (i, dst) in slab.chunks_mut(ov).enumerate() {
+                    let o = o0 + i;
+                    for k in 0..64 {
+                        let (kz, ky, kx) = (k / 16, (k / 4) % 4, k % 4);
+                        let src = &p[(o * 64 + k) * v..][..v];
+                        for iz in 0..nz {
+                            let Some(oz) = (2 * (z0 + iz) + kz).checked_sub(1).filter(|&t| t < od)
+                            else {
+                                continue;
+                            };
+                            for iy in 0..d.h {
+                                let Some(oy) = (2 * iy + ky).checked_sub(1).filter(|&t| t < oh)
                                 else {
                                     continue;
                                 };
-                                for ky in 0..4 {
-                                    let Some(oy) = (2 * iy + ky).checked_sub(1).filter(|&v| v < oh)
-                                    else {
-                                        continue;
-                                    };
-                                    for kx in 0..4 {
-                                        let Some(ox) =
-                                            (2 * ix + kx).checked_sub(1).filter(|&v| v < ow)
-                                        else {
-                                            continue;
-                                        };
-                                        out[ob + (oz * oh + oy) * ow + ox] +=
-                                            xv * weight[wb + (kz * 4 + ky) * 4 + kx];
+                                let row = &mut dst[(oz * oh + oy) * ow..][..ow];
+                                let s = &src[(iz * d.h + iy) * d.w..][..d.w];
+                                for (ix, pv) in s.iter().enumerate() {
+                                    if let Some(ox) =
+                                        (2 * ix + kx).checked_sub(1).filter(|&t| t < ow)
+                                    {
+                                        row[ox] += pv;
                                     }
                                 }
                             }
                         }
                     }
                 }
-            }
+            });
+            z0 += nz;
         }
     }
 }
@@ -416,6 +458,65 @@ mod tests {
         out
     }
 
+    /// The definition's plain loops (the former reference): scatter every input voxel
+    /// into its 4×4×4 output window.
+    fn scatter_naive(d: TransposeDims, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let (od, oh, ow) = (2 * d.d, 2 * d.h, 2 * d.w);
+        let ov = od * oh * ow;
+        let mut out = vec![0f32; d.n * d.co * ov];
+        for n in 0..d.n {
+            for o in 0..d.co {
+                out[(n * d.co + o) * ov..][..ov].fill(b[o]);
+            }
+            for c in 0..d.ci {
+                for i in 0..d.voxels() {
+                    let (iz, iy, ix) = (i / (d.h * d.w), (i / d.w) % d.h, i % d.w);
+                    let xv = x[(n * d.ci + c) * d.voxels() + i];
+                    for o in 0..d.co {
+                        for k in 0..64 {
+                            let (oz, oy, ox) = (
+                                (2 * iz + k / 16) as isize - 1,
+                                (2 * iy + (k / 4) % 4) as isize - 1,
+                                (2 * ix + k % 4) as isize - 1,
+                            );
+                            if oz < 0 || oy < 0 || ox < 0 {
+                                continue;
+                            }
+                            let (oz, oy, ox) = (oz as usize, oy as usize, ox as usize);
+                            if oz >= od || oy >= oh || ox >= ow {
+                                continue;
+                            }
+                            out[(n * d.co + o) * ov + (oz * oh + oy) * ow + ox] +=
+                                xv * w[(c * d.co + o) * 64 + k];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn gemm_form_matches_plain_loops_in_chunks() {
+        // Column limits from one z-plane per chunk to the whole sample; odd shapes.
+        let mut r = rng();
+        for (n, ci, co, s, limit) in [
+            (2, 3, 5, [5, 3, 4], 1),
+            (1, 7, 2, [3, 2, 5], 2 * 64 * 10),
+            (1, 4, 3, [4, 4, 1], usize::MAX / 2),
+            (3, 1, 1, [1, 1, 1], 1),
+        ] {
+            let sh = shapes(n, ci, co, s);
+            let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+            let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+            let d = ConvTranspose3d.dims(&refs).unwrap();
+            let mut out = vec![f32::NAN; d.n * d.co * d.voxels() * 8];
+            conv_transpose3d_chunked(d, &data[0], &data[1], &data[2], &mut out, limit);
+            let want = scatter_naive(d, &data[0], &data[1], &data[2]);
+            assert!(rel_err(&out, &want) < 1e-5, "{d:?} limit {limit}");
+        }
+    }
+
     #[test]
     fn reference_matches_gather_form() {
         let mut r = rng();
@@ -428,7 +529,7 @@ mod tests {
             let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
             let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
             let d = ConvTranspose3d.dims(&refs).unwrap();
-            let mut out = vec![0f32; d.n * d.co * d.voxels() * 8];
+            let mut out = vec![f32::NAN; d.n * d.co * d.voxels() * 8];
             conv_transpose3d(d, &data[0], &data[1], &data[2], &mut out);
             let want = gather(d, &data[0], &data[1], &data[2]);
             assert!(rel_err(&out, &want) < 1e-5, "{d:?}");
