@@ -44,6 +44,11 @@ pub trait Op: Send + Sync + std::fmt::Debug {
     fn flops(&self, _shapes: &[&[usize]]) -> u64 {
         0
     }
+    /// The op as `Any`, for executors that choose variants of particular ops (autotune,
+    /// f16 weights); None for ops without variants.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 pub fn numel(shape: &[usize]) -> usize {
