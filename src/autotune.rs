@@ -328,8 +328,42 @@ pub fn matmul_for_graph(
     if base.kernel != MatmulKernel::Auto || !enabled() {
         return Ok(*base);
     }
+    let k = key(ctx, &matmul_family(base), shapes);
+    if cache.get(&k).is_none() && enabled() {
+        // First use: time on at most TIMING_ROWS rows of A (the cost of a slow variant on
+        // a CPU adapter is seconds per full ViT batch; rows scale every variant alike),
+        // stored under the real shape's key.
+        let mut small = TuneCache::default();
+        let (_, ch) = tune_matmul(
+            ctx,
+            &mut small,
+            base,
+            &timing_shapes(base, shapes),
+            EXECUTOR_ITERS,
+        )?;
+        cache.map.insert(k, ch.name.to_string());
+    }
     let (kernel, _) = tune_matmul(ctx, cache, base, shapes, EXECUTOR_ITERS)?;
     Ok(Matmul { kernel, ..*base })
+}
+
+/// Rows of A a graph executor times matmul variants on.
+pub const TIMING_ROWS: usize = 256;
+
+/// `shapes` with A's rows (batch folded in) capped at [`TIMING_ROWS`] when B is shared and
+/// A is not transposed; other matmuls are timed at their own shapes.
+fn timing_shapes(base: &Matmul, shapes: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let mut s = shapes.to_vec();
+    let (Some(a), Some(b)) = (shapes.first(), shapes.get(1)) else {
+        return s;
+    };
+    if base.trans_a || b.len() != 2 || a.len() < 2 {
+        return s;
+    }
+    let k = a[a.len() - 1];
+    let rows: usize = a[..a.len() - 1].iter().product();
+    s[0] = vec![rows.min(TIMING_ROWS), k];
+    s
 }
 
 /// [`matmul_for_graph`] on the process-wide cache, saved when something was timed (a
