@@ -637,6 +637,15 @@ mod tests {
             let got = exe.run(c, &g, &[&x]).unwrap().remove(0);
             let e = rel_err(&got, &want);
             assert!(e <= 1e-2 && e > 0.0, "{names:?}: {e} (f16 weights round)");
+            // The weight is held as f16 only (no f32 copy beside it).
+            let mut c32 = ConstCache::new();
+            GpuExecutor::with_tuning(c, &g, &plan, &mut c32, None, Precision::F32).unwrap();
+            assert!(
+                consts.bytes() < c32.bytes(),
+                "{} vs {}",
+                consts.bytes(),
+                c32.bytes()
+            );
         }
         // A weight outside f16's range stays f32 (exact).
         let mut g2 = crate::graph::Graph::new();

@@ -162,20 +162,49 @@ impl GpuExecutor {
             .enumerate()
             .map(|(i, b)| ctx.storage_buffer(&format!("slot {i}"), *b).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
+        // f16 weights first (precision f16): the B of a matmul that is a constant fitting
+        // f16. A constant used only that way is never uploaded as f32.
+        let mut w16_of: Vec<Option<Arc<wgpu::Buffer>>> = vec![None; g.nodes.len()];
+        let mut f32_uses = vec![0usize; g.values.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for (pos, v) in n.inputs.iter().enumerate() {
+                if pos == 1 && precision == Precision::F16 {
+                    let mm = n.op.as_any().and_then(|a| a.downcast_ref::<Matmul>());
+                    if let (Some(m), Source::Const(c)) = (mm, &g.values[v.0].source) {
+                        if !m.w_f16 {
+                            w16_of[i] = consts.get_f16(ctx, c, &g.values[v.0].shape)?;
+                            if w16_of[i].is_some() {
+                                continue;
+                            }
+                        }
+                    }
+                }
+                f32_uses[v.0] += 1;
+            }
+        }
+        for v in &g.outputs {
+            f32_uses[v.0] += 1;
+        }
         let mut value_buf: Vec<Option<Arc<wgpu::Buffer>>> = vec![None; g.values.len()];
         for (i, v) in g.values.iter().enumerate() {
             value_buf[i] = match &v.source {
-                Source::Const(c) => Some(consts.get(ctx, c, &v.shape)?),
+                Source::Const(c) if f32_uses[i] > 0 => Some(consts.get(ctx, c, &v.shape)?),
+                Source::Const(_) => None,
                 _ => plan.slot_of[i].map(|s| slots[s].clone()),
             };
         }
         let mut dispatches = Vec::new();
         let mut owner = Vec::new();
         for (i, n) in g.nodes.iter().enumerate() {
+            let w16 = w16_of[i].clone();
             let mut bufs: Vec<&wgpu::Buffer> = n
                 .inputs
                 .iter()
-                .map(|v| value_buf[v.0].as_deref().expect("every value has a buffer"))
+                .enumerate()
+                .map(|(pos, v)| match (&w16, pos) {
+                    (Some(b), 1) => b.as_ref(),
+                    _ => value_buf[v.0].as_deref().expect("every value has a buffer"),
+                })
                 .collect();
             let shapes: Vec<&[usize]> = n
                 .inputs
@@ -187,15 +216,8 @@ impl GpuExecutor {
                 .expect("op outputs have slots");
             // Variant choice: f16 weights and the tuned kernel of a matmul.
             let mut variant: Option<Matmul> = None;
-            let w16: Option<Arc<wgpu::Buffer>>;
             if let Some(mm) = n.op.as_any().and_then(|a| a.downcast_ref::<Matmul>()) {
                 let mut m = *mm;
-                w16 = match (precision, &g.values[n.inputs[1].0].source) {
-                    (Precision::F16, Source::Const(c)) if !m.w_f16 => {
-                        consts.get_f16(ctx, c, &g.values[n.inputs[1].0].shape)?
-                    }
-                    _ => None,
-                };
                 if let Some(b) = &w16 {
                     m.w_f16 = true;
                     bufs[1] = b.as_ref();
