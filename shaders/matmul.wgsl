@@ -1,6 +1,8 @@
 // Batched matmul out[b] = act(op(A[b]) · op(B[b]) + bias), strides in elements; act is
 // identity, GELU or SiLU (the epilogue, so an MLP's activation costs no extra pass).
 // Variant "matmul": each invocation computes a 4x4 tile in registers; no shared memory.
+// With W16 (pipeline constant) B holds f16 pairs packed in u32 words (unpacked to f32 in
+// registers, accumulation in f32); else B's words are f32 bit patterns.
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
@@ -12,6 +14,7 @@ struct Params {
 // The epilogue activation, a pipeline constant so each variant compiles only its own:
 // 0 identity, 1 GELU (erf), 2 SiLU.
 override ACT: u32 = 0u;
+override W16: bool = false;
 
 fn activate(v: f32) -> f32 {
     if (ACT == 1u) { return gelu_(v); }
@@ -21,9 +24,15 @@ fn activate(v: f32) -> f32 {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<u32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+// Element e of B as f32.
+fn bload(e: u32) -> f32 {
+    if (W16) { return unpack2x16float(b[e >> 1u])[e & 1u]; }
+    return bitcast<f32>(b[e]);
+}
 
 @compute @workgroup_size(64)
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -49,7 +58,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         var bv: array<f32, 4>;
         for (var i = 0u; i < 4u; i++) {
             av[i] = a[ra[i] + l * p.a_cs];
-            bv[i] = b[cb[i] + l * p.b_rs];
+            bv[i] = bload(cb[i] + l * p.b_rs);
         }
         for (var i = 0u; i < 4u; i++) {
             for (var j = 0u; j < 4u; j++) { acc[i][j] = fma(av[i], bv[j], acc[i][j]); }
@@ -181,6 +190,72 @@ fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let wa = widx(min(sl, 3u), 0u);
     for (var l = 0u; l < tp.k4; l++) {
         bc4(&acc, xload(xr + l), wu[wa + l]);
+    }
+    add_bias8(&acc, 0u, tp.c0, sl);
+    store_row(row, acc, 4u);
+}
+
+// f16 weights on the texture path (entry points ending in h): the window holds vec4<u32> =
+// 8 halves of one column (K % 8 == 0), so twice the K fits a window; lanes broadcast the
+// packed words (half the broadcasts of the f32 kernels) and every lane unpacks to f32.
+@group(0) @binding(1) var<uniform> wh: array<vec4<u32>, 4096>;
+@group(0) @binding(5) var<uniform> wh2: array<vec4<u32>, 4096>;
+
+fn dot8(x0: vec4<f32>, x1: vec4<f32>, v: vec4<u32>) -> f32 {
+    let lo = vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+    let hi = vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w));
+    return dot(x0, lo) + dot(x1, hi);
+}
+
+fn bc8h(acc: ptr<function, array<f32, 16>>, o: u32, x0: vec4<f32>, x1: vec4<f32>, w: vec4<u32>) {
+    (*acc)[o + 0u] += dot8(x0, x1, subgroupBroadcast(w, 0u));
+    (*acc)[o + 1u] += dot8(x0, x1, subgroupBroadcast(w, 1u));
+    (*acc)[o + 2u] += dot8(x0, x1, subgroupBroadcast(w, 2u));
+    (*acc)[o + 3u] += dot8(x0, x1, subgroupBroadcast(w, 3u));
+    (*acc)[o + 4u] += dot8(x0, x1, subgroupBroadcast(w, 4u));
+    (*acc)[o + 5u] += dot8(x0, x1, subgroupBroadcast(w, 5u));
+    (*acc)[o + 6u] += dot8(x0, x1, subgroupBroadcast(w, 6u));
+    (*acc)[o + 7u] += dot8(x0, x1, subgroupBroadcast(w, 7u));
+}
+
+fn bc4h(acc: ptr<function, array<f32, 16>>, x0: vec4<f32>, x1: vec4<f32>, w: vec4<u32>) {
+    (*acc)[0] += dot8(x0, x1, subgroupBroadcast(w, 0u));
+    (*acc)[1] += dot8(x0, x1, subgroupBroadcast(w, 1u));
+    (*acc)[2] += dot8(x0, x1, subgroupBroadcast(w, 2u));
+    (*acc)[3] += dot8(x0, x1, subgroupBroadcast(w, 3u));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(subgroup_invocation_id) sl: u32) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    let xr = min(row, tp.m - 1u) * tp.k4;
+    let k8 = tp.k4 / 2u;
+    var acc: array<f32, 16>;
+    let wa = tp.w_base + (min(tp.c0 + sl, tp.n - 1u) - tp.c0) * k8;
+    let c2 = tp.c0 + 8u;
+    let wb = tp.w_base2 + (min(c2 + sl, max(tp.n - 1u, c2)) - c2) * k8;
+    for (var l = 0u; l < k8; l++) {
+        let x0 = xload(xr + 2u * l);
+        let x1 = xload(xr + 2u * l + 1u);
+        bc8h(&acc, 0u, x0, x1, wh[wa + l]);
+        bc8h(&acc, 8u, x0, x1, wh2[wb + l]);
+    }
+    add_bias8(&acc, 0u, tp.c0, sl);
+    add_bias8(&acc, 8u, c2, sl);
+    store_row(row, acc, 16u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(subgroup_invocation_id) sl: u32) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    let xr = min(row, tp.m - 1u) * tp.k4;
+    let k8 = tp.k4 / 2u;
+    var acc: array<f32, 16>;
+    let wa = tp.w_base + (min(tp.c0 + min(sl, 3u), tp.n - 1u) - tp.c0) * k8;
+    for (var l = 0u; l < k8; l++) {
+        bc4h(&acc, xload(xr + 2u * l), xload(xr + 2u * l + 1u), wh[wa + l]);
     }
     add_bias8(&acc, 0u, tp.c0, sl);
     store_row(row, acc, 4u);

@@ -10,7 +10,11 @@
 //!   keeps its default variant. The default must always be correct on its own: tuning only
 //!   ever picks among variants that compute the same numbers.
 //! - A cached name that is not among the variants offered now (an older volfuse) is
-//!   ignored and retuned.
+//!   dropped and the default variant runs; the next first use times the variants again.
+//! - Graph executors ([`crate::graph::GpuExecutor::new`]) consult the process-wide cache
+//!   ([`with_global`]) when the context has `autotune` on (the command line's default):
+//!   every matmul with the `Auto` kernel gets its tuned kernel; a choice timed now is
+//!   saved at once.
 //!
 //! Shape classes round every dimension up to a power of two, so nearby shapes share one
 //! measurement.
@@ -198,6 +202,15 @@ pub fn choose(
                 seconds: none,
             });
         }
+        // A name this volfuse does not offer: the default now, retuned on a later first use.
+        log::warn!("autotune: unknown variant '{name}' for {family}; using the default");
+        cache.map.remove(&k);
+        return Ok(Choice {
+            index: 0,
+            name: variants[0].name,
+            cached: false,
+            seconds: none,
+        });
     }
     let names: Vec<&'static str> = variants.iter().map(|v| v.name).collect();
     let mut seconds = Vec::with_capacity(variants.len());
@@ -262,6 +275,18 @@ pub fn matmul_variants(base: &Matmul) -> Vec<Variant> {
     .collect()
 }
 
+/// The op family of a matmul in cache keys (transposes, bias and weight precision; the
+/// epilogue activation does not change which kernel is fastest).
+pub fn matmul_family(base: &Matmul) -> String {
+    format!(
+        "matmul ta{} tb{} bias{}{}",
+        base.trans_a as u8,
+        base.trans_b as u8,
+        base.bias as u8,
+        if base.w_f16 { " w16" } else { "" }
+    )
+}
+
 /// The kernel to use for `base` on `shapes`, from the cache or timed now (see [`choose`]).
 pub fn tune_matmul(
     ctx: &GpuContext,
@@ -270,16 +295,94 @@ pub fn tune_matmul(
     shapes: &[Vec<usize>],
     iters: usize,
 ) -> Result<(MatmulKernel, Choice)> {
-    let family = format!(
-        "matmul ta{} tb{} bias{}",
-        base.trans_a as u8, base.trans_b as u8, base.bias as u8
-    );
+    let family = matmul_family(base);
     let choice = choose(ctx, cache, &family, shapes, matmul_variants(base), iters)?;
     let kernel = match choice.name {
         "matmul:generic" => MatmulKernel::Generic,
         _ => MatmulKernel::Auto,
     };
     Ok((kernel, choice))
+}
+
+/// The process-wide cache ([`TuneCache::open_default`], opened on first use), locked for
+/// `f`.
+pub fn with_global<R>(f: impl FnOnce(&mut TuneCache) -> R) -> R {
+    static GLOBAL: std::sync::OnceLock<std::sync::Mutex<TuneCache>> = std::sync::OnceLock::new();
+    let m = GLOBAL.get_or_init(|| std::sync::Mutex::new(TuneCache::open_default()));
+    let mut guard = m.lock().unwrap_or_else(|e| e.into_inner());
+    f(&mut guard)
+}
+
+/// Timed runs per variant when a graph executor tunes a shape on first use.
+pub const EXECUTOR_ITERS: usize = 3;
+
+/// The matmul a graph executor runs for `base` on `shapes`: `base` itself unless its kernel
+/// is `Auto` and autotuning is on; then the kernel from `cache` (timed now and stored when
+/// the cache has none; the caller saves).
+pub fn matmul_for_graph(
+    ctx: &GpuContext,
+    cache: &mut TuneCache,
+    base: &Matmul,
+    shapes: &[Vec<usize>],
+) -> Result<Matmul> {
+    if base.kernel != MatmulKernel::Auto || !enabled() {
+        return Ok(*base);
+    }
+    let k = key(ctx, &matmul_family(base), shapes);
+    if cache.get(&k).is_none() && enabled() {
+        // First use: time on at most TIMING_ROWS rows of A (the cost of a slow variant on
+        // a CPU adapter is seconds per full ViT batch; rows scale every variant alike),
+        // stored under the real shape's key.
+        let mut small = TuneCache::default();
+        let (_, ch) = tune_matmul(
+            ctx,
+            &mut small,
+            base,
+            &timing_shapes(base, shapes),
+            EXECUTOR_ITERS,
+        )?;
+        cache.map.insert(k, ch.name.to_string());
+    }
+    let (kernel, _) = tune_matmul(ctx, cache, base, shapes, EXECUTOR_ITERS)?;
+    Ok(Matmul { kernel, ..*base })
+}
+
+/// Rows of A a graph executor times matmul variants on.
+pub const TIMING_ROWS: usize = 256;
+
+/// `shapes` with A's rows (batch folded in) capped at [`TIMING_ROWS`] when B is shared and
+/// A is not transposed; other matmuls are timed at their own shapes.
+fn timing_shapes(base: &Matmul, shapes: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let mut s = shapes.to_vec();
+    let (Some(a), Some(b)) = (shapes.first(), shapes.get(1)) else {
+        return s;
+    };
+    if base.trans_a || b.len() != 2 || a.len() < 2 {
+        return s;
+    }
+    let k = a[a.len() - 1];
+    let rows: usize = a[..a.len() - 1].iter().product();
+    s[0] = vec![rows.min(TIMING_ROWS), k];
+    s
+}
+
+/// [`matmul_for_graph`] on the process-wide cache, saved when something was timed (a
+/// failed save is a warning: the choice still holds for this process).
+pub fn matmul_for_graph_global(
+    ctx: &GpuContext,
+    base: &Matmul,
+    shapes: &[Vec<usize>],
+) -> Result<Matmul> {
+    with_global(|cache| {
+        let before = cache.map.len();
+        let m = matmul_for_graph(ctx, cache, base, shapes)?;
+        if cache.map.len() != before {
+            if let Err(e) = cache.save() {
+                eprintln!("warning: could not save the autotune cache: {e}");
+            }
+        }
+        Ok(m)
+    })
 }
 
 /// One row of `volfuse bench --autotune`.
@@ -323,6 +426,44 @@ pub fn bench(ctx: &GpuContext, cache: &mut TuneCache, iters: usize) -> Result<Ve
     Ok(rows)
 }
 
+/// f32 against f16 weights for the x·Wᵀ cases of `ops::matmul::bench_cases` (default
+/// kernels both): a row per case, "chosen" the faster, gain = f32 seconds / f16 seconds.
+/// Nothing is cached: the precision is the user's choice, not a variant of equal numbers.
+pub fn bench_precision(ctx: &GpuContext, iters: usize) -> Result<Vec<TuneRow>> {
+    let mut rows = Vec::new();
+    for case in crate::ops::matmul::bench_cases() {
+        let Some(base) = matmul_from_case(&case) else {
+            continue;
+        };
+        if !base.trans_b {
+            continue;
+        }
+        let mut secs = Vec::new();
+        for w_f16 in [false, true] {
+            let c = Case {
+                label: case.label.clone(),
+                op: Box::new(Matmul { w_f16, ..base }),
+                shapes: case.shapes.clone(),
+            };
+            secs.push(time_gpu(ctx, &c, iters).ok().map(|t| t.seconds));
+        }
+        let (f, h) = (secs[0], secs[1]);
+        rows.push(TuneRow {
+            label: format!("{} weights", case.label),
+            variants: vec![("f32", f), ("f16", h)],
+            chosen: match (f, h) {
+                (Some(f), Some(h)) if h < f => "f16",
+                _ => "f32",
+            },
+            gain: match (f, h) {
+                (Some(f), Some(h)) if h > 0.0 => f / h,
+                _ => f64::NAN,
+            },
+        });
+    }
+    Ok(rows)
+}
+
 /// The `Matmul` of a bench case, recovered from its debug form (bench cases box their op).
 fn matmul_from_case(case: &Case) -> Option<Matmul> {
     let s = format!("{:?}", case.op);
@@ -337,6 +478,7 @@ fn matmul_from_case(case: &Case) -> Option<Matmul> {
         kernel: MatmulKernel::Auto,
         // bench cases have no epilogue activation
         act: Default::default(),
+        w_f16: false,
     })
 }
 
@@ -382,6 +524,146 @@ mod tests {
         let _ = std::fs::remove_dir_all(p.parent().unwrap().parent().unwrap());
     }
 
+    /// x [rows, k] → linear(W [n, k], b) + GELU, W large enough for the texture path.
+    fn linear_graph(
+        r: &mut rand::rngs::SmallRng,
+    ) -> (crate::graph::Graph, Vec<f32>, Vec<Vec<usize>>, Matmul) {
+        use crate::graph::Graph;
+        use crate::ops::matmul::Activation;
+        use std::sync::Arc;
+        let (rows, n, k) = (
+            r.random_range(20..90usize),
+            r.random_range(65..100usize),
+            8 * r.random_range(32..48usize),
+        );
+        let mut g = Graph::new();
+        let x = g.input("x", &[rows, k]);
+        let w = g
+            .constant("w", Arc::new(random(r, n * k)), &[n, k])
+            .unwrap();
+        let b = g.constant("b", Arc::new(random(r, n)), &[n]).unwrap();
+        let m = Matmul::linear(true).with_act(Activation::Gelu);
+        let y = g.op(m, &[x, w, b]).unwrap();
+        g.output(y);
+        let shapes = vec![vec![rows, k], vec![n, k], vec![n]];
+        (g, random(r, rows * k), shapes, m)
+    }
+
+    fn cpu_out(g: &crate::graph::Graph, x: &[f32]) -> Vec<f32> {
+        let plan = g.plan(true);
+        crate::graph::CpuExecutor::run(g, &plan, &[x])
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn executor_honours_the_cached_choice_and_ignores_stale_names() {
+        use crate::gpu::Precision;
+        use crate::graph::{ConstCache, GpuExecutor};
+        let c = ctx();
+        let mut r = rng();
+        let (g, x, shapes, m) = linear_graph(&mut r);
+        let want = cpu_out(&g, &x);
+        let plan = g.plan(true);
+        let mut consts = ConstCache::new();
+        let build = |cache: Option<&mut TuneCache>, consts: &mut ConstCache| {
+            GpuExecutor::with_tuning(c, &g, &plan, consts, cache, Precision::F32).unwrap()
+        };
+        let default = build(None, &mut consts).kernel_names();
+        let k = key(c, &matmul_family(&m), &shapes);
+        // A cache naming the non-default generic kernel: that kernel runs (nothing timed).
+        let mut cache = TuneCache::default();
+        cache.map.insert(k.clone(), "matmul:generic".into());
+        let exe = build(Some(&mut cache), &mut consts);
+        if enabled() {
+            assert_eq!(exe.kernel_names(), vec!["matmul"]);
+        } else {
+            assert_eq!(exe.kernel_names(), default);
+        }
+        assert_eq!(cache.map.len(), 1, "nothing retuned");
+        let got = exe.run(c, &g, &[&x]).unwrap().remove(0);
+        assert!(rel_err(&got, &want) <= 1e-5, "{}", rel_err(&got, &want));
+        // A stale name: the default kernel, the entry dropped, nothing timed.
+        cache.map.insert(k.clone(), "matmul:from-the-future".into());
+        let exe = build(Some(&mut cache), &mut consts);
+        assert_eq!(exe.kernel_names(), default);
+        assert!(cache.map.is_empty());
+        let got = exe.run(c, &g, &[&x]).unwrap().remove(0);
+        assert!(rel_err(&got, &want) <= 1e-5, "{}", rel_err(&got, &want));
+        // The default where the device has the texture path.
+        if c.caps.subgroups && c.caps.min_subgroup_size >= 8 {
+            assert_eq!(
+                default.first().copied(),
+                Some("matmul_tex16"),
+                "{default:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn executor_stores_weights_as_f16_on_request() {
+        use crate::gpu::Precision;
+        use crate::graph::{ConstCache, GpuExecutor};
+        let c = ctx();
+        let mut r = rng();
+        let (g, x, shapes, m) = linear_graph(&mut r);
+        let want = cpu_out(&g, &x);
+        let plan = g.plan(true);
+        for generic in [false, true] {
+            let mut consts = ConstCache::new();
+            let mut cache = TuneCache::default();
+            if generic {
+                let m16 = Matmul { w_f16: true, ..m };
+                cache.map.insert(
+                    key(c, &matmul_family(&m16), &shapes),
+                    "matmul:generic".into(),
+                );
+            }
+            let exe = GpuExecutor::with_tuning(
+                c,
+                &g,
+                &plan,
+                &mut consts,
+                Some(&mut cache),
+                Precision::F16,
+            )
+            .unwrap();
+            let names = exe.kernel_names();
+            if generic && enabled() {
+                assert_eq!(names, vec!["matmul"]);
+            } else if c.caps.subgroups && c.caps.min_subgroup_size >= 8 && !generic {
+                assert_eq!(names.first().copied(), Some("matmul_tex16h"), "{names:?}");
+            }
+            let got = exe.run(c, &g, &[&x]).unwrap().remove(0);
+            let e = rel_err(&got, &want);
+            assert!(e <= 1e-2 && e > 0.0, "{names:?}: {e} (f16 weights round)");
+            // The weight is held as f16 only (no f32 copy beside it).
+            let mut c32 = ConstCache::new();
+            GpuExecutor::with_tuning(c, &g, &plan, &mut c32, None, Precision::F32).unwrap();
+            assert!(
+                consts.bytes() < c32.bytes(),
+                "{} vs {}",
+                consts.bytes(),
+                c32.bytes()
+            );
+        }
+        // A weight outside f16's range stays f32 (exact).
+        let mut g2 = crate::graph::Graph::new();
+        let xv = g2.input("x", &[3, 8]);
+        let mut wv = random(&mut r, 16);
+        wv[5] = 1e6;
+        let w = g2.constant("w", std::sync::Arc::new(wv), &[2, 8]).unwrap();
+        let y = g2.op(Matmul::linear(false), &[xv, w]).unwrap();
+        g2.output(y);
+        let x2 = random(&mut r, 24);
+        let plan2 = g2.plan(true);
+        let exe =
+            GpuExecutor::with_tuning(c, &g2, &plan2, &mut ConstCache::new(), None, Precision::F16)
+                .unwrap();
+        let got = exe.run(c, &g2, &[&x2]).unwrap().remove(0);
+        assert!(rel_err(&got, &cpu_out(&g2, &x2)) <= 1e-5);
+    }
+
     #[test]
     fn shape_classes_round_up() {
         assert_eq!(shape_class(&[1000, 384, 1]), "1024x512x1");
@@ -414,11 +696,14 @@ mod tests {
             let (k2, ch2) = tune_matmul(c, &mut cache, &base, &shapes, 1).unwrap();
             assert!(ch2.cached && k2 == kernel && ch2.seconds.iter().all(|s| s.is_none()));
         }
-        // A stale name in the cache is retuned, not trusted.
+        // A stale name in the cache is not trusted: the default runs, nothing is timed,
+        // and the entry is dropped (a later first use retunes).
         if let Some(v) = cache.map.values_mut().next() {
             *v = "matmul:removed".into();
-            let (_, ch3) = tune_matmul(c, &mut cache, &base, &shapes, 1).unwrap();
-            assert!(!ch3.cached && names.contains(&ch3.name));
+            let (k3, ch3) = tune_matmul(c, &mut cache, &base, &shapes, 1).unwrap();
+            assert!(!ch3.cached && ch3.index == 0 && k3 == MatmulKernel::Auto);
+            assert!(ch3.seconds.iter().all(|s| s.is_none()));
+            assert!(cache.map.is_empty());
         }
         let data: Vec<Vec<f32>> = shapes
             .iter()

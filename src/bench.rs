@@ -56,6 +56,12 @@ impl std::fmt::Display for Timing {
 pub fn time_gpu(ctx: &GpuContext, case: &Case, iters: usize) -> Result<Timing> {
     let shapes: Vec<&[usize]> = case.shapes.iter().map(|s| s.as_slice()).collect();
     let out_shape = case.op.output_shape(&shapes)?;
+    // A matmul with f16 weights reads its B as packed halves.
+    let w_f16 = case
+        .op
+        .as_any()
+        .and_then(|a| a.downcast_ref::<crate::ops::matmul::Matmul>())
+        .is_some_and(|m| m.w_f16);
     let inputs = case
         .shapes
         .iter()
@@ -65,7 +71,11 @@ pub fn time_gpu(ctx: &GpuContext, case: &Case, iters: usize) -> Result<Timing> {
             let data: Vec<f32> = (0..n)
                 .map(|j| (((j * 7 + i * 13) % 29) as f32 - 14.0) / 29.0)
                 .collect();
-            ctx.upload(&data, s)
+            if i == 1 && w_f16 {
+                ctx.upload_f16(&data, s)
+            } else {
+                ctx.upload(&data, s)
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     let out = ctx.empty(&out_shape)?;

@@ -41,6 +41,10 @@ struct DeviceArgs {
     /// Keep every kernel's default variant: no timing, no autotune cache (also VOLFUSE_NO_AUTOTUNE=1).
     #[arg(long)]
     no_autotune: bool,
+    /// GPU weight storage: f32, or f16 (matmul weights stored as f16, f32 accumulation;
+    /// parity ~1e-3; also VOLFUSE_PRECISION). The CPU backend always computes in f32.
+    #[arg(long)]
+    precision: Option<String>,
 }
 
 impl DeviceArgs {
@@ -62,6 +66,10 @@ impl DeviceArgs {
         if let Some(a) = &self.adapter {
             o.adapter = Some(a.clone());
         }
+        if let Some(p) = &self.precision {
+            o.precision = volfuse::gpu::Precision::parse(p)?;
+        }
+        o.autotune = !self.no_autotune;
         Ok(GpuContext::new(&o)?)
     }
 }
@@ -678,7 +686,8 @@ fn bench_autotune(device: &DeviceArgs, iters: usize) -> Result<()> {
     let ctx = device.gpu().context("choosing a GPU adapter")?;
     println!("adapter: {}", ctx.describe());
     let mut cache = autotune::TuneCache::open_default();
-    let rows = autotune::bench(&ctx, &mut cache, iters)?;
+    let mut rows = autotune::bench(&ctx, &mut cache, iters)?;
+    rows.extend(autotune::bench_precision(&ctx, iters)?);
     for r in &rows {
         let times: Vec<String> = r
             .variants

@@ -93,6 +93,32 @@ impl LimitsChoice {
     }
 }
 
+/// Storage precision of the graph executor's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Everything f32 (the default).
+    #[default]
+    F32,
+    /// Matmul weights stored as f16 on the device (packed pairs, unpacked to f32 in
+    /// registers with WGSL's core `unpack2x16float`, so no `SHADER_F16` is needed);
+    /// activations and accumulation stay f32. A weight matrix with a value outside f16's
+    /// range (e.g. from bf16) stays f32.
+    F16,
+}
+
+impl Precision {
+    /// Parses `f32` or `f16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" | "" => Ok(Precision::F32),
+            "f16" | "fp16" | "half" | "float16" => Ok(Precision::F16),
+            other => Err(Error::Invalid(format!(
+                "unknown precision '{other}': use f32 or f16"
+            ))),
+        }
+    }
+}
+
 /// Options for a headless context.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -110,6 +136,13 @@ pub struct GpuOptions {
     /// Weights are unaffected. For tests of the paths for tensors larger than one binding
     /// on small tensors (`VOLFUSE_SPLIT_BINDING`, e.g. `32K`).
     pub split_binding: Option<u64>,
+    /// Weight storage precision (also `VOLFUSE_PRECISION`).
+    pub precision: Precision,
+    /// Graph executors choose kernel variants through the autotune cache
+    /// (`crate::autotune`): timed on first use per adapter, op family and shape class.
+    /// Off by default for embedders (no timing, no files written); the command line turns
+    /// it on unless `--no-autotune` / `VOLFUSE_NO_AUTOTUNE`.
+    pub autotune: bool,
 }
 
 /// Parses a byte count: `123`, `64K`, `512M`, `2G` (binary units, optional `iB`/`B`).
@@ -153,6 +186,9 @@ impl GpuOptions {
             if !b.is_empty() {
                 o.split_binding = Some(parse_bytes(&b)?);
             }
+        }
+        if let Ok(p) = std::env::var("VOLFUSE_PRECISION") {
+            o.precision = Precision::parse(&p)?;
         }
         if let Ok(a) = std::env::var("VOLFUSE_ADAPTER") {
             if !a.is_empty() {
@@ -237,6 +273,10 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub caps: Caps,
+    /// See [`GpuOptions::precision`] (F32 for [`GpuContext::from_device`]; set it after).
+    pub precision: Precision,
+    /// See [`GpuOptions::autotune`] (off for [`GpuContext::from_device`]; set it after).
+    pub autotune: bool,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     textures: Mutex<HashMap<(usize, u32), wgpu::Texture>>,
     compiled: Mutex<Vec<CompiledKernel>>,
@@ -346,6 +386,8 @@ impl GpuContext {
             ctx.caps.split_binding = ctx.caps.max_binding.min(m.max(256) / 256 * 256);
         }
         ctx.instance = Some(inst);
+        ctx.precision = opts.precision;
+        ctx.autotune = opts.autotune;
         // The device is our own: its loss is recorded and reported as Error::DeviceLost by
         // the next wait, and errors nobody scoped are kept for it instead of panicking.
         let lost = ctx.lost.clone();
@@ -464,6 +506,8 @@ impl GpuContext {
             queue,
             info,
             caps,
+            precision: Precision::F32,
+            autotune: false,
             pipelines: Mutex::new(HashMap::new()),
             textures: Mutex::new(HashMap::new()),
             compiled: Mutex::new(Vec::new()),

@@ -4,7 +4,8 @@
 
 use super::{Graph, Plan, Source};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuContext};
+use crate::gpu::{Dispatch, GpuContext, Precision};
+use crate::ops::matmul::Matmul;
 use crate::ops::numel;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use std::sync::Arc;
 #[derive(Default)]
 pub struct ConstCache {
     map: HashMap<usize, (Arc<Vec<f32>>, Arc<wgpu::Buffer>)>,
+    /// f16 copies (precision f16); None when a value does not fit f16.
+    map16: HashMap<usize, (Arc<Vec<f32>>, Option<Arc<wgpu::Buffer>>)>,
 }
 
 impl ConstCache {
@@ -36,9 +39,38 @@ impl ConstCache {
         Ok(t.buffer)
     }
 
+    /// The constant stored as f16 pairs ([`crate::gpu::pack_f16`]), uploaded once; None when
+    /// a value is not finite or outside f16's range (e.g. a bf16 weight), so it stays f32.
+    fn get_f16(
+        &mut self,
+        ctx: &GpuContext,
+        data: &Arc<Vec<f32>>,
+        shape: &[usize],
+    ) -> Result<Option<Arc<wgpu::Buffer>>> {
+        let key = Arc::as_ptr(data) as usize;
+        if let Some((_, b)) = self.map16.get(&key) {
+            return Ok(b.clone());
+        }
+        let fits = data
+            .iter()
+            .all(|v| v.is_finite() && v.abs() <= f32::from(half::f16::MAX));
+        let b = if fits {
+            Some(ctx.upload_f16(data, shape)?.buffer)
+        } else {
+            None
+        };
+        self.map16.insert(key, (data.clone(), b.clone()));
+        Ok(b)
+    }
+
     /// Bytes held on the device.
     pub fn bytes(&self) -> u64 {
-        self.map.values().map(|(_, b)| b.size()).sum()
+        self.map.values().map(|(_, b)| b.size()).sum::<u64>()
+            + self
+                .map16
+                .values()
+                .filter_map(|(_, b)| b.as_ref().map(|b| b.size()))
+                .sum::<u64>()
     }
 }
 
@@ -51,6 +83,26 @@ pub enum GraphInput<'a> {
     /// f32 values already on the device, copied buffer to buffer (no host round trip).
     /// The buffer needs `COPY_SRC` usage and at least the input's size in bytes.
     Device(&'a wgpu::Buffer),
+}
+
+/// How an executor chooses kernel variants.
+enum Tuning<'a> {
+    /// Every op's default.
+    Off,
+    /// The process-wide autotune cache (saved when something is timed).
+    Global,
+    /// A caller's cache (tests, benches).
+    Cache(&'a mut crate::autotune::TuneCache),
+}
+
+impl Tuning<'_> {
+    fn from_ctx(ctx: &GpuContext) -> Self {
+        if ctx.autotune && crate::autotune::enabled() {
+            Tuning::Global
+        } else {
+            Tuning::Off
+        }
+    }
 }
 
 /// A graph ready to run on a device.
@@ -68,18 +120,78 @@ pub struct GpuExecutor {
 }
 
 impl GpuExecutor {
-    /// Allocates the plan's buffers and builds every dispatch.
+    /// Allocates the plan's buffers and builds every dispatch. With `ctx.autotune` on,
+    /// kernel variants come from the process-wide autotune cache (timed on first use); with
+    /// `ctx.precision` f16, matmul weights are stored as f16.
     pub fn new(ctx: &GpuContext, g: &Graph, plan: &Plan, consts: &mut ConstCache) -> Result<Self> {
+        Self::build(ctx, g, plan, consts, Tuning::from_ctx(ctx), ctx.precision)
+    }
+
+    /// [`GpuExecutor::new`] with variants chosen through `cache` (None: every op's default
+    /// kernel) and weights stored at `precision`, whatever the context says. Nothing is
+    /// saved.
+    pub fn with_tuning(
+        ctx: &GpuContext,
+        g: &Graph,
+        plan: &Plan,
+        consts: &mut ConstCache,
+        cache: Option<&mut crate::autotune::TuneCache>,
+        precision: Precision,
+    ) -> Result<Self> {
+        let t = match cache {
+            Some(c) => Tuning::Cache(c),
+            None => Tuning::Off,
+        };
+        Self::build(ctx, g, plan, consts, t, precision)
+    }
+
+    /// The kernel (entry point) of every dispatch, in order.
+    pub fn kernel_names(&self) -> Vec<&'static str> {
+        self.dispatches.iter().map(|d| d.name).collect()
+    }
+
+    fn build(
+        ctx: &GpuContext,
+        g: &Graph,
+        plan: &Plan,
+        consts: &mut ConstCache,
+        mut tuning: Tuning<'_>,
+        precision: Precision,
+    ) -> Result<Self> {
         let slots = plan
             .slot_bytes
             .iter()
             .enumerate()
             .map(|(i, b)| super::split::slot_buffer(ctx, &format!("slot {i}"), *b).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
+        // f16 weights first (precision f16): the B of a matmul that is a constant fitting
+        // f16. A constant used only that way is never uploaded as f32.
+        let mut w16_of: Vec<Option<Arc<wgpu::Buffer>>> = vec![None; g.nodes.len()];
+        let mut f32_uses = vec![0usize; g.values.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for (pos, v) in n.inputs.iter().enumerate() {
+                if pos == 1 && precision == Precision::F16 {
+                    let mm = n.op.as_any().and_then(|a| a.downcast_ref::<Matmul>());
+                    if let (Some(m), Source::Const(c)) = (mm, &g.values[v.0].source) {
+                        if !m.w_f16 {
+                            w16_of[i] = consts.get_f16(ctx, c, &g.values[v.0].shape)?;
+                            if w16_of[i].is_some() {
+                                continue;
+                            }
+                        }
+                    }
+                }
+                f32_uses[v.0] += 1;
+            }
+        }
+        for v in &g.outputs {
+            f32_uses[v.0] += 1;
+        }
         let mut value_buf: Vec<Option<Arc<wgpu::Buffer>>> = vec![None; g.values.len()];
         for (i, v) in g.values.iter().enumerate() {
             value_buf[i] = match &v.source {
-                Source::Const(c) => Some(consts.get(ctx, c, &v.shape)?),
+                Source::Const(c) if f32_uses[i] > 0 => Some(consts.get(ctx, c, &v.shape)?),
+                Source::Const(_) => None,
                 _ => plan.slot_of[i].map(|s| slots[s].clone()),
             };
         }
@@ -89,10 +201,15 @@ impl GpuExecutor {
         let mut dispatches = Vec::new();
         let mut owner = Vec::new();
         for (i, n) in g.nodes.iter().enumerate() {
-            let bufs: Vec<&wgpu::Buffer> = n
+            let w16 = w16_of[i].clone();
+            let mut bufs: Vec<&wgpu::Buffer> = n
                 .inputs
                 .iter()
-                .map(|v| value_buf[v.0].as_deref().expect("every value has a buffer"))
+                .enumerate()
+                .map(|(pos, v)| match (&w16, pos) {
+                    (Some(b), 1) => b.as_ref(),
+                    _ => value_buf[v.0].as_deref().expect("every value has a buffer"),
+                })
                 .collect();
             let shapes: Vec<&[usize]> = n
                 .inputs
@@ -102,14 +219,34 @@ impl GpuExecutor {
             let out = value_buf[n.output.0]
                 .as_deref()
                 .expect("op outputs have slots");
+            // Variant choice: f16 weights and the tuned kernel of a matmul.
+            let mut variant: Option<Matmul> = None;
+            if let Some(mm) = n.op.as_any().and_then(|a| a.downcast_ref::<Matmul>()) {
+                let mut m = *mm;
+                if let Some(b) = &w16 {
+                    m.w_f16 = true;
+                    bufs[1] = b.as_ref();
+                }
+                let owned: Vec<Vec<usize>> = shapes.iter().map(|s| s.to_vec()).collect();
+                m = match &mut tuning {
+                    Tuning::Off => m,
+                    Tuning::Global => crate::autotune::matmul_for_graph_global(ctx, &m, &owned)?,
+                    Tuning::Cache(c) => crate::autotune::matmul_for_graph(ctx, c, &m, &owned)?,
+                };
+                variant = Some(m);
+            }
+            let op: &dyn crate::ops::Op = match &variant {
+                Some(m) => m,
+                None => n.op.as_ref(),
+            };
             let ds = match &splits[i] {
                 Some(split) => {
                     let out_shape = &g.values[n.output.0].shape;
                     super::split::dispatches(
-                        ctx, &*n.op, split, &bufs, &shapes, out, out_shape, &scratch,
+                        ctx, op, split, &bufs, &shapes, out, out_shape, &scratch,
                     )?
                 }
-                None => n.op.gpu(ctx, &bufs, &shapes, out)?,
+                None => op.gpu(ctx, &bufs, &shapes, out)?,
             };
             owner.extend(std::iter::repeat_n(i, ds.len()));
             dispatches.extend(ds);

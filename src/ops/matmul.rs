@@ -21,6 +21,10 @@ pub struct Matmul {
     pub kernel: MatmulKernel,
     /// Applied to every output element after the bias (the epilogue).
     pub act: Activation,
+    /// B is stored as f16 (pairs packed in u32 words, [`crate::gpu::pack_f16`]) on the GPU
+    /// and unpacked to f32 in registers; products accumulate in f32. The CPU reference
+    /// rounds B to f16 the same way, so both compute the same numbers.
+    pub w_f16: bool,
 }
 
 /// The epilogue activation of a [`Matmul`]: an MLP's `act(x·Wᵀ + b)` in one pass.
@@ -84,6 +88,7 @@ impl Matmul {
             bias,
             kernel: MatmulKernel::Auto,
             act: Activation::Identity,
+            w_f16: false,
         }
     }
 
@@ -301,7 +306,15 @@ impl Op for Matmul {
             .dims(shapes)
             .expect("shapes were checked when the graph was built");
         let bias = if self.bias { inputs[2] } else { &[] };
-        matmul(self, d, inputs[0], inputs[1], bias, out);
+        if self.w_f16 {
+            let b: Vec<f32> = inputs[1]
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_f32())
+                .collect();
+            matmul(self, d, inputs[0], &b, bias, out);
+        } else {
+            matmul(self, d, inputs[0], inputs[1], bias, out);
+        }
     }
     fn gpu(
         &self,
@@ -322,6 +335,9 @@ impl Op for Matmul {
         self.dims(shapes)
             .map(|d| 2 * (d.batch * d.m * d.n * d.k) as u64)
             .unwrap_or(0)
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
@@ -373,7 +389,7 @@ fn gpu_matmul(
     Ok(vec![ctx.dispatch(KernelArgs {
         shader: MATMUL.portable(),
         entry: "matmul",
-        constants: &[("ACT", m.act.code())],
+        constants: &[("ACT", m.act.code()), ("W16", m.w_f16 as u8 as f64)],
         buffers: &[inputs[0], inputs[1], bias, out],
         params: bytemuck::bytes_of(&p),
         workgroups: {
@@ -408,7 +424,7 @@ fn texture_path_cols(ctx: &GpuContext, m: &Matmul, d: Dims, w: &wgpu::Buffer) ->
     let ok = !m.trans_a
         && m.trans_b
         && !d.b_batched
-        && d.k % 4 == 0
+        && d.k % if m.w_f16 { 8 } else { 4 } == 0
         && d.k > 0
         && d.m > 0
         && d.n > 0
@@ -424,7 +440,7 @@ fn texture_path_cols(ctx: &GpuContext, m: &Matmul, d: Dims, w: &wgpu::Buffer) ->
     }
     [(16usize, 8usize), (4, 4)]
         .into_iter()
-        .map(|(cols, group)| (cols, group * d.k * 4))
+        .map(|(cols, group)| (cols, group * d.k * esize(m)))
         .find(|(_, group)| {
             // A group must fit its window even when the window's start is aligned down.
             let block = *group as u64;
@@ -432,6 +448,15 @@ fn texture_path_cols(ctx: &GpuContext, m: &Matmul, d: Dims, w: &wgpu::Buffer) ->
             block + if block % align == 0 { 0 } else { align } <= WINDOW
         })
         .map(|(cols, _)| cols)
+}
+
+/// Bytes per element of B on the device.
+fn esize(m: &Matmul) -> usize {
+    if m.w_f16 {
+        2
+    } else {
+        4
+    }
 }
 
 fn gpu_matmul_tex(
@@ -446,9 +471,11 @@ fn gpu_matmul_tex(
     let texels = (rows * d.k / 4) as u64;
     let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&Default::default());
-    let entry: &'static str = match cols {
-        16 => "matmul_tex16",
-        _ => "matmul_tex4",
+    let entry: &'static str = match (cols, m.w_f16) {
+        (16, false) => "matmul_tex16",
+        (_, false) => "matmul_tex4",
+        (16, true) => "matmul_tex16h",
+        (_, true) => "matmul_tex4h",
     };
     let uniform = |binding, size: u64| wgpu::BindGroupLayoutEntry {
         binding,
@@ -502,13 +529,13 @@ fn gpu_matmul_tex(
     let mut offsets = Vec::with_capacity(blocks);
     for b in 0..blocks {
         let c0 = b * cols;
-        let col_byte = (c0 * d.k * 4) as u64;
+        let col_byte = (c0 * d.k * esize(m)) as u64;
         // The window starts at column c0, or earlier for the last blocks so it stays
         // inside the buffer (every buffer is at least one window large).
         let start = col_byte.min(w_bytes - WINDOW) / align_w * align_w;
         // The second group of 8 columns (16-column blocks) has a window of its own.
         let col_byte2 = if cols == 16 {
-            ((c0 + 8).min(d.n - 1) * d.k * 4) as u64
+            ((c0 + 8).min(d.n - 1) * d.k * esize(m)) as u64
         } else {
             col_byte
         };
@@ -705,6 +732,7 @@ mod tests {
                 bias,
                 kernel: MatmulKernel::Auto,
                 act,
+                w_f16: false,
             };
             let s = shapes(&m, Some(3), 7, 5, 9, true);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
@@ -796,6 +824,7 @@ mod tests {
                 bias,
                 kernel: MatmulKernel::Generic,
                 act: Activation::Identity,
+                w_f16: false,
             };
             for (batch, rows, n, k, bb) in [
                 (None, 1, 1, 1, false),
@@ -824,6 +853,164 @@ mod tests {
                         check_op(&m, &shapes(&m, batch, rows, n, k, false), 1e-5);
                     }
                 }
+            }
+        }
+    }
+
+    /// Runs `m` (with f16 weights) on the GPU with B uploaded as packed f16, output
+    /// poisoned; returns the output and the dispatch names.
+    fn run_w16(m: &Matmul, data: &[Vec<f32>], s: &[Vec<usize>]) -> (Vec<f32>, Vec<&'static str>) {
+        let c = crate::ops::testing::ctx();
+        let sh: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
+        let t: Vec<_> = data
+            .iter()
+            .zip(s)
+            .enumerate()
+            .map(|(i, (d, x))| {
+                if i == 1 {
+                    c.upload_f16(d, x).unwrap()
+                } else {
+                    c.upload(d, x).unwrap()
+                }
+            })
+            .collect();
+        let out = c.empty(&m.output_shape(&sh).unwrap()).unwrap();
+        c.fill(&out.buffer, f32::NAN);
+        let bufs: Vec<&wgpu::Buffer> = t.iter().map(|x| x.buffer.as_ref()).collect();
+        let ds = m.gpu(c, &bufs, &sh, &out.buffer).unwrap();
+        let names = ds.iter().map(|d| d.name).collect();
+        c.run(&ds).unwrap();
+        (c.download(&out).unwrap(), names)
+    }
+
+    #[test]
+    fn f16_weights_match_reference() {
+        // Every kernel with B stored as f16: against the reference with B rounded to f16
+        // (the same numbers: 1e-5) and against the f32 reference (f16 tolerance).
+        let mut r = rng();
+        let mut seen = std::collections::BTreeSet::new();
+        for (kernel, ta, tb, bias, batch, rows, n, k, bb, act) in [
+            (
+                MatmulKernel::Auto,
+                false,
+                true,
+                true,
+                None,
+                67,
+                37,
+                64,
+                false,
+                Activation::Gelu,
+            ),
+            (
+                MatmulKernel::Auto,
+                false,
+                true,
+                false,
+                Some(2),
+                45,
+                70,
+                1536,
+                false,
+                Activation::Identity,
+            ),
+            (
+                MatmulKernel::Auto,
+                false,
+                true,
+                true,
+                None,
+                33,
+                21,
+                4104,
+                false,
+                Activation::Silu,
+            ),
+            (
+                MatmulKernel::Auto,
+                false,
+                true,
+                true,
+                None,
+                9,
+                13,
+                20,
+                false,
+                Activation::Identity,
+            ),
+            (
+                MatmulKernel::Generic,
+                false,
+                true,
+                true,
+                None,
+                57,
+                35,
+                136,
+                false,
+                Activation::Gelu,
+            ),
+            (
+                MatmulKernel::Generic,
+                true,
+                false,
+                false,
+                Some(3),
+                31,
+                17,
+                19,
+                true,
+                Activation::Identity,
+            ),
+            (
+                MatmulKernel::Generic,
+                false,
+                false,
+                true,
+                None,
+                5,
+                7,
+                3,
+                false,
+                Activation::Identity,
+            ),
+        ] {
+            let m = Matmul {
+                trans_a: ta,
+                trans_b: tb,
+                bias,
+                kernel,
+                act,
+                w_f16: true,
+            };
+            let s = shapes(&m, batch, rows, n, k, bb);
+            let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
+            let inputs: Vec<(&[f32], &[usize])> = data
+                .iter()
+                .zip(&s)
+                .map(|(d, x)| (d.as_slice(), x.as_slice()))
+                .collect();
+            let (want16, _) = crate::ops::run_cpu(&m, &inputs).unwrap();
+            let (want32, _) = crate::ops::run_cpu(&Matmul { w_f16: false, ..m }, &inputs).unwrap();
+            let (got, names) = run_w16(&m, &data, &s);
+            seen.extend(names.iter().copied());
+            let e16 = crate::ops::testing::rel_err(&got, &want16);
+            let e32 = crate::ops::testing::rel_err(&got, &want32);
+            assert!(
+                e16 <= 1e-5,
+                "{m:?} {s:?} {names:?}: {e16} vs the f16-weight reference"
+            );
+            assert!(
+                e32 <= 1e-2,
+                "{m:?} {s:?} {names:?}: {e32} vs the f32 reference"
+            );
+        }
+        assert!(seen.contains("matmul"), "{seen:?}");
+        let c = crate::ops::testing::ctx();
+        if c.caps.subgroups && c.caps.min_subgroup_size >= 8 && c.caps.max_uniform_binding >= WINDOW
+        {
+            for e in ["matmul_tex16h", "matmul_tex4h"] {
+                assert!(seen.contains(e), "{e} not exercised: {seen:?}");
             }
         }
     }

@@ -49,6 +49,11 @@ pub trait Op: Send + Sync + std::fmt::Debug {
     fn depth_rule(&self, _shapes: &[&[usize]]) -> Option<DepthRule> {
         None
     }
+    /// The op as `Any`, for executors that choose variants of particular ops (autotune,
+    /// f16 weights); None for ops without variants.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// How output depth rows depend on input depth rows, the depth axis being the third from
