@@ -478,7 +478,11 @@ fn feature_costs(b: &Bundle, sched: &FeatureSchedule) -> Result<((Cost, u64), (C
         let mut lg = Graph::new();
         // Projection-first: the input conv (Cd → C, 1×1×1) on the tokens, then the lift.
         let x = lg.input("tokens", &[lb, cd, 1, g, g]);
-        let wt = lg.constant("projection.weight", vec![0.0; c * cd].into(), &[c, cd, 1, 1, 1])?;
+        let wt = lg.constant(
+            "projection.weight",
+            vec![0.0; c * cd].into(),
+            &[c, cd, 1, 1, 1],
+        )?;
         let bias = lg.constant("projection.bias", vec![0.0; c].into(), &[c])?;
         let y = lg.op(Conv3d::new(1), &[x, wt, bias])?;
         let y = lg.op(Bilinear::to(hw), &[y])?;

@@ -2,6 +2,7 @@
 //! Facts: shared/reference/dinov3_playground.md §(a)–(c). BatchNorm (eval) is folded into
 //! the conv before it, which is exact up to rounding.
 
+use super::planes::Projection;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Value};
 use crate::io::Weights;
@@ -12,7 +13,6 @@ use crate::ops::elementwise::Unary;
 use crate::ops::fusion::ContextGate;
 use crate::ops::pool3d::Pool3d;
 use crate::ops::resize::Trilinear;
-use super::planes::Projection;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -429,7 +429,12 @@ impl Unet3d {
     /// features through `context_input_conv`): (N, C, d, h, w) with C = base channels, as
     /// feature extraction with [`Unet3d::input_projections`] produces them
     /// ("projection-first"); the two 1×1×1 input convs are skipped.
-    pub fn build_projected(&self, g: &mut Graph, feats: Value, ctx: Option<Value>) -> Result<Value> {
+    pub fn build_projected(
+        &self,
+        g: &mut Graph,
+        feats: Value,
+        ctx: Option<Value>,
+    ) -> Result<Value> {
         self.build_inner(g, feats, ctx, None, true)
     }
 
