@@ -44,6 +44,11 @@ pub fn volfuse(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_volfuse"))
         .args(args)
         .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        // The CLI autotunes by default: keep the tests' choices out of the user's cache.
+        .env(
+            "VOLFUSE_AUTOTUNE_CACHE",
+            std::env::temp_dir().join(format!("volfuse-test-autotune-{}.json", std::process::id())),
+        )
         .env_remove("RUST_BACKTRACE")
         .output()
         .expect("run volfuse");
