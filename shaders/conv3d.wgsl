@@ -20,6 +20,12 @@ struct Params {
 
 // Kernel size (1 or 3); padding is K / 2.
 override K: u32 = 3u;
+// A ReLU fused into the store (the UNet's Conv → BN → ReLU, BN folded into the conv).
+override RELU: bool = false;
+
+fn act(v: f32) -> f32 {
+    return select(v, max(v, 0.0), RELU);
+}
 
 const OT: u32 = 8u;
 
@@ -57,7 +63,7 @@ fn conv3d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (v >= p.dhw) { return; }
     for (var j = 0u; j < OT; j++) {
         let o = o0 + j;
-        if (o < p.o) { out[(n * p.o + o) * p.dhw + v] = acc[j] + bias[o]; }
+        if (o < p.o) { out[(n * p.o + o) * p.dhw + v] = act(acc[j] + bias[o]); }
     }
 }
 
@@ -99,7 +105,16 @@ fn from_right(v: f32, edge: f32, lane: u32) -> f32 {
 }
 
 fn store_sg(i: u32, oc: u32, v: f32) {
-    if (oc < p.o) { out[i] = v + bias[oc]; }
+    if (oc < p.o) { out[i] = act(v + bias[oc]); }
+}
+
+// The gate of DINOv3UNet3D's context fusion (ops/fusion.rs), for the K = 1 kernels
+// `context_gate_k1_sg*`: the conv is the raw projection (O = C, so x[i] is the raw value
+// at the output's index) and out = x + (W·x + b)·σ(gate).
+@group(0) @binding(6) var<storage, read> gate: array<f32>;
+
+fn store_gate(i: u32, oc: u32, v: f32) {
+    if (oc < p.o) { out[i] = x[i] + (v + bias[oc]) / (1.0 + exp(-gate[i])); }
 }
 
 // Variant "conv3d_k3_sg" (K = 3; reads x from its storage buffer): a workgroup computes 8 consecutive x × 8 rows (y)
@@ -6083,6 +6098,1980 @@ fn conv3d_k1_sg64(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups)
         store_sg((n * p.o + o0 + 61u) * p.dhw + vi7, o0 + 61u, a7_61);
         store_sg((n * p.o + o0 + 62u) * p.dhw + vi7, o0 + 62u, a7_62);
         store_sg((n * p.o + o0 + 63u) * p.dhw + vi7, o0 + 63u, a7_63);
+    }
+}
+
+// Variant "context_gate_k1_sg32" (K = 1 with the context gate's epilogue): a workgroup computes 64 voxels × 32 output
+// channels; lane i owns voxels v0 + 8j + i, j < 8. Per input channel each lane loads 8
+// inputs and 4 weights, shared by broadcast.
+@compute @workgroup_size(8)
+fn context_gate_k1_sg32(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(subgroup_invocation_id) lane: u32) {
+    let tile = wg.x + wg.y * nwg.x;
+    let n = wg.z / p.groups;
+    let o0 = (wg.z % p.groups) * 32u;
+    let v0 = tile * 64u + lane;
+    let vk0 = v0 + 0u < p.dhw;
+    let vi0 = select(0u, v0 + 0u, vk0);
+    let vk1 = v0 + 8u < p.dhw;
+    let vi1 = select(0u, v0 + 8u, vk1);
+    let vk2 = v0 + 16u < p.dhw;
+    let vi2 = select(0u, v0 + 16u, vk2);
+    let vk3 = v0 + 24u < p.dhw;
+    let vi3 = select(0u, v0 + 24u, vk3);
+    let vk4 = v0 + 32u < p.dhw;
+    let vi4 = select(0u, v0 + 32u, vk4);
+    let vk5 = v0 + 40u < p.dhw;
+    let vi5 = select(0u, v0 + 40u, vk5);
+    let vk6 = v0 + 48u < p.dhw;
+    let vi6 = select(0u, v0 + 48u, vk6);
+    let vk7 = v0 + 56u < p.dhw;
+    let vi7 = select(0u, v0 + 56u, vk7);
+    let wo0 = min(o0 + 0u + lane, p.o - 1u) * p.c;
+    let wo1 = min(o0 + 8u + lane, p.o - 1u) * p.c;
+    let wo2 = min(o0 + 16u + lane, p.o - 1u) * p.c;
+    let wo3 = min(o0 + 24u + lane, p.o - 1u) * p.c;
+    var a0_0 = 0.0; var a0_1 = 0.0; var a0_2 = 0.0; var a0_3 = 0.0; var a0_4 = 0.0; var a0_5 = 0.0; var a0_6 = 0.0; var a0_7 = 0.0; var a0_8 = 0.0; var a0_9 = 0.0; var a0_10 = 0.0; var a0_11 = 0.0; var a0_12 = 0.0; var a0_13 = 0.0; var a0_14 = 0.0; var a0_15 = 0.0; var a0_16 = 0.0; var a0_17 = 0.0; var a0_18 = 0.0; var a0_19 = 0.0; var a0_20 = 0.0; var a0_21 = 0.0; var a0_22 = 0.0; var a0_23 = 0.0; var a0_24 = 0.0; var a0_25 = 0.0; var a0_26 = 0.0; var a0_27 = 0.0; var a0_28 = 0.0; var a0_29 = 0.0; var a0_30 = 0.0; var a0_31 = 0.0;
+    var a1_0 = 0.0; var a1_1 = 0.0; var a1_2 = 0.0; var a1_3 = 0.0; var a1_4 = 0.0; var a1_5 = 0.0; var a1_6 = 0.0; var a1_7 = 0.0; var a1_8 = 0.0; var a1_9 = 0.0; var a1_10 = 0.0; var a1_11 = 0.0; var a1_12 = 0.0; var a1_13 = 0.0; var a1_14 = 0.0; var a1_15 = 0.0; var a1_16 = 0.0; var a1_17 = 0.0; var a1_18 = 0.0; var a1_19 = 0.0; var a1_20 = 0.0; var a1_21 = 0.0; var a1_22 = 0.0; var a1_23 = 0.0; var a1_24 = 0.0; var a1_25 = 0.0; var a1_26 = 0.0; var a1_27 = 0.0; var a1_28 = 0.0; var a1_29 = 0.0; var a1_30 = 0.0; var a1_31 = 0.0;
+    var a2_0 = 0.0; var a2_1 = 0.0; var a2_2 = 0.0; var a2_3 = 0.0; var a2_4 = 0.0; var a2_5 = 0.0; var a2_6 = 0.0; var a2_7 = 0.0; var a2_8 = 0.0; var a2_9 = 0.0; var a2_10 = 0.0; var a2_11 = 0.0; var a2_12 = 0.0; var a2_13 = 0.0; var a2_14 = 0.0; var a2_15 = 0.0; var a2_16 = 0.0; var a2_17 = 0.0; var a2_18 = 0.0; var a2_19 = 0.0; var a2_20 = 0.0; var a2_21 = 0.0; var a2_22 = 0.0; var a2_23 = 0.0; var a2_24 = 0.0; var a2_25 = 0.0; var a2_26 = 0.0; var a2_27 = 0.0; var a2_28 = 0.0; var a2_29 = 0.0; var a2_30 = 0.0; var a2_31 = 0.0;
+    var a3_0 = 0.0; var a3_1 = 0.0; var a3_2 = 0.0; var a3_3 = 0.0; var a3_4 = 0.0; var a3_5 = 0.0; var a3_6 = 0.0; var a3_7 = 0.0; var a3_8 = 0.0; var a3_9 = 0.0; var a3_10 = 0.0; var a3_11 = 0.0; var a3_12 = 0.0; var a3_13 = 0.0; var a3_14 = 0.0; var a3_15 = 0.0; var a3_16 = 0.0; var a3_17 = 0.0; var a3_18 = 0.0; var a3_19 = 0.0; var a3_20 = 0.0; var a3_21 = 0.0; var a3_22 = 0.0; var a3_23 = 0.0; var a3_24 = 0.0; var a3_25 = 0.0; var a3_26 = 0.0; var a3_27 = 0.0; var a3_28 = 0.0; var a3_29 = 0.0; var a3_30 = 0.0; var a3_31 = 0.0;
+    var a4_0 = 0.0; var a4_1 = 0.0; var a4_2 = 0.0; var a4_3 = 0.0; var a4_4 = 0.0; var a4_5 = 0.0; var a4_6 = 0.0; var a4_7 = 0.0; var a4_8 = 0.0; var a4_9 = 0.0; var a4_10 = 0.0; var a4_11 = 0.0; var a4_12 = 0.0; var a4_13 = 0.0; var a4_14 = 0.0; var a4_15 = 0.0; var a4_16 = 0.0; var a4_17 = 0.0; var a4_18 = 0.0; var a4_19 = 0.0; var a4_20 = 0.0; var a4_21 = 0.0; var a4_22 = 0.0; var a4_23 = 0.0; var a4_24 = 0.0; var a4_25 = 0.0; var a4_26 = 0.0; var a4_27 = 0.0; var a4_28 = 0.0; var a4_29 = 0.0; var a4_30 = 0.0; var a4_31 = 0.0;
+    var a5_0 = 0.0; var a5_1 = 0.0; var a5_2 = 0.0; var a5_3 = 0.0; var a5_4 = 0.0; var a5_5 = 0.0; var a5_6 = 0.0; var a5_7 = 0.0; var a5_8 = 0.0; var a5_9 = 0.0; var a5_10 = 0.0; var a5_11 = 0.0; var a5_12 = 0.0; var a5_13 = 0.0; var a5_14 = 0.0; var a5_15 = 0.0; var a5_16 = 0.0; var a5_17 = 0.0; var a5_18 = 0.0; var a5_19 = 0.0; var a5_20 = 0.0; var a5_21 = 0.0; var a5_22 = 0.0; var a5_23 = 0.0; var a5_24 = 0.0; var a5_25 = 0.0; var a5_26 = 0.0; var a5_27 = 0.0; var a5_28 = 0.0; var a5_29 = 0.0; var a5_30 = 0.0; var a5_31 = 0.0;
+    var a6_0 = 0.0; var a6_1 = 0.0; var a6_2 = 0.0; var a6_3 = 0.0; var a6_4 = 0.0; var a6_5 = 0.0; var a6_6 = 0.0; var a6_7 = 0.0; var a6_8 = 0.0; var a6_9 = 0.0; var a6_10 = 0.0; var a6_11 = 0.0; var a6_12 = 0.0; var a6_13 = 0.0; var a6_14 = 0.0; var a6_15 = 0.0; var a6_16 = 0.0; var a6_17 = 0.0; var a6_18 = 0.0; var a6_19 = 0.0; var a6_20 = 0.0; var a6_21 = 0.0; var a6_22 = 0.0; var a6_23 = 0.0; var a6_24 = 0.0; var a6_25 = 0.0; var a6_26 = 0.0; var a6_27 = 0.0; var a6_28 = 0.0; var a6_29 = 0.0; var a6_30 = 0.0; var a6_31 = 0.0;
+    var a7_0 = 0.0; var a7_1 = 0.0; var a7_2 = 0.0; var a7_3 = 0.0; var a7_4 = 0.0; var a7_5 = 0.0; var a7_6 = 0.0; var a7_7 = 0.0; var a7_8 = 0.0; var a7_9 = 0.0; var a7_10 = 0.0; var a7_11 = 0.0; var a7_12 = 0.0; var a7_13 = 0.0; var a7_14 = 0.0; var a7_15 = 0.0; var a7_16 = 0.0; var a7_17 = 0.0; var a7_18 = 0.0; var a7_19 = 0.0; var a7_20 = 0.0; var a7_21 = 0.0; var a7_22 = 0.0; var a7_23 = 0.0; var a7_24 = 0.0; var a7_25 = 0.0; var a7_26 = 0.0; var a7_27 = 0.0; var a7_28 = 0.0; var a7_29 = 0.0; var a7_30 = 0.0; var a7_31 = 0.0;
+    for (var c = 0u; c < p.c; c++) {
+        let base = (n * p.c + c) * p.dhw;
+        let v0 = select(0.0, x[base + vi0], vk0);
+        let v1 = select(0.0, x[base + vi1], vk1);
+        let v2 = select(0.0, x[base + vi2], vk2);
+        let v3 = select(0.0, x[base + vi3], vk3);
+        let v4 = select(0.0, x[base + vi4], vk4);
+        let v5 = select(0.0, x[base + vi5], vk5);
+        let v6 = select(0.0, x[base + vi6], vk6);
+        let v7 = select(0.0, x[base + vi7], vk7);
+        let w0 = wt[wo0 + c];
+        let w1 = wt[wo1 + c];
+        let w2 = wt[wo2 + c];
+        let w3 = wt[wo3 + c];
+        {
+            let q = subgroupBroadcast(w0, 0u);
+            a0_0 = fma(v0, q, a0_0);
+            a1_0 = fma(v1, q, a1_0);
+            a2_0 = fma(v2, q, a2_0);
+            a3_0 = fma(v3, q, a3_0);
+            a4_0 = fma(v4, q, a4_0);
+            a5_0 = fma(v5, q, a5_0);
+            a6_0 = fma(v6, q, a6_0);
+            a7_0 = fma(v7, q, a7_0);
+        }
+        {
+            let q = subgroupBroadcast(w0, 1u);
+            a0_1 = fma(v0, q, a0_1);
+            a1_1 = fma(v1, q, a1_1);
+            a2_1 = fma(v2, q, a2_1);
+            a3_1 = fma(v3, q, a3_1);
+            a4_1 = fma(v4, q, a4_1);
+            a5_1 = fma(v5, q, a5_1);
+            a6_1 = fma(v6, q, a6_1);
+            a7_1 = fma(v7, q, a7_1);
+        }
+        {
+            let q = subgroupBroadcast(w0, 2u);
+            a0_2 = fma(v0, q, a0_2);
+            a1_2 = fma(v1, q, a1_2);
+            a2_2 = fma(v2, q, a2_2);
+            a3_2 = fma(v3, q, a3_2);
+            a4_2 = fma(v4, q, a4_2);
+            a5_2 = fma(v5, q, a5_2);
+            a6_2 = fma(v6, q, a6_2);
+            a7_2 = fma(v7, q, a7_2);
+        }
+        {
+            let q = subgroupBroadcast(w0, 3u);
+            a0_3 = fma(v0, q, a0_3);
+            a1_3 = fma(v1, q, a1_3);
+            a2_3 = fma(v2, q, a2_3);
+            a3_3 = fma(v3, q, a3_3);
+            a4_3 = fma(v4, q, a4_3);
+            a5_3 = fma(v5, q, a5_3);
+            a6_3 = fma(v6, q, a6_3);
+            a7_3 = fma(v7, q, a7_3);
+        }
+        {
+            let q = subgroupBroadcast(w0, 4u);
+            a0_4 = fma(v0, q, a0_4);
+            a1_4 = fma(v1, q, a1_4);
+            a2_4 = fma(v2, q, a2_4);
+            a3_4 = fma(v3, q, a3_4);
+            a4_4 = fma(v4, q, a4_4);
+            a5_4 = fma(v5, q, a5_4);
+            a6_4 = fma(v6, q, a6_4);
+            a7_4 = fma(v7, q, a7_4);
+        }
+        {
+            let q = subgroupBroadcast(w0, 5u);
+            a0_5 = fma(v0, q, a0_5);
+            a1_5 = fma(v1, q, a1_5);
+            a2_5 = fma(v2, q, a2_5);
+            a3_5 = fma(v3, q, a3_5);
+            a4_5 = fma(v4, q, a4_5);
+            a5_5 = fma(v5, q, a5_5);
+            a6_5 = fma(v6, q, a6_5);
+            a7_5 = fma(v7, q, a7_5);
+        }
+        {
+            let q = subgroupBroadcast(w0, 6u);
+            a0_6 = fma(v0, q, a0_6);
+            a1_6 = fma(v1, q, a1_6);
+            a2_6 = fma(v2, q, a2_6);
+            a3_6 = fma(v3, q, a3_6);
+            a4_6 = fma(v4, q, a4_6);
+            a5_6 = fma(v5, q, a5_6);
+            a6_6 = fma(v6, q, a6_6);
+            a7_6 = fma(v7, q, a7_6);
+        }
+        {
+            let q = subgroupBroadcast(w0, 7u);
+            a0_7 = fma(v0, q, a0_7);
+            a1_7 = fma(v1, q, a1_7);
+            a2_7 = fma(v2, q, a2_7);
+            a3_7 = fma(v3, q, a3_7);
+            a4_7 = fma(v4, q, a4_7);
+            a5_7 = fma(v5, q, a5_7);
+            a6_7 = fma(v6, q, a6_7);
+            a7_7 = fma(v7, q, a7_7);
+        }
+        {
+            let q = subgroupBroadcast(w1, 0u);
+            a0_8 = fma(v0, q, a0_8);
+            a1_8 = fma(v1, q, a1_8);
+            a2_8 = fma(v2, q, a2_8);
+            a3_8 = fma(v3, q, a3_8);
+            a4_8 = fma(v4, q, a4_8);
+            a5_8 = fma(v5, q, a5_8);
+            a6_8 = fma(v6, q, a6_8);
+            a7_8 = fma(v7, q, a7_8);
+        }
+        {
+            let q = subgroupBroadcast(w1, 1u);
+            a0_9 = fma(v0, q, a0_9);
+            a1_9 = fma(v1, q, a1_9);
+            a2_9 = fma(v2, q, a2_9);
+            a3_9 = fma(v3, q, a3_9);
+            a4_9 = fma(v4, q, a4_9);
+            a5_9 = fma(v5, q, a5_9);
+            a6_9 = fma(v6, q, a6_9);
+            a7_9 = fma(v7, q, a7_9);
+        }
+        {
+            let q = subgroupBroadcast(w1, 2u);
+            a0_10 = fma(v0, q, a0_10);
+            a1_10 = fma(v1, q, a1_10);
+            a2_10 = fma(v2, q, a2_10);
+            a3_10 = fma(v3, q, a3_10);
+            a4_10 = fma(v4, q, a4_10);
+            a5_10 = fma(v5, q, a5_10);
+            a6_10 = fma(v6, q, a6_10);
+            a7_10 = fma(v7, q, a7_10);
+        }
+        {
+            let q = subgroupBroadcast(w1, 3u);
+            a0_11 = fma(v0, q, a0_11);
+            a1_11 = fma(v1, q, a1_11);
+            a2_11 = fma(v2, q, a2_11);
+            a3_11 = fma(v3, q, a3_11);
+            a4_11 = fma(v4, q, a4_11);
+            a5_11 = fma(v5, q, a5_11);
+            a6_11 = fma(v6, q, a6_11);
+            a7_11 = fma(v7, q, a7_11);
+        }
+        {
+            let q = subgroupBroadcast(w1, 4u);
+            a0_12 = fma(v0, q, a0_12);
+            a1_12 = fma(v1, q, a1_12);
+            a2_12 = fma(v2, q, a2_12);
+            a3_12 = fma(v3, q, a3_12);
+            a4_12 = fma(v4, q, a4_12);
+            a5_12 = fma(v5, q, a5_12);
+            a6_12 = fma(v6, q, a6_12);
+            a7_12 = fma(v7, q, a7_12);
+        }
+        {
+            let q = subgroupBroadcast(w1, 5u);
+            a0_13 = fma(v0, q, a0_13);
+            a1_13 = fma(v1, q, a1_13);
+            a2_13 = fma(v2, q, a2_13);
+            a3_13 = fma(v3, q, a3_13);
+            a4_13 = fma(v4, q, a4_13);
+            a5_13 = fma(v5, q, a5_13);
+            a6_13 = fma(v6, q, a6_13);
+            a7_13 = fma(v7, q, a7_13);
+        }
+        {
+            let q = subgroupBroadcast(w1, 6u);
+            a0_14 = fma(v0, q, a0_14);
+            a1_14 = fma(v1, q, a1_14);
+            a2_14 = fma(v2, q, a2_14);
+            a3_14 = fma(v3, q, a3_14);
+            a4_14 = fma(v4, q, a4_14);
+            a5_14 = fma(v5, q, a5_14);
+            a6_14 = fma(v6, q, a6_14);
+            a7_14 = fma(v7, q, a7_14);
+        }
+        {
+            let q = subgroupBroadcast(w1, 7u);
+            a0_15 = fma(v0, q, a0_15);
+            a1_15 = fma(v1, q, a1_15);
+            a2_15 = fma(v2, q, a2_15);
+            a3_15 = fma(v3, q, a3_15);
+            a4_15 = fma(v4, q, a4_15);
+            a5_15 = fma(v5, q, a5_15);
+            a6_15 = fma(v6, q, a6_15);
+            a7_15 = fma(v7, q, a7_15);
+        }
+        {
+            let q = subgroupBroadcast(w2, 0u);
+            a0_16 = fma(v0, q, a0_16);
+            a1_16 = fma(v1, q, a1_16);
+            a2_16 = fma(v2, q, a2_16);
+            a3_16 = fma(v3, q, a3_16);
+            a4_16 = fma(v4, q, a4_16);
+            a5_16 = fma(v5, q, a5_16);
+            a6_16 = fma(v6, q, a6_16);
+            a7_16 = fma(v7, q, a7_16);
+        }
+        {
+            let q = subgroupBroadcast(w2, 1u);
+            a0_17 = fma(v0, q, a0_17);
+            a1_17 = fma(v1, q, a1_17);
+            a2_17 = fma(v2, q, a2_17);
+            a3_17 = fma(v3, q, a3_17);
+            a4_17 = fma(v4, q, a4_17);
+            a5_17 = fma(v5, q, a5_17);
+            a6_17 = fma(v6, q, a6_17);
+            a7_17 = fma(v7, q, a7_17);
+        }
+        {
+            let q = subgroupBroadcast(w2, 2u);
+            a0_18 = fma(v0, q, a0_18);
+            a1_18 = fma(v1, q, a1_18);
+            a2_18 = fma(v2, q, a2_18);
+            a3_18 = fma(v3, q, a3_18);
+            a4_18 = fma(v4, q, a4_18);
+            a5_18 = fma(v5, q, a5_18);
+            a6_18 = fma(v6, q, a6_18);
+            a7_18 = fma(v7, q, a7_18);
+        }
+        {
+            let q = subgroupBroadcast(w2, 3u);
+            a0_19 = fma(v0, q, a0_19);
+            a1_19 = fma(v1, q, a1_19);
+            a2_19 = fma(v2, q, a2_19);
+            a3_19 = fma(v3, q, a3_19);
+            a4_19 = fma(v4, q, a4_19);
+            a5_19 = fma(v5, q, a5_19);
+            a6_19 = fma(v6, q, a6_19);
+            a7_19 = fma(v7, q, a7_19);
+        }
+        {
+            let q = subgroupBroadcast(w2, 4u);
+            a0_20 = fma(v0, q, a0_20);
+            a1_20 = fma(v1, q, a1_20);
+            a2_20 = fma(v2, q, a2_20);
+            a3_20 = fma(v3, q, a3_20);
+            a4_20 = fma(v4, q, a4_20);
+            a5_20 = fma(v5, q, a5_20);
+            a6_20 = fma(v6, q, a6_20);
+            a7_20 = fma(v7, q, a7_20);
+        }
+        {
+            let q = subgroupBroadcast(w2, 5u);
+            a0_21 = fma(v0, q, a0_21);
+            a1_21 = fma(v1, q, a1_21);
+            a2_21 = fma(v2, q, a2_21);
+            a3_21 = fma(v3, q, a3_21);
+            a4_21 = fma(v4, q, a4_21);
+            a5_21 = fma(v5, q, a5_21);
+            a6_21 = fma(v6, q, a6_21);
+            a7_21 = fma(v7, q, a7_21);
+        }
+        {
+            let q = subgroupBroadcast(w2, 6u);
+            a0_22 = fma(v0, q, a0_22);
+            a1_22 = fma(v1, q, a1_22);
+            a2_22 = fma(v2, q, a2_22);
+            a3_22 = fma(v3, q, a3_22);
+            a4_22 = fma(v4, q, a4_22);
+            a5_22 = fma(v5, q, a5_22);
+            a6_22 = fma(v6, q, a6_22);
+            a7_22 = fma(v7, q, a7_22);
+        }
+        {
+            let q = subgroupBroadcast(w2, 7u);
+            a0_23 = fma(v0, q, a0_23);
+            a1_23 = fma(v1, q, a1_23);
+            a2_23 = fma(v2, q, a2_23);
+            a3_23 = fma(v3, q, a3_23);
+            a4_23 = fma(v4, q, a4_23);
+            a5_23 = fma(v5, q, a5_23);
+            a6_23 = fma(v6, q, a6_23);
+            a7_23 = fma(v7, q, a7_23);
+        }
+        {
+            let q = subgroupBroadcast(w3, 0u);
+            a0_24 = fma(v0, q, a0_24);
+            a1_24 = fma(v1, q, a1_24);
+            a2_24 = fma(v2, q, a2_24);
+            a3_24 = fma(v3, q, a3_24);
+            a4_24 = fma(v4, q, a4_24);
+            a5_24 = fma(v5, q, a5_24);
+            a6_24 = fma(v6, q, a6_24);
+            a7_24 = fma(v7, q, a7_24);
+        }
+        {
+            let q = subgroupBroadcast(w3, 1u);
+            a0_25 = fma(v0, q, a0_25);
+            a1_25 = fma(v1, q, a1_25);
+            a2_25 = fma(v2, q, a2_25);
+            a3_25 = fma(v3, q, a3_25);
+            a4_25 = fma(v4, q, a4_25);
+            a5_25 = fma(v5, q, a5_25);
+            a6_25 = fma(v6, q, a6_25);
+            a7_25 = fma(v7, q, a7_25);
+        }
+        {
+            let q = subgroupBroadcast(w3, 2u);
+            a0_26 = fma(v0, q, a0_26);
+            a1_26 = fma(v1, q, a1_26);
+            a2_26 = fma(v2, q, a2_26);
+            a3_26 = fma(v3, q, a3_26);
+            a4_26 = fma(v4, q, a4_26);
+            a5_26 = fma(v5, q, a5_26);
+            a6_26 = fma(v6, q, a6_26);
+            a7_26 = fma(v7, q, a7_26);
+        }
+        {
+            let q = subgroupBroadcast(w3, 3u);
+            a0_27 = fma(v0, q, a0_27);
+            a1_27 = fma(v1, q, a1_27);
+            a2_27 = fma(v2, q, a2_27);
+            a3_27 = fma(v3, q, a3_27);
+            a4_27 = fma(v4, q, a4_27);
+            a5_27 = fma(v5, q, a5_27);
+            a6_27 = fma(v6, q, a6_27);
+            a7_27 = fma(v7, q, a7_27);
+        }
+        {
+            let q = subgroupBroadcast(w3, 4u);
+            a0_28 = fma(v0, q, a0_28);
+            a1_28 = fma(v1, q, a1_28);
+            a2_28 = fma(v2, q, a2_28);
+            a3_28 = fma(v3, q, a3_28);
+            a4_28 = fma(v4, q, a4_28);
+            a5_28 = fma(v5, q, a5_28);
+            a6_28 = fma(v6, q, a6_28);
+            a7_28 = fma(v7, q, a7_28);
+        }
+        {
+            let q = subgroupBroadcast(w3, 5u);
+            a0_29 = fma(v0, q, a0_29);
+            a1_29 = fma(v1, q, a1_29);
+            a2_29 = fma(v2, q, a2_29);
+            a3_29 = fma(v3, q, a3_29);
+            a4_29 = fma(v4, q, a4_29);
+            a5_29 = fma(v5, q, a5_29);
+            a6_29 = fma(v6, q, a6_29);
+            a7_29 = fma(v7, q, a7_29);
+        }
+        {
+            let q = subgroupBroadcast(w3, 6u);
+            a0_30 = fma(v0, q, a0_30);
+            a1_30 = fma(v1, q, a1_30);
+            a2_30 = fma(v2, q, a2_30);
+            a3_30 = fma(v3, q, a3_30);
+            a4_30 = fma(v4, q, a4_30);
+            a5_30 = fma(v5, q, a5_30);
+            a6_30 = fma(v6, q, a6_30);
+            a7_30 = fma(v7, q, a7_30);
+        }
+        {
+            let q = subgroupBroadcast(w3, 7u);
+            a0_31 = fma(v0, q, a0_31);
+            a1_31 = fma(v1, q, a1_31);
+            a2_31 = fma(v2, q, a2_31);
+            a3_31 = fma(v3, q, a3_31);
+            a4_31 = fma(v4, q, a4_31);
+            a5_31 = fma(v5, q, a5_31);
+            a6_31 = fma(v6, q, a6_31);
+            a7_31 = fma(v7, q, a7_31);
+        }
+    }
+    if (vk0) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi0, o0 + 0u, a0_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi0, o0 + 1u, a0_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi0, o0 + 2u, a0_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi0, o0 + 3u, a0_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi0, o0 + 4u, a0_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi0, o0 + 5u, a0_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi0, o0 + 6u, a0_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi0, o0 + 7u, a0_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi0, o0 + 8u, a0_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi0, o0 + 9u, a0_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi0, o0 + 10u, a0_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi0, o0 + 11u, a0_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi0, o0 + 12u, a0_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi0, o0 + 13u, a0_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi0, o0 + 14u, a0_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi0, o0 + 15u, a0_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi0, o0 + 16u, a0_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi0, o0 + 17u, a0_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi0, o0 + 18u, a0_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi0, o0 + 19u, a0_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi0, o0 + 20u, a0_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi0, o0 + 21u, a0_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi0, o0 + 22u, a0_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi0, o0 + 23u, a0_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi0, o0 + 24u, a0_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi0, o0 + 25u, a0_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi0, o0 + 26u, a0_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi0, o0 + 27u, a0_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi0, o0 + 28u, a0_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi0, o0 + 29u, a0_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi0, o0 + 30u, a0_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi0, o0 + 31u, a0_31);
+    }
+    if (vk1) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi1, o0 + 0u, a1_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi1, o0 + 1u, a1_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi1, o0 + 2u, a1_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi1, o0 + 3u, a1_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi1, o0 + 4u, a1_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi1, o0 + 5u, a1_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi1, o0 + 6u, a1_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi1, o0 + 7u, a1_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi1, o0 + 8u, a1_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi1, o0 + 9u, a1_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi1, o0 + 10u, a1_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi1, o0 + 11u, a1_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi1, o0 + 12u, a1_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi1, o0 + 13u, a1_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi1, o0 + 14u, a1_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi1, o0 + 15u, a1_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi1, o0 + 16u, a1_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi1, o0 + 17u, a1_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi1, o0 + 18u, a1_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi1, o0 + 19u, a1_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi1, o0 + 20u, a1_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi1, o0 + 21u, a1_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi1, o0 + 22u, a1_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi1, o0 + 23u, a1_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi1, o0 + 24u, a1_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi1, o0 + 25u, a1_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi1, o0 + 26u, a1_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi1, o0 + 27u, a1_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi1, o0 + 28u, a1_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi1, o0 + 29u, a1_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi1, o0 + 30u, a1_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi1, o0 + 31u, a1_31);
+    }
+    if (vk2) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi2, o0 + 0u, a2_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi2, o0 + 1u, a2_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi2, o0 + 2u, a2_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi2, o0 + 3u, a2_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi2, o0 + 4u, a2_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi2, o0 + 5u, a2_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi2, o0 + 6u, a2_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi2, o0 + 7u, a2_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi2, o0 + 8u, a2_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi2, o0 + 9u, a2_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi2, o0 + 10u, a2_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi2, o0 + 11u, a2_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi2, o0 + 12u, a2_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi2, o0 + 13u, a2_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi2, o0 + 14u, a2_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi2, o0 + 15u, a2_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi2, o0 + 16u, a2_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi2, o0 + 17u, a2_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi2, o0 + 18u, a2_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi2, o0 + 19u, a2_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi2, o0 + 20u, a2_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi2, o0 + 21u, a2_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi2, o0 + 22u, a2_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi2, o0 + 23u, a2_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi2, o0 + 24u, a2_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi2, o0 + 25u, a2_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi2, o0 + 26u, a2_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi2, o0 + 27u, a2_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi2, o0 + 28u, a2_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi2, o0 + 29u, a2_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi2, o0 + 30u, a2_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi2, o0 + 31u, a2_31);
+    }
+    if (vk3) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi3, o0 + 0u, a3_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi3, o0 + 1u, a3_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi3, o0 + 2u, a3_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi3, o0 + 3u, a3_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi3, o0 + 4u, a3_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi3, o0 + 5u, a3_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi3, o0 + 6u, a3_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi3, o0 + 7u, a3_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi3, o0 + 8u, a3_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi3, o0 + 9u, a3_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi3, o0 + 10u, a3_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi3, o0 + 11u, a3_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi3, o0 + 12u, a3_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi3, o0 + 13u, a3_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi3, o0 + 14u, a3_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi3, o0 + 15u, a3_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi3, o0 + 16u, a3_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi3, o0 + 17u, a3_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi3, o0 + 18u, a3_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi3, o0 + 19u, a3_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi3, o0 + 20u, a3_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi3, o0 + 21u, a3_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi3, o0 + 22u, a3_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi3, o0 + 23u, a3_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi3, o0 + 24u, a3_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi3, o0 + 25u, a3_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi3, o0 + 26u, a3_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi3, o0 + 27u, a3_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi3, o0 + 28u, a3_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi3, o0 + 29u, a3_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi3, o0 + 30u, a3_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi3, o0 + 31u, a3_31);
+    }
+    if (vk4) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi4, o0 + 0u, a4_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi4, o0 + 1u, a4_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi4, o0 + 2u, a4_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi4, o0 + 3u, a4_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi4, o0 + 4u, a4_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi4, o0 + 5u, a4_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi4, o0 + 6u, a4_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi4, o0 + 7u, a4_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi4, o0 + 8u, a4_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi4, o0 + 9u, a4_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi4, o0 + 10u, a4_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi4, o0 + 11u, a4_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi4, o0 + 12u, a4_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi4, o0 + 13u, a4_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi4, o0 + 14u, a4_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi4, o0 + 15u, a4_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi4, o0 + 16u, a4_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi4, o0 + 17u, a4_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi4, o0 + 18u, a4_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi4, o0 + 19u, a4_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi4, o0 + 20u, a4_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi4, o0 + 21u, a4_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi4, o0 + 22u, a4_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi4, o0 + 23u, a4_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi4, o0 + 24u, a4_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi4, o0 + 25u, a4_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi4, o0 + 26u, a4_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi4, o0 + 27u, a4_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi4, o0 + 28u, a4_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi4, o0 + 29u, a4_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi4, o0 + 30u, a4_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi4, o0 + 31u, a4_31);
+    }
+    if (vk5) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi5, o0 + 0u, a5_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi5, o0 + 1u, a5_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi5, o0 + 2u, a5_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi5, o0 + 3u, a5_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi5, o0 + 4u, a5_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi5, o0 + 5u, a5_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi5, o0 + 6u, a5_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi5, o0 + 7u, a5_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi5, o0 + 8u, a5_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi5, o0 + 9u, a5_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi5, o0 + 10u, a5_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi5, o0 + 11u, a5_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi5, o0 + 12u, a5_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi5, o0 + 13u, a5_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi5, o0 + 14u, a5_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi5, o0 + 15u, a5_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi5, o0 + 16u, a5_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi5, o0 + 17u, a5_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi5, o0 + 18u, a5_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi5, o0 + 19u, a5_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi5, o0 + 20u, a5_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi5, o0 + 21u, a5_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi5, o0 + 22u, a5_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi5, o0 + 23u, a5_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi5, o0 + 24u, a5_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi5, o0 + 25u, a5_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi5, o0 + 26u, a5_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi5, o0 + 27u, a5_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi5, o0 + 28u, a5_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi5, o0 + 29u, a5_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi5, o0 + 30u, a5_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi5, o0 + 31u, a5_31);
+    }
+    if (vk6) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi6, o0 + 0u, a6_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi6, o0 + 1u, a6_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi6, o0 + 2u, a6_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi6, o0 + 3u, a6_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi6, o0 + 4u, a6_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi6, o0 + 5u, a6_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi6, o0 + 6u, a6_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi6, o0 + 7u, a6_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi6, o0 + 8u, a6_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi6, o0 + 9u, a6_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi6, o0 + 10u, a6_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi6, o0 + 11u, a6_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi6, o0 + 12u, a6_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi6, o0 + 13u, a6_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi6, o0 + 14u, a6_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi6, o0 + 15u, a6_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi6, o0 + 16u, a6_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi6, o0 + 17u, a6_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi6, o0 + 18u, a6_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi6, o0 + 19u, a6_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi6, o0 + 20u, a6_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi6, o0 + 21u, a6_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi6, o0 + 22u, a6_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi6, o0 + 23u, a6_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi6, o0 + 24u, a6_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi6, o0 + 25u, a6_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi6, o0 + 26u, a6_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi6, o0 + 27u, a6_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi6, o0 + 28u, a6_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi6, o0 + 29u, a6_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi6, o0 + 30u, a6_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi6, o0 + 31u, a6_31);
+    }
+    if (vk7) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi7, o0 + 0u, a7_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi7, o0 + 1u, a7_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi7, o0 + 2u, a7_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi7, o0 + 3u, a7_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi7, o0 + 4u, a7_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi7, o0 + 5u, a7_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi7, o0 + 6u, a7_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi7, o0 + 7u, a7_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi7, o0 + 8u, a7_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi7, o0 + 9u, a7_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi7, o0 + 10u, a7_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi7, o0 + 11u, a7_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi7, o0 + 12u, a7_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi7, o0 + 13u, a7_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi7, o0 + 14u, a7_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi7, o0 + 15u, a7_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi7, o0 + 16u, a7_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi7, o0 + 17u, a7_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi7, o0 + 18u, a7_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi7, o0 + 19u, a7_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi7, o0 + 20u, a7_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi7, o0 + 21u, a7_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi7, o0 + 22u, a7_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi7, o0 + 23u, a7_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi7, o0 + 24u, a7_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi7, o0 + 25u, a7_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi7, o0 + 26u, a7_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi7, o0 + 27u, a7_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi7, o0 + 28u, a7_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi7, o0 + 29u, a7_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi7, o0 + 30u, a7_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi7, o0 + 31u, a7_31);
+    }
+}
+
+// Variant "context_gate_k1_sg64" (K = 1 with the context gate's epilogue): a workgroup computes 64 voxels × 64 output
+// channels; lane i owns voxels v0 + 8j + i, j < 8. Per input channel each lane loads 8
+// inputs and 8 weights, shared by broadcast.
+@compute @workgroup_size(8)
+fn context_gate_k1_sg64(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(subgroup_invocation_id) lane: u32) {
+    let tile = wg.x + wg.y * nwg.x;
+    let n = wg.z / p.groups;
+    let o0 = (wg.z % p.groups) * 64u;
+    let v0 = tile * 64u + lane;
+    let vk0 = v0 + 0u < p.dhw;
+    let vi0 = select(0u, v0 + 0u, vk0);
+    let vk1 = v0 + 8u < p.dhw;
+    let vi1 = select(0u, v0 + 8u, vk1);
+    let vk2 = v0 + 16u < p.dhw;
+    let vi2 = select(0u, v0 + 16u, vk2);
+    let vk3 = v0 + 24u < p.dhw;
+    let vi3 = select(0u, v0 + 24u, vk3);
+    let vk4 = v0 + 32u < p.dhw;
+    let vi4 = select(0u, v0 + 32u, vk4);
+    let vk5 = v0 + 40u < p.dhw;
+    let vi5 = select(0u, v0 + 40u, vk5);
+    let vk6 = v0 + 48u < p.dhw;
+    let vi6 = select(0u, v0 + 48u, vk6);
+    let vk7 = v0 + 56u < p.dhw;
+    let vi7 = select(0u, v0 + 56u, vk7);
+    let wo0 = min(o0 + 0u + lane, p.o - 1u) * p.c;
+    let wo1 = min(o0 + 8u + lane, p.o - 1u) * p.c;
+    let wo2 = min(o0 + 16u + lane, p.o - 1u) * p.c;
+    let wo3 = min(o0 + 24u + lane, p.o - 1u) * p.c;
+    let wo4 = min(o0 + 32u + lane, p.o - 1u) * p.c;
+    let wo5 = min(o0 + 40u + lane, p.o - 1u) * p.c;
+    let wo6 = min(o0 + 48u + lane, p.o - 1u) * p.c;
+    let wo7 = min(o0 + 56u + lane, p.o - 1u) * p.c;
+    var a0_0 = 0.0; var a0_1 = 0.0; var a0_2 = 0.0; var a0_3 = 0.0; var a0_4 = 0.0; var a0_5 = 0.0; var a0_6 = 0.0; var a0_7 = 0.0; var a0_8 = 0.0; var a0_9 = 0.0; var a0_10 = 0.0; var a0_11 = 0.0; var a0_12 = 0.0; var a0_13 = 0.0; var a0_14 = 0.0; var a0_15 = 0.0; var a0_16 = 0.0; var a0_17 = 0.0; var a0_18 = 0.0; var a0_19 = 0.0; var a0_20 = 0.0; var a0_21 = 0.0; var a0_22 = 0.0; var a0_23 = 0.0; var a0_24 = 0.0; var a0_25 = 0.0; var a0_26 = 0.0; var a0_27 = 0.0; var a0_28 = 0.0; var a0_29 = 0.0; var a0_30 = 0.0; var a0_31 = 0.0; var a0_32 = 0.0; var a0_33 = 0.0; var a0_34 = 0.0; var a0_35 = 0.0; var a0_36 = 0.0; var a0_37 = 0.0; var a0_38 = 0.0; var a0_39 = 0.0; var a0_40 = 0.0; var a0_41 = 0.0; var a0_42 = 0.0; var a0_43 = 0.0; var a0_44 = 0.0; var a0_45 = 0.0; var a0_46 = 0.0; var a0_47 = 0.0; var a0_48 = 0.0; var a0_49 = 0.0; var a0_50 = 0.0; var a0_51 = 0.0; var a0_52 = 0.0; var a0_53 = 0.0; var a0_54 = 0.0; var a0_55 = 0.0; var a0_56 = 0.0; var a0_57 = 0.0; var a0_58 = 0.0; var a0_59 = 0.0; var a0_60 = 0.0; var a0_61 = 0.0; var a0_62 = 0.0; var a0_63 = 0.0;
+    var a1_0 = 0.0; var a1_1 = 0.0; var a1_2 = 0.0; var a1_3 = 0.0; var a1_4 = 0.0; var a1_5 = 0.0; var a1_6 = 0.0; var a1_7 = 0.0; var a1_8 = 0.0; var a1_9 = 0.0; var a1_10 = 0.0; var a1_11 = 0.0; var a1_12 = 0.0; var a1_13 = 0.0; var a1_14 = 0.0; var a1_15 = 0.0; var a1_16 = 0.0; var a1_17 = 0.0; var a1_18 = 0.0; var a1_19 = 0.0; var a1_20 = 0.0; var a1_21 = 0.0; var a1_22 = 0.0; var a1_23 = 0.0; var a1_24 = 0.0; var a1_25 = 0.0; var a1_26 = 0.0; var a1_27 = 0.0; var a1_28 = 0.0; var a1_29 = 0.0; var a1_30 = 0.0; var a1_31 = 0.0; var a1_32 = 0.0; var a1_33 = 0.0; var a1_34 = 0.0; var a1_35 = 0.0; var a1_36 = 0.0; var a1_37 = 0.0; var a1_38 = 0.0; var a1_39 = 0.0; var a1_40 = 0.0; var a1_41 = 0.0; var a1_42 = 0.0; var a1_43 = 0.0; var a1_44 = 0.0; var a1_45 = 0.0; var a1_46 = 0.0; var a1_47 = 0.0; var a1_48 = 0.0; var a1_49 = 0.0; var a1_50 = 0.0; var a1_51 = 0.0; var a1_52 = 0.0; var a1_53 = 0.0; var a1_54 = 0.0; var a1_55 = 0.0; var a1_56 = 0.0; var a1_57 = 0.0; var a1_58 = 0.0; var a1_59 = 0.0; var a1_60 = 0.0; var a1_61 = 0.0; var a1_62 = 0.0; var a1_63 = 0.0;
+    var a2_0 = 0.0; var a2_1 = 0.0; var a2_2 = 0.0; var a2_3 = 0.0; var a2_4 = 0.0; var a2_5 = 0.0; var a2_6 = 0.0; var a2_7 = 0.0; var a2_8 = 0.0; var a2_9 = 0.0; var a2_10 = 0.0; var a2_11 = 0.0; var a2_12 = 0.0; var a2_13 = 0.0; var a2_14 = 0.0; var a2_15 = 0.0; var a2_16 = 0.0; var a2_17 = 0.0; var a2_18 = 0.0; var a2_19 = 0.0; var a2_20 = 0.0; var a2_21 = 0.0; var a2_22 = 0.0; var a2_23 = 0.0; var a2_24 = 0.0; var a2_25 = 0.0; var a2_26 = 0.0; var a2_27 = 0.0; var a2_28 = 0.0; var a2_29 = 0.0; var a2_30 = 0.0; var a2_31 = 0.0; var a2_32 = 0.0; var a2_33 = 0.0; var a2_34 = 0.0; var a2_35 = 0.0; var a2_36 = 0.0; var a2_37 = 0.0; var a2_38 = 0.0; var a2_39 = 0.0; var a2_40 = 0.0; var a2_41 = 0.0; var a2_42 = 0.0; var a2_43 = 0.0; var a2_44 = 0.0; var a2_45 = 0.0; var a2_46 = 0.0; var a2_47 = 0.0; var a2_48 = 0.0; var a2_49 = 0.0; var a2_50 = 0.0; var a2_51 = 0.0; var a2_52 = 0.0; var a2_53 = 0.0; var a2_54 = 0.0; var a2_55 = 0.0; var a2_56 = 0.0; var a2_57 = 0.0; var a2_58 = 0.0; var a2_59 = 0.0; var a2_60 = 0.0; var a2_61 = 0.0; var a2_62 = 0.0; var a2_63 = 0.0;
+    var a3_0 = 0.0; var a3_1 = 0.0; var a3_2 = 0.0; var a3_3 = 0.0; var a3_4 = 0.0; var a3_5 = 0.0; var a3_6 = 0.0; var a3_7 = 0.0; var a3_8 = 0.0; var a3_9 = 0.0; var a3_10 = 0.0; var a3_11 = 0.0; var a3_12 = 0.0; var a3_13 = 0.0; var a3_14 = 0.0; var a3_15 = 0.0; var a3_16 = 0.0; var a3_17 = 0.0; var a3_18 = 0.0; var a3_19 = 0.0; var a3_20 = 0.0; var a3_21 = 0.0; var a3_22 = 0.0; var a3_23 = 0.0; var a3_24 = 0.0; var a3_25 = 0.0; var a3_26 = 0.0; var a3_27 = 0.0; var a3_28 = 0.0; var a3_29 = 0.0; var a3_30 = 0.0; var a3_31 = 0.0; var a3_32 = 0.0; var a3_33 = 0.0; var a3_34 = 0.0; var a3_35 = 0.0; var a3_36 = 0.0; var a3_37 = 0.0; var a3_38 = 0.0; var a3_39 = 0.0; var a3_40 = 0.0; var a3_41 = 0.0; var a3_42 = 0.0; var a3_43 = 0.0; var a3_44 = 0.0; var a3_45 = 0.0; var a3_46 = 0.0; var a3_47 = 0.0; var a3_48 = 0.0; var a3_49 = 0.0; var a3_50 = 0.0; var a3_51 = 0.0; var a3_52 = 0.0; var a3_53 = 0.0; var a3_54 = 0.0; var a3_55 = 0.0; var a3_56 = 0.0; var a3_57 = 0.0; var a3_58 = 0.0; var a3_59 = 0.0; var a3_60 = 0.0; var a3_61 = 0.0; var a3_62 = 0.0; var a3_63 = 0.0;
+    var a4_0 = 0.0; var a4_1 = 0.0; var a4_2 = 0.0; var a4_3 = 0.0; var a4_4 = 0.0; var a4_5 = 0.0; var a4_6 = 0.0; var a4_7 = 0.0; var a4_8 = 0.0; var a4_9 = 0.0; var a4_10 = 0.0; var a4_11 = 0.0; var a4_12 = 0.0; var a4_13 = 0.0; var a4_14 = 0.0; var a4_15 = 0.0; var a4_16 = 0.0; var a4_17 = 0.0; var a4_18 = 0.0; var a4_19 = 0.0; var a4_20 = 0.0; var a4_21 = 0.0; var a4_22 = 0.0; var a4_23 = 0.0; var a4_24 = 0.0; var a4_25 = 0.0; var a4_26 = 0.0; var a4_27 = 0.0; var a4_28 = 0.0; var a4_29 = 0.0; var a4_30 = 0.0; var a4_31 = 0.0; var a4_32 = 0.0; var a4_33 = 0.0; var a4_34 = 0.0; var a4_35 = 0.0; var a4_36 = 0.0; var a4_37 = 0.0; var a4_38 = 0.0; var a4_39 = 0.0; var a4_40 = 0.0; var a4_41 = 0.0; var a4_42 = 0.0; var a4_43 = 0.0; var a4_44 = 0.0; var a4_45 = 0.0; var a4_46 = 0.0; var a4_47 = 0.0; var a4_48 = 0.0; var a4_49 = 0.0; var a4_50 = 0.0; var a4_51 = 0.0; var a4_52 = 0.0; var a4_53 = 0.0; var a4_54 = 0.0; var a4_55 = 0.0; var a4_56 = 0.0; var a4_57 = 0.0; var a4_58 = 0.0; var a4_59 = 0.0; var a4_60 = 0.0; var a4_61 = 0.0; var a4_62 = 0.0; var a4_63 = 0.0;
+    var a5_0 = 0.0; var a5_1 = 0.0; var a5_2 = 0.0; var a5_3 = 0.0; var a5_4 = 0.0; var a5_5 = 0.0; var a5_6 = 0.0; var a5_7 = 0.0; var a5_8 = 0.0; var a5_9 = 0.0; var a5_10 = 0.0; var a5_11 = 0.0; var a5_12 = 0.0; var a5_13 = 0.0; var a5_14 = 0.0; var a5_15 = 0.0; var a5_16 = 0.0; var a5_17 = 0.0; var a5_18 = 0.0; var a5_19 = 0.0; var a5_20 = 0.0; var a5_21 = 0.0; var a5_22 = 0.0; var a5_23 = 0.0; var a5_24 = 0.0; var a5_25 = 0.0; var a5_26 = 0.0; var a5_27 = 0.0; var a5_28 = 0.0; var a5_29 = 0.0; var a5_30 = 0.0; var a5_31 = 0.0; var a5_32 = 0.0; var a5_33 = 0.0; var a5_34 = 0.0; var a5_35 = 0.0; var a5_36 = 0.0; var a5_37 = 0.0; var a5_38 = 0.0; var a5_39 = 0.0; var a5_40 = 0.0; var a5_41 = 0.0; var a5_42 = 0.0; var a5_43 = 0.0; var a5_44 = 0.0; var a5_45 = 0.0; var a5_46 = 0.0; var a5_47 = 0.0; var a5_48 = 0.0; var a5_49 = 0.0; var a5_50 = 0.0; var a5_51 = 0.0; var a5_52 = 0.0; var a5_53 = 0.0; var a5_54 = 0.0; var a5_55 = 0.0; var a5_56 = 0.0; var a5_57 = 0.0; var a5_58 = 0.0; var a5_59 = 0.0; var a5_60 = 0.0; var a5_61 = 0.0; var a5_62 = 0.0; var a5_63 = 0.0;
+    var a6_0 = 0.0; var a6_1 = 0.0; var a6_2 = 0.0; var a6_3 = 0.0; var a6_4 = 0.0; var a6_5 = 0.0; var a6_6 = 0.0; var a6_7 = 0.0; var a6_8 = 0.0; var a6_9 = 0.0; var a6_10 = 0.0; var a6_11 = 0.0; var a6_12 = 0.0; var a6_13 = 0.0; var a6_14 = 0.0; var a6_15 = 0.0; var a6_16 = 0.0; var a6_17 = 0.0; var a6_18 = 0.0; var a6_19 = 0.0; var a6_20 = 0.0; var a6_21 = 0.0; var a6_22 = 0.0; var a6_23 = 0.0; var a6_24 = 0.0; var a6_25 = 0.0; var a6_26 = 0.0; var a6_27 = 0.0; var a6_28 = 0.0; var a6_29 = 0.0; var a6_30 = 0.0; var a6_31 = 0.0; var a6_32 = 0.0; var a6_33 = 0.0; var a6_34 = 0.0; var a6_35 = 0.0; var a6_36 = 0.0; var a6_37 = 0.0; var a6_38 = 0.0; var a6_39 = 0.0; var a6_40 = 0.0; var a6_41 = 0.0; var a6_42 = 0.0; var a6_43 = 0.0; var a6_44 = 0.0; var a6_45 = 0.0; var a6_46 = 0.0; var a6_47 = 0.0; var a6_48 = 0.0; var a6_49 = 0.0; var a6_50 = 0.0; var a6_51 = 0.0; var a6_52 = 0.0; var a6_53 = 0.0; var a6_54 = 0.0; var a6_55 = 0.0; var a6_56 = 0.0; var a6_57 = 0.0; var a6_58 = 0.0; var a6_59 = 0.0; var a6_60 = 0.0; var a6_61 = 0.0; var a6_62 = 0.0; var a6_63 = 0.0;
+    var a7_0 = 0.0; var a7_1 = 0.0; var a7_2 = 0.0; var a7_3 = 0.0; var a7_4 = 0.0; var a7_5 = 0.0; var a7_6 = 0.0; var a7_7 = 0.0; var a7_8 = 0.0; var a7_9 = 0.0; var a7_10 = 0.0; var a7_11 = 0.0; var a7_12 = 0.0; var a7_13 = 0.0; var a7_14 = 0.0; var a7_15 = 0.0; var a7_16 = 0.0; var a7_17 = 0.0; var a7_18 = 0.0; var a7_19 = 0.0; var a7_20 = 0.0; var a7_21 = 0.0; var a7_22 = 0.0; var a7_23 = 0.0; var a7_24 = 0.0; var a7_25 = 0.0; var a7_26 = 0.0; var a7_27 = 0.0; var a7_28 = 0.0; var a7_29 = 0.0; var a7_30 = 0.0; var a7_31 = 0.0; var a7_32 = 0.0; var a7_33 = 0.0; var a7_34 = 0.0; var a7_35 = 0.0; var a7_36 = 0.0; var a7_37 = 0.0; var a7_38 = 0.0; var a7_39 = 0.0; var a7_40 = 0.0; var a7_41 = 0.0; var a7_42 = 0.0; var a7_43 = 0.0; var a7_44 = 0.0; var a7_45 = 0.0; var a7_46 = 0.0; var a7_47 = 0.0; var a7_48 = 0.0; var a7_49 = 0.0; var a7_50 = 0.0; var a7_51 = 0.0; var a7_52 = 0.0; var a7_53 = 0.0; var a7_54 = 0.0; var a7_55 = 0.0; var a7_56 = 0.0; var a7_57 = 0.0; var a7_58 = 0.0; var a7_59 = 0.0; var a7_60 = 0.0; var a7_61 = 0.0; var a7_62 = 0.0; var a7_63 = 0.0;
+    for (var c = 0u; c < p.c; c++) {
+        let base = (n * p.c + c) * p.dhw;
+        let v0 = select(0.0, x[base + vi0], vk0);
+        let v1 = select(0.0, x[base + vi1], vk1);
+        let v2 = select(0.0, x[base + vi2], vk2);
+        let v3 = select(0.0, x[base + vi3], vk3);
+        let v4 = select(0.0, x[base + vi4], vk4);
+        let v5 = select(0.0, x[base + vi5], vk5);
+        let v6 = select(0.0, x[base + vi6], vk6);
+        let v7 = select(0.0, x[base + vi7], vk7);
+        let w0 = wt[wo0 + c];
+        let w1 = wt[wo1 + c];
+        let w2 = wt[wo2 + c];
+        let w3 = wt[wo3 + c];
+        let w4 = wt[wo4 + c];
+        let w5 = wt[wo5 + c];
+        let w6 = wt[wo6 + c];
+        let w7 = wt[wo7 + c];
+        {
+            let q = subgroupBroadcast(w0, 0u);
+            a0_0 = fma(v0, q, a0_0);
+            a1_0 = fma(v1, q, a1_0);
+            a2_0 = fma(v2, q, a2_0);
+            a3_0 = fma(v3, q, a3_0);
+            a4_0 = fma(v4, q, a4_0);
+            a5_0 = fma(v5, q, a5_0);
+            a6_0 = fma(v6, q, a6_0);
+            a7_0 = fma(v7, q, a7_0);
+        }
+        {
+            let q = subgroupBroadcast(w0, 1u);
+            a0_1 = fma(v0, q, a0_1);
+            a1_1 = fma(v1, q, a1_1);
+            a2_1 = fma(v2, q, a2_1);
+            a3_1 = fma(v3, q, a3_1);
+            a4_1 = fma(v4, q, a4_1);
+            a5_1 = fma(v5, q, a5_1);
+            a6_1 = fma(v6, q, a6_1);
+            a7_1 = fma(v7, q, a7_1);
+        }
+        {
+            let q = subgroupBroadcast(w0, 2u);
+            a0_2 = fma(v0, q, a0_2);
+            a1_2 = fma(v1, q, a1_2);
+            a2_2 = fma(v2, q, a2_2);
+            a3_2 = fma(v3, q, a3_2);
+            a4_2 = fma(v4, q, a4_2);
+            a5_2 = fma(v5, q, a5_2);
+            a6_2 = fma(v6, q, a6_2);
+            a7_2 = fma(v7, q, a7_2);
+        }
+        {
+            let q = subgroupBroadcast(w0, 3u);
+            a0_3 = fma(v0, q, a0_3);
+            a1_3 = fma(v1, q, a1_3);
+            a2_3 = fma(v2, q, a2_3);
+            a3_3 = fma(v3, q, a3_3);
+            a4_3 = fma(v4, q, a4_3);
+            a5_3 = fma(v5, q, a5_3);
+            a6_3 = fma(v6, q, a6_3);
+            a7_3 = fma(v7, q, a7_3);
+        }
+        {
+            let q = subgroupBroadcast(w0, 4u);
+            a0_4 = fma(v0, q, a0_4);
+            a1_4 = fma(v1, q, a1_4);
+            a2_4 = fma(v2, q, a2_4);
+            a3_4 = fma(v3, q, a3_4);
+            a4_4 = fma(v4, q, a4_4);
+            a5_4 = fma(v5, q, a5_4);
+            a6_4 = fma(v6, q, a6_4);
+            a7_4 = fma(v7, q, a7_4);
+        }
+        {
+            let q = subgroupBroadcast(w0, 5u);
+            a0_5 = fma(v0, q, a0_5);
+            a1_5 = fma(v1, q, a1_5);
+            a2_5 = fma(v2, q, a2_5);
+            a3_5 = fma(v3, q, a3_5);
+            a4_5 = fma(v4, q, a4_5);
+            a5_5 = fma(v5, q, a5_5);
+            a6_5 = fma(v6, q, a6_5);
+            a7_5 = fma(v7, q, a7_5);
+        }
+        {
+            let q = subgroupBroadcast(w0, 6u);
+            a0_6 = fma(v0, q, a0_6);
+            a1_6 = fma(v1, q, a1_6);
+            a2_6 = fma(v2, q, a2_6);
+            a3_6 = fma(v3, q, a3_6);
+            a4_6 = fma(v4, q, a4_6);
+            a5_6 = fma(v5, q, a5_6);
+            a6_6 = fma(v6, q, a6_6);
+            a7_6 = fma(v7, q, a7_6);
+        }
+        {
+            let q = subgroupBroadcast(w0, 7u);
+            a0_7 = fma(v0, q, a0_7);
+            a1_7 = fma(v1, q, a1_7);
+            a2_7 = fma(v2, q, a2_7);
+            a3_7 = fma(v3, q, a3_7);
+            a4_7 = fma(v4, q, a4_7);
+            a5_7 = fma(v5, q, a5_7);
+            a6_7 = fma(v6, q, a6_7);
+            a7_7 = fma(v7, q, a7_7);
+        }
+        {
+            let q = subgroupBroadcast(w1, 0u);
+            a0_8 = fma(v0, q, a0_8);
+            a1_8 = fma(v1, q, a1_8);
+            a2_8 = fma(v2, q, a2_8);
+            a3_8 = fma(v3, q, a3_8);
+            a4_8 = fma(v4, q, a4_8);
+            a5_8 = fma(v5, q, a5_8);
+            a6_8 = fma(v6, q, a6_8);
+            a7_8 = fma(v7, q, a7_8);
+        }
+        {
+            let q = subgroupBroadcast(w1, 1u);
+            a0_9 = fma(v0, q, a0_9);
+            a1_9 = fma(v1, q, a1_9);
+            a2_9 = fma(v2, q, a2_9);
+            a3_9 = fma(v3, q, a3_9);
+            a4_9 = fma(v4, q, a4_9);
+            a5_9 = fma(v5, q, a5_9);
+            a6_9 = fma(v6, q, a6_9);
+            a7_9 = fma(v7, q, a7_9);
+        }
+        {
+            let q = subgroupBroadcast(w1, 2u);
+            a0_10 = fma(v0, q, a0_10);
+            a1_10 = fma(v1, q, a1_10);
+            a2_10 = fma(v2, q, a2_10);
+            a3_10 = fma(v3, q, a3_10);
+            a4_10 = fma(v4, q, a4_10);
+            a5_10 = fma(v5, q, a5_10);
+            a6_10 = fma(v6, q, a6_10);
+            a7_10 = fma(v7, q, a7_10);
+        }
+        {
+            let q = subgroupBroadcast(w1, 3u);
+            a0_11 = fma(v0, q, a0_11);
+            a1_11 = fma(v1, q, a1_11);
+            a2_11 = fma(v2, q, a2_11);
+            a3_11 = fma(v3, q, a3_11);
+            a4_11 = fma(v4, q, a4_11);
+            a5_11 = fma(v5, q, a5_11);
+            a6_11 = fma(v6, q, a6_11);
+            a7_11 = fma(v7, q, a7_11);
+        }
+        {
+            let q = subgroupBroadcast(w1, 4u);
+            a0_12 = fma(v0, q, a0_12);
+            a1_12 = fma(v1, q, a1_12);
+            a2_12 = fma(v2, q, a2_12);
+            a3_12 = fma(v3, q, a3_12);
+            a4_12 = fma(v4, q, a4_12);
+            a5_12 = fma(v5, q, a5_12);
+            a6_12 = fma(v6, q, a6_12);
+            a7_12 = fma(v7, q, a7_12);
+        }
+        {
+            let q = subgroupBroadcast(w1, 5u);
+            a0_13 = fma(v0, q, a0_13);
+            a1_13 = fma(v1, q, a1_13);
+            a2_13 = fma(v2, q, a2_13);
+            a3_13 = fma(v3, q, a3_13);
+            a4_13 = fma(v4, q, a4_13);
+            a5_13 = fma(v5, q, a5_13);
+            a6_13 = fma(v6, q, a6_13);
+            a7_13 = fma(v7, q, a7_13);
+        }
+        {
+            let q = subgroupBroadcast(w1, 6u);
+            a0_14 = fma(v0, q, a0_14);
+            a1_14 = fma(v1, q, a1_14);
+            a2_14 = fma(v2, q, a2_14);
+            a3_14 = fma(v3, q, a3_14);
+            a4_14 = fma(v4, q, a4_14);
+            a5_14 = fma(v5, q, a5_14);
+            a6_14 = fma(v6, q, a6_14);
+            a7_14 = fma(v7, q, a7_14);
+        }
+        {
+            let q = subgroupBroadcast(w1, 7u);
+            a0_15 = fma(v0, q, a0_15);
+            a1_15 = fma(v1, q, a1_15);
+            a2_15 = fma(v2, q, a2_15);
+            a3_15 = fma(v3, q, a3_15);
+            a4_15 = fma(v4, q, a4_15);
+            a5_15 = fma(v5, q, a5_15);
+            a6_15 = fma(v6, q, a6_15);
+            a7_15 = fma(v7, q, a7_15);
+        }
+        {
+            let q = subgroupBroadcast(w2, 0u);
+            a0_16 = fma(v0, q, a0_16);
+            a1_16 = fma(v1, q, a1_16);
+            a2_16 = fma(v2, q, a2_16);
+            a3_16 = fma(v3, q, a3_16);
+            a4_16 = fma(v4, q, a4_16);
+            a5_16 = fma(v5, q, a5_16);
+            a6_16 = fma(v6, q, a6_16);
+            a7_16 = fma(v7, q, a7_16);
+        }
+        {
+            let q = subgroupBroadcast(w2, 1u);
+            a0_17 = fma(v0, q, a0_17);
+            a1_17 = fma(v1, q, a1_17);
+            a2_17 = fma(v2, q, a2_17);
+            a3_17 = fma(v3, q, a3_17);
+            a4_17 = fma(v4, q, a4_17);
+            a5_17 = fma(v5, q, a5_17);
+            a6_17 = fma(v6, q, a6_17);
+            a7_17 = fma(v7, q, a7_17);
+        }
+        {
+            let q = subgroupBroadcast(w2, 2u);
+            a0_18 = fma(v0, q, a0_18);
+            a1_18 = fma(v1, q, a1_18);
+            a2_18 = fma(v2, q, a2_18);
+            a3_18 = fma(v3, q, a3_18);
+            a4_18 = fma(v4, q, a4_18);
+            a5_18 = fma(v5, q, a5_18);
+            a6_18 = fma(v6, q, a6_18);
+            a7_18 = fma(v7, q, a7_18);
+        }
+        {
+            let q = subgroupBroadcast(w2, 3u);
+            a0_19 = fma(v0, q, a0_19);
+            a1_19 = fma(v1, q, a1_19);
+            a2_19 = fma(v2, q, a2_19);
+            a3_19 = fma(v3, q, a3_19);
+            a4_19 = fma(v4, q, a4_19);
+            a5_19 = fma(v5, q, a5_19);
+            a6_19 = fma(v6, q, a6_19);
+            a7_19 = fma(v7, q, a7_19);
+        }
+        {
+            let q = subgroupBroadcast(w2, 4u);
+            a0_20 = fma(v0, q, a0_20);
+            a1_20 = fma(v1, q, a1_20);
+            a2_20 = fma(v2, q, a2_20);
+            a3_20 = fma(v3, q, a3_20);
+            a4_20 = fma(v4, q, a4_20);
+            a5_20 = fma(v5, q, a5_20);
+            a6_20 = fma(v6, q, a6_20);
+            a7_20 = fma(v7, q, a7_20);
+        }
+        {
+            let q = subgroupBroadcast(w2, 5u);
+            a0_21 = fma(v0, q, a0_21);
+            a1_21 = fma(v1, q, a1_21);
+            a2_21 = fma(v2, q, a2_21);
+            a3_21 = fma(v3, q, a3_21);
+            a4_21 = fma(v4, q, a4_21);
+            a5_21 = fma(v5, q, a5_21);
+            a6_21 = fma(v6, q, a6_21);
+            a7_21 = fma(v7, q, a7_21);
+        }
+        {
+            let q = subgroupBroadcast(w2, 6u);
+            a0_22 = fma(v0, q, a0_22);
+            a1_22 = fma(v1, q, a1_22);
+            a2_22 = fma(v2, q, a2_22);
+            a3_22 = fma(v3, q, a3_22);
+            a4_22 = fma(v4, q, a4_22);
+            a5_22 = fma(v5, q, a5_22);
+            a6_22 = fma(v6, q, a6_22);
+            a7_22 = fma(v7, q, a7_22);
+        }
+        {
+            let q = subgroupBroadcast(w2, 7u);
+            a0_23 = fma(v0, q, a0_23);
+            a1_23 = fma(v1, q, a1_23);
+            a2_23 = fma(v2, q, a2_23);
+            a3_23 = fma(v3, q, a3_23);
+            a4_23 = fma(v4, q, a4_23);
+            a5_23 = fma(v5, q, a5_23);
+            a6_23 = fma(v6, q, a6_23);
+            a7_23 = fma(v7, q, a7_23);
+        }
+        {
+            let q = subgroupBroadcast(w3, 0u);
+            a0_24 = fma(v0, q, a0_24);
+            a1_24 = fma(v1, q, a1_24);
+            a2_24 = fma(v2, q, a2_24);
+            a3_24 = fma(v3, q, a3_24);
+            a4_24 = fma(v4, q, a4_24);
+            a5_24 = fma(v5, q, a5_24);
+            a6_24 = fma(v6, q, a6_24);
+            a7_24 = fma(v7, q, a7_24);
+        }
+        {
+            let q = subgroupBroadcast(w3, 1u);
+            a0_25 = fma(v0, q, a0_25);
+            a1_25 = fma(v1, q, a1_25);
+            a2_25 = fma(v2, q, a2_25);
+            a3_25 = fma(v3, q, a3_25);
+            a4_25 = fma(v4, q, a4_25);
+            a5_25 = fma(v5, q, a5_25);
+            a6_25 = fma(v6, q, a6_25);
+            a7_25 = fma(v7, q, a7_25);
+        }
+        {
+            let q = subgroupBroadcast(w3, 2u);
+            a0_26 = fma(v0, q, a0_26);
+            a1_26 = fma(v1, q, a1_26);
+            a2_26 = fma(v2, q, a2_26);
+            a3_26 = fma(v3, q, a3_26);
+            a4_26 = fma(v4, q, a4_26);
+            a5_26 = fma(v5, q, a5_26);
+            a6_26 = fma(v6, q, a6_26);
+            a7_26 = fma(v7, q, a7_26);
+        }
+        {
+            let q = subgroupBroadcast(w3, 3u);
+            a0_27 = fma(v0, q, a0_27);
+            a1_27 = fma(v1, q, a1_27);
+            a2_27 = fma(v2, q, a2_27);
+            a3_27 = fma(v3, q, a3_27);
+            a4_27 = fma(v4, q, a4_27);
+            a5_27 = fma(v5, q, a5_27);
+            a6_27 = fma(v6, q, a6_27);
+            a7_27 = fma(v7, q, a7_27);
+        }
+        {
+            let q = subgroupBroadcast(w3, 4u);
+            a0_28 = fma(v0, q, a0_28);
+            a1_28 = fma(v1, q, a1_28);
+            a2_28 = fma(v2, q, a2_28);
+            a3_28 = fma(v3, q, a3_28);
+            a4_28 = fma(v4, q, a4_28);
+            a5_28 = fma(v5, q, a5_28);
+            a6_28 = fma(v6, q, a6_28);
+            a7_28 = fma(v7, q, a7_28);
+        }
+        {
+            let q = subgroupBroadcast(w3, 5u);
+            a0_29 = fma(v0, q, a0_29);
+            a1_29 = fma(v1, q, a1_29);
+            a2_29 = fma(v2, q, a2_29);
+            a3_29 = fma(v3, q, a3_29);
+            a4_29 = fma(v4, q, a4_29);
+            a5_29 = fma(v5, q, a5_29);
+            a6_29 = fma(v6, q, a6_29);
+            a7_29 = fma(v7, q, a7_29);
+        }
+        {
+            let q = subgroupBroadcast(w3, 6u);
+            a0_30 = fma(v0, q, a0_30);
+            a1_30 = fma(v1, q, a1_30);
+            a2_30 = fma(v2, q, a2_30);
+            a3_30 = fma(v3, q, a3_30);
+            a4_30 = fma(v4, q, a4_30);
+            a5_30 = fma(v5, q, a5_30);
+            a6_30 = fma(v6, q, a6_30);
+            a7_30 = fma(v7, q, a7_30);
+        }
+        {
+            let q = subgroupBroadcast(w3, 7u);
+            a0_31 = fma(v0, q, a0_31);
+            a1_31 = fma(v1, q, a1_31);
+            a2_31 = fma(v2, q, a2_31);
+            a3_31 = fma(v3, q, a3_31);
+            a4_31 = fma(v4, q, a4_31);
+            a5_31 = fma(v5, q, a5_31);
+            a6_31 = fma(v6, q, a6_31);
+            a7_31 = fma(v7, q, a7_31);
+        }
+        {
+            let q = subgroupBroadcast(w4, 0u);
+            a0_32 = fma(v0, q, a0_32);
+            a1_32 = fma(v1, q, a1_32);
+            a2_32 = fma(v2, q, a2_32);
+            a3_32 = fma(v3, q, a3_32);
+            a4_32 = fma(v4, q, a4_32);
+            a5_32 = fma(v5, q, a5_32);
+            a6_32 = fma(v6, q, a6_32);
+            a7_32 = fma(v7, q, a7_32);
+        }
+        {
+            let q = subgroupBroadcast(w4, 1u);
+            a0_33 = fma(v0, q, a0_33);
+            a1_33 = fma(v1, q, a1_33);
+            a2_33 = fma(v2, q, a2_33);
+            a3_33 = fma(v3, q, a3_33);
+            a4_33 = fma(v4, q, a4_33);
+            a5_33 = fma(v5, q, a5_33);
+            a6_33 = fma(v6, q, a6_33);
+            a7_33 = fma(v7, q, a7_33);
+        }
+        {
+            let q = subgroupBroadcast(w4, 2u);
+            a0_34 = fma(v0, q, a0_34);
+            a1_34 = fma(v1, q, a1_34);
+            a2_34 = fma(v2, q, a2_34);
+            a3_34 = fma(v3, q, a3_34);
+            a4_34 = fma(v4, q, a4_34);
+            a5_34 = fma(v5, q, a5_34);
+            a6_34 = fma(v6, q, a6_34);
+            a7_34 = fma(v7, q, a7_34);
+        }
+        {
+            let q = subgroupBroadcast(w4, 3u);
+            a0_35 = fma(v0, q, a0_35);
+            a1_35 = fma(v1, q, a1_35);
+            a2_35 = fma(v2, q, a2_35);
+            a3_35 = fma(v3, q, a3_35);
+            a4_35 = fma(v4, q, a4_35);
+            a5_35 = fma(v5, q, a5_35);
+            a6_35 = fma(v6, q, a6_35);
+            a7_35 = fma(v7, q, a7_35);
+        }
+        {
+            let q = subgroupBroadcast(w4, 4u);
+            a0_36 = fma(v0, q, a0_36);
+            a1_36 = fma(v1, q, a1_36);
+            a2_36 = fma(v2, q, a2_36);
+            a3_36 = fma(v3, q, a3_36);
+            a4_36 = fma(v4, q, a4_36);
+            a5_36 = fma(v5, q, a5_36);
+            a6_36 = fma(v6, q, a6_36);
+            a7_36 = fma(v7, q, a7_36);
+        }
+        {
+            let q = subgroupBroadcast(w4, 5u);
+            a0_37 = fma(v0, q, a0_37);
+            a1_37 = fma(v1, q, a1_37);
+            a2_37 = fma(v2, q, a2_37);
+            a3_37 = fma(v3, q, a3_37);
+            a4_37 = fma(v4, q, a4_37);
+            a5_37 = fma(v5, q, a5_37);
+            a6_37 = fma(v6, q, a6_37);
+            a7_37 = fma(v7, q, a7_37);
+        }
+        {
+            let q = subgroupBroadcast(w4, 6u);
+            a0_38 = fma(v0, q, a0_38);
+            a1_38 = fma(v1, q, a1_38);
+            a2_38 = fma(v2, q, a2_38);
+            a3_38 = fma(v3, q, a3_38);
+            a4_38 = fma(v4, q, a4_38);
+            a5_38 = fma(v5, q, a5_38);
+            a6_38 = fma(v6, q, a6_38);
+            a7_38 = fma(v7, q, a7_38);
+        }
+        {
+            let q = subgroupBroadcast(w4, 7u);
+            a0_39 = fma(v0, q, a0_39);
+            a1_39 = fma(v1, q, a1_39);
+            a2_39 = fma(v2, q, a2_39);
+            a3_39 = fma(v3, q, a3_39);
+            a4_39 = fma(v4, q, a4_39);
+            a5_39 = fma(v5, q, a5_39);
+            a6_39 = fma(v6, q, a6_39);
+            a7_39 = fma(v7, q, a7_39);
+        }
+        {
+            let q = subgroupBroadcast(w5, 0u);
+            a0_40 = fma(v0, q, a0_40);
+            a1_40 = fma(v1, q, a1_40);
+            a2_40 = fma(v2, q, a2_40);
+            a3_40 = fma(v3, q, a3_40);
+            a4_40 = fma(v4, q, a4_40);
+            a5_40 = fma(v5, q, a5_40);
+            a6_40 = fma(v6, q, a6_40);
+            a7_40 = fma(v7, q, a7_40);
+        }
+        {
+            let q = subgroupBroadcast(w5, 1u);
+            a0_41 = fma(v0, q, a0_41);
+            a1_41 = fma(v1, q, a1_41);
+            a2_41 = fma(v2, q, a2_41);
+            a3_41 = fma(v3, q, a3_41);
+            a4_41 = fma(v4, q, a4_41);
+            a5_41 = fma(v5, q, a5_41);
+            a6_41 = fma(v6, q, a6_41);
+            a7_41 = fma(v7, q, a7_41);
+        }
+        {
+            let q = subgroupBroadcast(w5, 2u);
+            a0_42 = fma(v0, q, a0_42);
+            a1_42 = fma(v1, q, a1_42);
+            a2_42 = fma(v2, q, a2_42);
+            a3_42 = fma(v3, q, a3_42);
+            a4_42 = fma(v4, q, a4_42);
+            a5_42 = fma(v5, q, a5_42);
+            a6_42 = fma(v6, q, a6_42);
+            a7_42 = fma(v7, q, a7_42);
+        }
+        {
+            let q = subgroupBroadcast(w5, 3u);
+            a0_43 = fma(v0, q, a0_43);
+            a1_43 = fma(v1, q, a1_43);
+            a2_43 = fma(v2, q, a2_43);
+            a3_43 = fma(v3, q, a3_43);
+            a4_43 = fma(v4, q, a4_43);
+            a5_43 = fma(v5, q, a5_43);
+            a6_43 = fma(v6, q, a6_43);
+            a7_43 = fma(v7, q, a7_43);
+        }
+        {
+            let q = subgroupBroadcast(w5, 4u);
+            a0_44 = fma(v0, q, a0_44);
+            a1_44 = fma(v1, q, a1_44);
+            a2_44 = fma(v2, q, a2_44);
+            a3_44 = fma(v3, q, a3_44);
+            a4_44 = fma(v4, q, a4_44);
+            a5_44 = fma(v5, q, a5_44);
+            a6_44 = fma(v6, q, a6_44);
+            a7_44 = fma(v7, q, a7_44);
+        }
+        {
+            let q = subgroupBroadcast(w5, 5u);
+            a0_45 = fma(v0, q, a0_45);
+            a1_45 = fma(v1, q, a1_45);
+            a2_45 = fma(v2, q, a2_45);
+            a3_45 = fma(v3, q, a3_45);
+            a4_45 = fma(v4, q, a4_45);
+            a5_45 = fma(v5, q, a5_45);
+            a6_45 = fma(v6, q, a6_45);
+            a7_45 = fma(v7, q, a7_45);
+        }
+        {
+            let q = subgroupBroadcast(w5, 6u);
+            a0_46 = fma(v0, q, a0_46);
+            a1_46 = fma(v1, q, a1_46);
+            a2_46 = fma(v2, q, a2_46);
+            a3_46 = fma(v3, q, a3_46);
+            a4_46 = fma(v4, q, a4_46);
+            a5_46 = fma(v5, q, a5_46);
+            a6_46 = fma(v6, q, a6_46);
+            a7_46 = fma(v7, q, a7_46);
+        }
+        {
+            let q = subgroupBroadcast(w5, 7u);
+            a0_47 = fma(v0, q, a0_47);
+            a1_47 = fma(v1, q, a1_47);
+            a2_47 = fma(v2, q, a2_47);
+            a3_47 = fma(v3, q, a3_47);
+            a4_47 = fma(v4, q, a4_47);
+            a5_47 = fma(v5, q, a5_47);
+            a6_47 = fma(v6, q, a6_47);
+            a7_47 = fma(v7, q, a7_47);
+        }
+        {
+            let q = subgroupBroadcast(w6, 0u);
+            a0_48 = fma(v0, q, a0_48);
+            a1_48 = fma(v1, q, a1_48);
+            a2_48 = fma(v2, q, a2_48);
+            a3_48 = fma(v3, q, a3_48);
+            a4_48 = fma(v4, q, a4_48);
+            a5_48 = fma(v5, q, a5_48);
+            a6_48 = fma(v6, q, a6_48);
+            a7_48 = fma(v7, q, a7_48);
+        }
+        {
+            let q = subgroupBroadcast(w6, 1u);
+            a0_49 = fma(v0, q, a0_49);
+            a1_49 = fma(v1, q, a1_49);
+            a2_49 = fma(v2, q, a2_49);
+            a3_49 = fma(v3, q, a3_49);
+            a4_49 = fma(v4, q, a4_49);
+            a5_49 = fma(v5, q, a5_49);
+            a6_49 = fma(v6, q, a6_49);
+            a7_49 = fma(v7, q, a7_49);
+        }
+        {
+            let q = subgroupBroadcast(w6, 2u);
+            a0_50 = fma(v0, q, a0_50);
+            a1_50 = fma(v1, q, a1_50);
+            a2_50 = fma(v2, q, a2_50);
+            a3_50 = fma(v3, q, a3_50);
+            a4_50 = fma(v4, q, a4_50);
+            a5_50 = fma(v5, q, a5_50);
+            a6_50 = fma(v6, q, a6_50);
+            a7_50 = fma(v7, q, a7_50);
+        }
+        {
+            let q = subgroupBroadcast(w6, 3u);
+            a0_51 = fma(v0, q, a0_51);
+            a1_51 = fma(v1, q, a1_51);
+            a2_51 = fma(v2, q, a2_51);
+            a3_51 = fma(v3, q, a3_51);
+            a4_51 = fma(v4, q, a4_51);
+            a5_51 = fma(v5, q, a5_51);
+            a6_51 = fma(v6, q, a6_51);
+            a7_51 = fma(v7, q, a7_51);
+        }
+        {
+            let q = subgroupBroadcast(w6, 4u);
+            a0_52 = fma(v0, q, a0_52);
+            a1_52 = fma(v1, q, a1_52);
+            a2_52 = fma(v2, q, a2_52);
+            a3_52 = fma(v3, q, a3_52);
+            a4_52 = fma(v4, q, a4_52);
+            a5_52 = fma(v5, q, a5_52);
+            a6_52 = fma(v6, q, a6_52);
+            a7_52 = fma(v7, q, a7_52);
+        }
+        {
+            let q = subgroupBroadcast(w6, 5u);
+            a0_53 = fma(v0, q, a0_53);
+            a1_53 = fma(v1, q, a1_53);
+            a2_53 = fma(v2, q, a2_53);
+            a3_53 = fma(v3, q, a3_53);
+            a4_53 = fma(v4, q, a4_53);
+            a5_53 = fma(v5, q, a5_53);
+            a6_53 = fma(v6, q, a6_53);
+            a7_53 = fma(v7, q, a7_53);
+        }
+        {
+            let q = subgroupBroadcast(w6, 6u);
+            a0_54 = fma(v0, q, a0_54);
+            a1_54 = fma(v1, q, a1_54);
+            a2_54 = fma(v2, q, a2_54);
+            a3_54 = fma(v3, q, a3_54);
+            a4_54 = fma(v4, q, a4_54);
+            a5_54 = fma(v5, q, a5_54);
+            a6_54 = fma(v6, q, a6_54);
+            a7_54 = fma(v7, q, a7_54);
+        }
+        {
+            let q = subgroupBroadcast(w6, 7u);
+            a0_55 = fma(v0, q, a0_55);
+            a1_55 = fma(v1, q, a1_55);
+            a2_55 = fma(v2, q, a2_55);
+            a3_55 = fma(v3, q, a3_55);
+            a4_55 = fma(v4, q, a4_55);
+            a5_55 = fma(v5, q, a5_55);
+            a6_55 = fma(v6, q, a6_55);
+            a7_55 = fma(v7, q, a7_55);
+        }
+        {
+            let q = subgroupBroadcast(w7, 0u);
+            a0_56 = fma(v0, q, a0_56);
+            a1_56 = fma(v1, q, a1_56);
+            a2_56 = fma(v2, q, a2_56);
+            a3_56 = fma(v3, q, a3_56);
+            a4_56 = fma(v4, q, a4_56);
+            a5_56 = fma(v5, q, a5_56);
+            a6_56 = fma(v6, q, a6_56);
+            a7_56 = fma(v7, q, a7_56);
+        }
+        {
+            let q = subgroupBroadcast(w7, 1u);
+            a0_57 = fma(v0, q, a0_57);
+            a1_57 = fma(v1, q, a1_57);
+            a2_57 = fma(v2, q, a2_57);
+            a3_57 = fma(v3, q, a3_57);
+            a4_57 = fma(v4, q, a4_57);
+            a5_57 = fma(v5, q, a5_57);
+            a6_57 = fma(v6, q, a6_57);
+            a7_57 = fma(v7, q, a7_57);
+        }
+        {
+            let q = subgroupBroadcast(w7, 2u);
+            a0_58 = fma(v0, q, a0_58);
+            a1_58 = fma(v1, q, a1_58);
+            a2_58 = fma(v2, q, a2_58);
+            a3_58 = fma(v3, q, a3_58);
+            a4_58 = fma(v4, q, a4_58);
+            a5_58 = fma(v5, q, a5_58);
+            a6_58 = fma(v6, q, a6_58);
+            a7_58 = fma(v7, q, a7_58);
+        }
+        {
+            let q = subgroupBroadcast(w7, 3u);
+            a0_59 = fma(v0, q, a0_59);
+            a1_59 = fma(v1, q, a1_59);
+            a2_59 = fma(v2, q, a2_59);
+            a3_59 = fma(v3, q, a3_59);
+            a4_59 = fma(v4, q, a4_59);
+            a5_59 = fma(v5, q, a5_59);
+            a6_59 = fma(v6, q, a6_59);
+            a7_59 = fma(v7, q, a7_59);
+        }
+        {
+            let q = subgroupBroadcast(w7, 4u);
+            a0_60 = fma(v0, q, a0_60);
+            a1_60 = fma(v1, q, a1_60);
+            a2_60 = fma(v2, q, a2_60);
+            a3_60 = fma(v3, q, a3_60);
+            a4_60 = fma(v4, q, a4_60);
+            a5_60 = fma(v5, q, a5_60);
+            a6_60 = fma(v6, q, a6_60);
+            a7_60 = fma(v7, q, a7_60);
+        }
+        {
+            let q = subgroupBroadcast(w7, 5u);
+            a0_61 = fma(v0, q, a0_61);
+            a1_61 = fma(v1, q, a1_61);
+            a2_61 = fma(v2, q, a2_61);
+            a3_61 = fma(v3, q, a3_61);
+            a4_61 = fma(v4, q, a4_61);
+            a5_61 = fma(v5, q, a5_61);
+            a6_61 = fma(v6, q, a6_61);
+            a7_61 = fma(v7, q, a7_61);
+        }
+        {
+            let q = subgroupBroadcast(w7, 6u);
+            a0_62 = fma(v0, q, a0_62);
+            a1_62 = fma(v1, q, a1_62);
+            a2_62 = fma(v2, q, a2_62);
+            a3_62 = fma(v3, q, a3_62);
+            a4_62 = fma(v4, q, a4_62);
+            a5_62 = fma(v5, q, a5_62);
+            a6_62 = fma(v6, q, a6_62);
+            a7_62 = fma(v7, q, a7_62);
+        }
+        {
+            let q = subgroupBroadcast(w7, 7u);
+            a0_63 = fma(v0, q, a0_63);
+            a1_63 = fma(v1, q, a1_63);
+            a2_63 = fma(v2, q, a2_63);
+            a3_63 = fma(v3, q, a3_63);
+            a4_63 = fma(v4, q, a4_63);
+            a5_63 = fma(v5, q, a5_63);
+            a6_63 = fma(v6, q, a6_63);
+            a7_63 = fma(v7, q, a7_63);
+        }
+    }
+    if (vk0) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi0, o0 + 0u, a0_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi0, o0 + 1u, a0_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi0, o0 + 2u, a0_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi0, o0 + 3u, a0_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi0, o0 + 4u, a0_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi0, o0 + 5u, a0_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi0, o0 + 6u, a0_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi0, o0 + 7u, a0_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi0, o0 + 8u, a0_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi0, o0 + 9u, a0_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi0, o0 + 10u, a0_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi0, o0 + 11u, a0_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi0, o0 + 12u, a0_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi0, o0 + 13u, a0_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi0, o0 + 14u, a0_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi0, o0 + 15u, a0_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi0, o0 + 16u, a0_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi0, o0 + 17u, a0_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi0, o0 + 18u, a0_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi0, o0 + 19u, a0_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi0, o0 + 20u, a0_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi0, o0 + 21u, a0_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi0, o0 + 22u, a0_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi0, o0 + 23u, a0_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi0, o0 + 24u, a0_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi0, o0 + 25u, a0_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi0, o0 + 26u, a0_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi0, o0 + 27u, a0_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi0, o0 + 28u, a0_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi0, o0 + 29u, a0_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi0, o0 + 30u, a0_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi0, o0 + 31u, a0_31);
+        store_gate((n * p.o + o0 + 32u) * p.dhw + vi0, o0 + 32u, a0_32);
+        store_gate((n * p.o + o0 + 33u) * p.dhw + vi0, o0 + 33u, a0_33);
+        store_gate((n * p.o + o0 + 34u) * p.dhw + vi0, o0 + 34u, a0_34);
+        store_gate((n * p.o + o0 + 35u) * p.dhw + vi0, o0 + 35u, a0_35);
+        store_gate((n * p.o + o0 + 36u) * p.dhw + vi0, o0 + 36u, a0_36);
+        store_gate((n * p.o + o0 + 37u) * p.dhw + vi0, o0 + 37u, a0_37);
+        store_gate((n * p.o + o0 + 38u) * p.dhw + vi0, o0 + 38u, a0_38);
+        store_gate((n * p.o + o0 + 39u) * p.dhw + vi0, o0 + 39u, a0_39);
+        store_gate((n * p.o + o0 + 40u) * p.dhw + vi0, o0 + 40u, a0_40);
+        store_gate((n * p.o + o0 + 41u) * p.dhw + vi0, o0 + 41u, a0_41);
+        store_gate((n * p.o + o0 + 42u) * p.dhw + vi0, o0 + 42u, a0_42);
+        store_gate((n * p.o + o0 + 43u) * p.dhw + vi0, o0 + 43u, a0_43);
+        store_gate((n * p.o + o0 + 44u) * p.dhw + vi0, o0 + 44u, a0_44);
+        store_gate((n * p.o + o0 + 45u) * p.dhw + vi0, o0 + 45u, a0_45);
+        store_gate((n * p.o + o0 + 46u) * p.dhw + vi0, o0 + 46u, a0_46);
+        store_gate((n * p.o + o0 + 47u) * p.dhw + vi0, o0 + 47u, a0_47);
+        store_gate((n * p.o + o0 + 48u) * p.dhw + vi0, o0 + 48u, a0_48);
+        store_gate((n * p.o + o0 + 49u) * p.dhw + vi0, o0 + 49u, a0_49);
+        store_gate((n * p.o + o0 + 50u) * p.dhw + vi0, o0 + 50u, a0_50);
+        store_gate((n * p.o + o0 + 51u) * p.dhw + vi0, o0 + 51u, a0_51);
+        store_gate((n * p.o + o0 + 52u) * p.dhw + vi0, o0 + 52u, a0_52);
+        store_gate((n * p.o + o0 + 53u) * p.dhw + vi0, o0 + 53u, a0_53);
+        store_gate((n * p.o + o0 + 54u) * p.dhw + vi0, o0 + 54u, a0_54);
+        store_gate((n * p.o + o0 + 55u) * p.dhw + vi0, o0 + 55u, a0_55);
+        store_gate((n * p.o + o0 + 56u) * p.dhw + vi0, o0 + 56u, a0_56);
+        store_gate((n * p.o + o0 + 57u) * p.dhw + vi0, o0 + 57u, a0_57);
+        store_gate((n * p.o + o0 + 58u) * p.dhw + vi0, o0 + 58u, a0_58);
+        store_gate((n * p.o + o0 + 59u) * p.dhw + vi0, o0 + 59u, a0_59);
+        store_gate((n * p.o + o0 + 60u) * p.dhw + vi0, o0 + 60u, a0_60);
+        store_gate((n * p.o + o0 + 61u) * p.dhw + vi0, o0 + 61u, a0_61);
+        store_gate((n * p.o + o0 + 62u) * p.dhw + vi0, o0 + 62u, a0_62);
+        store_gate((n * p.o + o0 + 63u) * p.dhw + vi0, o0 + 63u, a0_63);
+    }
+    if (vk1) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi1, o0 + 0u, a1_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi1, o0 + 1u, a1_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi1, o0 + 2u, a1_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi1, o0 + 3u, a1_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi1, o0 + 4u, a1_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi1, o0 + 5u, a1_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi1, o0 + 6u, a1_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi1, o0 + 7u, a1_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi1, o0 + 8u, a1_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi1, o0 + 9u, a1_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi1, o0 + 10u, a1_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi1, o0 + 11u, a1_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi1, o0 + 12u, a1_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi1, o0 + 13u, a1_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi1, o0 + 14u, a1_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi1, o0 + 15u, a1_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi1, o0 + 16u, a1_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi1, o0 + 17u, a1_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi1, o0 + 18u, a1_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi1, o0 + 19u, a1_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi1, o0 + 20u, a1_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi1, o0 + 21u, a1_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi1, o0 + 22u, a1_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi1, o0 + 23u, a1_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi1, o0 + 24u, a1_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi1, o0 + 25u, a1_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi1, o0 + 26u, a1_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi1, o0 + 27u, a1_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi1, o0 + 28u, a1_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi1, o0 + 29u, a1_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi1, o0 + 30u, a1_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi1, o0 + 31u, a1_31);
+        store_gate((n * p.o + o0 + 32u) * p.dhw + vi1, o0 + 32u, a1_32);
+        store_gate((n * p.o + o0 + 33u) * p.dhw + vi1, o0 + 33u, a1_33);
+        store_gate((n * p.o + o0 + 34u) * p.dhw + vi1, o0 + 34u, a1_34);
+        store_gate((n * p.o + o0 + 35u) * p.dhw + vi1, o0 + 35u, a1_35);
+        store_gate((n * p.o + o0 + 36u) * p.dhw + vi1, o0 + 36u, a1_36);
+        store_gate((n * p.o + o0 + 37u) * p.dhw + vi1, o0 + 37u, a1_37);
+        store_gate((n * p.o + o0 + 38u) * p.dhw + vi1, o0 + 38u, a1_38);
+        store_gate((n * p.o + o0 + 39u) * p.dhw + vi1, o0 + 39u, a1_39);
+        store_gate((n * p.o + o0 + 40u) * p.dhw + vi1, o0 + 40u, a1_40);
+        store_gate((n * p.o + o0 + 41u) * p.dhw + vi1, o0 + 41u, a1_41);
+        store_gate((n * p.o + o0 + 42u) * p.dhw + vi1, o0 + 42u, a1_42);
+        store_gate((n * p.o + o0 + 43u) * p.dhw + vi1, o0 + 43u, a1_43);
+        store_gate((n * p.o + o0 + 44u) * p.dhw + vi1, o0 + 44u, a1_44);
+        store_gate((n * p.o + o0 + 45u) * p.dhw + vi1, o0 + 45u, a1_45);
+        store_gate((n * p.o + o0 + 46u) * p.dhw + vi1, o0 + 46u, a1_46);
+        store_gate((n * p.o + o0 + 47u) * p.dhw + vi1, o0 + 47u, a1_47);
+        store_gate((n * p.o + o0 + 48u) * p.dhw + vi1, o0 + 48u, a1_48);
+        store_gate((n * p.o + o0 + 49u) * p.dhw + vi1, o0 + 49u, a1_49);
+        store_gate((n * p.o + o0 + 50u) * p.dhw + vi1, o0 + 50u, a1_50);
+        store_gate((n * p.o + o0 + 51u) * p.dhw + vi1, o0 + 51u, a1_51);
+        store_gate((n * p.o + o0 + 52u) * p.dhw + vi1, o0 + 52u, a1_52);
+        store_gate((n * p.o + o0 + 53u) * p.dhw + vi1, o0 + 53u, a1_53);
+        store_gate((n * p.o + o0 + 54u) * p.dhw + vi1, o0 + 54u, a1_54);
+        store_gate((n * p.o + o0 + 55u) * p.dhw + vi1, o0 + 55u, a1_55);
+        store_gate((n * p.o + o0 + 56u) * p.dhw + vi1, o0 + 56u, a1_56);
+        store_gate((n * p.o + o0 + 57u) * p.dhw + vi1, o0 + 57u, a1_57);
+        store_gate((n * p.o + o0 + 58u) * p.dhw + vi1, o0 + 58u, a1_58);
+        store_gate((n * p.o + o0 + 59u) * p.dhw + vi1, o0 + 59u, a1_59);
+        store_gate((n * p.o + o0 + 60u) * p.dhw + vi1, o0 + 60u, a1_60);
+        store_gate((n * p.o + o0 + 61u) * p.dhw + vi1, o0 + 61u, a1_61);
+        store_gate((n * p.o + o0 + 62u) * p.dhw + vi1, o0 + 62u, a1_62);
+        store_gate((n * p.o + o0 + 63u) * p.dhw + vi1, o0 + 63u, a1_63);
+    }
+    if (vk2) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi2, o0 + 0u, a2_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi2, o0 + 1u, a2_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi2, o0 + 2u, a2_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi2, o0 + 3u, a2_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi2, o0 + 4u, a2_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi2, o0 + 5u, a2_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi2, o0 + 6u, a2_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi2, o0 + 7u, a2_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi2, o0 + 8u, a2_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi2, o0 + 9u, a2_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi2, o0 + 10u, a2_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi2, o0 + 11u, a2_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi2, o0 + 12u, a2_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi2, o0 + 13u, a2_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi2, o0 + 14u, a2_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi2, o0 + 15u, a2_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi2, o0 + 16u, a2_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi2, o0 + 17u, a2_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi2, o0 + 18u, a2_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi2, o0 + 19u, a2_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi2, o0 + 20u, a2_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi2, o0 + 21u, a2_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi2, o0 + 22u, a2_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi2, o0 + 23u, a2_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi2, o0 + 24u, a2_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi2, o0 + 25u, a2_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi2, o0 + 26u, a2_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi2, o0 + 27u, a2_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi2, o0 + 28u, a2_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi2, o0 + 29u, a2_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi2, o0 + 30u, a2_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi2, o0 + 31u, a2_31);
+        store_gate((n * p.o + o0 + 32u) * p.dhw + vi2, o0 + 32u, a2_32);
+        store_gate((n * p.o + o0 + 33u) * p.dhw + vi2, o0 + 33u, a2_33);
+        store_gate((n * p.o + o0 + 34u) * p.dhw + vi2, o0 + 34u, a2_34);
+        store_gate((n * p.o + o0 + 35u) * p.dhw + vi2, o0 + 35u, a2_35);
+        store_gate((n * p.o + o0 + 36u) * p.dhw + vi2, o0 + 36u, a2_36);
+        store_gate((n * p.o + o0 + 37u) * p.dhw + vi2, o0 + 37u, a2_37);
+        store_gate((n * p.o + o0 + 38u) * p.dhw + vi2, o0 + 38u, a2_38);
+        store_gate((n * p.o + o0 + 39u) * p.dhw + vi2, o0 + 39u, a2_39);
+        store_gate((n * p.o + o0 + 40u) * p.dhw + vi2, o0 + 40u, a2_40);
+        store_gate((n * p.o + o0 + 41u) * p.dhw + vi2, o0 + 41u, a2_41);
+        store_gate((n * p.o + o0 + 42u) * p.dhw + vi2, o0 + 42u, a2_42);
+        store_gate((n * p.o + o0 + 43u) * p.dhw + vi2, o0 + 43u, a2_43);
+        store_gate((n * p.o + o0 + 44u) * p.dhw + vi2, o0 + 44u, a2_44);
+        store_gate((n * p.o + o0 + 45u) * p.dhw + vi2, o0 + 45u, a2_45);
+        store_gate((n * p.o + o0 + 46u) * p.dhw + vi2, o0 + 46u, a2_46);
+        store_gate((n * p.o + o0 + 47u) * p.dhw + vi2, o0 + 47u, a2_47);
+        store_gate((n * p.o + o0 + 48u) * p.dhw + vi2, o0 + 48u, a2_48);
+        store_gate((n * p.o + o0 + 49u) * p.dhw + vi2, o0 + 49u, a2_49);
+        store_gate((n * p.o + o0 + 50u) * p.dhw + vi2, o0 + 50u, a2_50);
+        store_gate((n * p.o + o0 + 51u) * p.dhw + vi2, o0 + 51u, a2_51);
+        store_gate((n * p.o + o0 + 52u) * p.dhw + vi2, o0 + 52u, a2_52);
+        store_gate((n * p.o + o0 + 53u) * p.dhw + vi2, o0 + 53u, a2_53);
+        store_gate((n * p.o + o0 + 54u) * p.dhw + vi2, o0 + 54u, a2_54);
+        store_gate((n * p.o + o0 + 55u) * p.dhw + vi2, o0 + 55u, a2_55);
+        store_gate((n * p.o + o0 + 56u) * p.dhw + vi2, o0 + 56u, a2_56);
+        store_gate((n * p.o + o0 + 57u) * p.dhw + vi2, o0 + 57u, a2_57);
+        store_gate((n * p.o + o0 + 58u) * p.dhw + vi2, o0 + 58u, a2_58);
+        store_gate((n * p.o + o0 + 59u) * p.dhw + vi2, o0 + 59u, a2_59);
+        store_gate((n * p.o + o0 + 60u) * p.dhw + vi2, o0 + 60u, a2_60);
+        store_gate((n * p.o + o0 + 61u) * p.dhw + vi2, o0 + 61u, a2_61);
+        store_gate((n * p.o + o0 + 62u) * p.dhw + vi2, o0 + 62u, a2_62);
+        store_gate((n * p.o + o0 + 63u) * p.dhw + vi2, o0 + 63u, a2_63);
+    }
+    if (vk3) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi3, o0 + 0u, a3_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi3, o0 + 1u, a3_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi3, o0 + 2u, a3_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi3, o0 + 3u, a3_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi3, o0 + 4u, a3_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi3, o0 + 5u, a3_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi3, o0 + 6u, a3_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi3, o0 + 7u, a3_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi3, o0 + 8u, a3_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi3, o0 + 9u, a3_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi3, o0 + 10u, a3_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi3, o0 + 11u, a3_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi3, o0 + 12u, a3_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi3, o0 + 13u, a3_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi3, o0 + 14u, a3_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi3, o0 + 15u, a3_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi3, o0 + 16u, a3_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi3, o0 + 17u, a3_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi3, o0 + 18u, a3_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi3, o0 + 19u, a3_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi3, o0 + 20u, a3_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi3, o0 + 21u, a3_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi3, o0 + 22u, a3_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi3, o0 + 23u, a3_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi3, o0 + 24u, a3_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi3, o0 + 25u, a3_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi3, o0 + 26u, a3_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi3, o0 + 27u, a3_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi3, o0 + 28u, a3_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi3, o0 + 29u, a3_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi3, o0 + 30u, a3_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi3, o0 + 31u, a3_31);
+        store_gate((n * p.o + o0 + 32u) * p.dhw + vi3, o0 + 32u, a3_32);
+        store_gate((n * p.o + o0 + 33u) * p.dhw + vi3, o0 + 33u, a3_33);
+        store_gate((n * p.o + o0 + 34u) * p.dhw + vi3, o0 + 34u, a3_34);
+        store_gate((n * p.o + o0 + 35u) * p.dhw + vi3, o0 + 35u, a3_35);
+        store_gate((n * p.o + o0 + 36u) * p.dhw + vi3, o0 + 36u, a3_36);
+        store_gate((n * p.o + o0 + 37u) * p.dhw + vi3, o0 + 37u, a3_37);
+        store_gate((n * p.o + o0 + 38u) * p.dhw + vi3, o0 + 38u, a3_38);
+        store_gate((n * p.o + o0 + 39u) * p.dhw + vi3, o0 + 39u, a3_39);
+        store_gate((n * p.o + o0 + 40u) * p.dhw + vi3, o0 + 40u, a3_40);
+        store_gate((n * p.o + o0 + 41u) * p.dhw + vi3, o0 + 41u, a3_41);
+        store_gate((n * p.o + o0 + 42u) * p.dhw + vi3, o0 + 42u, a3_42);
+        store_gate((n * p.o + o0 + 43u) * p.dhw + vi3, o0 + 43u, a3_43);
+        store_gate((n * p.o + o0 + 44u) * p.dhw + vi3, o0 + 44u, a3_44);
+        store_gate((n * p.o + o0 + 45u) * p.dhw + vi3, o0 + 45u, a3_45);
+        store_gate((n * p.o + o0 + 46u) * p.dhw + vi3, o0 + 46u, a3_46);
+        store_gate((n * p.o + o0 + 47u) * p.dhw + vi3, o0 + 47u, a3_47);
+        store_gate((n * p.o + o0 + 48u) * p.dhw + vi3, o0 + 48u, a3_48);
+        store_gate((n * p.o + o0 + 49u) * p.dhw + vi3, o0 + 49u, a3_49);
+        store_gate((n * p.o + o0 + 50u) * p.dhw + vi3, o0 + 50u, a3_50);
+        store_gate((n * p.o + o0 + 51u) * p.dhw + vi3, o0 + 51u, a3_51);
+        store_gate((n * p.o + o0 + 52u) * p.dhw + vi3, o0 + 52u, a3_52);
+        store_gate((n * p.o + o0 + 53u) * p.dhw + vi3, o0 + 53u, a3_53);
+        store_gate((n * p.o + o0 + 54u) * p.dhw + vi3, o0 + 54u, a3_54);
+        store_gate((n * p.o + o0 + 55u) * p.dhw + vi3, o0 + 55u, a3_55);
+        store_gate((n * p.o + o0 + 56u) * p.dhw + vi3, o0 + 56u, a3_56);
+        store_gate((n * p.o + o0 + 57u) * p.dhw + vi3, o0 + 57u, a3_57);
+        store_gate((n * p.o + o0 + 58u) * p.dhw + vi3, o0 + 58u, a3_58);
+        store_gate((n * p.o + o0 + 59u) * p.dhw + vi3, o0 + 59u, a3_59);
+        store_gate((n * p.o + o0 + 60u) * p.dhw + vi3, o0 + 60u, a3_60);
+        store_gate((n * p.o + o0 + 61u) * p.dhw + vi3, o0 + 61u, a3_61);
+        store_gate((n * p.o + o0 + 62u) * p.dhw + vi3, o0 + 62u, a3_62);
+        store_gate((n * p.o + o0 + 63u) * p.dhw + vi3, o0 + 63u, a3_63);
+    }
+    if (vk4) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi4, o0 + 0u, a4_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi4, o0 + 1u, a4_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi4, o0 + 2u, a4_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi4, o0 + 3u, a4_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi4, o0 + 4u, a4_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi4, o0 + 5u, a4_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi4, o0 + 6u, a4_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi4, o0 + 7u, a4_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi4, o0 + 8u, a4_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi4, o0 + 9u, a4_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi4, o0 + 10u, a4_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi4, o0 + 11u, a4_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi4, o0 + 12u, a4_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi4, o0 + 13u, a4_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi4, o0 + 14u, a4_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi4, o0 + 15u, a4_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi4, o0 + 16u, a4_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi4, o0 + 17u, a4_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi4, o0 + 18u, a4_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi4, o0 + 19u, a4_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi4, o0 + 20u, a4_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi4, o0 + 21u, a4_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi4, o0 + 22u, a4_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi4, o0 + 23u, a4_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi4, o0 + 24u, a4_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi4, o0 + 25u, a4_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi4, o0 + 26u, a4_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi4, o0 + 27u, a4_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi4, o0 + 28u, a4_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi4, o0 + 29u, a4_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi4, o0 + 30u, a4_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi4, o0 + 31u, a4_31);
+        store_gate((n * p.o + o0 + 32u) * p.dhw + vi4, o0 + 32u, a4_32);
+        store_gate((n * p.o + o0 + 33u) * p.dhw + vi4, o0 + 33u, a4_33);
+        store_gate((n * p.o + o0 + 34u) * p.dhw + vi4, o0 + 34u, a4_34);
+        store_gate((n * p.o + o0 + 35u) * p.dhw + vi4, o0 + 35u, a4_35);
+        store_gate((n * p.o + o0 + 36u) * p.dhw + vi4, o0 + 36u, a4_36);
+        store_gate((n * p.o + o0 + 37u) * p.dhw + vi4, o0 + 37u, a4_37);
+        store_gate((n * p.o + o0 + 38u) * p.dhw + vi4, o0 + 38u, a4_38);
+        store_gate((n * p.o + o0 + 39u) * p.dhw + vi4, o0 + 39u, a4_39);
+        store_gate((n * p.o + o0 + 40u) * p.dhw + vi4, o0 + 40u, a4_40);
+        store_gate((n * p.o + o0 + 41u) * p.dhw + vi4, o0 + 41u, a4_41);
+        store_gate((n * p.o + o0 + 42u) * p.dhw + vi4, o0 + 42u, a4_42);
+        store_gate((n * p.o + o0 + 43u) * p.dhw + vi4, o0 + 43u, a4_43);
+        store_gate((n * p.o + o0 + 44u) * p.dhw + vi4, o0 + 44u, a4_44);
+        store_gate((n * p.o + o0 + 45u) * p.dhw + vi4, o0 + 45u, a4_45);
+        store_gate((n * p.o + o0 + 46u) * p.dhw + vi4, o0 + 46u, a4_46);
+        store_gate((n * p.o + o0 + 47u) * p.dhw + vi4, o0 + 47u, a4_47);
+        store_gate((n * p.o + o0 + 48u) * p.dhw + vi4, o0 + 48u, a4_48);
+        store_gate((n * p.o + o0 + 49u) * p.dhw + vi4, o0 + 49u, a4_49);
+        store_gate((n * p.o + o0 + 50u) * p.dhw + vi4, o0 + 50u, a4_50);
+        store_gate((n * p.o + o0 + 51u) * p.dhw + vi4, o0 + 51u, a4_51);
+        store_gate((n * p.o + o0 + 52u) * p.dhw + vi4, o0 + 52u, a4_52);
+        store_gate((n * p.o + o0 + 53u) * p.dhw + vi4, o0 + 53u, a4_53);
+        store_gate((n * p.o + o0 + 54u) * p.dhw + vi4, o0 + 54u, a4_54);
+        store_gate((n * p.o + o0 + 55u) * p.dhw + vi4, o0 + 55u, a4_55);
+        store_gate((n * p.o + o0 + 56u) * p.dhw + vi4, o0 + 56u, a4_56);
+        store_gate((n * p.o + o0 + 57u) * p.dhw + vi4, o0 + 57u, a4_57);
+        store_gate((n * p.o + o0 + 58u) * p.dhw + vi4, o0 + 58u, a4_58);
+        store_gate((n * p.o + o0 + 59u) * p.dhw + vi4, o0 + 59u, a4_59);
+        store_gate((n * p.o + o0 + 60u) * p.dhw + vi4, o0 + 60u, a4_60);
+        store_gate((n * p.o + o0 + 61u) * p.dhw + vi4, o0 + 61u, a4_61);
+        store_gate((n * p.o + o0 + 62u) * p.dhw + vi4, o0 + 62u, a4_62);
+        store_gate((n * p.o + o0 + 63u) * p.dhw + vi4, o0 + 63u, a4_63);
+    }
+    if (vk5) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi5, o0 + 0u, a5_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi5, o0 + 1u, a5_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi5, o0 + 2u, a5_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi5, o0 + 3u, a5_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi5, o0 + 4u, a5_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi5, o0 + 5u, a5_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi5, o0 + 6u, a5_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi5, o0 + 7u, a5_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi5, o0 + 8u, a5_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi5, o0 + 9u, a5_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi5, o0 + 10u, a5_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi5, o0 + 11u, a5_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi5, o0 + 12u, a5_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi5, o0 + 13u, a5_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi5, o0 + 14u, a5_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi5, o0 + 15u, a5_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi5, o0 + 16u, a5_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi5, o0 + 17u, a5_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi5, o0 + 18u, a5_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi5, o0 + 19u, a5_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi5, o0 + 20u, a5_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi5, o0 + 21u, a5_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi5, o0 + 22u, a5_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi5, o0 + 23u, a5_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi5, o0 + 24u, a5_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi5, o0 + 25u, a5_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi5, o0 + 26u, a5_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi5, o0 + 27u, a5_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi5, o0 + 28u, a5_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi5, o0 + 29u, a5_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi5, o0 + 30u, a5_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi5, o0 + 31u, a5_31);
+        store_gate((n * p.o + o0 + 32u) * p.dhw + vi5, o0 + 32u, a5_32);
+        store_gate((n * p.o + o0 + 33u) * p.dhw + vi5, o0 + 33u, a5_33);
+        store_gate((n * p.o + o0 + 34u) * p.dhw + vi5, o0 + 34u, a5_34);
+        store_gate((n * p.o + o0 + 35u) * p.dhw + vi5, o0 + 35u, a5_35);
+        store_gate((n * p.o + o0 + 36u) * p.dhw + vi5, o0 + 36u, a5_36);
+        store_gate((n * p.o + o0 + 37u) * p.dhw + vi5, o0 + 37u, a5_37);
+        store_gate((n * p.o + o0 + 38u) * p.dhw + vi5, o0 + 38u, a5_38);
+        store_gate((n * p.o + o0 + 39u) * p.dhw + vi5, o0 + 39u, a5_39);
+        store_gate((n * p.o + o0 + 40u) * p.dhw + vi5, o0 + 40u, a5_40);
+        store_gate((n * p.o + o0 + 41u) * p.dhw + vi5, o0 + 41u, a5_41);
+        store_gate((n * p.o + o0 + 42u) * p.dhw + vi5, o0 + 42u, a5_42);
+        store_gate((n * p.o + o0 + 43u) * p.dhw + vi5, o0 + 43u, a5_43);
+        store_gate((n * p.o + o0 + 44u) * p.dhw + vi5, o0 + 44u, a5_44);
+        store_gate((n * p.o + o0 + 45u) * p.dhw + vi5, o0 + 45u, a5_45);
+        store_gate((n * p.o + o0 + 46u) * p.dhw + vi5, o0 + 46u, a5_46);
+        store_gate((n * p.o + o0 + 47u) * p.dhw + vi5, o0 + 47u, a5_47);
+        store_gate((n * p.o + o0 + 48u) * p.dhw + vi5, o0 + 48u, a5_48);
+        store_gate((n * p.o + o0 + 49u) * p.dhw + vi5, o0 + 49u, a5_49);
+        store_gate((n * p.o + o0 + 50u) * p.dhw + vi5, o0 + 50u, a5_50);
+        store_gate((n * p.o + o0 + 51u) * p.dhw + vi5, o0 + 51u, a5_51);
+        store_gate((n * p.o + o0 + 52u) * p.dhw + vi5, o0 + 52u, a5_52);
+        store_gate((n * p.o + o0 + 53u) * p.dhw + vi5, o0 + 53u, a5_53);
+        store_gate((n * p.o + o0 + 54u) * p.dhw + vi5, o0 + 54u, a5_54);
+        store_gate((n * p.o + o0 + 55u) * p.dhw + vi5, o0 + 55u, a5_55);
+        store_gate((n * p.o + o0 + 56u) * p.dhw + vi5, o0 + 56u, a5_56);
+        store_gate((n * p.o + o0 + 57u) * p.dhw + vi5, o0 + 57u, a5_57);
+        store_gate((n * p.o + o0 + 58u) * p.dhw + vi5, o0 + 58u, a5_58);
+        store_gate((n * p.o + o0 + 59u) * p.dhw + vi5, o0 + 59u, a5_59);
+        store_gate((n * p.o + o0 + 60u) * p.dhw + vi5, o0 + 60u, a5_60);
+        store_gate((n * p.o + o0 + 61u) * p.dhw + vi5, o0 + 61u, a5_61);
+        store_gate((n * p.o + o0 + 62u) * p.dhw + vi5, o0 + 62u, a5_62);
+        store_gate((n * p.o + o0 + 63u) * p.dhw + vi5, o0 + 63u, a5_63);
+    }
+    if (vk6) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi6, o0 + 0u, a6_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi6, o0 + 1u, a6_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi6, o0 + 2u, a6_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi6, o0 + 3u, a6_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi6, o0 + 4u, a6_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi6, o0 + 5u, a6_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi6, o0 + 6u, a6_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi6, o0 + 7u, a6_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi6, o0 + 8u, a6_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi6, o0 + 9u, a6_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi6, o0 + 10u, a6_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi6, o0 + 11u, a6_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi6, o0 + 12u, a6_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi6, o0 + 13u, a6_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi6, o0 + 14u, a6_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi6, o0 + 15u, a6_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi6, o0 + 16u, a6_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi6, o0 + 17u, a6_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi6, o0 + 18u, a6_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi6, o0 + 19u, a6_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi6, o0 + 20u, a6_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi6, o0 + 21u, a6_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi6, o0 + 22u, a6_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi6, o0 + 23u, a6_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi6, o0 + 24u, a6_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi6, o0 + 25u, a6_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi6, o0 + 26u, a6_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi6, o0 + 27u, a6_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi6, o0 + 28u, a6_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi6, o0 + 29u, a6_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi6, o0 + 30u, a6_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi6, o0 + 31u, a6_31);
+        store_gate((n * p.o + o0 + 32u) * p.dhw + vi6, o0 + 32u, a6_32);
+        store_gate((n * p.o + o0 + 33u) * p.dhw + vi6, o0 + 33u, a6_33);
+        store_gate((n * p.o + o0 + 34u) * p.dhw + vi6, o0 + 34u, a6_34);
+        store_gate((n * p.o + o0 + 35u) * p.dhw + vi6, o0 + 35u, a6_35);
+        store_gate((n * p.o + o0 + 36u) * p.dhw + vi6, o0 + 36u, a6_36);
+        store_gate((n * p.o + o0 + 37u) * p.dhw + vi6, o0 + 37u, a6_37);
+        store_gate((n * p.o + o0 + 38u) * p.dhw + vi6, o0 + 38u, a6_38);
+        store_gate((n * p.o + o0 + 39u) * p.dhw + vi6, o0 + 39u, a6_39);
+        store_gate((n * p.o + o0 + 40u) * p.dhw + vi6, o0 + 40u, a6_40);
+        store_gate((n * p.o + o0 + 41u) * p.dhw + vi6, o0 + 41u, a6_41);
+        store_gate((n * p.o + o0 + 42u) * p.dhw + vi6, o0 + 42u, a6_42);
+        store_gate((n * p.o + o0 + 43u) * p.dhw + vi6, o0 + 43u, a6_43);
+        store_gate((n * p.o + o0 + 44u) * p.dhw + vi6, o0 + 44u, a6_44);
+        store_gate((n * p.o + o0 + 45u) * p.dhw + vi6, o0 + 45u, a6_45);
+        store_gate((n * p.o + o0 + 46u) * p.dhw + vi6, o0 + 46u, a6_46);
+        store_gate((n * p.o + o0 + 47u) * p.dhw + vi6, o0 + 47u, a6_47);
+        store_gate((n * p.o + o0 + 48u) * p.dhw + vi6, o0 + 48u, a6_48);
+        store_gate((n * p.o + o0 + 49u) * p.dhw + vi6, o0 + 49u, a6_49);
+        store_gate((n * p.o + o0 + 50u) * p.dhw + vi6, o0 + 50u, a6_50);
+        store_gate((n * p.o + o0 + 51u) * p.dhw + vi6, o0 + 51u, a6_51);
+        store_gate((n * p.o + o0 + 52u) * p.dhw + vi6, o0 + 52u, a6_52);
+        store_gate((n * p.o + o0 + 53u) * p.dhw + vi6, o0 + 53u, a6_53);
+        store_gate((n * p.o + o0 + 54u) * p.dhw + vi6, o0 + 54u, a6_54);
+        store_gate((n * p.o + o0 + 55u) * p.dhw + vi6, o0 + 55u, a6_55);
+        store_gate((n * p.o + o0 + 56u) * p.dhw + vi6, o0 + 56u, a6_56);
+        store_gate((n * p.o + o0 + 57u) * p.dhw + vi6, o0 + 57u, a6_57);
+        store_gate((n * p.o + o0 + 58u) * p.dhw + vi6, o0 + 58u, a6_58);
+        store_gate((n * p.o + o0 + 59u) * p.dhw + vi6, o0 + 59u, a6_59);
+        store_gate((n * p.o + o0 + 60u) * p.dhw + vi6, o0 + 60u, a6_60);
+        store_gate((n * p.o + o0 + 61u) * p.dhw + vi6, o0 + 61u, a6_61);
+        store_gate((n * p.o + o0 + 62u) * p.dhw + vi6, o0 + 62u, a6_62);
+        store_gate((n * p.o + o0 + 63u) * p.dhw + vi6, o0 + 63u, a6_63);
+    }
+    if (vk7) {
+        store_gate((n * p.o + o0 + 0u) * p.dhw + vi7, o0 + 0u, a7_0);
+        store_gate((n * p.o + o0 + 1u) * p.dhw + vi7, o0 + 1u, a7_1);
+        store_gate((n * p.o + o0 + 2u) * p.dhw + vi7, o0 + 2u, a7_2);
+        store_gate((n * p.o + o0 + 3u) * p.dhw + vi7, o0 + 3u, a7_3);
+        store_gate((n * p.o + o0 + 4u) * p.dhw + vi7, o0 + 4u, a7_4);
+        store_gate((n * p.o + o0 + 5u) * p.dhw + vi7, o0 + 5u, a7_5);
+        store_gate((n * p.o + o0 + 6u) * p.dhw + vi7, o0 + 6u, a7_6);
+        store_gate((n * p.o + o0 + 7u) * p.dhw + vi7, o0 + 7u, a7_7);
+        store_gate((n * p.o + o0 + 8u) * p.dhw + vi7, o0 + 8u, a7_8);
+        store_gate((n * p.o + o0 + 9u) * p.dhw + vi7, o0 + 9u, a7_9);
+        store_gate((n * p.o + o0 + 10u) * p.dhw + vi7, o0 + 10u, a7_10);
+        store_gate((n * p.o + o0 + 11u) * p.dhw + vi7, o0 + 11u, a7_11);
+        store_gate((n * p.o + o0 + 12u) * p.dhw + vi7, o0 + 12u, a7_12);
+        store_gate((n * p.o + o0 + 13u) * p.dhw + vi7, o0 + 13u, a7_13);
+        store_gate((n * p.o + o0 + 14u) * p.dhw + vi7, o0 + 14u, a7_14);
+        store_gate((n * p.o + o0 + 15u) * p.dhw + vi7, o0 + 15u, a7_15);
+        store_gate((n * p.o + o0 + 16u) * p.dhw + vi7, o0 + 16u, a7_16);
+        store_gate((n * p.o + o0 + 17u) * p.dhw + vi7, o0 + 17u, a7_17);
+        store_gate((n * p.o + o0 + 18u) * p.dhw + vi7, o0 + 18u, a7_18);
+        store_gate((n * p.o + o0 + 19u) * p.dhw + vi7, o0 + 19u, a7_19);
+        store_gate((n * p.o + o0 + 20u) * p.dhw + vi7, o0 + 20u, a7_20);
+        store_gate((n * p.o + o0 + 21u) * p.dhw + vi7, o0 + 21u, a7_21);
+        store_gate((n * p.o + o0 + 22u) * p.dhw + vi7, o0 + 22u, a7_22);
+        store_gate((n * p.o + o0 + 23u) * p.dhw + vi7, o0 + 23u, a7_23);
+        store_gate((n * p.o + o0 + 24u) * p.dhw + vi7, o0 + 24u, a7_24);
+        store_gate((n * p.o + o0 + 25u) * p.dhw + vi7, o0 + 25u, a7_25);
+        store_gate((n * p.o + o0 + 26u) * p.dhw + vi7, o0 + 26u, a7_26);
+        store_gate((n * p.o + o0 + 27u) * p.dhw + vi7, o0 + 27u, a7_27);
+        store_gate((n * p.o + o0 + 28u) * p.dhw + vi7, o0 + 28u, a7_28);
+        store_gate((n * p.o + o0 + 29u) * p.dhw + vi7, o0 + 29u, a7_29);
+        store_gate((n * p.o + o0 + 30u) * p.dhw + vi7, o0 + 30u, a7_30);
+        store_gate((n * p.o + o0 + 31u) * p.dhw + vi7, o0 + 31u, a7_31);
+        store_gate((n * p.o + o0 + 32u) * p.dhw + vi7, o0 + 32u, a7_32);
+        store_gate((n * p.o + o0 + 33u) * p.dhw + vi7, o0 + 33u, a7_33);
+        store_gate((n * p.o + o0 + 34u) * p.dhw + vi7, o0 + 34u, a7_34);
+        store_gate((n * p.o + o0 + 35u) * p.dhw + vi7, o0 + 35u, a7_35);
+        store_gate((n * p.o + o0 + 36u) * p.dhw + vi7, o0 + 36u, a7_36);
+        store_gate((n * p.o + o0 + 37u) * p.dhw + vi7, o0 + 37u, a7_37);
+        store_gate((n * p.o + o0 + 38u) * p.dhw + vi7, o0 + 38u, a7_38);
+        store_gate((n * p.o + o0 + 39u) * p.dhw + vi7, o0 + 39u, a7_39);
+        store_gate((n * p.o + o0 + 40u) * p.dhw + vi7, o0 + 40u, a7_40);
+        store_gate((n * p.o + o0 + 41u) * p.dhw + vi7, o0 + 41u, a7_41);
+        store_gate((n * p.o + o0 + 42u) * p.dhw + vi7, o0 + 42u, a7_42);
+        store_gate((n * p.o + o0 + 43u) * p.dhw + vi7, o0 + 43u, a7_43);
+        store_gate((n * p.o + o0 + 44u) * p.dhw + vi7, o0 + 44u, a7_44);
+        store_gate((n * p.o + o0 + 45u) * p.dhw + vi7, o0 + 45u, a7_45);
+        store_gate((n * p.o + o0 + 46u) * p.dhw + vi7, o0 + 46u, a7_46);
+        store_gate((n * p.o + o0 + 47u) * p.dhw + vi7, o0 + 47u, a7_47);
+        store_gate((n * p.o + o0 + 48u) * p.dhw + vi7, o0 + 48u, a7_48);
+        store_gate((n * p.o + o0 + 49u) * p.dhw + vi7, o0 + 49u, a7_49);
+        store_gate((n * p.o + o0 + 50u) * p.dhw + vi7, o0 + 50u, a7_50);
+        store_gate((n * p.o + o0 + 51u) * p.dhw + vi7, o0 + 51u, a7_51);
+        store_gate((n * p.o + o0 + 52u) * p.dhw + vi7, o0 + 52u, a7_52);
+        store_gate((n * p.o + o0 + 53u) * p.dhw + vi7, o0 + 53u, a7_53);
+        store_gate((n * p.o + o0 + 54u) * p.dhw + vi7, o0 + 54u, a7_54);
+        store_gate((n * p.o + o0 + 55u) * p.dhw + vi7, o0 + 55u, a7_55);
+        store_gate((n * p.o + o0 + 56u) * p.dhw + vi7, o0 + 56u, a7_56);
+        store_gate((n * p.o + o0 + 57u) * p.dhw + vi7, o0 + 57u, a7_57);
+        store_gate((n * p.o + o0 + 58u) * p.dhw + vi7, o0 + 58u, a7_58);
+        store_gate((n * p.o + o0 + 59u) * p.dhw + vi7, o0 + 59u, a7_59);
+        store_gate((n * p.o + o0 + 60u) * p.dhw + vi7, o0 + 60u, a7_60);
+        store_gate((n * p.o + o0 + 61u) * p.dhw + vi7, o0 + 61u, a7_61);
+        store_gate((n * p.o + o0 + 62u) * p.dhw + vi7, o0 + 62u, a7_62);
+        store_gate((n * p.o + o0 + 63u) * p.dhw + vi7, o0 + 63u, a7_63);
     }
 }
 // END subgroups

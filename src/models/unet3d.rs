@@ -366,12 +366,17 @@ impl Unet3d {
         g.op(Conv3d::new(kernel), &[x, w, b])
     }
 
+    /// `relu(conv(x))` as one op (the ReLU runs in the conv kernel's store).
+    fn conv_relu(&self, g: &mut Graph, x: Value, name: &str, kernel: usize) -> Result<Value> {
+        let w = self.c(g, &format!("{name}.weight"))?;
+        let b = self.c(g, &format!("{name}.bias"))?;
+        g.op(Conv3d::with_relu(kernel), &[x, w, b])
+    }
+
     /// Conv3d → BN → ReLU → Conv3d → BN → ReLU (BN folded; dropout is identity at eval).
     fn block(&self, g: &mut Graph, x: Value, name: &str) -> Result<Value> {
-        let x = self.conv(g, x, &format!("{name}.0"), 3)?;
-        let x = g.op(Unary::Relu, &[x])?;
-        let x = self.conv(g, x, &format!("{name}.3"), 3)?;
-        g.op(Unary::Relu, &[x])
+        let x = self.conv_relu(g, x, &format!("{name}.0"), 3)?;
+        self.conv_relu(g, x, &format!("{name}.3"), 3)
     }
 
     /// Learned upsampling (same weights for raw and context), then back to input_size.
@@ -408,8 +413,7 @@ impl Unet3d {
         gates: Option<&mut Vec<Value>>,
     ) -> Result<Value> {
         let f = format!("context_fusion{i}");
-        let a = self.conv(g, ctx, &format!("{f}.context_proj.0"), 1)?;
-        let a = g.op(Unary::Relu, &[a])?;
+        let a = self.conv_relu(g, ctx, &format!("{f}.context_proj.0"), 1)?;
         let gate = self.conv(g, a, &format!("{f}.context_proj.3"), 1)?;
         if let Some(gates) = gates {
             gates.push(g.op(Unary::Sigmoid, &[gate])?);

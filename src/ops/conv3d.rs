@@ -19,10 +19,12 @@ use crate::ops::par;
 use crate::shaders::CONV3D;
 use std::sync::Arc;
 
-/// The conv3d op: `kernel` is 1 (no padding) or 3 (padding 1).
+/// The conv3d op: `kernel` is 1 (no padding) or 3 (padding 1); with `relu`, followed by
+/// a ReLU (fused into the kernels' store).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv3d {
     pub kernel: usize,
+    pub relu: bool,
 }
 
 /// Resolved sizes of one conv3d call.
@@ -45,7 +47,15 @@ impl ConvDims {
 
 impl Conv3d {
     pub fn new(kernel: usize) -> Self {
-        Conv3d { kernel }
+        Conv3d {
+            kernel,
+            relu: false,
+        }
+    }
+
+    /// `relu(conv3d(x))` in one op.
+    pub fn with_relu(kernel: usize) -> Self {
+        Conv3d { kernel, relu: true }
     }
 
     pub fn dims(&self, inputs: &[&[usize]]) -> Result<ConvDims> {
@@ -243,6 +253,7 @@ fn tex_dispatch(
     inputs: &[&wgpu::Buffer],
     out: &wgpu::Buffer,
     workgroups: [u32; 3],
+    relu: bool,
 ) -> Result<Option<Dispatch>> {
     let numel = (d.n * d.c * d.voxels()) as u64;
     let texels = numel / 4;
@@ -256,7 +267,7 @@ fn tex_dispatch(
     let entry = "conv3d_k3_sg_tex";
     let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-    let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0)])?;
+    let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0), ("RELU", relu as u8 as f64)])?;
     let layout = pipeline.get_bind_group_layout(0);
     let params = ctx.uniform(bytemuck::bytes_of(p));
     fn buffer(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
@@ -303,6 +314,7 @@ fn gpu_conv3d(
     inputs: &[&wgpu::Buffer],
     out: &wgpu::Buffer,
     allow_texture: bool,
+    relu: bool,
 ) -> Result<Vec<Dispatch>> {
     let dhw = d.voxels();
     if (d.n * d.c.max(d.o) * dhw) as u64 >= u32::MAX as u64 {
@@ -357,7 +369,7 @@ fn gpu_conv3d(
         let blocks = tiles_x * tiles_y * d.d.div_ceil(rz);
         if allow_texture {
             let [wx, wy, _] = ctx.grid(blocks as u64)?;
-            if let Some(t) = tex_dispatch(ctx, &d, &p, inputs, out, [wx, wy, z])? {
+            if let Some(t) = tex_dispatch(ctx, &d, &p, inputs, out, [wx, wy, z], relu)? {
                 return Ok(vec![t]);
             }
         }
@@ -371,11 +383,68 @@ fn gpu_conv3d(
     Ok(vec![ctx.dispatch(KernelArgs {
         shader,
         entry,
-        constants: &[("K", d.k as f64)],
+        constants: &[("K", d.k as f64), ("RELU", relu as u8 as f64)],
         buffers: &[inputs[0], inputs[1], inputs[2], out],
         params: bytemuck::bytes_of(&p),
         workgroups: [wx, wy, z],
     })?])
+}
+
+/// The context gate `out = raw + (W·raw + b)·σ(gate)` of `ops::fusion` as the K = 1
+/// subgroup kernel with a gated epilogue (`context_gate_k1_sg*`): raw (n, c, s), W (c, c),
+/// b (c), gate (n, c, s). None where that kernel does not apply (no CPU-like subgroups,
+/// fewer than 5 storage buffers per stage, or more than 2^32 elements).
+pub(crate) fn context_gate_dispatch(
+    ctx: &GpuContext,
+    (n, c, s): (usize, usize, usize),
+    inputs: [&wgpu::Buffer; 4],
+    out: &wgpu::Buffer,
+) -> Result<Option<Dispatch>> {
+    if !use_subgroup_kernel(ctx)
+        || ctx.caps.max_storage_buffers_per_stage < 5
+        || (n * c * s) as u64 >= u32::MAX as u64
+        || n * c * s == 0
+    {
+        return Ok(None);
+    }
+    let to = SG1_TILES
+        .iter()
+        .copied()
+        .rfind(|&to| to <= c)
+        .unwrap_or(SG1_TILES[0]);
+    let groups = c.div_ceil(to);
+    let z = (n * groups) as u32;
+    if z > ctx.caps.max_workgroups_per_dim {
+        return Ok(None);
+    }
+    let p = Params {
+        c: c as u32,
+        o: c as u32,
+        d: 1,
+        h: 1,
+        w: s as u32,
+        dhw: s as u32,
+        groups: groups as u32,
+        tiles_x: 0,
+        tiles_y: 0,
+        _pad: [0; 3],
+    };
+    let entry = if to == 32 {
+        "context_gate_k1_sg32"
+    } else {
+        "context_gate_k1_sg64"
+    };
+    let [wx, wy, _] = ctx.grid(s.div_ceil(8 * SG1_V) as u64)?;
+    let [raw, w, b, gate] = inputs;
+    let args = KernelArgs {
+        shader: &CONV3D,
+        entry,
+        constants: &[("K", 1.0)],
+        buffers: &[raw, w, b, out, gate],
+        params: bytemuck::bytes_of(&p),
+        workgroups: [wx, wy, z],
+    };
+    Ok(Some(ctx.dispatch_bound(args, &[1, 2, 3, 4, 6])?))
 }
 
 impl Op for Conv3d {
@@ -391,6 +460,12 @@ impl Op for Conv3d {
             .dims(shapes)
             .expect("shapes were checked when the graph was built");
         conv3d(d, inputs[0], inputs[1], inputs[2], out);
+        if self.relu {
+            let n = d.n * d.o * d.voxels();
+            par::for_units(&mut out[..n], 1 << 16, 1, |_, v| {
+                v.iter_mut().for_each(|v| *v = v.max(0.0))
+            });
+        }
     }
     fn gpu(
         &self,
@@ -400,7 +475,7 @@ impl Op for Conv3d {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let d = self.dims(shapes)?;
-        gpu_conv3d(ctx, d, inputs, out, true)
+        gpu_conv3d(ctx, d, inputs, out, true, self.relu)
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
         self.dims(shapes)
@@ -542,6 +617,7 @@ mod tests {
                 (1, 70, 40, [4, 9, 10]),
             ] {
                 check_op(&Conv3d::new(k), &shapes(n, c, o, s, k), 1e-5);
+                check_op(&Conv3d::with_relu(k), &shapes(n, c, o, s, k), 1e-5);
             }
         }
     }
@@ -651,7 +727,7 @@ mod tests {
         for allow_texture in [false, true] {
             let out = c.empty(&[d.n, d.o, d.d, d.h, d.w]).unwrap();
             c.fill(&out.buffer, f32::NAN);
-            let disp = gpu_conv3d(c, d, &bufs, &out.buffer, allow_texture).unwrap();
+            let disp = gpu_conv3d(c, d, &bufs, &out.buffer, allow_texture, false).unwrap();
             let textured = disp.iter().any(|d| !d.copies.is_empty());
             assert_eq!(textured, allow_texture && use_subgroup_kernel(c));
             c.run(&disp).unwrap();
@@ -765,7 +841,16 @@ fn from_right(v: f32, edge: f32, lane: u32) -> f32 {{
 }}
 
 fn store_sg(i: u32, oc: u32, v: f32) {{
-    if (oc < p.o) {{ out[i] = v + bias[oc]; }}
+    if (oc < p.o) {{ out[i] = act(v + bias[oc]); }}
+}}
+
+// The gate of DINOv3UNet3D's context fusion (ops/fusion.rs), for the K = 1 kernels
+// `context_gate_k1_sg*`: the conv is the raw projection (O = C, so x[i] is the raw value
+// at the output's index) and out = x + (W·x + b)·σ(gate).
+@group(0) @binding(6) var<storage, read> gate: array<f32>;
+
+fn store_gate(i: u32, oc: u32, v: f32) {{
+    if (oc < p.o) {{ out[i] = x[i] + (v + bias[oc]) / (1.0 + exp(-gate[i])); }}
 }}
 "
         );
@@ -786,8 +871,10 @@ fn xtex(i: u32) -> f32 {{
 "
         );
         sg3_source(w, ry, rz, to, true);
-        for to in SG1_TILES {
-            sg1_source(w, to);
+        for gate in [false, true] {
+            for to in SG1_TILES {
+                sg1_source(w, to, gate);
+            }
         }
         let _ = writeln!(w, "// END subgroups");
         s
@@ -987,17 +1074,27 @@ fn {name}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 
     /// The K = 1 subgroup kernel (a GEMM over channels), appended by [`sg_source`].
-    fn sg1_source(w: &mut String, to: usize) {
+    /// With `gate`, the context gate `context_gate_k1_sg{to}` (epilogue `store_gate`).
+    fn sg1_source(w: &mut String, to: usize, gate: bool) {
         use std::fmt::Write;
         const V: usize = SG1_V;
+        let (name, store, what) = if gate {
+            (
+                format!("context_gate_k1_sg{to}"),
+                "store_gate",
+                " with the context gate's epilogue",
+            )
+        } else {
+            (format!("conv3d_k1_sg{to}"), "store_sg", "")
+        };
         let _ = write!(
             w,
             "
-// Variant \"conv3d_k1_sg{to}\" (K = 1): a workgroup computes {nv} voxels × {to} output
+// Variant \"{name}\" (K = 1{what}): a workgroup computes {nv} voxels × {to} output
 // channels; lane i owns voxels v0 + 8j + i, j < {V}. Per input channel each lane loads {V}
 // inputs and {nw} weights, shared by broadcast.
 @compute @workgroup_size(8)
-fn conv3d_k1_sg{to}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn {name}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) lane: u32) {{
     let tile = wg.x + wg.y * nwg.x;
     let n = wg.z / p.groups;
@@ -1057,7 +1154,7 @@ fn conv3d_k1_sg{to}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             for o in 0..to {
                 let _ = writeln!(
                     w,
-                    "        store_sg((n * p.o + o0 + {o}u) * p.dhw + vi{j}, o0 + {o}u, a{j}_{o});"
+                    "        {store}((n * p.o + o0 + {o}u) * p.dhw + vi{j}, o0 + {o}u, a{j}_{o});"
                 );
             }
             let _ = writeln!(w, "    }}");
