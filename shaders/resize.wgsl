@@ -172,3 +172,97 @@ fn bilinear(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
             @builtin(local_invocation_index) lid: u32) {
     resize(wg, nwg, lid);
 }
+
+// Exactly ×2 along D, H and W (scale 1/2: every output lies 1/4 or 3/4 of the way between
+// two inputs). One invocation reads a (3 z × 3 y × 6 x) neighbourhood of inputs — x0 - 1 ..
+// x0 + 4 with x0 = 4·segment, clamped at the borders as PyTorch's taps are — and writes the
+// 2 × 2 × 8 outputs of the 4 inputs x0 .. x0 + 3 of row (z, y): 54 loads for 32 outputs
+// instead of 27 for 8, no private arrays. Interpolates along D, then H, then W (the general
+// kernel goes W, H, D: equal up to f32 rounding). Params: n = invocations, nbw = segments
+// per row (ceil(wi / 4)), wi/hi/di the input sizes, wo = 2 wi.
+struct Row6 { v0: f32, v1: f32, v2: f32, v3: f32, v4: f32, v5: f32, }
+
+fn row6(at: u32, c0: u32, c1: u32, c2: u32, c3: u32, c4: u32, c5: u32) -> Row6 {
+    return Row6(x[at + c0], x[at + c1], x[at + c2], x[at + c3], x[at + c4], x[at + c5]);
+}
+
+// a · wa + b · wb per element.
+fn mix6(a: Row6, b: Row6, wa: f32, wb: f32) -> Row6 {
+    return Row6(a.v0 * wa + b.v0 * wb, a.v1 * wa + b.v1 * wb, a.v2 * wa + b.v2 * wb,
+                a.v3 * wa + b.v3 * wb, a.v4 * wa + b.v4 * wb, a.v5 * wa + b.v5 * wb);
+}
+
+// The 8 outputs along W of a row r holding inputs x0 - 1 .. x0 + 4, from output index
+// at = row start + 2 x0; only the first `valid` inputs (x0 + k < wi) are written.
+fn store_w(at: u32, r: Row6, valid: u32) {
+    out[at] = r.v0 * 0.25 + r.v1 * 0.75;
+    out[at + 1u] = r.v1 * 0.75 + r.v2 * 0.25;
+    if (valid > 1u) {
+        out[at + 2u] = r.v1 * 0.25 + r.v2 * 0.75;
+        out[at + 3u] = r.v2 * 0.75 + r.v3 * 0.25;
+    }
+    if (valid > 2u) {
+        out[at + 4u] = r.v2 * 0.25 + r.v3 * 0.75;
+        out[at + 5u] = r.v3 * 0.75 + r.v4 * 0.25;
+    }
+    if (valid > 3u) {
+        out[at + 6u] = r.v3 * 0.25 + r.v4 * 0.75;
+        out[at + 7u] = r.v4 * 0.75 + r.v5 * 0.25;
+    }
+}
+
+@compute @workgroup_size(64)
+fn trilinear_up2(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let t = (wg.x + wg.y * nwg.x) * 64u + lid;
+    if (t >= p.n) { return; }
+    let seg = t % p.nbw;
+    let r = t / p.nbw;
+    let y = r % p.hi;
+    let r2 = r / p.hi;
+    let z = r2 % p.di;
+    let l = r2 / p.di;
+    let x0 = seg * 4u;
+    let wl = p.wi - 1u;
+    // Columns x0 - 1 .. x0 + 4, clamped.
+    let c0 = select(x0 - 1u, 0u, x0 == 0u);
+    let c1 = min(x0, wl);
+    let c2 = min(x0 + 1u, wl);
+    let c3 = min(x0 + 2u, wl);
+    let c4 = min(x0 + 3u, wl);
+    let c5 = min(x0 + 4u, wl);
+    let valid = min(p.wi - x0, 4u);
+    // Input rows z - 1, z, z + 1 and y - 1, y, y + 1, clamped.
+    let zm = select(z - 1u, 0u, z == 0u);
+    let zp = min(z + 1u, p.di - 1u);
+    let ym = select(y - 1u, 0u, y == 0u);
+    let yp = min(y + 1u, p.hi - 1u);
+    let vol = l * p.di;
+    // Along D for the input row yy: (output slice 2z, output slice 2z + 1).
+    let am = row6(((vol + zm) * p.hi + ym) * p.wi, c0, c1, c2, c3, c4, c5);
+    let a0 = row6(((vol + z) * p.hi + ym) * p.wi, c0, c1, c2, c3, c4, c5);
+    let ap = row6(((vol + zp) * p.hi + ym) * p.wi, c0, c1, c2, c3, c4, c5);
+    let m0 = mix6(am, a0, 0.25, 0.75);
+    let m1 = mix6(a0, ap, 0.75, 0.25);
+    let bm = row6(((vol + zm) * p.hi + y) * p.wi, c0, c1, c2, c3, c4, c5);
+    let b0 = row6(((vol + z) * p.hi + y) * p.wi, c0, c1, c2, c3, c4, c5);
+    let bp = row6(((vol + zp) * p.hi + y) * p.wi, c0, c1, c2, c3, c4, c5);
+    let n0 = mix6(bm, b0, 0.25, 0.75);
+    let n1 = mix6(b0, bp, 0.75, 0.25);
+    // Output rows (2z + a, 2y): along H between input rows y - 1 and y.
+    let ho = 2u * p.hi;
+    let wo = 2u * p.wi;
+    let oz0 = (l * 2u * p.di + 2u * z) * ho;
+    let oz1 = oz0 + ho;
+    let ox = 2u * x0;
+    store_w((oz0 + 2u * y) * wo + ox, mix6(m0, n0, 0.25, 0.75), valid);
+    store_w((oz1 + 2u * y) * wo + ox, mix6(m1, n1, 0.25, 0.75), valid);
+    // Output rows (2z + a, 2y + 1): between input rows y and y + 1.
+    let cm = row6(((vol + zm) * p.hi + yp) * p.wi, c0, c1, c2, c3, c4, c5);
+    let c0r = row6(((vol + z) * p.hi + yp) * p.wi, c0, c1, c2, c3, c4, c5);
+    let cp = row6(((vol + zp) * p.hi + yp) * p.wi, c0, c1, c2, c3, c4, c5);
+    let q0 = mix6(cm, c0r, 0.25, 0.75);
+    let q1 = mix6(c0r, cp, 0.75, 0.25);
+    store_w((oz0 + 2u * y + 1u) * wo + ox, mix6(n0, q0, 0.75, 0.25), valid);
+    store_w((oz1 + 2u * y + 1u) * wo + ox, mix6(n1, q1, 0.75, 0.25), valid);
+}

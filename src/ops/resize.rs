@@ -260,6 +260,53 @@ fn gpu_resize(
     })?])
 }
 
+/// Whether `axis` doubles its input with PyTorch's scale 1/2 (`trilinear_up2` applies).
+fn is_up2(axis: &Axis) -> bool {
+    axis.n_out == 2 * axis.n_in && axis.scale == 0.5
+}
+
+/// `trilinear_up2`: `lead` volumes doubled along D, H and W; one invocation per 4 inputs
+/// of a row.
+fn gpu_up2(
+    ctx: &GpuContext,
+    lead: usize,
+    [d, h, w]: [Axis; 3],
+    input: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+) -> Result<Vec<Dispatch>> {
+    let entry = "trilinear_up2";
+    check_u32(entry, lead * d.n_out * h.n_out * w.n_out)?;
+    let nbw = w.n_in.div_ceil(4);
+    let n = lead * d.n_in * h.n_in * nbw;
+    check_u32(entry, n)?;
+    let p = Params {
+        n: n as u32,
+        nbw: nbw as u32,
+        nbh: h.n_in as u32,
+        nbd: d.n_in as u32,
+        wo: w.n_out as u32,
+        ho: h.n_out as u32,
+        do_: d.n_out as u32,
+        _pad0: 0,
+        wi: w.n_in as u32,
+        hi: h.n_in as u32,
+        di: d.n_in as u32,
+        _pad1: 0,
+        sw: w.scale,
+        sh: h.scale,
+        sd: d.scale,
+        _pad2: 0.0,
+    };
+    Ok(vec![ctx.dispatch(KernelArgs {
+        shader: &RESIZE,
+        entry,
+        constants: &[],
+        buffers: &[input, out],
+        params: bytemuck::bytes_of(&p),
+        workgroups: ctx.grid((n as u64).div_ceil(64))?,
+    })?])
+}
+
 /// Trilinear resize of the last three axes of `(N, C, D, H, W)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Trilinear {
@@ -302,6 +349,9 @@ impl Op for Trilinear {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let (lead, axes) = resolve(self.name(), &self.target, shapes)?;
+        if axes.iter().all(is_up2) {
+            return gpu_up2(ctx, lead, axes, inputs[0], out);
+        }
         gpu_resize(ctx, self.name(), lead, axes, inputs[0], out)
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
@@ -520,8 +570,40 @@ mod tests {
             // Identity axes (one input read) beside resized ones.
             (vec![1, 2, 17, 6, 7], Target::Size([4, 6, 7])),
             (vec![1, 1, 5, 6, 7], Target::Factor([1.0, 2.0, 1.0])),
+            // Exact ×2 (`trilinear_up2`): sizes 1 and rows that are not whole segments
+            // of 4, a size target of twice the input, a single leading dim.
+            (vec![1, 1, 1, 1, 1], Target::Factor([2.0; 3])),
+            (vec![2, 3, 3, 5, 6], Target::Size([6, 10, 12])),
+            (vec![1, 2, 4, 1, 13], Target::Factor([2.0; 3])),
+            (vec![3, 7, 2, 11], Target::Factor([2.0; 3])),
         ] {
             check_op(&Trilinear { target }, &[shape], 1e-5);
+        }
+    }
+
+    /// ×2 takes `trilinear_up2`; the general kernel, which it replaces there, still
+    /// matches the reference on ×2 too.
+    #[test]
+    fn up2_and_general_kernels_match_reference() {
+        use crate::ops::testing::{ctx, POISON};
+        let c = ctx();
+        let mut r = rng();
+        for shape in [vec![2, 3, 5, 7, 9], vec![1, 4, 8, 3, 17]] {
+            let op = Trilinear::by(2.0);
+            let x = random(&mut r, shape.iter().product());
+            let (want, out_shape) = run_cpu(&op, &[(&x, &shape)]).unwrap();
+            let t = c.upload(&x, &shape).unwrap();
+            let out = c.empty(&out_shape).unwrap();
+            let (lead, axes) = resolve("trilinear", &op.target, &[&shape]).unwrap();
+            let chosen = op.gpu(c, &[&t.buffer], &[&shape], &out.buffer).unwrap();
+            assert_eq!(chosen[0].name, "trilinear_up2");
+            let general = gpu_resize(c, "trilinear", lead, axes, &t.buffer, &out.buffer).unwrap();
+            for disp in [chosen, general] {
+                c.fill(&out.buffer, POISON);
+                c.run(&disp).unwrap();
+                let e = rel_err(&c.download(&out).unwrap(), &want);
+                assert!(e <= 1e-5, "{shape:?} {}: {e}", disp[0].name);
+            }
         }
     }
 
