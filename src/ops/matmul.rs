@@ -905,6 +905,47 @@ pub fn bench_cases() -> Vec<crate::bench::Case> {
             vec![vec![4096, 384], vec![1536, 384], vec![1536]],
         ),
         Case::new(
+            "matmul 32x201x384x384 +bias (ViT-S q/v)",
+            Matmul::linear(true),
+            vec![vec![32, 201, 384], vec![384, 384], vec![384]],
+        ),
+        Case::new(
+            "matmul 32x201x384x384 +bias +rope (ViT-S q)",
+            Matmul::linear(true).with_epilogue(Epilogue::Rope {
+                heads: 6,
+                prefix: 5,
+            }),
+            vec![
+                vec![32, 201, 384],
+                vec![384, 384],
+                vec![384],
+                vec![196, 32],
+                vec![196, 32],
+            ],
+        ),
+        Case::new(
+            "matmul 32x201x384x384 +bias +residual (ViT-S o_proj)",
+            Matmul::linear(true).with_epilogue(Epilogue::Residual),
+            vec![
+                vec![32, 201, 384],
+                vec![384, 384],
+                vec![384],
+                vec![32, 201, 384],
+                vec![384],
+            ],
+        ),
+        Case::new(
+            "matmul 32x201x384x1536 +bias +residual (ViT-S down_proj)",
+            Matmul::linear(true).with_epilogue(Epilogue::Residual),
+            vec![
+                vec![32, 201, 1536],
+                vec![384, 1536],
+                vec![384],
+                vec![32, 201, 384],
+                vec![384],
+            ],
+        ),
+        Case::new(
             "matmul 4096x384x384 (x·W)",
             Matmul::default(),
             vec![vec![4096, 384], vec![384, 384]],
