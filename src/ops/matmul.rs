@@ -1534,6 +1534,20 @@ mod tests {
             .is_ok());
     }
 
+    /// Times the bench cases whose label contains `LAB_FILTER` by GFLOP per CPU-second
+    /// (development aid).
+    #[test]
+    #[ignore]
+    fn lab_time() {
+        let filter = std::env::var("LAB_FILTER").unwrap_or_default();
+        for case in bench_cases() {
+            if case.label.contains(&filter) {
+                eprintln!("{}", case.label);
+                crate::ops::testing::lab_time(crate::ops::testing::ctx(), &case);
+            }
+        }
+    }
+
     #[test]
     fn kernel_handles_k_zero_free_shapes() {
         let m = Matmul::linear(true);
