@@ -229,8 +229,9 @@ fn store_row(row: u32, acc: array<f32, 16>, cols: u32) {
 // are (P, hd/2) tables streamed through textures (linear rgba32f texels).
 @group(0) @binding(6) var cos_t: texture_2d<f32>;
 @group(0) @binding(7) var sin_t: texture_2d<f32>;
-// Residual: out = resid + λ ⊙ acc.
-@group(0) @binding(6) var<storage, read> tres: array<f32>;
+// Residual: out = resid + λ ⊙ acc; resid (rows, n) with n % 4 == 0 streams through a
+// texture (linear rgba32f texels: 4 columns of a row each), λ is a storage buffer.
+@group(0) @binding(6) var res_t: texture_2d<f32>;
 @group(0) @binding(7) var<storage, read> tlam: array<f32>;
 
 fn cos4(t: u32) -> vec4<f32> {
@@ -277,13 +278,42 @@ fn scale8(acc: ptr<function, array<f32, 16>>, o: u32, c: u32, lane: u32) {
     (*acc)[o + 7u] *= subgroupBroadcast(l, 7u);
 }
 
+fn res4(t: u32) -> vec4<f32> {
+    return textureLoad(res_t, vec2<u32>(t & 1023u, t >> 10u), 0);
+}
+
+// Adds the residual to acc and stores the row (columns past n are neither read from a
+// texel that matters nor stored).
 fn store_res(row: u32, acc: array<f32, 16>, cols: u32) {
+    let base = min(row, tp.m - 1u) * tp.n;
+    var r: array<f32, 16>;
+    let a = res4((base + tp.c0) / 4u);
+    r[0] = a.x;
+    r[1] = a.y;
+    r[2] = a.z;
+    r[3] = a.w;
+    if (cols == 16u) {
+        let b = res4((base + tp.c0) / 4u + 1u);
+        let c = res4((base + tp.c2) / 4u);
+        let d = res4((base + tp.c2) / 4u + 1u);
+        r[4] = b.x;
+        r[5] = b.y;
+        r[6] = b.z;
+        r[7] = b.w;
+        r[8] = c.x;
+        r[9] = c.y;
+        r[10] = c.z;
+        r[11] = c.w;
+        r[12] = d.x;
+        r[13] = d.y;
+        r[14] = d.z;
+        r[15] = d.w;
+    }
     if (row >= tp.m) { return; }
     for (var j = 0u; j < cols; j++) {
         let c = col_of(j);
         if (c < tp.n) {
-            let i = row * tp.n + c;
-            tout[i] = tres[i] + acc[j];
+            tout[row * tp.n + c] = r[j] + acc[j];
         }
     }
 }
