@@ -1503,7 +1503,11 @@ mod tests {
                 assert!(fused != names.contains(&"residual_inplace"), "{names:?}");
                 // (f32 weights with K = 4104 exceed a window: generic kernel)
                 if names[0].starts_with("matmul_tex") {
-                    assert_eq!(fused, act == Activation::Identity && n % 4 == 0, "{names:?}");
+                    assert_eq!(
+                        fused,
+                        act == Activation::Identity && n % 4 == 0,
+                        "{names:?}"
+                    );
                 }
             }
         }
