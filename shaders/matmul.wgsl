@@ -78,6 +78,59 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 }
 
+// In-place epilogues run after a matmul that could not fuse them (generic kernel, GL,
+// downlevel limits, head sizes the texture path cannot pair up). No loop or branch is
+// bounded by a uniform except through the invocation index (lavapipe recompiles such
+// shaders per dispatch).
+//   rope_inplace:     RoPE on rows of (B·T, N) with N = heads·hd; one invocation per
+//                     rotation pair (row, head, j < hd/2); rows t % T < prefix untouched;
+//                     cos/sin are (T − prefix, hd/2) (HF's table is tiled: cos[j] = cos[j + hd/2]).
+//   residual_inplace: out = resid + λ ⊙ out, λ along the last axis (N).
+struct EpiParams {
+    total: u32,  // pairs (rope) or elements (residual)
+    n: u32,      // columns of the output
+    t: u32,      // tokens per image (rope)
+    prefix: u32, // leading tokens left unrotated (rope)
+    half: u32,   // hd / 2 (rope)
+    _e0: u32, _e1: u32, _e2: u32,
+}
+
+@group(0) @binding(0) var<uniform> ep: EpiParams;
+@group(0) @binding(1) var<storage, read_write> eo: array<f32>;
+@group(0) @binding(2) var<storage, read> e1: array<f32>;
+@group(0) @binding(3) var<storage, read> e2: array<f32>;
+
+@compute @workgroup_size(64)
+fn rope_inplace(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 64u + lid;
+    if (i >= ep.total) { return; }
+    let pairs_per_row = ep.n / 2u;
+    let row = i / pairs_per_row;
+    let pr = i % pairs_per_row;
+    let tok = row % ep.t;
+    if (tok < ep.prefix) { return; }
+    let h = pr / ep.half;
+    let j = pr % ep.half;
+    let o1 = row * ep.n + h * 2u * ep.half + j;
+    let o2 = o1 + ep.half;
+    let tb = (tok - ep.prefix) * ep.half + j;
+    let c = e1[tb];
+    let s = e2[tb];
+    let a1 = eo[o1];
+    let a2 = eo[o2];
+    eo[o1] = a1 * c - a2 * s;
+    eo[o2] = a2 * c + a1 * s;
+}
+
+@compute @workgroup_size(64)
+fn residual_inplace(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 64u + lid;
+    if (i >= ep.total) { return; }
+    eo[i] = e1[i] + e2[i % ep.n] * eo[i];
+}
+
 // BEGIN subgroups (stripped on devices without subgroup operations)
 // ---------------------------------------------------------------------------------------
 // Texture path, for x·Wᵀ with K % 4 == 0 (Linear layers): one dispatch per block of
@@ -96,8 +149,12 @@ struct TexParams {
     c0: u32,      // first column of this block
     w_base: u32,  // vec4 index of column c0 inside the uniform window
     has_bias: u32,
-    w_base2: u32, // vec4 index of column c0 + 8 inside the second window (16-column blocks)
-    _p1: u32,
+    w_base2: u32, // vec4 index of column c2 inside the second window (16-column blocks)
+    c2: u32,      // first column of the second group of 8 (c0 + 8, or c0 + hd/2 for RoPE)
+    t: u32,       // RoPE: tokens per image (rows are images × tokens)
+    prefix: u32,  // RoPE: leading tokens of each image left unrotated (CLS, registers)
+    q4: u32,      // RoPE: texels per row of the cos/sin tables (hd/2 / 4)
+    rj: u32,      // RoPE: texel of column c0's angle within a table row (j0 / 4)
 }
 
 @group(0) @binding(0) var<uniform> tp: TexParams;
@@ -151,40 +208,139 @@ fn add_bias8(acc: ptr<function, array<f32, 16>>, o: u32, c: u32, lane: u32) {
     (*acc)[o + 7u] += subgroupBroadcast(b, 7u);
 }
 
+// Output column of accumulator j: c0 + j for the first group of 8, c2 + j − 8 after.
+fn col_of(j: u32) -> u32 {
+    return select(tp.c0 + j, tp.c2 + j - 8u, j >= 8u);
+}
+
 fn store_row(row: u32, acc: array<f32, 16>, cols: u32) {
     if (row >= tp.m) { return; }
     for (var j = 0u; j < cols; j++) {
-        let c = tp.c0 + j;
+        let c = col_of(j);
         if (c < tp.n) {
             tout[row * tp.n + c] = activate(acc[j]);
         }
     }
 }
 
-@compute @workgroup_size(64)
-fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(subgroup_invocation_id) sl: u32) {
-    let row = gid.x + gid.y * nwg.x * 64u;
+// ---- Fused epilogues (entry points *_rope, *_res) ----
+// RoPE: the block's two groups are the two halves of the same rotation pairs
+// (c2 = c0 + hd/2), so lane-local: o1 = a1·cos − a2·sin, o2 = a2·cos + a1·sin. cos/sin
+// are (P, hd/2) tables streamed through textures (linear rgba32f texels).
+@group(0) @binding(6) var cos_t: texture_2d<f32>;
+@group(0) @binding(7) var sin_t: texture_2d<f32>;
+// Residual: out = resid + λ ⊙ acc; resid (rows, n) with n % 4 == 0 streams through a
+// texture (linear rgba32f texels: 4 columns of a row each), λ is a storage buffer.
+@group(0) @binding(6) var res_t: texture_2d<f32>;
+@group(0) @binding(7) var<storage, read> tlam: array<f32>;
+
+fn cos4(t: u32) -> vec4<f32> {
+    return textureLoad(cos_t, vec2<u32>(t & 1023u, t >> 10u), 0);
+}
+
+fn sin4(t: u32) -> vec4<f32> {
+    return textureLoad(sin_t, vec2<u32>(t & 1023u, t >> 10u), 0);
+}
+
+fn rot4(acc: ptr<function, array<f32, 16>>, o: u32, c: vec4<f32>, s: vec4<f32>, on: bool) {
+    let a1 = vec4<f32>((*acc)[o + 0u], (*acc)[o + 1u], (*acc)[o + 2u], (*acc)[o + 3u]);
+    let a2 = vec4<f32>((*acc)[o + 8u], (*acc)[o + 9u], (*acc)[o + 10u], (*acc)[o + 11u]);
+    let r1 = select(a1, a1 * c - a2 * s, on);
+    let r2 = select(a2, a2 * c + a1 * s, on);
+    (*acc)[o + 0u] = r1.x;
+    (*acc)[o + 1u] = r1.y;
+    (*acc)[o + 2u] = r1.z;
+    (*acc)[o + 3u] = r1.w;
+    (*acc)[o + 8u] = r2.x;
+    (*acc)[o + 9u] = r2.y;
+    (*acc)[o + 10u] = r2.z;
+    (*acc)[o + 11u] = r2.w;
+}
+
+fn rope16(acc: ptr<function, array<f32, 16>>, row: u32) {
+    let tok = min(row, tp.m - 1u) % tp.t;
+    let on = tok >= tp.prefix;
+    let tb = select(0u, tok - tp.prefix, on) * tp.q4 + tp.rj;
+    rot4(acc, 0u, cos4(tb), sin4(tb), on);
+    rot4(acc, 4u, cos4(tb + 1u), sin4(tb + 1u), on);
+}
+
+// acc[o ..] *= λ of columns c .. c + 7 (one load per lane + broadcast, as add_bias8).
+fn scale8(acc: ptr<function, array<f32, 16>>, o: u32, c: u32, lane: u32) {
+    let l = tlam[min(c + lane, tp.n - 1u)];
+    (*acc)[o + 0u] *= subgroupBroadcast(l, 0u);
+    (*acc)[o + 1u] *= subgroupBroadcast(l, 1u);
+    (*acc)[o + 2u] *= subgroupBroadcast(l, 2u);
+    (*acc)[o + 3u] *= subgroupBroadcast(l, 3u);
+    (*acc)[o + 4u] *= subgroupBroadcast(l, 4u);
+    (*acc)[o + 5u] *= subgroupBroadcast(l, 5u);
+    (*acc)[o + 6u] *= subgroupBroadcast(l, 6u);
+    (*acc)[o + 7u] *= subgroupBroadcast(l, 7u);
+}
+
+fn res4(t: u32) -> vec4<f32> {
+    return textureLoad(res_t, vec2<u32>(t & 1023u, t >> 10u), 0);
+}
+
+// Adds the residual to acc and stores the row (columns past n are neither read from a
+// texel that matters nor stored).
+fn store_res(row: u32, acc: array<f32, 16>, cols: u32) {
+    let base = min(row, tp.m - 1u) * tp.n;
+    var r: array<f32, 16>;
+    let a = res4((base + tp.c0) / 4u);
+    r[0] = a.x;
+    r[1] = a.y;
+    r[2] = a.z;
+    r[3] = a.w;
+    if (cols == 16u) {
+        let b = res4((base + tp.c0) / 4u + 1u);
+        let c = res4((base + tp.c2) / 4u);
+        let d = res4((base + tp.c2) / 4u + 1u);
+        r[4] = b.x;
+        r[5] = b.y;
+        r[6] = b.z;
+        r[7] = b.w;
+        r[8] = c.x;
+        r[9] = c.y;
+        r[10] = c.z;
+        r[11] = c.w;
+        r[12] = d.x;
+        r[13] = d.y;
+        r[14] = d.z;
+        r[15] = d.w;
+    }
+    if (row >= tp.m) { return; }
+    for (var j = 0u; j < cols; j++) {
+        let c = col_of(j);
+        if (c < tp.n) {
+            tout[row * tp.n + c] = r[j] + acc[j];
+        }
+    }
+}
+
+// Row of X this invocation computes (rows past tp.m compute garbage, never stored).
+fn tex_row(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 64u;
+}
+
+// The 16-column block's accumulators, bias added: columns c0 … c0 + 7 from the first
+// window, c2 … c2 + 7 from the second; past the last column, lanes re-read it.
+fn acc16(row: u32, sl: u32) -> array<f32, 16> {
     let xr = min(row, tp.m - 1u) * tp.k4;
     var acc: array<f32, 16>;
     let wa = widx(sl, 0u);
-    // Columns c0 + 8 … in the second window; past the last column, lanes re-read it.
-    let c2 = tp.c0 + 8u;
-    let wb = tp.w_base2 + (min(c2 + sl, max(tp.n - 1u, c2)) - c2) * tp.k4;
+    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * tp.k4;
     for (var l = 0u; l < tp.k4; l++) {
         let xv = xload(xr + l);
         bc8(&acc, 0u, xv, wu[wa + l]);
         bc8(&acc, 8u, xv, wu2[wb + l]);
     }
     add_bias8(&acc, 0u, tp.c0, sl);
-    add_bias8(&acc, 8u, c2, sl);
-    store_row(row, acc, 16u);
+    add_bias8(&acc, 8u, tp.c2, sl);
+    return acc;
 }
 
-@compute @workgroup_size(64)
-fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(subgroup_invocation_id) sl: u32) {
-    let row = gid.x + gid.y * nwg.x * 64u;
+fn acc4(row: u32, sl: u32) -> array<f32, 16> {
     let xr = min(row, tp.m - 1u) * tp.k4;
     var acc: array<f32, 16>;
     let wa = widx(min(sl, 3u), 0u);
@@ -192,7 +348,49 @@ fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         bc4(&acc, xload(xr + l), wu[wa + l]);
     }
     add_bias8(&acc, 0u, tp.c0, sl);
-    store_row(row, acc, 4u);
+    return acc;
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    store_row(row, acc16(row, sl), 16u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    var acc = acc16(row, sl);
+    rope16(&acc, row);
+    store_row(row, acc, 16u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    var acc = acc16(row, sl);
+    scale8(&acc, 0u, tp.c0, sl);
+    scale8(&acc, 8u, tp.c2, sl);
+    store_res(row, acc, 16u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    store_row(row, acc4(row, sl), 4u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex4_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    var acc = acc4(row, sl);
+    scale8(&acc, 0u, tp.c0, sl);
+    store_res(row, acc, 4u);
 }
 
 // f16 weights on the texture path (entry points ending in h): the window holds vec4<u32> =
@@ -225,16 +423,12 @@ fn bc4h(acc: ptr<function, array<f32, 16>>, x0: vec4<f32>, x1: vec4<f32>, w: vec
     (*acc)[3] += dot8(x0, x1, subgroupBroadcast(w, 3u));
 }
 
-@compute @workgroup_size(64)
-fn matmul_tex16h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(subgroup_invocation_id) sl: u32) {
-    let row = gid.x + gid.y * nwg.x * 64u;
+fn acc16h(row: u32, sl: u32) -> array<f32, 16> {
     let xr = min(row, tp.m - 1u) * tp.k4;
     let k8 = tp.k4 / 2u;
     var acc: array<f32, 16>;
     let wa = tp.w_base + (min(tp.c0 + sl, tp.n - 1u) - tp.c0) * k8;
-    let c2 = tp.c0 + 8u;
-    let wb = tp.w_base2 + (min(c2 + sl, max(tp.n - 1u, c2)) - c2) * k8;
+    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * k8;
     for (var l = 0u; l < k8; l++) {
         let x0 = xload(xr + 2u * l);
         let x1 = xload(xr + 2u * l + 1u);
@@ -242,14 +436,11 @@ fn matmul_tex16h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         bc8h(&acc, 8u, x0, x1, wh2[wb + l]);
     }
     add_bias8(&acc, 0u, tp.c0, sl);
-    add_bias8(&acc, 8u, c2, sl);
-    store_row(row, acc, 16u);
+    add_bias8(&acc, 8u, tp.c2, sl);
+    return acc;
 }
 
-@compute @workgroup_size(64)
-fn matmul_tex4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(subgroup_invocation_id) sl: u32) {
-    let row = gid.x + gid.y * nwg.x * 64u;
+fn acc4h(row: u32, sl: u32) -> array<f32, 16> {
     let xr = min(row, tp.m - 1u) * tp.k4;
     let k8 = tp.k4 / 2u;
     var acc: array<f32, 16>;
@@ -258,6 +449,48 @@ fn matmul_tex4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         bc4h(&acc, xload(xr + 2u * l), xload(xr + 2u * l + 1u), wh[wa + l]);
     }
     add_bias8(&acc, 0u, tp.c0, sl);
-    store_row(row, acc, 4u);
+    return acc;
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    store_row(row, acc16h(row, sl), 16u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16h_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    var acc = acc16h(row, sl);
+    rope16(&acc, row);
+    store_row(row, acc, 16u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    var acc = acc16h(row, sl);
+    scale8(&acc, 0u, tp.c0, sl);
+    scale8(&acc, 8u, tp.c2, sl);
+    store_res(row, acc, 16u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    store_row(row, acc4h(row, sl), 4u);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(subgroup_invocation_id) sl: u32) {
+    let row = tex_row(gid, nwg);
+    var acc = acc4h(row, sl);
+    scale8(&acc, 0u, tp.c0, sl);
+    store_res(row, acc, 4u);
 }
 // END subgroups

@@ -166,3 +166,57 @@ fn tiled_runs_do_not_accumulate_wgpu_objects() {
     );
     assert!(live1.buffers > 0 && live1.bind_groups > 0 && live1.compute_pipelines > 0);
 }
+
+/// Repeated ViT runs with the fused q/k RoPE and LayerScale-residual matmul epilogues
+/// (texture-path entry points with extra texture and storage bindings): nothing may be
+/// recompiled or allocated per dispatch, so RSS and live wgpu objects stay flat.
+#[test]
+fn repeated_vit_runs_hold_memory_flat() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = own_context();
+    // (weights of at least 64 KiB, so the projections take the texture path)
+    let cfg = volfuse::models::vit::VitConfig {
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 8,
+        num_register_tokens: 4,
+        ..Default::default()
+    };
+    let vit = volfuse::models::vit::Vit::random(cfg, 7).expect("random ViT");
+    let mut runner = Runner::new(Backend::Gpu(ctx.clone()));
+    let (n, h, w) = (2, 48, 32);
+    let images: Vec<f32> = (0..n * 3 * h * w)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let mut run = || vit.run(&mut runner, &images, n, h, w, n).expect("ViT run");
+    let first = run();
+    for _ in 0..2 {
+        run();
+    }
+    let caps = &ctx.caps;
+    if caps.subgroups && caps.min_subgroup_size >= 8 && caps.max_uniform_binding >= 65536 {
+        let compiled: Vec<&str> = ctx.compiled_kernels().iter().map(|k| k.entry).collect();
+        for e in ["matmul_tex16_rope", "matmul_tex16_res"] {
+            assert!(compiled.contains(&e), "{e} not used: {compiled:?}");
+        }
+    }
+    let live0 = ctx.live_resources();
+    let rss0 = vm_rss_kb();
+    let runs = 12;
+    for _ in 0..runs {
+        assert_eq!(run(), first, "the same inputs gave different outputs");
+    }
+    let grown_kb = vm_rss_kb() as i64 - rss0 as i64;
+    assert_eq!(
+        ctx.live_resources(),
+        live0,
+        "wgpu objects accumulate across runs"
+    );
+    assert!(
+        grown_kb < 6 * 1024,
+        "RSS grew by {grown_kb} KiB over {runs} ViT runs ({} KiB per run): a shader lavapipe \
+         recompiles per dispatch? (docs/lavapipe.md)",
+        grown_kb / runs as i64
+    );
+}

@@ -127,3 +127,42 @@ fn gpu_f16_weights_match_transformers_within_1e_2() {
         }
     }
 }
+
+/// The fixtures' weights are below one 64 KiB uniform window, so their projections run on
+/// the generic kernel with the RoPE / residual epilogues as in-place passes. A ViT with
+/// hidden size 128 (head size 16, 4 registers, non-square image) takes the texture path with
+/// both epilogues fused; it must match the CPU reference path (which the fixtures tie to
+/// transformers).
+#[test]
+fn gpu_fused_epilogues_match_cpu_backend() {
+    let cfg = volfuse::models::VitConfig {
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 8,
+        num_register_tokens: 4,
+        ..Default::default()
+    };
+    let vit = Vit::random(cfg, 11).expect("random ViT");
+    let (n, h, w) = (3, 48, 80);
+    let x: Vec<f32> = (0..n * 3 * h * w)
+        .map(|i| (((i * 7919) % 2003) as f32 / 1001.0 - 1.0) * 2.0)
+        .collect();
+    let want = vit
+        .run(&mut Runner::new(Backend::Cpu), &x, n, h, w, n)
+        .expect("cpu run");
+    let ctx = gpu();
+    let got = vit
+        .run(&mut Runner::new(Backend::Gpu(ctx.clone())), &x, n, h, w, n)
+        .expect("gpu run");
+    let e = rel_err(&got, &want);
+    eprintln!("fused ViT on {}: rel err {e:.2e}", ctx.describe());
+    assert!(e <= 1e-4, "rel err {e}");
+    let caps = &ctx.caps;
+    if caps.subgroups && caps.min_subgroup_size >= 8 && caps.max_uniform_binding >= 65536 {
+        let compiled: Vec<&str> = ctx.compiled_kernels().iter().map(|k| k.entry).collect();
+        for e in ["matmul_tex16_rope", "matmul_tex16_res"] {
+            assert!(compiled.contains(&e), "{e} not used: {compiled:?}");
+        }
+    }
+}

@@ -8,10 +8,8 @@ use crate::graph::{Graph, Value};
 use crate::io::Weights;
 use crate::ops::attention::Attention;
 use crate::ops::elementwise::Binary;
-use crate::ops::elementwise::ScaleAdd;
-use crate::ops::matmul::{Activation, Matmul};
+use crate::ops::matmul::{Activation, Epilogue, Matmul};
 use crate::ops::norm::LayerNorm;
-use crate::ops::rope::Rope;
 use crate::ops::tokens::{Patchify, PrependTokens};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -291,10 +289,37 @@ impl Vit {
         )
     }
 
-    /// `x + λ ⊙ y` (LayerScale then the residual add).
-    fn residual(&self, g: &mut Graph, x: Value, y: Value, lambda: &str) -> Result<Value> {
+    /// `epi(x·Wᵀ + b)`: a Linear with an epilogue fused into the matmul; `extra` are the
+    /// epilogue's inputs.
+    fn linear_epi(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        prefix: &str,
+        bias: bool,
+        epi: Epilogue,
+        extra: &[Value],
+    ) -> Result<Value> {
+        let mut inputs = vec![x, self.c(g, &format!("{prefix}.weight"))?];
+        if bias {
+            inputs.push(self.c(g, &format!("{prefix}.bias"))?);
+        }
+        inputs.extend_from_slice(extra);
+        g.op(Matmul::linear(bias).with_epilogue(epi), &inputs)
+    }
+
+    /// `h + λ ⊙ (x·Wᵀ + b)` (the projection, LayerScale and the residual add in one op).
+    fn residual_linear(
+        &self,
+        g: &mut Graph,
+        h: Value,
+        x: Value,
+        prefix: &str,
+        bias: bool,
+        lambda: &str,
+    ) -> Result<Value> {
         let l = self.c(g, lambda)?;
-        g.op(ScaleAdd, &[x, y, l])
+        self.linear_epi(g, x, prefix, bias, Epilogue::Residual, &[h, l])
     }
 
     /// Adds the forward pass to `g` for `pixels` (B, C, H, W); returns last_hidden_state.
@@ -327,11 +352,16 @@ impl Vit {
         let prefix = self.c(g, "prefix")?;
         let mut h = g.op(PrependTokens, &[patches, prefix])?;
 
+        // RoPE runs in the q/k projections' epilogue, on the first half of HF's tables
+        // (they are tiled: cos[j] = cos[j + hd/2]).
         let (cos, sin) = rope_tables(cfg, gh, gw);
         let hd = cfg.head_dim();
-        let cos = g.constant("rope.cos", Arc::new(cos), &[gh * gw, hd])?;
-        let sin = g.constant("rope.sin", Arc::new(sin), &[gh * gw, hd])?;
-        let rope = Rope {
+        let first_half = |t: Vec<f32>| -> Arc<Vec<f32>> {
+            Arc::new(t.chunks(hd).flat_map(|r| r[..hd / 2].to_vec()).collect())
+        };
+        let cos = g.constant("rope.cos", first_half(cos), &[gh * gw, hd / 2])?;
+        let sin = g.constant("rope.sin", first_half(sin), &[gh * gw, hd / 2])?;
+        let rope = Epilogue::Rope {
             heads: cfg.num_attention_heads,
             prefix: cfg.prefix_tokens(),
         };
@@ -340,14 +370,33 @@ impl Vit {
             let p = format!("layer.{l}");
             // h = h + λ1 ⊙ Attn(LN1(h))
             let x = self.layernorm(g, h, &format!("{p}.norm1"))?;
-            let q = self.linear(g, x, &format!("{p}.attention.q_proj"), cfg.query_bias)?;
-            let k = self.linear(g, x, &format!("{p}.attention.k_proj"), cfg.key_bias)?;
-            let v = self.linear(g, x, &format!("{p}.attention.v_proj"), cfg.value_bias)?;
-            let q = g.op(rope, &[q, cos, sin])?;
-            let k = g.op(rope, &[k, cos, sin])?;
+            let attn = format!("{p}.attention");
+            let q = self.linear_epi(
+                g,
+                x,
+                &format!("{attn}.q_proj"),
+                cfg.query_bias,
+                rope,
+                &[cos, sin],
+            )?;
+            let k = self.linear_epi(
+                g,
+                x,
+                &format!("{attn}.k_proj"),
+                cfg.key_bias,
+                rope,
+                &[cos, sin],
+            )?;
+            let v = self.linear(g, x, &format!("{attn}.v_proj"), cfg.value_bias)?;
             let a = g.op(Attention::new(cfg.num_attention_heads), &[q, k, v])?;
-            let a = self.linear(g, a, &format!("{p}.attention.o_proj"), cfg.proj_bias)?;
-            h = self.residual(g, h, a, &format!("{p}.layer_scale1.lambda1"))?;
+            h = self.residual_linear(
+                g,
+                h,
+                a,
+                &format!("{attn}.o_proj"),
+                cfg.proj_bias,
+                &format!("{p}.layer_scale1.lambda1"),
+            )?;
             // h = h + λ2 ⊙ MLP(LN2(h))
             let x = self.layernorm(g, h, &format!("{p}.norm2"))?;
             let m = if cfg.use_gated_mlp {
@@ -358,8 +407,14 @@ impl Vit {
             } else {
                 self.linear_act(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act)?
             };
-            let m = self.linear(g, m, &format!("{p}.mlp.down_proj"), cfg.mlp_bias)?;
-            h = self.residual(g, h, m, &format!("{p}.layer_scale2.lambda1"))?;
+            h = self.residual_linear(
+                g,
+                h,
+                m,
+                &format!("{p}.mlp.down_proj"),
+                cfg.mlp_bias,
+                &format!("{p}.layer_scale2.lambda1"),
+            )?;
         }
         self.layernorm(g, h, "norm")
     }

@@ -4,6 +4,9 @@
 //! Shapes: A is `[batch.., M, K]` (`[batch.., K, M]` with `trans_a`); B is `[K, N]`
 //! (`[N, K]` with `trans_b`, the PyTorch Linear weight layout) or carries the same batch
 //! dims as A; bias is `[N]`. Output `[batch.., M, N]`.
+//!
+//! An [`Epilogue`] may follow (after the bias and activation), with its inputs after the
+//! bias: RoPE on q/k projections, or the LayerScale residual `resid + λ ⊙ y`.
 
 use super::{expect_inputs, numel, Op};
 use crate::error::{Error, Result};
@@ -25,6 +28,35 @@ pub struct Matmul {
     /// and unpacked to f32 in registers; products accumulate in f32. The CPU reference
     /// rounds B to f16 the same way, so both compute the same numbers.
     pub w_f16: bool,
+    /// Work fused after the bias and activation (inputs after the bias).
+    pub epi: Epilogue,
+}
+
+/// What a [`Matmul`] does with its result before storing it (after bias and activation).
+/// On the GPU's texture path it runs in registers; elsewhere as an in-place pass over the
+/// output. The CPU reference is the matmul followed by the separate op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Epilogue {
+    #[default]
+    None,
+    /// DINOv3's rotary embedding ([`super::rope::rope`]) on the output `(B, T, heads·hd)`,
+    /// rows `t < prefix` of each image (CLS, registers) untouched. Two more inputs:
+    /// cos and sin `(T − prefix, hd/2)`, the first half of HF's tiled tables
+    /// (HF's `cos[j] = cos[j + hd/2]`, so the half is the whole table).
+    Rope { heads: usize, prefix: usize },
+    /// LayerScale and the residual: `out = resid + λ ⊙ y`. Two more inputs: resid (the
+    /// output's shape) and λ `[N]`.
+    Residual,
+}
+
+impl Epilogue {
+    /// Inputs the epilogue adds after the bias.
+    pub fn inputs(self) -> usize {
+        match self {
+            Epilogue::None => 0,
+            Epilogue::Rope { .. } | Epilogue::Residual => 2,
+        }
+    }
 }
 
 /// The epilogue activation of a [`Matmul`]: an MLP's `act(x·Wᵀ + b)` in one pass.
@@ -89,6 +121,7 @@ impl Matmul {
             kernel: MatmulKernel::Auto,
             act: Activation::Identity,
             w_f16: false,
+            epi: Epilogue::None,
         }
     }
 
@@ -97,9 +130,24 @@ impl Matmul {
         Matmul { act, ..self }
     }
 
+    /// This matmul with `epi` fused after the bias and activation.
+    pub fn with_epilogue(self, epi: Epilogue) -> Self {
+        Matmul { epi, ..self }
+    }
+
+    /// This matmul without its epilogue (the inputs it takes are the first
+    /// `2 + bias` of the fused op's).
+    pub fn plain(self) -> Self {
+        Matmul {
+            epi: Epilogue::None,
+            ..self
+        }
+    }
+
     pub fn dims(&self, inputs: &[&[usize]]) -> Result<Dims> {
         let err = |m: String| Error::shape("matmul", m);
-        expect_inputs("matmul", inputs, 2 + self.bias as usize)?;
+        let nb = 2 + self.bias as usize;
+        expect_inputs("matmul", inputs, nb + self.epi.inputs())?;
         let (a, b) = (inputs[0], inputs[1]);
         if a.len() < 2 || b.len() < 2 {
             return Err(err(format!(
@@ -123,6 +171,40 @@ impl Matmul {
         }
         if self.bias && inputs[2] != [n] {
             return Err(err(format!("bias must be [{n}], got {:?}", inputs[2])));
+        }
+        match self.epi {
+            Epilogue::None => {}
+            Epilogue::Rope { heads, prefix } => {
+                if heads == 0 || n % heads != 0 || (n / heads) % 2 != 0 {
+                    return Err(err(format!(
+                        "RoPE needs the {n} output columns to split into {heads} heads of even size"
+                    )));
+                }
+                if m < prefix {
+                    return Err(err(format!(
+                        "RoPE: {m} tokens per image but {prefix} prefix tokens"
+                    )));
+                }
+                let table = [m - prefix, n / heads / 2];
+                if inputs[nb] != table || inputs[nb + 1] != table {
+                    return Err(err(format!(
+                        "RoPE cos and sin must be {table:?} (patch tokens, head size / 2), got {:?} and {:?}",
+                        inputs[nb],
+                        inputs[nb + 1]
+                    )));
+                }
+            }
+            Epilogue::Residual => {
+                let mut out = a[..a.len() - 2].to_vec();
+                out.extend([m, n]);
+                if inputs[nb] != out.as_slice() || inputs[nb + 1] != [n] {
+                    return Err(err(format!(
+                        "the residual must have the output's shape {out:?} and λ must be [{n}], got {:?} and {:?}",
+                        inputs[nb],
+                        inputs[nb + 1]
+                    )));
+                }
+            }
         }
         Ok(Dims {
             batch,
@@ -234,6 +316,32 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
     }
 }
 
+/// The CPU reference of an [`Epilogue`] on a finished product `out` (`Dims` of the
+/// matmul, `extra` the epilogue's inputs): the separate ops' references.
+pub fn epilogue(epi: Epilogue, d: Dims, extra: &[&[f32]], out: &mut [f32]) {
+    let len = d.batch * d.m * d.n;
+    match epi {
+        Epilogue::None => {}
+        Epilogue::Rope { heads, prefix } => {
+            let hd = d.n / heads;
+            let half = hd / 2;
+            // HF's tables are the half tiled twice along the head dimension.
+            let tile = |t: &[f32]| -> Vec<f32> {
+                t.chunks(half.max(1))
+                    .flat_map(|r| r.iter().chain(r.iter()).copied())
+                    .collect()
+            };
+            let (cos, sin) = (tile(extra[0]), tile(extra[1]));
+            let x = out[..len].to_vec();
+            super::rope::rope(&x, &cos, &sin, d.m, d.n, hd, prefix, &mut out[..len]);
+        }
+        Epilogue::Residual => {
+            let y = out[..len].to_vec();
+            super::elementwise::scale_add(extra[0], &y, extra[1], &mut out[..len]);
+        }
+    }
+}
+
 /// A strided product for the other CPU references (conv3d):
 /// `dst[i·dst_rs + j] (+)= Σ_l a[i·a_rs + l·a_cs] · b[l·b_rs + j·b_cs]` for i < m, j < n,
 /// l < k; with `accumulate` the product is added to `dst`, else it replaces it. Split
@@ -315,6 +423,8 @@ impl Op for Matmul {
         } else {
             matmul(self, d, inputs[0], inputs[1], bias, out);
         }
+        let nb = 2 + self.bias as usize;
+        epilogue(self.epi, d, &inputs[nb..], out);
     }
     fn gpu(
         &self,
@@ -324,12 +434,19 @@ impl Op for Matmul {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let d = self.dims(shapes)?;
-        if self.kernel == MatmulKernel::Auto {
-            if let Some(cols) = texture_path_cols(ctx, self, d, inputs[1]) {
-                return gpu_matmul_tex(ctx, self, d, cols, inputs, out);
+        let nb = 2 + self.bias as usize;
+        let plain = self.plain();
+        let mut ds = match texture_path_cols(ctx, self, d, inputs[1]) {
+            Some(cols) if self.kernel == MatmulKernel::Auto => {
+                if fuses_on_texture_path(self, d, cols) {
+                    return gpu_matmul_tex(ctx, self, d, cols, inputs, out);
+                }
+                gpu_matmul_tex(ctx, &plain, d, cols, &inputs[..nb], out)?
             }
-        }
-        gpu_matmul(ctx, self, d, inputs, out)
+            _ => gpu_matmul(ctx, &plain, d, &inputs[..nb], out)?,
+        };
+        ds.extend(epilogue_pass(ctx, self.epi, d, &inputs[nb..], out)?);
+        Ok(ds)
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
         self.dims(shapes)
@@ -399,6 +516,56 @@ fn gpu_matmul(
     })?])
 }
 
+/// Whether the texture path with `cols` columns per block runs `m`'s epilogue in
+/// registers: RoPE needs 16-column blocks whose two groups of 8 are the two halves of the
+/// same rotation pairs (hd/2 % 8 == 0); both need the identity activation (the epilogue
+/// acts on the biased product).
+fn fuses_on_texture_path(m: &Matmul, d: Dims, cols: usize) -> bool {
+    match m.epi {
+        Epilogue::None => true,
+        Epilogue::Rope { heads, .. } => {
+            cols == 16 && m.act == Activation::Identity && (d.n / heads / 2) % 8 == 0
+        }
+        // (the residual streams through a texture of 4-column texels)
+        Epilogue::Residual => m.act == Activation::Identity && d.n % 4 == 0,
+    }
+}
+
+/// The in-place pass that applies `epi` to a finished product in `out` (None for
+/// [`Epilogue::None`]); `extra` are the epilogue's inputs.
+fn epilogue_pass(
+    ctx: &GpuContext,
+    epi: Epilogue,
+    d: Dims,
+    extra: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+) -> Result<Option<Dispatch>> {
+    let len = (d.batch * d.m * d.n) as u64;
+    let (entry, total, t, prefix, half) = match epi {
+        Epilogue::None => return Ok(None),
+        Epilogue::Rope { heads, prefix } => ("rope_inplace", len / 2, d.m, prefix, d.n / heads / 2),
+        Epilogue::Residual => ("residual_inplace", len, 1, 0, 1),
+    };
+    let params = [
+        total as u32,
+        d.n as u32,
+        t as u32,
+        prefix as u32,
+        half as u32,
+        0,
+        0,
+        0,
+    ];
+    Ok(Some(ctx.dispatch(KernelArgs {
+        shader: MATMUL.portable(),
+        entry,
+        constants: &[],
+        buffers: &[out, extra[0], extra[1]],
+        params: bytemuck::cast_slice(&params),
+        workgroups: ctx.grid(total.div_ceil(64))?,
+    })?))
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct TexParams {
@@ -409,7 +576,13 @@ struct TexParams {
     w_base: u32,
     has_bias: u32,
     w_base2: u32,
-    _pad: u32,
+    /// First column of the second group of 8 (16-column blocks).
+    c2: u32,
+    /// RoPE: tokens per image, prefix tokens, texels per table row, texel of column c0.
+    t: u32,
+    prefix: u32,
+    q4: u32,
+    rj: u32,
 }
 
 /// Bytes of the uniform window holding a block of W (the WGSL array size).
@@ -471,12 +644,23 @@ fn gpu_matmul_tex(
     let texels = (rows * d.k / 4) as u64;
     let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&Default::default());
-    let entry: &'static str = match (cols, m.w_f16) {
-        (16, false) => "matmul_tex16",
-        (_, false) => "matmul_tex4",
-        (16, true) => "matmul_tex16h",
-        (_, true) => "matmul_tex4h",
+    let entry: &'static str = match (cols, m.w_f16, m.epi) {
+        (16, false, Epilogue::None) => "matmul_tex16",
+        (16, false, Epilogue::Rope { .. }) => "matmul_tex16_rope",
+        (16, false, Epilogue::Residual) => "matmul_tex16_res",
+        (_, false, Epilogue::None) => "matmul_tex4",
+        (_, false, _) => "matmul_tex4_res",
+        (16, true, Epilogue::None) => "matmul_tex16h",
+        (16, true, Epilogue::Rope { .. }) => "matmul_tex16h_rope",
+        (16, true, Epilogue::Residual) => "matmul_tex16h_res",
+        (_, true, Epilogue::None) => "matmul_tex4h",
+        (_, true, _) => "matmul_tex4h_res",
     };
+    if matches!(m.epi, Epilogue::Rope { .. }) && cols != 16 {
+        return Err(Error::Gpu(format!(
+            "{entry}: RoPE fuses only into 16-column blocks"
+        )));
+    }
     let uniform = |binding, size: u64| wgpu::BindGroupLayoutEntry {
         binding,
         visibility: wgpu::ShaderStages::COMPUTE,
@@ -497,48 +681,105 @@ fn gpu_matmul_tex(
         },
         count: None,
     };
+    let texture_entry = |binding| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Texture {
+            sample_type: wgpu::TextureSampleType::Float { filterable: false },
+            view_dimension: wgpu::TextureViewDimension::D2,
+            multisampled: false,
+        },
+        count: None,
+    };
     let params_size = std::mem::size_of::<TexParams>() as u64;
-    let (pipeline, bgl) = ctx.pipeline_with_layout_consts(
-        &MATMUL,
-        entry,
-        &[("ACT", m.act.code())],
-        &[
-            uniform(0, params_size),
-            uniform(1, WINDOW),
-            uniform(5, WINDOW),
-            wgpu::BindGroupLayoutEntry {
-                binding: 2,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Texture {
-                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
-                    view_dimension: wgpu::TextureViewDimension::D2,
-                    multisampled: false,
-                },
-                count: None,
-            },
-            storage(3, true),
-            storage(4, false),
-        ],
-    )?;
+    let mut layout = vec![
+        uniform(0, params_size),
+        uniform(1, WINDOW),
+        uniform(5, WINDOW),
+        texture_entry(2),
+        storage(3, true),
+        storage(4, false),
+    ];
+    match m.epi {
+        Epilogue::None => {}
+        Epilogue::Rope { .. } => layout.extend([texture_entry(6), texture_entry(7)]),
+        Epilogue::Residual => layout.extend([texture_entry(6), storage(7, true)]),
+    }
+    let (pipeline, bgl) =
+        ctx.pipeline_with_layout_consts(&MATMUL, entry, &[("ACT", m.act.code())], &layout)?;
+    // RoPE: the cos and sin tables (P, hd/2) stream through scratch textures of their own
+    // (slots 3 and 4; attention uses 0–2), filled by the first dispatch's copies; the
+    // residual likewise (slot 5).
+    let nb = 2 + m.bias as usize;
+    let (half, tables) = match m.epi {
+        Epilogue::Rope { heads, prefix } => {
+            let half = d.n / heads / 2;
+            let texels = ((d.m - prefix) * half / 4) as u64;
+            let mut t = Vec::new();
+            for (slot, buf) in [(3, inputs[nb]), (4, inputs[nb + 1])] {
+                let tex = ctx.scratch_texture(slot, texels)?;
+                t.push((
+                    tex.create_view(&Default::default()),
+                    std::sync::Arc::new(crate::gpu::TextureCopy {
+                        buffer: buf.clone(),
+                        texture: tex,
+                        width: GpuContext::TEXTURE_WIDTH,
+                        texel_bytes: 16,
+                        texels,
+                    }),
+                ));
+            }
+            (half, t)
+        }
+        // The residual (rows, N) streams through scratch texture slot 5.
+        Epilogue::Residual => {
+            let texels = (rows * d.n / 4) as u64;
+            let tex = ctx.scratch_texture(5, texels)?;
+            let view = tex.create_view(&Default::default());
+            let copy = std::sync::Arc::new(crate::gpu::TextureCopy {
+                buffer: inputs[nb].clone(),
+                texture: tex,
+                width: GpuContext::TEXTURE_WIDTH,
+                texel_bytes: 16,
+                texels,
+            });
+            (0, vec![(view, copy)])
+        }
+        Epilogue::None => (0, Vec::new()),
+    };
+    // Column blocks: (c0, c2) = the first columns of the two groups of 8 (16-column
+    // blocks), or (c0, c0) for 4-column blocks. RoPE pairs group 1 = columns h·hd + j0 …
+    // + 7 with group 2 = the same + hd/2, so every lane holds both halves of each pair.
+    let blocks: Vec<(usize, usize)> = match m.epi {
+        Epilogue::Rope { heads, .. } => (0..heads)
+            .flat_map(|h| {
+                (0..half / 8).map(move |jb| (h * 2 * half + jb * 8, h * 2 * half + jb * 8 + half))
+            })
+            .collect(),
+        _ if cols == 16 => (0..d.n.div_ceil(16))
+            .map(|b| (b * 16, (b * 16 + 8).min(d.n - 1)))
+            .collect(),
+        _ => (0..d.n.div_ceil(cols))
+            .map(|b| (b * cols, b * cols))
+            .collect(),
+    };
     // One parameter block per column block, at the device's uniform offset alignment.
-    let align = (ctx.caps.uniform_offset_alignment as u64).max(params_size);
-    let blocks = d.n.div_ceil(cols);
+    let align = params_size.next_multiple_of((ctx.caps.uniform_offset_alignment as u64).max(16));
     let w_bytes = inputs[1].size();
     let align_w = (ctx.caps.uniform_offset_alignment as u64).max(16);
-    let mut param_bytes = vec![0u8; blocks * align as usize];
-    let mut offsets = Vec::with_capacity(blocks);
-    for b in 0..blocks {
-        let c0 = b * cols;
+    let mut param_bytes = vec![0u8; blocks.len() * align as usize];
+    let mut offsets = Vec::with_capacity(blocks.len());
+    let (t, prefix) = match m.epi {
+        Epilogue::Rope { prefix, .. } => (d.m, prefix),
+        _ => (1, 0),
+    };
+    for (b, &(c0, c2)) in blocks.iter().enumerate() {
         let col_byte = (c0 * d.k * esize(m)) as u64;
         // The window starts at column c0, or earlier for the last blocks so it stays
         // inside the buffer (every buffer is at least one window large).
         let start = col_byte.min(w_bytes - WINDOW) / align_w * align_w;
         // The second group of 8 columns (16-column blocks) has a window of its own.
-        let col_byte2 = if cols == 16 {
-            ((c0 + 8).min(d.n - 1) * d.k * esize(m)) as u64
-        } else {
-            col_byte
-        };
+        let col_byte2 = (c2 * d.k * esize(m)) as u64;
         let start2 = col_byte2.min(w_bytes - WINDOW) / align_w * align_w;
         let p = TexParams {
             m: rows as u32,
@@ -548,7 +789,20 @@ fn gpu_matmul_tex(
             w_base: ((col_byte - start) / 16) as u32,
             has_bias: m.bias as u32,
             w_base2: ((col_byte2 - start2) / 16) as u32,
-            _pad: 0,
+            // (the unclamped start of the second group; the shader clamps its columns)
+            c2: if matches!(m.epi, Epilogue::Rope { .. }) {
+                c2 as u32
+            } else {
+                (c0 + 8) as u32
+            },
+            t: t as u32,
+            prefix: prefix as u32,
+            q4: (half / 4) as u32,
+            rj: if half > 0 {
+                ((c0 % (2 * half)) / 4) as u32
+            } else {
+                0
+            },
         };
         let at = b * align as usize;
         param_bytes[at..at + params_size as usize].copy_from_slice(bytemuck::bytes_of(&p));
@@ -556,47 +810,68 @@ fn gpu_matmul_tex(
     }
     let params = ctx.uniform(&param_bytes);
     let bias = if m.bias { inputs[2] } else { inputs[1] };
+    let window = |buffer| {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer,
+            offset: 0,
+            size: std::num::NonZeroU64::new(WINDOW),
+        })
+    };
+    let mut entries = vec![
+        wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &params,
+                offset: 0,
+                size: std::num::NonZeroU64::new(params_size),
+            }),
+        },
+        wgpu::BindGroupEntry {
+            binding: 1,
+            resource: window(inputs[1]),
+        },
+        wgpu::BindGroupEntry {
+            binding: 2,
+            resource: wgpu::BindingResource::TextureView(&view),
+        },
+        wgpu::BindGroupEntry {
+            binding: 3,
+            resource: bias.as_entire_binding(),
+        },
+        wgpu::BindGroupEntry {
+            binding: 4,
+            resource: out.as_entire_binding(),
+        },
+        wgpu::BindGroupEntry {
+            binding: 5,
+            resource: window(inputs[1]),
+        },
+    ];
+    match m.epi {
+        Epilogue::None => {}
+        Epilogue::Rope { .. } => {
+            for (i, (v, _)) in tables.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: 6 + i as u32,
+                    resource: wgpu::BindingResource::TextureView(v),
+                });
+            }
+        }
+        Epilogue::Residual => {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 6,
+                resource: wgpu::BindingResource::TextureView(&tables[0].0),
+            });
+            entries.push(wgpu::BindGroupEntry {
+                binding: 7,
+                resource: inputs[nb + 1].as_entire_binding(),
+            });
+        }
+    }
     let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(entry),
         layout: &bgl,
-        entries: &[
-            wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &params,
-                    offset: 0,
-                    size: std::num::NonZeroU64::new(params_size),
-                }),
-            },
-            wgpu::BindGroupEntry {
-                binding: 1,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: inputs[1],
-                    offset: 0,
-                    size: std::num::NonZeroU64::new(WINDOW),
-                }),
-            },
-            wgpu::BindGroupEntry {
-                binding: 2,
-                resource: wgpu::BindingResource::TextureView(&view),
-            },
-            wgpu::BindGroupEntry {
-                binding: 3,
-                resource: bias.as_entire_binding(),
-            },
-            wgpu::BindGroupEntry {
-                binding: 4,
-                resource: out.as_entire_binding(),
-            },
-            wgpu::BindGroupEntry {
-                binding: 5,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: inputs[1],
-                    offset: 0,
-                    size: std::num::NonZeroU64::new(WINDOW),
-                }),
-            },
-        ],
+        entries: &entries,
     });
     let copy = std::sync::Arc::new(crate::gpu::TextureCopy {
         buffer: inputs[0].clone(),
@@ -605,6 +880,8 @@ fn gpu_matmul_tex(
         texel_bytes: 16,
         texels,
     });
+    let mut first_copies = vec![copy];
+    first_copies.extend(tables.iter().map(|(_, c)| c.clone()));
     let workgroups = ctx.grid(rows.div_ceil(64) as u64)?;
     Ok(offsets
         .into_iter()
@@ -618,7 +895,7 @@ fn gpu_matmul_tex(
             workgroups,
             offsets,
             copies: if i == 0 {
-                vec![copy.clone()]
+                first_copies.clone()
             } else {
                 Vec::new()
             },
@@ -644,6 +921,47 @@ pub fn bench_cases() -> Vec<crate::bench::Case> {
             "matmul 4096x1536x384 +bias (x·Wᵀ)",
             Matmul::linear(true),
             vec![vec![4096, 384], vec![1536, 384], vec![1536]],
+        ),
+        Case::new(
+            "matmul 32x201x384x384 +bias (ViT-S q/v)",
+            Matmul::linear(true),
+            vec![vec![32, 201, 384], vec![384, 384], vec![384]],
+        ),
+        Case::new(
+            "matmul 32x201x384x384 +bias +rope (ViT-S q)",
+            Matmul::linear(true).with_epilogue(Epilogue::Rope {
+                heads: 6,
+                prefix: 5,
+            }),
+            vec![
+                vec![32, 201, 384],
+                vec![384, 384],
+                vec![384],
+                vec![196, 32],
+                vec![196, 32],
+            ],
+        ),
+        Case::new(
+            "matmul 32x201x384x384 +bias +residual (ViT-S o_proj)",
+            Matmul::linear(true).with_epilogue(Epilogue::Residual),
+            vec![
+                vec![32, 201, 384],
+                vec![384, 384],
+                vec![384],
+                vec![32, 201, 384],
+                vec![384],
+            ],
+        ),
+        Case::new(
+            "matmul 32x201x384x1536 +bias +residual (ViT-S down_proj)",
+            Matmul::linear(true).with_epilogue(Epilogue::Residual),
+            vec![
+                vec![32, 201, 1536],
+                vec![384, 1536],
+                vec![384],
+                vec![32, 201, 384],
+                vec![384],
+            ],
         ),
         Case::new(
             "matmul 4096x384x384 (x·W)",
@@ -733,6 +1051,7 @@ mod tests {
                 kernel: MatmulKernel::Auto,
                 act,
                 w_f16: false,
+                epi: Epilogue::None,
             };
             let s = shapes(&m, Some(3), 7, 5, 9, true);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
@@ -825,6 +1144,7 @@ mod tests {
                 kernel: MatmulKernel::Generic,
                 act: Activation::Identity,
                 w_f16: false,
+                epi: Epilogue::None,
             };
             for (batch, rows, n, k, bb) in [
                 (None, 1, 1, 1, false),
@@ -857,8 +1177,8 @@ mod tests {
         }
     }
 
-    /// Runs `m` (with f16 weights) on the GPU with B uploaded as packed f16, output
-    /// poisoned; returns the output and the dispatch names.
+    /// Runs `m` on the GPU (B uploaded as packed f16 when `m.w_f16`), output poisoned;
+    /// returns the output and the dispatch names.
     fn run_w16(m: &Matmul, data: &[Vec<f32>], s: &[Vec<usize>]) -> (Vec<f32>, Vec<&'static str>) {
         let c = crate::ops::testing::ctx();
         let sh: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
@@ -867,10 +1187,14 @@ mod tests {
             .zip(s)
             .enumerate()
             .map(|(i, (d, x))| {
-                if i == 1 {
+                if i == 1 && m.w_f16 {
                     c.upload_f16(d, x).unwrap()
                 } else {
-                    c.upload(d, x).unwrap()
+                    // (device buffers of at least 64 KiB, as the executor's: small
+                    // weights take the texture path too)
+                    let t = c.empty(x).unwrap();
+                    c.write(&t.buffer, d);
+                    t
                 }
             })
             .collect();
@@ -982,6 +1306,7 @@ mod tests {
                 kernel,
                 act,
                 w_f16: true,
+                epi: Epilogue::None,
             };
             let s = shapes(&m, batch, rows, n, k, bb);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
@@ -1011,6 +1336,238 @@ mod tests {
         {
             for e in ["matmul_tex16h", "matmul_tex4h"] {
                 assert!(seen.contains(e), "{e} not exercised: {seen:?}");
+            }
+        }
+    }
+
+    /// Whether this device takes the texture path (and so the fused epilogues).
+    fn has_texture_path() -> bool {
+        let c = crate::ops::testing::ctx();
+        c.caps.subgroups && c.caps.min_subgroup_size >= 8 && c.caps.max_uniform_binding >= WINDOW
+    }
+
+    /// Random inputs of `s`, runs `m` on both backends (output poisoned) and checks them
+    /// against each other; returns the dispatch names.
+    fn check_fused(
+        m: &Matmul,
+        s: &[Vec<usize>],
+        r: &mut rand::rngs::SmallRng,
+    ) -> Vec<&'static str> {
+        let data: Vec<Vec<f32>> = s.iter().map(|x| random(r, numel(x))).collect();
+        let inputs: Vec<(&[f32], &[usize])> = data
+            .iter()
+            .zip(s)
+            .map(|(d, x)| (d.as_slice(), x.as_slice()))
+            .collect();
+        let (want, _) = crate::ops::run_cpu(m, &inputs).unwrap();
+        let (got, names) = run_w16(m, &data, s);
+        let e = crate::ops::testing::rel_err(&got, &want);
+        assert!(e <= 1e-5, "{m:?} {s:?} {names:?}: rel err {e}");
+        names
+    }
+
+    #[test]
+    fn rope_epilogue_matches_reference() {
+        // q/k projections with RoPE fused: odd token counts, registers, several heads,
+        // bias or not, f32 and f16 weights, both kernels; hd/2 = 4 cannot pair on the
+        // texture path and takes the in-place pass.
+        let mut r = rng();
+        let mut seen = std::collections::BTreeSet::new();
+        for (batch, t, heads, hd, prefix, k) in [
+            (Some(2), 37, 3, 16, 5, 64),
+            (Some(3), 21, 2, 64, 1, 96),
+            (None, 9, 4, 8, 1, 24),
+            (Some(1), 203, 6, 64, 5, 384),
+            (Some(2), 3, 2, 16, 3, 16),
+        ] {
+            for (kernel, w_f16, bias) in [
+                (MatmulKernel::Auto, false, true),
+                (MatmulKernel::Auto, false, false),
+                (MatmulKernel::Auto, true, true),
+                (MatmulKernel::Generic, false, true),
+                (MatmulKernel::Generic, true, false),
+            ] {
+                let m = Matmul {
+                    kernel,
+                    w_f16,
+                    ..Matmul::linear(bias).with_epilogue(Epilogue::Rope { heads, prefix })
+                };
+                let mut s = shapes(&m.plain(), batch, t, heads * hd, k, false);
+                s.extend([vec![t - prefix, hd / 2], vec![t - prefix, hd / 2]]);
+                let names = check_fused(&m, &s, &mut r);
+                seen.extend(names.iter().copied());
+                let fused = names.iter().any(|n| n.ends_with("_rope"));
+                let pass = names.contains(&"rope_inplace");
+                assert!(fused != pass, "{names:?}");
+                if kernel == MatmulKernel::Auto && has_texture_path() {
+                    assert_eq!(fused, (hd / 2) % 8 == 0, "{m:?} {s:?}: {names:?}");
+                }
+            }
+        }
+        if has_texture_path() {
+            for e in ["matmul_tex16_rope", "matmul_tex16h_rope", "rope_inplace"] {
+                assert!(seen.contains(e), "{e} not exercised: {seen:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rope_epilogue_reference_is_matmul_then_rope() {
+        // The fused CPU reference against the separate ops: Matmul, then the Rope op
+        // with HF's full (tiled) tables.
+        let mut r = rng();
+        let (b, t, heads, hd, prefix, k) = (2, 11, 3, 8, 3, 20);
+        let m = Matmul::linear(true).with_epilogue(Epilogue::Rope { heads, prefix });
+        let x = random(&mut r, b * t * k);
+        let w = random(&mut r, heads * hd * k);
+        let bias = random(&mut r, heads * hd);
+        let (ch, sh) = (
+            random(&mut r, (t - prefix) * hd / 2),
+            random(&mut r, (t - prefix) * hd / 2),
+        );
+        let n = heads * hd;
+        let (got, _) = crate::ops::run_cpu(
+            &m,
+            &[
+                (&x, &[b, t, k]),
+                (&w, &[n, k]),
+                (&bias, &[n]),
+                (&ch, &[t - prefix, hd / 2]),
+                (&sh, &[t - prefix, hd / 2]),
+            ],
+        )
+        .unwrap();
+        let (y, _) = crate::ops::run_cpu(
+            &Matmul::linear(true),
+            &[(&x, &[b, t, k]), (&w, &[n, k]), (&bias, &[n])],
+        )
+        .unwrap();
+        let full = |h: &[f32]| -> Vec<f32> {
+            h.chunks(hd / 2)
+                .flat_map(|r| r.iter().chain(r).copied())
+                .collect()
+        };
+        let rope = super::super::rope::Rope { heads, prefix };
+        let (want, _) = crate::ops::run_cpu(
+            &rope,
+            &[
+                (&y, &[b, t, n]),
+                (&full(&ch), &[t - prefix, hd]),
+                (&full(&sh), &[t - prefix, hd]),
+            ],
+        )
+        .unwrap();
+        assert_eq!(got, want);
+        // The prefix rows are the plain product, the others are rotated.
+        assert_eq!(got[..prefix * n], y[..prefix * n]);
+        assert_ne!(got[prefix * n..t * n], y[prefix * n..t * n]);
+    }
+
+    #[test]
+    fn residual_epilogue_matches_reference() {
+        // out = resid + λ ⊙ (x·Wᵀ + b): 16- and 4-column blocks (K up to 4104), partial
+        // last blocks, bias or not, f32 and f16 weights, both kernels; an activation
+        // before the residual takes the in-place pass.
+        let mut r = rng();
+        let mut seen = std::collections::BTreeSet::new();
+        // (N % 4 != 0 cannot stream the residual as 4-column texels: in-place pass)
+        for (batch, rows, n, k) in [
+            (Some(2), 45, 68, 64),
+            (None, 67, 36, 1536),
+            (Some(3), 13, 20, 4000),
+            (None, 33, 12, 4104),
+            (Some(2), 7, 37, 64),
+        ] {
+            for (kernel, w_f16, bias, act) in [
+                (MatmulKernel::Auto, false, true, Activation::Identity),
+                (MatmulKernel::Auto, false, false, Activation::Identity),
+                (MatmulKernel::Auto, true, true, Activation::Identity),
+                (MatmulKernel::Auto, false, true, Activation::Gelu),
+                (MatmulKernel::Generic, false, true, Activation::Identity),
+                (MatmulKernel::Generic, true, false, Activation::Silu),
+            ] {
+                let m = Matmul {
+                    kernel,
+                    w_f16,
+                    ..Matmul::linear(bias)
+                        .with_act(act)
+                        .with_epilogue(Epilogue::Residual)
+                };
+                let mut s = shapes(&m.plain(), batch, rows, n, k, false);
+                let mut out = s[0].clone();
+                *out.last_mut().unwrap() = n;
+                s.extend([out, vec![n]]);
+                let names = check_fused(&m, &s, &mut r);
+                seen.extend(names.iter().copied());
+                let fused = names.iter().any(|n| n.ends_with("_res"));
+                assert!(fused != names.contains(&"residual_inplace"), "{names:?}");
+                // (f32 weights with K = 4104 exceed a window: generic kernel)
+                if names[0].starts_with("matmul_tex") {
+                    assert_eq!(
+                        fused,
+                        act == Activation::Identity && n % 4 == 0,
+                        "{names:?}"
+                    );
+                }
+            }
+        }
+        if has_texture_path() {
+            for e in [
+                "matmul_tex16_res",
+                "matmul_tex4_res",
+                "matmul_tex16h_res",
+                "matmul_tex4h_res",
+                "residual_inplace",
+            ] {
+                assert!(seen.contains(e), "{e} not exercised: {seen:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn epilogues_reject_bad_inputs() {
+        let rope = Matmul::linear(false).with_epilogue(Epilogue::Rope {
+            heads: 2,
+            prefix: 1,
+        });
+        // cos/sin must be (T − prefix, hd/2).
+        let e = rope
+            .output_shape(&[&[5, 8], &[16, 8], &[4, 8], &[4, 8]])
+            .unwrap_err();
+        assert!(e.to_string().contains("cos and sin"), "{e}");
+        assert!(rope
+            .output_shape(&[&[5, 8], &[16, 8], &[4, 4], &[4, 4]])
+            .is_ok());
+        // Head size must be even; missing tables are an input-count error.
+        let e = Matmul::linear(false)
+            .with_epilogue(Epilogue::Rope {
+                heads: 3,
+                prefix: 0,
+            })
+            .output_shape(&[&[5, 8], &[9, 8], &[5, 1], &[5, 1]])
+            .unwrap_err();
+        assert!(e.to_string().contains("even"), "{e}");
+        assert!(rope.output_shape(&[&[5, 8], &[16, 8]]).is_err());
+        let res = Matmul::linear(true).with_epilogue(Epilogue::Residual);
+        let e = res
+            .output_shape(&[&[2, 5, 8], &[6, 8], &[6], &[10, 6], &[6]])
+            .unwrap_err();
+        assert!(e.to_string().contains("residual"), "{e}");
+        assert!(res
+            .output_shape(&[&[2, 5, 8], &[6, 8], &[6], &[2, 5, 6], &[6]])
+            .is_ok());
+    }
+
+    /// Times the bench cases whose label contains `LAB_FILTER` by GFLOP per CPU-second
+    /// (development aid).
+    #[test]
+    #[ignore]
+    fn lab_time() {
+        let filter = std::env::var("LAB_FILTER").unwrap_or_default();
+        for case in bench_cases() {
+            if case.label.contains(&filter) {
+                eprintln!("{}", case.label);
+                crate::ops::testing::lab_time(crate::ops::testing::ctx(), &case);
             }
         }
     }
