@@ -426,7 +426,7 @@ fn feature_schedule(b: &Bundle, backend: &Backend, batch: usize) -> Result<Featu
         backend,
     )?;
     let s = params.slice_size;
-    let cap = params.batch.min(b.vit.max_batch(backend, s, s)).max(1);
+    let cap = crate::models::planes::vit_batch_cap(&b.vit, backend, params.batch, s);
     let mut planes = Vec::new();
     for &p in params.planes() {
         let n = params.input_size[p.normal_axis()];
@@ -622,42 +622,8 @@ fn profile_nodes(runner: &Runner, key: &str, inputs: &[&[f32]]) -> Result<Vec<f6
 
 /// Per-node wall seconds of `g` run op by op with the CPU references, in buffers of its own.
 fn profile_cpu(g: &Graph, plan: &Plan, inputs: &[&[f32]]) -> Result<Vec<f64>> {
-    g.check_inputs(inputs)?;
-    let mut slots: Vec<Vec<f32>> = plan.slot_bytes.iter().map(|_| Vec::new()).collect();
-    for (v, d) in g.inputs.iter().zip(inputs) {
-        if let Some(s) = plan.slot_of[v.0] {
-            slots[s] = d.to_vec();
-        }
-    }
-    let mut secs = vec![0f64; g.nodes.len()];
-    for (i, n) in g.nodes.iter().enumerate() {
-        let out_slot = plan.slot_of[n.output.0]
-            .ok_or_else(|| Error::Invalid("an op output without a buffer".into()))?;
-        let mut out = std::mem::take(&mut slots[out_slot]);
-        out.resize(numel(&g.values[n.output.0].shape), 0.0);
-        let shapes: Vec<&[usize]> = n
-            .inputs
-            .iter()
-            .map(|v| g.values[v.0].shape.as_slice())
-            .collect();
-        let mut data: Vec<&[f32]> = Vec::with_capacity(n.inputs.len());
-        for v in &n.inputs {
-            let info = &g.values[v.0];
-            data.push(match &info.source {
-                crate::graph::Source::Const(c) => &c[..],
-                _ => {
-                    let s = plan.slot_of[v.0]
-                        .ok_or_else(|| Error::Invalid("a value without a buffer".into()))?;
-                    &slots[s][..numel(&info.shape)]
-                }
-            });
-        }
-        let t0 = Instant::now();
-        n.op.cpu(&data, &shapes, &mut out);
-        secs[i] = t0.elapsed().as_secs_f64();
-        slots[out_slot] = out;
-    }
-    Ok(secs)
+    let owned = inputs.iter().map(|d| d.to_vec()).collect();
+    crate::graph::CpuExecutor::node_seconds(g, plan, owned, &mut Default::default())
 }
 
 /// Runs one tile of `b` stage by stage on `runner`'s backend: a warm-up tile (shader JIT,
@@ -732,16 +698,25 @@ pub fn run(
             secs[3 * k + 1] = tl;
             secs[3 * k + 2] = (total - tv - tl).max(0.0);
         }
-        let inputs: Vec<&[f32]> = feats.iter().map(|f| f.as_slice()).collect();
-        if it == 0 && matches!(runner.backend, Backend::Cpu) {
-            // Profile the UNet for the stage split before the runner holds the UNet's
-            // buffers, so the process's peak memory has one set of them, as in `volfuse run`.
-            let g = unet_graph(b, with_ctx).1()?;
-            node_secs = profile_cpu(&g, &g.plan(true), &inputs)?;
-        }
         let (key2, build) = unet_graph(b, with_ctx);
+        let cpu = matches!(runner.backend, Backend::Cpu);
+        if it == 0 && cpu {
+            // Warm-up on the CPU: one run of the UNet op by op for the stage split, in the
+            // runner's buffers with the features handed over, as `volfuse run` runs it (so
+            // the process's peak memory is that of a real tile).
+            runner.prepare_graph(&key2, build)?;
+            node_secs = runner
+                .cpu_node_seconds(&key2, std::mem::take(&mut feats))?
+                .unwrap_or_default();
+            continue;
+        }
         let t0 = Instant::now();
-        let out = runner.run(&key2, build, &inputs)?;
+        let out = if cpu {
+            runner.run_owned(&key2, build, std::mem::take(&mut feats))?
+        } else {
+            let inputs: Vec<&[f32]> = feats.iter().map(|f| f.as_slice()).collect();
+            runner.run(&key2, build, &inputs)?
+        };
         secs[6] = t0.elapsed().as_secs_f64();
         runner.take_timings();
         let t0 = Instant::now();
@@ -757,6 +732,7 @@ pub fn run(
             // The warm-up tile prepared the graphs; profile the UNet once for the split
             // (done above on the CPU).
             if node_secs.is_empty() {
+                let inputs: Vec<&[f32]> = feats.iter().map(|f| f.as_slice()).collect();
                 node_secs = profile_nodes(runner, &key, &inputs)?;
             }
             continue;

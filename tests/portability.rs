@@ -311,6 +311,10 @@ fn exercise(ctx: &Arc<GpuContext>) {
 fn check_compiled(kernels: &[CompiledKernel]) {
     let mut failures = Vec::new();
     let mut seen = std::collections::HashSet::new();
+    // Each variant parsed and validated once, not once per specialisation (naga's WGSL
+    // parse was a quarter of this test binary's time).
+    let mut parsed: std::collections::HashMap<&str, Result<(Module, ModuleInfo), String>> =
+        Default::default();
     for k in kernels {
         let key = format!("{}::{}{:?}", k.shader, k.entry, k.constants);
         if !seen.insert(key.clone()) {
@@ -322,20 +326,14 @@ fn check_compiled(kernels: &[CompiledKernel]) {
             ));
             continue;
         };
-        let (module, info) = match parse(shader) {
+        let (module, info) = match parsed.entry(shader.name).or_insert_with(|| parse(shader)) {
             Ok(m) => m,
             Err(e) => {
                 failures.push(format!("{key}: {e}"));
                 continue;
             }
         };
-        for f in translate(
-            &module,
-            &info,
-            k.entry,
-            &k.constants,
-            shader.uses_subgroups(),
-        ) {
+        for f in translate(module, info, k.entry, &k.constants, shader.uses_subgroups()) {
             failures.push(format!("{key}: {f}"));
         }
     }

@@ -278,6 +278,9 @@ pub struct GpuContext {
     /// See [`GpuOptions::autotune`] (off for [`GpuContext::from_device`]; set it after).
     pub autotune: bool,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Shader modules by shader variant name: each WGSL text is parsed and validated once,
+    /// not once per entry point and constant set (naga's parse dominated the test suite).
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     textures: Mutex<HashMap<(usize, u32), wgpu::Texture>>,
     compiled: Mutex<Vec<CompiledKernel>>,
     /// See [`GpuOptions::memory_budget`].
@@ -313,6 +316,10 @@ fn rank(t: wgpu::DeviceType) -> u32 {
 fn instance(api: Api) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = api.backends();
+    // Shader debug info (for graphics debuggers) only on request (WGPU_DEBUG=1): debug
+    // builds and tests otherwise write it into every pipeline's SPIR-V, and naga finds each
+    // statement's source line by scanning the WGSL text (14% of the library tests' time).
+    desc.flags = (wgpu::InstanceFlags::default() - wgpu::InstanceFlags::DEBUG).with_env();
     wgpu::Instance::new(desc)
 }
 
@@ -509,6 +516,7 @@ impl GpuContext {
             precision: Precision::F32,
             autotune: false,
             pipelines: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
             textures: Mutex::new(HashMap::new()),
             compiled: Mutex::new(Vec::new()),
             budget: None,
@@ -573,14 +581,8 @@ impl GpuContext {
         if let Some(p) = cache.get(&key) {
             return Ok(p.clone());
         }
-        let source = shader.source(&self.caps);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader.name),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
+        let (module, new_module) = self.module(shader);
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -600,10 +602,38 @@ impl GpuContext {
                 msg: err.to_string(),
             });
         }
+        self.keep_module(shader, new_module);
         let p = Arc::new(pipeline);
         cache.insert(key, p.clone());
         self.record_compiled(shader.name, entry, constants);
         Ok(p)
+    }
+
+    /// The module of `shader`: from the cache, or created now (then also returned as the
+    /// second value, for [`GpuContext::keep_module`] once its pipeline built without error).
+    fn module(&self, shader: &Shader) -> (wgpu::ShaderModule, Option<wgpu::ShaderModule>) {
+        if let Some(m) = self
+            .modules
+            .lock()
+            .ok()
+            .and_then(|c| c.get(shader.name).cloned())
+        {
+            return (m, None);
+        }
+        let m = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader.name),
+                source: wgpu::ShaderSource::Wgsl(shader.source(&self.caps).into()),
+            });
+        (m.clone(), Some(m))
+    }
+
+    /// Caches a module made by [`GpuContext::module`] (only valid ones get here).
+    fn keep_module(&self, shader: &Shader, module: Option<wgpu::ShaderModule>) {
+        if let (Some(m), Ok(mut c)) = (module, self.modules.lock()) {
+            c.entry(shader.name).or_insert(m);
+        }
     }
 
     fn record_compiled(
@@ -666,12 +696,7 @@ impl GpuContext {
             return Ok((p.clone(), p.get_bind_group_layout(0)));
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader.name),
-                source: wgpu::ShaderSource::Wgsl(shader.source(&self.caps).into()),
-            });
+        let (module, new_module) = self.module(shader);
         let pl = self
             .device
             .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -698,6 +723,7 @@ impl GpuContext {
                 msg: err.to_string(),
             });
         }
+        self.keep_module(shader, new_module);
         let p = Arc::new(pipeline);
         cache.insert(key, p.clone());
         self.record_compiled(shader.name, entry, &[]);

@@ -47,12 +47,10 @@ pub fn segment(
     batch: usize,
 ) -> Result<Segmentation> {
     let f = unet_features(b, runner, raw, context, batch)?;
-    let mut inputs: Vec<&[f32]> = vec![&f.features];
-    if let Some(c) = &f.context {
-        inputs.push(c);
-    }
     let (key, build) = unet_graph(b, f.context.is_some());
-    let mut out = runner.run(&key, build, &inputs)?.into_iter();
+    // Handed over: on the CPU each feature volume is freed after its last reader.
+    let inputs: Vec<Vec<f32>> = std::iter::once(f.features).chain(f.context).collect();
+    let mut out = runner.run_owned(&key, build, inputs)?.into_iter();
     let (logits, probabilities, labels) = match (out.next(), out.next(), out.next()) {
         (Some(l), Some(p), Some(a)) => (l, p, a),
         _ => return Err(Error::Gpu("the UNet graph returned too few outputs".into())),

@@ -33,6 +33,21 @@ impl Backend {
     }
 }
 
+/// Graph inputs, lent or handed over.
+enum Inputs<'a> {
+    Borrowed(&'a [&'a [f32]]),
+    Owned(Vec<Vec<f32>>),
+}
+
+impl Inputs<'_> {
+    fn slices(&self) -> Vec<&[f32]> {
+        match self {
+            Inputs::Borrowed(d) => d.to_vec(),
+            Inputs::Owned(d) => d.iter().map(|v| v.as_slice()).collect(),
+        }
+    }
+}
+
 struct Prepared {
     graph: Graph,
     plan: Plan,
@@ -91,8 +106,42 @@ impl Runner {
         build: impl FnOnce() -> Result<Graph>,
         inputs: &[&[f32]],
     ) -> Result<Vec<Vec<f32>>> {
+        self.run_impl(key, build, Inputs::Borrowed(inputs), false)
+    }
+
+    /// As [`Runner::run`], taking the inputs by value: on the CPU each is freed after its
+    /// last reader in the graph (a UNet's feature volumes need not stay alive beside its
+    /// decoder's activations).
+    pub fn run_owned(
+        &mut self,
+        key: &str,
+        build: impl FnOnce() -> Result<Graph>,
+        inputs: Vec<Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.run_impl(key, build, Inputs::Owned(inputs), false)
+    }
+
+    /// As [`Runner::run`], for a small graph run between runs of a large one (the token
+    /// lift between ViT batches): on the CPU the other graphs keep their buffers, so the
+    /// large one does not allocate (and page-fault) them again on its next run.
+    pub fn run_beside(
+        &mut self,
+        key: &str,
+        build: impl FnOnce() -> Result<Graph>,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.run_impl(key, build, Inputs::Borrowed(inputs), true)
+    }
+
+    fn run_impl(
+        &mut self,
+        key: &str,
+        build: impl FnOnce() -> Result<Graph>,
+        inputs: Inputs<'_>,
+        keep_others: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         self.prepare(key, build)?;
-        if matches!(self.backend, Backend::Cpu) {
+        if matches!(self.backend, Backend::Cpu) && !keep_others {
             // Only the graph being run keeps CPU buffers: repeated runs reuse them, and
             // memory stays that of one graph.
             for (k, p) in self.prepared.iter_mut() {
@@ -104,16 +153,54 @@ impl Runner {
         let p = &self.prepared[key];
         let t0 = std::time::Instant::now();
         let out = match (&self.backend, &p.exe) {
-            (Backend::Gpu(ctx), Some(exe)) => exe.run(ctx, &p.graph, inputs),
+            (Backend::Gpu(ctx), Some(exe)) => exe.run(ctx, &p.graph, &inputs.slices()),
             _ => {
                 let mut slots = p.cpu.lock().unwrap_or_else(|e| e.into_inner());
-                CpuExecutor::run_with(&p.graph, &p.plan, inputs, &mut slots)
+                match inputs {
+                    Inputs::Borrowed(d) => CpuExecutor::run_with(&p.graph, &p.plan, d, &mut slots),
+                    Inputs::Owned(d) => CpuExecutor::run_owned(&p.graph, &p.plan, d, &mut slots),
+                }
             }
         };
         let e = self.timings.entry(key.to_string()).or_default();
         e.0 += 1;
         e.1 += t0.elapsed().as_secs_f64();
         out
+    }
+
+    /// Builds and plans the graph stored under `key` with `build` unless it is prepared
+    /// already (its GPU executor too), without running it.
+    pub fn prepare_graph(
+        &mut self,
+        key: &str,
+        build: impl FnOnce() -> Result<Graph>,
+    ) -> Result<()> {
+        self.prepare(key, build)
+    }
+
+    /// Frees the CPU buffers of every prepared graph (they are allocated again on the next
+    /// run). Nothing to do on the GPU backend.
+    pub fn release_cpu_buffers(&mut self) {
+        for p in self.prepared.values_mut() {
+            *p.cpu.get_mut().unwrap_or_else(|e| e.into_inner()) = CpuSlots::default();
+        }
+    }
+
+    /// On the CPU backend: runs the prepared graph `key` once with the inputs handed over
+    /// (as [`Runner::run_owned`]; the other graphs' buffers are freed first) and returns
+    /// the wall seconds of every node. None for an unknown key or the GPU backend.
+    pub fn cpu_node_seconds(
+        &mut self,
+        key: &str,
+        inputs: Vec<Vec<f32>>,
+    ) -> Result<Option<Vec<f64>>> {
+        if !matches!(self.backend, Backend::Cpu) || !self.prepared.contains_key(key) {
+            return Ok(None);
+        }
+        self.release_cpu_buffers();
+        let p = &self.prepared[key];
+        let mut slots = p.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        CpuExecutor::node_seconds(&p.graph, &p.plan, inputs, &mut slots).map(Some)
     }
 
     /// (key, runs, wall seconds incl. uploads and read-back) of every [`Runner::run`] since

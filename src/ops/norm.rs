@@ -72,17 +72,32 @@ pub fn layernorm(x: &[f32], weight: &[f32], bias: &[f32], d: usize, eps: f32, ou
     });
 }
 
+/// Lanes of the row sums: independent f64 accumulators, so the compiler vectorises them
+/// (one sequential sum cannot be reordered).
+const LANES: usize = 8;
+
+/// `Σ f(x)` over a row in f64, lane by lane.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += f(*v as f64);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|v| f(*v as f64)).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
 fn layernorm_rows(x: &[f32], weight: &[f32], bias: &[f32], d: usize, eps: f32, out: &mut [f32]) {
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-        let var = xr
-            .iter()
-            .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-            .sum::<f64>()
-            / d as f64;
+        // Two passes in f64 (mean, then the centred variance): no cancellation.
+        let mean = lane_sum(xr, |v| v) / d as f64;
+        let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f64;
         let rstd = 1.0 / (var + eps as f64).sqrt();
-        for (j, o) in or.iter_mut().enumerate() {
-            *o = ((xr[j] as f64 - mean) * rstd * weight[j] as f64 + bias[j] as f64) as f32;
+        for (((o, v), w), b) in or.iter_mut().zip(xr).zip(weight).zip(bias) {
+            *o = ((*v as f64 - mean) * rstd * *w as f64 + *b as f64) as f32;
         }
     }
 }
@@ -331,6 +346,35 @@ mod tests {
         let data = vec![x, random(&mut r, 384), random(&mut r, 384)];
         check_op_with(&LayerNorm::default(), &data, &s, 1e-5);
         check_op_with(&Forced(LayerNorm::default(), false), &data, &s, 1e-5);
+    }
+
+    /// The reference against the plain definition (sequential f64 sums), random rows of
+    /// odd widths, some with a large offset.
+    #[test]
+    fn reference_matches_definition() {
+        let mut r = rng();
+        for (rows, d) in [(1, 1), (3, 7), (5, 8), (9, 17), (33, 384), (2, 1031)] {
+            for offset in [0.0, 300.0] {
+                let x: Vec<f32> = random(&mut r, rows * d)
+                    .iter()
+                    .map(|v| v + offset)
+                    .collect();
+                let (w, b) = (random(&mut r, d), random(&mut r, d));
+                let mut want = vec![0f32; rows * d];
+                for (xr, o) in x.chunks(d).zip(want.chunks_mut(d)) {
+                    let mean = xr.iter().map(|v| *v as f64).sum::<f64>() / d as f64;
+                    let var = xr.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                    for j in 0..d {
+                        let n = (xr[j] as f64 - mean) / (var + 1e-5).sqrt();
+                        o[j] = (n * w[j] as f64 + b[j] as f64) as f32;
+                    }
+                }
+                let mut got = vec![f32::NAN; rows * d];
+                layernorm(&x, &w, &b, d, 1e-5, &mut got);
+                let e = rel_err(&got, &want);
+                assert!(e < 1e-6, "{rows}x{d} offset {offset}: {e}");
+            }
+        }
     }
 
     #[test]
