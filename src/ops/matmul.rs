@@ -310,9 +310,10 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
         }
     }
     if m.act != Activation::Identity {
-        for v in out[..batch * rows * n].iter_mut() {
-            *v = m.act.apply(*v);
-        }
+        let act = m.act;
+        crate::ops::par::for_units(&mut out[..batch * rows * n], 1, 1 << 14, |_, c| {
+            c.iter_mut().for_each(|v| *v = act.apply(*v));
+        });
     }
 }
 
