@@ -96,25 +96,7 @@ fn repeated_unet_runs_hold_memory_flat() {
     for _ in 0..2 {
         run();
     }
-    let live0 = ctx.live_resources();
-    let rss0 = vm_rss_kb();
-    let n = 12;
-    for _ in 0..n {
-        let out = run();
-        assert_eq!(out, first, "the same inputs gave different outputs");
-    }
-    let grown_kb = vm_rss_kb() as i64 - rss0 as i64;
-    assert_eq!(
-        ctx.live_resources(),
-        live0,
-        "wgpu objects accumulate across runs"
-    );
-    assert!(
-        grown_kb < 6 * 1024,
-        "RSS grew by {grown_kb} KiB over {n} UNet runs ({} KiB per run): something is \
-         allocated per run (a shader lavapipe recompiles per dispatch? see docs/lavapipe.md)",
-        grown_kb / n as i64
-    );
+    assert_runs_stay_flat(&ctx, "UNet", first, run);
 }
 
 fn run_tiles(bundle: &Bundle, runner: &mut Runner, shape: [usize; 3], seed: u64) -> usize {
@@ -201,10 +183,22 @@ fn repeated_vit_runs_hold_memory_flat() {
             assert!(compiled.contains(&e), "{e} not used: {compiled:?}");
         }
     }
+    assert_runs_stay_flat(&ctx, "ViT", first, run);
+}
+
+/// Runs `run` 12 more times (after the caller's warm-up): every output must equal
+/// `first`, wgpu's live objects must not change and RSS must grow by less than 6 MB —
+/// a shader lavapipe recompiles per dispatch leaks ~0.5 MB each (docs/lavapipe.md).
+fn assert_runs_stay_flat<T: PartialEq + std::fmt::Debug>(
+    ctx: &volfuse::GpuContext,
+    what: &str,
+    first: T,
+    mut run: impl FnMut() -> T,
+) {
     let live0 = ctx.live_resources();
     let rss0 = vm_rss_kb();
-    let runs = 12;
-    for _ in 0..runs {
+    let n = 12;
+    for _ in 0..n {
         assert_eq!(run(), first, "the same inputs gave different outputs");
     }
     let grown_kb = vm_rss_kb() as i64 - rss0 as i64;
@@ -215,8 +209,8 @@ fn repeated_vit_runs_hold_memory_flat() {
     );
     assert!(
         grown_kb < 6 * 1024,
-        "RSS grew by {grown_kb} KiB over {runs} ViT runs ({} KiB per run): a shader lavapipe \
-         recompiles per dispatch? (docs/lavapipe.md)",
-        grown_kb / runs as i64
+        "RSS grew by {grown_kb} KiB over {n} {what} runs ({} KiB per run): something is \
+         allocated per run (a shader lavapipe recompiles per dispatch? see docs/lavapipe.md)",
+        grown_kb / n as i64
     );
 }

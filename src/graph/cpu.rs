@@ -66,20 +66,7 @@ impl CpuExecutor {
     ) -> Result<Profile> {
         let mut secs = Vec::new();
         Self::execute(g, plan, borrowed(inputs), slots, Some(&mut secs))?;
-        let mut by_op: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
-        for (n, t) in g.nodes.iter().zip(secs) {
-            let shapes: Vec<&[usize]> = n
-                .inputs
-                .iter()
-                .map(|v| g.values[v.0].shape.as_slice())
-                .collect();
-            let e = by_op.entry(n.op.name().to_string()).or_default();
-            e.0 += t;
-            e.1 += n.op.flops(&shapes);
-        }
-        let mut v: Profile = by_op.into_iter().map(|(k, (t, f))| (k, t, f)).collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        Ok(v)
+        Ok(g.profile_by_op(secs.into_iter().enumerate()))
     }
 
     /// Runs once with the inputs handed over (as [`CpuExecutor::run_owned`]) and returns

@@ -332,22 +332,9 @@ impl GpuExecutor {
         g: &Graph,
         inputs: &[&[f32]],
     ) -> Result<Vec<(String, f64, u64)>> {
-        let mut by_op: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
-        self.run_timed(ctx, g, inputs, |node, secs| {
-            let n = &g.nodes[node];
-            let shapes: Vec<&[usize]> = n
-                .inputs
-                .iter()
-                .map(|v| g.values[v.0].shape.as_slice())
-                .collect();
-            let e = by_op.entry(n.op.name().to_string()).or_default();
-            e.0 += secs;
-            e.1 += n.op.flops(&shapes);
-        })?;
-        let mut v: Vec<(String, f64, u64)> =
-            by_op.into_iter().map(|(k, (t, f))| (k, t, f)).collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        Ok(v)
+        let mut secs = Vec::new();
+        self.run_timed(ctx, g, inputs, |node, t| secs.push((node, t)))?;
+        Ok(g.profile_by_op(secs))
     }
 
     /// Runs once more with a wait after every node; returns the wall seconds of each node

@@ -63,6 +63,26 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// Per-op totals (op name, seconds, FLOPs), slowest first, from (node, seconds) pairs:
+    /// the profile both executors report.
+    pub fn profile_by_op(&self, node_secs: impl IntoIterator<Item = (usize, f64)>) -> cpu::Profile {
+        let mut by_op: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
+        for (node, t) in node_secs {
+            let n = &self.nodes[node];
+            let shapes: Vec<&[usize]> = n
+                .inputs
+                .iter()
+                .map(|v| self.values[v.0].shape.as_slice())
+                .collect();
+            let e = by_op.entry(n.op.name().to_string()).or_default();
+            e.0 += t;
+            e.1 += n.op.flops(&shapes);
+        }
+        let mut v: cpu::Profile = by_op.into_iter().map(|(k, (t, f))| (k, t, f)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
     pub fn new() -> Self {
         Self::default()
     }
