@@ -74,6 +74,7 @@ macro_rules! shaders {
 shaders! {
     ELEMENTWISE => "elementwise" + "activation",
     MATMUL => "matmul" + "activation",
+    MATMUL_F16 => "matmul_f16" + "activation",
     NORM => "norm",
     SOFTMAX => "softmax",
     ATTENTION => "attention",

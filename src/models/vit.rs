@@ -140,6 +140,23 @@ pub fn rope_tables(cfg: &VitConfig, gh: usize, gw: usize) -> (Vec<f32>, Vec<f32>
     (cos, sin)
 }
 
+/// Which matmul operands are f16 activations (see [`Vit::build_with`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct F16Io {
+    x: bool,
+    out: bool,
+}
+
+impl F16Io {
+    fn on(self, m: Matmul) -> Matmul {
+        Matmul {
+            x_f16: self.x,
+            out_f16: self.out,
+            ..m
+        }
+    }
+}
+
 /// A loaded DINOv3 ViT.
 pub struct Vit {
     pub config: VitConfig,
@@ -259,7 +276,7 @@ impl Vit {
 
     /// `x·Wᵀ + b` with the bias only when the checkpoint has one.
     fn linear(&self, g: &mut Graph, x: Value, prefix: &str, bias: bool) -> Result<Value> {
-        self.linear_act(g, x, prefix, bias, Activation::Identity)
+        self.linear_act(g, x, prefix, bias, Activation::Identity, F16Io::default())
     }
 
     /// `act(x·Wᵀ + b)`, the activation applied in the matmul's epilogue.
@@ -270,13 +287,14 @@ impl Vit {
         prefix: &str,
         bias: bool,
         act: Activation,
+        io: F16Io,
     ) -> Result<Value> {
         let w = self.c(g, &format!("{prefix}.weight"))?;
         if bias {
             let b = self.c(g, &format!("{prefix}.bias"))?;
-            g.op(Matmul::linear(true).with_act(act), &[x, w, b])
+            g.op(io.on(Matmul::linear(true).with_act(act)), &[x, w, b])
         } else {
-            g.op(Matmul::linear(false).with_act(act), &[x, w])
+            g.op(io.on(Matmul::linear(false).with_act(act)), &[x, w])
         }
     }
 
@@ -299,13 +317,14 @@ impl Vit {
         bias: bool,
         epi: Epilogue,
         extra: &[Value],
+        io: F16Io,
     ) -> Result<Value> {
         let mut inputs = vec![x, self.c(g, &format!("{prefix}.weight"))?];
         if bias {
             inputs.push(self.c(g, &format!("{prefix}.bias"))?);
         }
         inputs.extend_from_slice(extra);
-        g.op(Matmul::linear(bias).with_epilogue(epi), &inputs)
+        g.op(io.on(Matmul::linear(bias).with_epilogue(epi)), &inputs)
     }
 
     /// `h + λ ⊙ (x·Wᵀ + b)` (the projection, LayerScale and the residual add in one op).
@@ -317,14 +336,32 @@ impl Vit {
         prefix: &str,
         bias: bool,
         lambda: &str,
+        io: F16Io,
     ) -> Result<Value> {
         let l = self.c(g, lambda)?;
-        self.linear_epi(g, x, prefix, bias, Epilogue::Residual, &[h, l])
+        self.linear_epi(g, x, prefix, bias, Epilogue::Residual, &[h, l], io)
     }
 
     /// Adds the forward pass to `g` for `pixels` (B, C, H, W); returns last_hidden_state.
     pub fn build(&self, g: &mut Graph, pixels: Value) -> Result<Value> {
+        self.build_with(g, pixels, false)
+    }
+
+    /// As [`Vit::build`]; with `act_f16`, q, k, v and the (non-gated) MLP hidden layer are
+    /// stored as f16 between their kernels (GPU texture path only, see docs/precision.md:
+    /// the matmuls producing them round their stores, attention and down_proj read them
+    /// through rgba16float textures). The residual stream, the LayerNorm outputs and the
+    /// attention output stay f32.
+    pub fn build_with(&self, g: &mut Graph, pixels: Value, act_f16: bool) -> Result<Value> {
         let cfg = &self.config;
+        let out16 = F16Io {
+            x: false,
+            out: act_f16,
+        };
+        let in16 = F16Io {
+            x: act_f16,
+            out: false,
+        };
         let shape = g.shape(pixels).to_vec();
         if shape.len() != 4
             || shape[1] != cfg.num_channels
@@ -378,6 +415,7 @@ impl Vit {
                 cfg.query_bias,
                 rope,
                 &[cos, sin],
+                out16,
             )?;
             let k = self.linear_epi(
                 g,
@@ -386,9 +424,21 @@ impl Vit {
                 cfg.key_bias,
                 rope,
                 &[cos, sin],
+                out16,
             )?;
-            let v = self.linear(g, x, &format!("{attn}.v_proj"), cfg.value_bias)?;
-            let a = g.op(Attention::new(cfg.num_attention_heads), &[q, k, v])?;
+            let v = self.linear_act(
+                g,
+                x,
+                &format!("{attn}.v_proj"),
+                cfg.value_bias,
+                Activation::Identity,
+                out16,
+            )?;
+            let attention = Attention {
+                in_f16: act_f16,
+                ..Attention::new(cfg.num_attention_heads)
+            };
+            let a = g.op(attention, &[q, k, v])?;
             h = self.residual_linear(
                 g,
                 h,
@@ -396,16 +446,27 @@ impl Vit {
                 &format!("{attn}.o_proj"),
                 cfg.proj_bias,
                 &format!("{p}.layer_scale1.lambda1"),
+                F16Io::default(),
             )?;
             // h = h + λ2 ⊙ MLP(LN2(h))
             let x = self.layernorm(g, h, &format!("{p}.norm2"))?;
-            let m = if cfg.use_gated_mlp {
-                let gate =
-                    self.linear_act(g, x, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias, act)?;
+            // (the gated MLP's product is an f32 element-wise op: its hidden layer stays f32)
+            let (m, down_io) = if cfg.use_gated_mlp {
+                let gate = self.linear_act(
+                    g,
+                    x,
+                    &format!("{p}.mlp.gate_proj"),
+                    cfg.mlp_bias,
+                    act,
+                    F16Io::default(),
+                )?;
                 let up = self.linear(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?;
-                g.op(Binary::mul(), &[gate, up])?
+                (g.op(Binary::mul(), &[gate, up])?, F16Io::default())
             } else {
-                self.linear_act(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act)?
+                let up_io = out16;
+                let m =
+                    self.linear_act(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act, up_io)?;
+                (m, in16)
             };
             h = self.residual_linear(
                 g,
@@ -414,6 +475,7 @@ impl Vit {
                 &format!("{p}.mlp.down_proj"),
                 cfg.mlp_bias,
                 &format!("{p}.layer_scale2.lambda1"),
+                down_io,
             )?;
         }
         self.layernorm(g, h, "norm")
@@ -421,11 +483,36 @@ impl Vit {
 
     /// A graph from images (batch, C, H, W) to last_hidden_state.
     pub fn graph(&self, batch: usize, h: usize, w: usize) -> Result<Graph> {
+        self.graph_with(batch, h, w, false)
+    }
+
+    /// As [`Vit::graph`], with f16 activations when `act_f16` ([`Vit::build_with`]).
+    pub fn graph_with(&self, batch: usize, h: usize, w: usize, act_f16: bool) -> Result<Graph> {
         let mut g = Graph::new();
         let x = g.input("pixel_values", &[batch, self.config.num_channels, h, w]);
-        let y = self.build(&mut g, x)?;
+        let y = self.build_with(&mut g, x, act_f16)?;
         g.output(y);
         Ok(g)
+    }
+
+    /// Whether this model runs with f16 activations on `backend`: the GPU with
+    /// `Precision::F16Act` on a device with the texture path (subgroups of ≥ 8 lanes,
+    /// 64 KiB uniform bindings) and a hidden size whose 8-column weight block fits one
+    /// 64 KiB window (≤ 2048 as f32, ≤ 4096 as f16). Otherwise activations stay f32.
+    pub fn act_f16_on(&self, backend: &Backend) -> bool {
+        let Backend::Gpu(ctx) = backend else {
+            return false;
+        };
+        let c = &ctx.caps;
+        let d = self.config.hidden_size;
+        ctx.precision == crate::gpu::Precision::F16Act
+            && c.subgroups
+            && c.cpu_like
+            && c.min_subgroup_size >= 8
+            && c.max_uniform_binding >= 65536
+            && d <= 2048
+            && d % 8 == 0
+            && self.config.intermediate_size % 8 == 0
     }
 
     /// Bytes of the largest activation of one image (the MLP hidden layer, or the input).
@@ -477,12 +564,13 @@ impl Vit {
         let per_out = self.config.tokens(h, w) * self.config.hidden_size;
         let mut out = Vec::with_capacity(n * per_out);
         let mut start = 0;
+        let f16 = self.act_f16_on(&runner.backend);
         while start < n {
             let b = bs.min(n - start);
-            let key = format!("vit {b}x{c}x{h}x{w}");
+            let key = format!("vit {b}x{c}x{h}x{w}{}", if f16 { " f16" } else { "" });
             let res = runner.run(
                 &key,
-                || self.graph(b, h, w),
+                || self.graph_with(b, h, w, f16),
                 &[&images[start * per_in..(start + b) * per_in]],
             )?;
             out.extend_from_slice(&res[0]);

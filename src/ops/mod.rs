@@ -22,6 +22,8 @@ pub mod softmax;
 pub mod tokens;
 
 #[cfg(test)]
+mod f16act_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 
 /// An operation the graph can run on either backend. All tensors are f32, C order.
