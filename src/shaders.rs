@@ -76,6 +76,7 @@ shaders! {
     MATMUL => "matmul" + "activation",
     MATMUL_F16 => "matmul_f16" + "activation",
     NORM => "norm",
+    NORM_F16 => "norm_f16",
     SOFTMAX => "softmax",
     ATTENTION => "attention",
     CONV3D => "conv3d",

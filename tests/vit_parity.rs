@@ -150,8 +150,25 @@ fn gpu_f16_activations_match_transformers_within_1e_2() {
             assert!(e > 1e-5, "{model} {input}: {e}: were the activations f16?");
         }
     }
+    // f16 values take half the bytes in the executor's buffer plan.
+    let (p32, p16) = (
+        vit.graph_with(2, 48, 32, false)
+            .unwrap()
+            .plan(true)
+            .peak_bytes,
+        vit.graph_with(2, 48, 32, true)
+            .unwrap()
+            .plan(true)
+            .peak_bytes,
+    );
+    assert!(p16 < p32, "planned activation bytes f16 {p16} vs f32 {p32}");
     let compiled: Vec<&str> = ctx.compiled_kernels().iter().map(|k| k.entry).collect();
-    for e in ["matmul_tex16_rope_o16", "matmul_tex16_o16", "attention_sg"] {
+    for e in [
+        "matmul_tex16_rope_o16",
+        "matmul_tex16_o16",
+        "attention_sg",
+        "layernorm_sg_o16",
+    ] {
         assert!(compiled.contains(&e), "{e} not used: {compiled:?}");
     }
 }

@@ -274,12 +274,8 @@ impl Vit {
         g.constant(name, data.clone(), shape)
     }
 
-    /// `x·Wᵀ + b` with the bias only when the checkpoint has one.
-    fn linear(&self, g: &mut Graph, x: Value, prefix: &str, bias: bool) -> Result<Value> {
-        self.linear_act(g, x, prefix, bias, Activation::Identity, F16Io::default())
-    }
-
-    /// `act(x·Wᵀ + b)`, the activation applied in the matmul's epilogue.
+    /// `act(x·Wᵀ + b)` (the bias only when the checkpoint has one), the activation applied
+    /// in the matmul's epilogue.
     fn linear_act(
         &self,
         g: &mut Graph,
@@ -298,13 +294,14 @@ impl Vit {
         }
     }
 
-    fn layernorm(&self, g: &mut Graph, x: Value, prefix: &str) -> Result<Value> {
+    fn layernorm(&self, g: &mut Graph, x: Value, prefix: &str, out_f16: bool) -> Result<Value> {
         let w = self.c(g, &format!("{prefix}.weight"))?;
         let b = self.c(g, &format!("{prefix}.bias"))?;
-        g.op(
-            LayerNorm::new(self.config.layer_norm_eps as f32),
-            &[x, w, b],
-        )
+        let ln = LayerNorm {
+            out_f16,
+            ..LayerNorm::new(self.config.layer_norm_eps as f32)
+        };
+        g.op(ln, &[x, w, b])
     }
 
     /// `epi(x·Wᵀ + b)`: a Linear with an epilogue fused into the matmul; `extra` are the
@@ -347,15 +344,15 @@ impl Vit {
         self.build_with(g, pixels, false)
     }
 
-    /// As [`Vit::build`]; with `act_f16`, q, k, v and the (non-gated) MLP hidden layer are
-    /// stored as f16 between their kernels (GPU texture path only, see docs/precision.md:
-    /// the matmuls producing them round their stores, attention and down_proj read them
-    /// through rgba16float textures). The residual stream, the LayerNorm outputs and the
-    /// attention output stay f32.
+    /// As [`Vit::build`]; with `act_f16`, the LayerNorm outputs, q, k, v and the
+    /// (non-gated) MLP hidden layer are stored as f16 between their kernels (GPU texture
+    /// path only, see docs/precision.md: their producers round the stores, the consumers
+    /// read them through rgba16float textures). The residual stream (and so the final
+    /// norm's input), the attention output and a gated MLP's hidden layer stay f32.
     pub fn build_with(&self, g: &mut Graph, pixels: Value, act_f16: bool) -> Result<Value> {
         let cfg = &self.config;
-        let out16 = F16Io {
-            x: false,
+        let both16 = F16Io {
+            x: act_f16,
             out: act_f16,
         };
         let in16 = F16Io {
@@ -406,7 +403,7 @@ impl Vit {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("layer.{l}");
             // h = h + λ1 ⊙ Attn(LN1(h))
-            let x = self.layernorm(g, h, &format!("{p}.norm1"))?;
+            let x = self.layernorm(g, h, &format!("{p}.norm1"), act_f16)?;
             let attn = format!("{p}.attention");
             let q = self.linear_epi(
                 g,
@@ -415,7 +412,7 @@ impl Vit {
                 cfg.query_bias,
                 rope,
                 &[cos, sin],
-                out16,
+                both16,
             )?;
             let k = self.linear_epi(
                 g,
@@ -424,7 +421,7 @@ impl Vit {
                 cfg.key_bias,
                 rope,
                 &[cos, sin],
-                out16,
+                both16,
             )?;
             let v = self.linear_act(
                 g,
@@ -432,7 +429,7 @@ impl Vit {
                 &format!("{attn}.v_proj"),
                 cfg.value_bias,
                 Activation::Identity,
-                out16,
+                both16,
             )?;
             let attention = Attention {
                 in_f16: act_f16,
@@ -449,21 +446,22 @@ impl Vit {
                 F16Io::default(),
             )?;
             // h = h + λ2 ⊙ MLP(LN2(h))
-            let x = self.layernorm(g, h, &format!("{p}.norm2"))?;
+            let x = self.layernorm(g, h, &format!("{p}.norm2"), act_f16)?;
             // (the gated MLP's product is an f32 element-wise op: its hidden layer stays f32)
             let (m, down_io) = if cfg.use_gated_mlp {
-                let gate = self.linear_act(
+                let gate =
+                    self.linear_act(g, x, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias, act, in16)?;
+                let up = self.linear_act(
                     g,
                     x,
-                    &format!("{p}.mlp.gate_proj"),
+                    &format!("{p}.mlp.up_proj"),
                     cfg.mlp_bias,
-                    act,
-                    F16Io::default(),
+                    Activation::Identity,
+                    in16,
                 )?;
-                let up = self.linear(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?;
                 (g.op(Binary::mul(), &[gate, up])?, F16Io::default())
             } else {
-                let up_io = out16;
+                let up_io = both16;
                 let m =
                     self.linear_act(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act, up_io)?;
                 (m, in16)
@@ -478,7 +476,7 @@ impl Vit {
                 down_io,
             )?;
         }
-        self.layernorm(g, h, "norm")
+        self.layernorm(g, h, "norm", false)
     }
 
     /// A graph from images (batch, C, H, W) to last_hidden_state.
@@ -513,6 +511,7 @@ impl Vit {
             && d <= 2048
             && d % 8 == 0
             && self.config.intermediate_size % 8 == 0
+            && crate::ops::norm::supports_f16_output(ctx, d)
     }
 
     /// Bytes of the largest activation of one image (the MLP hidden layer, or the input).

@@ -482,7 +482,15 @@ impl Op for Attention {
     ) -> Result<Vec<Dispatch>> {
         let d = self.dims(shapes)?;
         let kernel = Kernel::choose(ctx, d);
-        gpu_attention(ctx, d, self.scale_for(d.hd), kernel, self.in_f16, inputs, out)
+        gpu_attention(
+            ctx,
+            d,
+            self.scale_for(d.hd),
+            kernel,
+            self.in_f16,
+            inputs,
+            out,
+        )
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
         self.dims(shapes)
@@ -574,7 +582,15 @@ mod tests {
             out: &wgpu::Buffer,
         ) -> Result<Vec<Dispatch>> {
             let d = self.0.dims(shapes)?;
-            gpu_attention(ctx, d, self.0.scale_for(d.hd), self.1, self.0.in_f16, inputs, out)
+            gpu_attention(
+                ctx,
+                d,
+                self.0.scale_for(d.hd),
+                self.1,
+                self.0.in_f16,
+                inputs,
+                out,
+            )
         }
     }
 

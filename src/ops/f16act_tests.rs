@@ -306,3 +306,44 @@ fn f16_attention_inputs_match_reference() {
         assert!(e <= 1e-5, "{b} {tq} {heads} {hd}: {e}");
     }
 }
+
+#[test]
+fn f16_output_layernorm_matches_reference() {
+    use super::norm::{supports_f16_output, LayerNorm};
+    let c = ctx();
+    if !supports_f16_output(c, 64) {
+        eprintln!(
+            "no f16-output layernorm on {}: nothing to test",
+            c.info.name
+        );
+        return;
+    }
+    let mut r = rng();
+    for (rows, d, offset) in [
+        (37, 64, 0.0),
+        (3, 384, 5.0),
+        (301, 96, -2.0),
+        (5, 4096, 0.5),
+    ] {
+        let op = LayerNorm {
+            out_f16: true,
+            ..LayerNorm::new(1e-5)
+        };
+        let s = [vec![rows, d], vec![d], vec![d]];
+        let mut data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
+        data[0].iter_mut().for_each(|v| *v += offset);
+        let inputs: Vec<(&[f32], &[usize])> = data
+            .iter()
+            .zip(&s)
+            .map(|(d, x)| (d.as_slice(), x.as_slice()))
+            .collect();
+        let (want, _) = run_cpu(&op, &inputs).unwrap();
+        let (want32, _) = run_cpu(&LayerNorm::new(1e-5), &inputs).unwrap();
+        let (got, names) = run(&op, &data, &s, &[false; 3], true);
+        assert_eq!(names, ["layernorm_sg_o16"]);
+        let e = rel_err(&got, &want);
+        let e32 = rel_err(&got, &want32);
+        assert!(e <= 2e-3, "{rows}x{d}: {e} vs the f16 reference");
+        assert!(e32 <= 1e-2, "{rows}x{d}: {e32} vs the f32 reference");
+    }
+}

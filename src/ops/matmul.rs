@@ -473,6 +473,9 @@ impl Op for Matmul {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
+    fn output_f16(&self) -> bool {
+        self.out_f16
+    }
 }
 
 #[repr(C)]
@@ -662,8 +665,7 @@ fn gpu_matmul_f16_act(
     let ok = match cols {
         Some(cols) => {
             fuses_on_texture_path(m, d, cols)
-                && (!m.out_f16
-                    || (cols == 16 && d.n % 2 == 0 && m.epi != Epilogue::Residual))
+                && (!m.out_f16 || (cols == 16 && d.n % 2 == 0 && m.epi != Epilogue::Residual))
                 && (!m.x_f16 || d.k % 4 == 0)
         }
         None => false,

@@ -56,6 +56,11 @@ pub trait Op: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+    /// The GPU stores the output as packed halves (f16 activations): 2 bytes per element
+    /// in the executor's buffer plan. The CPU executor keeps f32 (the reference rounds).
+    fn output_f16(&self) -> bool {
+        false
+    }
 }
 
 /// How output depth rows depend on input depth rows, the depth axis being the third from
