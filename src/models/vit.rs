@@ -493,6 +493,13 @@ impl Vit {
         Ok(g)
     }
 
+    /// The [`Runner`] key of the graph [`Vit::run`] prepares for a batch of `b` H×W images.
+    pub fn run_key(&self, backend: &Backend, b: usize, h: usize, w: usize) -> String {
+        let c = self.config.num_channels;
+        let f16 = if self.act_f16_on(backend) { " f16" } else { "" };
+        format!("vit {b}x{c}x{h}x{w}{f16}")
+    }
+
     /// Whether this model runs with f16 activations on `backend`: the GPU with
     /// `Precision::F16Act` on a device with the texture path (subgroups of ≥ 8 lanes,
     /// 64 KiB uniform bindings) and a hidden size whose 8-column weight block fits one
@@ -566,7 +573,7 @@ impl Vit {
         let f16 = self.act_f16_on(&runner.backend);
         while start < n {
             let b = bs.min(n - start);
-            let key = format!("vit {b}x{c}x{h}x{w}{}", if f16 { " f16" } else { "" });
+            let key = self.run_key(&runner.backend, b, h, w);
             let res = runner.run(
                 &key,
                 || self.graph_with(b, h, w, f16),
