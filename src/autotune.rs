@@ -485,6 +485,7 @@ fn matmul_from_case(case: &Case) -> Option<Matmul> {
         act: Default::default(),
         w_f16: false,
         epi: Default::default(),
+        ..Default::default()
     })
 }
 

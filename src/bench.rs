@@ -258,7 +258,7 @@ pub fn vit(
         crate::models::Backend::Gpu(_) => None,
     };
     let prof = if profile {
-        let key = format!("vit {batch}x3x{h}x{w}");
+        let key = vit.run_key(&runner.backend, batch, h, w);
         runner.profile(&key, &[&images])?
     } else {
         Vec::new()

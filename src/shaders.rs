@@ -74,7 +74,9 @@ macro_rules! shaders {
 shaders! {
     ELEMENTWISE => "elementwise" + "activation",
     MATMUL => "matmul" + "activation",
+    MATMUL_F16 => "matmul_f16" + "activation",
     NORM => "norm",
+    NORM_F16 => "norm_f16",
     SOFTMAX => "softmax",
     ATTENTION => "attention",
     CONV3D => "conv3d",

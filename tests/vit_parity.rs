@@ -128,6 +128,51 @@ fn gpu_f16_weights_match_transformers_within_1e_2() {
     }
 }
 
+/// f16 activations (`Precision::F16Act`, docs/precision.md): f16 weights plus q, k, v and
+/// the MLP hidden layer stored as f16 between kernels. Within 1e-2 of transformers on every
+/// fixture, and measurably not f32 (f16 rounding of the activations shows even with the
+/// f16 checkpoints, whose weights are exact in f16).
+#[test]
+fn gpu_f16_activations_match_transformers_within_1e_2() {
+    use std::sync::Arc;
+    use volfuse::gpu::{GpuContext, GpuOptions, Precision};
+    let mut opts = GpuOptions::from_env().expect("VOLFUSE_* options");
+    opts.precision = Precision::F16Act;
+    let ctx = Arc::new(GpuContext::new(&opts).expect("a GPU adapter"));
+    let vit = Vit::load(&fixture("vit_gelu")).expect("fixture");
+    if !vit.act_f16_on(&Backend::Gpu(ctx.clone())) {
+        eprintln!("no f16-activation path on {}: skipped", ctx.describe());
+        return;
+    }
+    for model in ["vit_gelu", "vit_swiglu", "vit_gelu_f16", "vit_gelu_bf16"] {
+        for input in ["32x32", "48x32"] {
+            let e = check_tol(model, input, Backend::Gpu(ctx.clone()), 1e-2);
+            assert!(e > 1e-5, "{model} {input}: {e}: were the activations f16?");
+        }
+    }
+    // f16 values take half the bytes in the executor's buffer plan.
+    let (p32, p16) = (
+        vit.graph_with(2, 48, 32, false)
+            .unwrap()
+            .plan(true)
+            .peak_bytes,
+        vit.graph_with(2, 48, 32, true)
+            .unwrap()
+            .plan(true)
+            .peak_bytes,
+    );
+    assert!(p16 < p32, "planned activation bytes f16 {p16} vs f32 {p32}");
+    let compiled: Vec<&str> = ctx.compiled_kernels().iter().map(|k| k.entry).collect();
+    for e in [
+        "matmul_tex16_rope_o16",
+        "matmul_tex16_o16",
+        "attention_sg",
+        "layernorm_sg_o16",
+    ] {
+        assert!(compiled.contains(&e), "{e} not used: {compiled:?}");
+    }
+}
+
 /// The fixtures' weights are below one 64 KiB uniform window, so their projections run on
 /// the generic kernel with the RoPE / residual epilogues as in-place passes. A ViT with
 /// hidden size 128 (head size 16, 4 registers, non-square image) takes the texture path with

@@ -42,7 +42,9 @@ struct DeviceArgs {
     #[arg(long)]
     no_autotune: bool,
     /// GPU weight storage: f32, or f16 (matmul weights stored as f16, f32 accumulation;
-    /// parity ~1e-3; also VOLFUSE_PRECISION). The CPU backend always computes in f32.
+    /// parity ~1e-3; also VOLFUSE_PRECISION), or f16-act (f16 weights plus the ViT's
+    /// activations between kernels stored as f16; subgroup devices, see docs/precision.md).
+    /// The CPU backend always computes in f32.
     #[arg(long)]
     precision: Option<String>,
 }

@@ -104,6 +104,10 @@ pub enum Precision {
     /// activations and accumulation stay f32. A weight matrix with a value outside f16's
     /// range (e.g. from bf16) stays f32.
     F16,
+    /// f16 weights as [`Precision::F16`] plus f16 activations in the ViT on the GPU's
+    /// texture path (docs/precision.md): the tensors between its kernels stored as packed
+    /// halves, read through rgba16float textures, accumulation in f32.
+    F16Act,
 }
 
 impl Precision {
@@ -112,10 +116,16 @@ impl Precision {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" | "" => Ok(Precision::F32),
             "f16" | "fp16" | "half" | "float16" => Ok(Precision::F16),
+            "f16-act" | "f16act" | "f16-all" => Ok(Precision::F16Act),
             other => Err(Error::Invalid(format!(
-                "unknown precision '{other}': use f32 or f16"
+                "unknown precision '{other}': use f32, f16 (weights) or f16-act (weights and activations)"
             ))),
         }
+    }
+
+    /// Matmul weights stored as f16.
+    pub fn f16_weights(self) -> bool {
+        matches!(self, Precision::F16 | Precision::F16Act)
     }
 }
 
@@ -281,7 +291,7 @@ pub struct GpuContext {
     /// Shader modules by shader variant name: each WGSL text is parsed and validated once,
     /// not once per entry point and constant set (naga's parse dominated the test suite).
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
-    textures: Mutex<HashMap<(usize, u32), wgpu::Texture>>,
+    textures: Mutex<HashMap<(usize, u32, bool), wgpu::Texture>>,
     compiled: Mutex<Vec<CompiledKernel>>,
     /// See [`GpuOptions::memory_budget`].
     budget: Option<u64>,
@@ -739,6 +749,16 @@ impl GpuContext {
     /// [`Dispatch::copies`]), so one texture per (operand slot, size) serves all of them;
     /// `slot` tells apart the operands of one kernel (attention reads q, k and v).
     pub fn scratch_texture(&self, slot: usize, texels: u64) -> Result<wgpu::Texture> {
+        self.scratch_texture_of(slot, texels, false)
+    }
+
+    /// As [`GpuContext::scratch_texture`], rgba16float (8-byte texels: the layout of a
+    /// packed-f16 buffer, so f16 activations copy in unchanged and read back as f32).
+    pub fn scratch_texture_f16(&self, slot: usize, texels: u64) -> Result<wgpu::Texture> {
+        self.scratch_texture_of(slot, texels, true)
+    }
+
+    fn scratch_texture_of(&self, slot: usize, texels: u64, f16: bool) -> Result<wgpu::Texture> {
         let w = Self::TEXTURE_WIDTH as u64;
         let rows = texels.div_ceil(w).max(1);
         // Round the height up to a power of two so few sizes exist.
@@ -758,7 +778,7 @@ impl GpuContext {
             .textures
             .lock()
             .map_err(|_| Error::Gpu("texture cache poisoned".into()))?;
-        let t = map.entry((slot, h as u32)).or_insert_with(|| {
+        let t = map.entry((slot, h as u32, f16)).or_insert_with(|| {
             self.device.create_texture(&wgpu::TextureDescriptor {
                 label: Some("scratch"),
                 size: wgpu::Extent3d {
@@ -769,7 +789,11 @@ impl GpuContext {
                 mip_level_count: 1,
                 sample_count: 1,
                 dimension: wgpu::TextureDimension::D2,
-                format: wgpu::TextureFormat::Rgba32Float,
+                format: if f16 {
+                    wgpu::TextureFormat::Rgba16Float
+                } else {
+                    wgpu::TextureFormat::Rgba32Float
+                },
                 usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
                 view_formats: &[],
             })

@@ -170,7 +170,7 @@ impl GpuExecutor {
         let mut f32_uses = vec![0usize; g.values.len()];
         for (i, n) in g.nodes.iter().enumerate() {
             for (pos, v) in n.inputs.iter().enumerate() {
-                if pos == 1 && precision == Precision::F16 {
+                if pos == 1 && precision.f16_weights() {
                     let mm = n.op.as_any().and_then(|a| a.downcast_ref::<Matmul>());
                     if let (Some(m), Source::Const(c)) = (mm, &g.values[v.0].source) {
                         if !m.w_f16 {

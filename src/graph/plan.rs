@@ -33,7 +33,19 @@ pub struct Plan {
 impl Plan {
     pub(crate) fn new(g: &Graph, reuse: bool) -> Plan {
         let nv = g.values.len();
-        let bytes = |v: usize| (numel(&g.values[v].shape) * 4) as u64;
+        // f16 outputs (packed halves, `Op::output_f16`) take 2 bytes per element.
+        let mut half = vec![false; nv];
+        for n in &g.nodes {
+            half[n.output.0] = n.op.output_f16();
+        }
+        let bytes = |v: usize| {
+            let n = numel(&g.values[v].shape);
+            if half[v] {
+                (n.div_ceil(2) * 4) as u64
+            } else {
+                (n * 4) as u64
+            }
+        };
         let mut last_use = vec![None::<usize>; nv];
         for (i, n) in g.nodes.iter().enumerate() {
             for v in &n.inputs {

@@ -140,6 +140,23 @@ pub fn rope_tables(cfg: &VitConfig, gh: usize, gw: usize) -> (Vec<f32>, Vec<f32>
     (cos, sin)
 }
 
+/// Which matmul operands are f16 activations (see [`Vit::build_with`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct F16Io {
+    x: bool,
+    out: bool,
+}
+
+impl F16Io {
+    fn on(self, m: Matmul) -> Matmul {
+        Matmul {
+            x_f16: self.x,
+            out_f16: self.out,
+            ..m
+        }
+    }
+}
+
 /// A loaded DINOv3 ViT.
 pub struct Vit {
     pub config: VitConfig,
@@ -257,12 +274,8 @@ impl Vit {
         g.constant(name, data.clone(), shape)
     }
 
-    /// `x·Wᵀ + b` with the bias only when the checkpoint has one.
-    fn linear(&self, g: &mut Graph, x: Value, prefix: &str, bias: bool) -> Result<Value> {
-        self.linear_act(g, x, prefix, bias, Activation::Identity)
-    }
-
-    /// `act(x·Wᵀ + b)`, the activation applied in the matmul's epilogue.
+    /// `act(x·Wᵀ + b)` (the bias only when the checkpoint has one), the activation applied
+    /// in the matmul's epilogue.
     fn linear_act(
         &self,
         g: &mut Graph,
@@ -270,23 +283,25 @@ impl Vit {
         prefix: &str,
         bias: bool,
         act: Activation,
+        io: F16Io,
     ) -> Result<Value> {
         let w = self.c(g, &format!("{prefix}.weight"))?;
         if bias {
             let b = self.c(g, &format!("{prefix}.bias"))?;
-            g.op(Matmul::linear(true).with_act(act), &[x, w, b])
+            g.op(io.on(Matmul::linear(true).with_act(act)), &[x, w, b])
         } else {
-            g.op(Matmul::linear(false).with_act(act), &[x, w])
+            g.op(io.on(Matmul::linear(false).with_act(act)), &[x, w])
         }
     }
 
-    fn layernorm(&self, g: &mut Graph, x: Value, prefix: &str) -> Result<Value> {
+    fn layernorm(&self, g: &mut Graph, x: Value, prefix: &str, out_f16: bool) -> Result<Value> {
         let w = self.c(g, &format!("{prefix}.weight"))?;
         let b = self.c(g, &format!("{prefix}.bias"))?;
-        g.op(
-            LayerNorm::new(self.config.layer_norm_eps as f32),
-            &[x, w, b],
-        )
+        let ln = LayerNorm {
+            out_f16,
+            ..LayerNorm::new(self.config.layer_norm_eps as f32)
+        };
+        g.op(ln, &[x, w, b])
     }
 
     /// `epi(x·Wᵀ + b)`: a Linear with an epilogue fused into the matmul; `extra` are the
@@ -299,13 +314,14 @@ impl Vit {
         bias: bool,
         epi: Epilogue,
         extra: &[Value],
+        io: F16Io,
     ) -> Result<Value> {
         let mut inputs = vec![x, self.c(g, &format!("{prefix}.weight"))?];
         if bias {
             inputs.push(self.c(g, &format!("{prefix}.bias"))?);
         }
         inputs.extend_from_slice(extra);
-        g.op(Matmul::linear(bias).with_epilogue(epi), &inputs)
+        g.op(io.on(Matmul::linear(bias).with_epilogue(epi)), &inputs)
     }
 
     /// `h + λ ⊙ (x·Wᵀ + b)` (the projection, LayerScale and the residual add in one op).
@@ -317,14 +333,32 @@ impl Vit {
         prefix: &str,
         bias: bool,
         lambda: &str,
+        io: F16Io,
     ) -> Result<Value> {
         let l = self.c(g, lambda)?;
-        self.linear_epi(g, x, prefix, bias, Epilogue::Residual, &[h, l])
+        self.linear_epi(g, x, prefix, bias, Epilogue::Residual, &[h, l], io)
     }
 
     /// Adds the forward pass to `g` for `pixels` (B, C, H, W); returns last_hidden_state.
     pub fn build(&self, g: &mut Graph, pixels: Value) -> Result<Value> {
+        self.build_with(g, pixels, false)
+    }
+
+    /// As [`Vit::build`]; with `act_f16`, the LayerNorm outputs, q, k, v and the
+    /// (non-gated) MLP hidden layer are stored as f16 between their kernels (GPU texture
+    /// path only, see docs/precision.md: their producers round the stores, the consumers
+    /// read them through rgba16float textures). The residual stream (and so the final
+    /// norm's input), the attention output and a gated MLP's hidden layer stay f32.
+    pub fn build_with(&self, g: &mut Graph, pixels: Value, act_f16: bool) -> Result<Value> {
         let cfg = &self.config;
+        let both16 = F16Io {
+            x: act_f16,
+            out: act_f16,
+        };
+        let in16 = F16Io {
+            x: act_f16,
+            out: false,
+        };
         let shape = g.shape(pixels).to_vec();
         if shape.len() != 4
             || shape[1] != cfg.num_channels
@@ -369,7 +403,7 @@ impl Vit {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("layer.{l}");
             // h = h + λ1 ⊙ Attn(LN1(h))
-            let x = self.layernorm(g, h, &format!("{p}.norm1"))?;
+            let x = self.layernorm(g, h, &format!("{p}.norm1"), act_f16)?;
             let attn = format!("{p}.attention");
             let q = self.linear_epi(
                 g,
@@ -378,6 +412,7 @@ impl Vit {
                 cfg.query_bias,
                 rope,
                 &[cos, sin],
+                both16,
             )?;
             let k = self.linear_epi(
                 g,
@@ -386,9 +421,21 @@ impl Vit {
                 cfg.key_bias,
                 rope,
                 &[cos, sin],
+                both16,
             )?;
-            let v = self.linear(g, x, &format!("{attn}.v_proj"), cfg.value_bias)?;
-            let a = g.op(Attention::new(cfg.num_attention_heads), &[q, k, v])?;
+            let v = self.linear_act(
+                g,
+                x,
+                &format!("{attn}.v_proj"),
+                cfg.value_bias,
+                Activation::Identity,
+                both16,
+            )?;
+            let attention = Attention {
+                in_f16: act_f16,
+                ..Attention::new(cfg.num_attention_heads)
+            };
+            let a = g.op(attention, &[q, k, v])?;
             h = self.residual_linear(
                 g,
                 h,
@@ -396,16 +443,28 @@ impl Vit {
                 &format!("{attn}.o_proj"),
                 cfg.proj_bias,
                 &format!("{p}.layer_scale1.lambda1"),
+                F16Io::default(),
             )?;
             // h = h + λ2 ⊙ MLP(LN2(h))
-            let x = self.layernorm(g, h, &format!("{p}.norm2"))?;
-            let m = if cfg.use_gated_mlp {
+            let x = self.layernorm(g, h, &format!("{p}.norm2"), act_f16)?;
+            // (the gated MLP's product is an f32 element-wise op: its hidden layer stays f32)
+            let (m, down_io) = if cfg.use_gated_mlp {
                 let gate =
-                    self.linear_act(g, x, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias, act)?;
-                let up = self.linear(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?;
-                g.op(Binary::mul(), &[gate, up])?
+                    self.linear_act(g, x, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias, act, in16)?;
+                let up = self.linear_act(
+                    g,
+                    x,
+                    &format!("{p}.mlp.up_proj"),
+                    cfg.mlp_bias,
+                    Activation::Identity,
+                    in16,
+                )?;
+                (g.op(Binary::mul(), &[gate, up])?, F16Io::default())
             } else {
-                self.linear_act(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act)?
+                let up_io = both16;
+                let m =
+                    self.linear_act(g, x, &format!("{p}.mlp.up_proj"), cfg.mlp_bias, act, up_io)?;
+                (m, in16)
             };
             h = self.residual_linear(
                 g,
@@ -414,18 +473,52 @@ impl Vit {
                 &format!("{p}.mlp.down_proj"),
                 cfg.mlp_bias,
                 &format!("{p}.layer_scale2.lambda1"),
+                down_io,
             )?;
         }
-        self.layernorm(g, h, "norm")
+        self.layernorm(g, h, "norm", false)
     }
 
     /// A graph from images (batch, C, H, W) to last_hidden_state.
     pub fn graph(&self, batch: usize, h: usize, w: usize) -> Result<Graph> {
+        self.graph_with(batch, h, w, false)
+    }
+
+    /// As [`Vit::graph`], with f16 activations when `act_f16` ([`Vit::build_with`]).
+    pub fn graph_with(&self, batch: usize, h: usize, w: usize, act_f16: bool) -> Result<Graph> {
         let mut g = Graph::new();
         let x = g.input("pixel_values", &[batch, self.config.num_channels, h, w]);
-        let y = self.build(&mut g, x)?;
+        let y = self.build_with(&mut g, x, act_f16)?;
         g.output(y);
         Ok(g)
+    }
+
+    /// The [`Runner`] key of the graph [`Vit::run`] prepares for a batch of `b` H×W images.
+    pub fn run_key(&self, backend: &Backend, b: usize, h: usize, w: usize) -> String {
+        let c = self.config.num_channels;
+        let f16 = if self.act_f16_on(backend) { " f16" } else { "" };
+        format!("vit {b}x{c}x{h}x{w}{f16}")
+    }
+
+    /// Whether this model runs with f16 activations on `backend`: the GPU with
+    /// `Precision::F16Act` on a device with the texture path (subgroups of ≥ 8 lanes,
+    /// 64 KiB uniform bindings) and a hidden size whose 8-column weight block fits one
+    /// 64 KiB window (≤ 2048 as f32, ≤ 4096 as f16). Otherwise activations stay f32.
+    pub fn act_f16_on(&self, backend: &Backend) -> bool {
+        let Backend::Gpu(ctx) = backend else {
+            return false;
+        };
+        let c = &ctx.caps;
+        let d = self.config.hidden_size;
+        ctx.precision == crate::gpu::Precision::F16Act
+            && c.subgroups
+            && c.cpu_like
+            && c.min_subgroup_size >= 8
+            && c.max_uniform_binding >= 65536
+            && d <= 2048
+            && d % 8 == 0
+            && self.config.intermediate_size % 8 == 0
+            && crate::ops::norm::supports_f16_output(ctx, d)
     }
 
     /// Bytes of the largest activation of one image (the MLP hidden layer, or the input).
@@ -477,12 +570,13 @@ impl Vit {
         let per_out = self.config.tokens(h, w) * self.config.hidden_size;
         let mut out = Vec::with_capacity(n * per_out);
         let mut start = 0;
+        let f16 = self.act_f16_on(&runner.backend);
         while start < n {
             let b = bs.min(n - start);
-            let key = format!("vit {b}x{c}x{h}x{w}");
+            let key = self.run_key(&runner.backend, b, h, w);
             let res = runner.run(
                 &key,
-                || self.graph(b, h, w),
+                || self.graph_with(b, h, w, f16),
                 &[&images[start * per_in..(start + b) * per_in]],
             )?;
             out.extend_from_slice(&res[0]);

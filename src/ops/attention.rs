@@ -33,6 +33,10 @@ pub struct Attention {
     pub heads: usize,
     /// Score scale; `None` means `hd^-0.5`.
     pub scale: Option<f32>,
+    /// f16 activations (`Precision::F16Act`): q, k and v are packed halves on the GPU,
+    /// read through rgba16float textures (the staged kernel only); the output stays f32.
+    /// The CPU reference takes its inputs as they are (already rounded by their producer).
+    pub in_f16: bool,
 }
 
 /// Resolved sizes of one attention call.
@@ -48,7 +52,11 @@ pub struct Dims {
 impl Attention {
     /// `heads` heads with the default scale `hd^-0.5`.
     pub fn new(heads: usize) -> Self {
-        Attention { heads, scale: None }
+        Attention {
+            heads,
+            scale: None,
+            in_f16: false,
+        }
     }
 
     /// The scale used for head size `hd`.
@@ -300,9 +308,16 @@ fn gpu_attention(
     d: Dims,
     scale: f32,
     kernel: Kernel,
+    in_f16: bool,
     inputs: &[&wgpu::Buffer],
     out: &wgpu::Buffer,
 ) -> Result<Vec<Dispatch>> {
+    if in_f16 && kernel != Kernel::Staged {
+        return Err(Error::Gpu(format!(
+            "attention with f16 inputs needs the staged (subgroup, texture) kernel, which \
+             {d:?} cannot use on this device: use --precision f16 or f32"
+        )));
+    }
     if d.hd > MAX_HEAD_DIM {
         return Err(Error::shape(
             "attention",
@@ -363,7 +378,7 @@ fn gpu_attention(
                 ("R", SG_QUERIES_PER_LANE as f64),
                 ("TW_LOG2", GpuContext::TEXTURE_WIDTH.trailing_zeros() as f64),
             ];
-            staged(ctx, d, &p, &constants, inputs, out)
+            staged(ctx, d, &p, &constants, in_f16, inputs, out)
         }
     }
 }
@@ -375,6 +390,7 @@ fn staged(
     d: Dims,
     p: &Params,
     constants: &[(&'static str, f64)],
+    in_f16: bool,
     inputs: &[&wgpu::Buffer],
     out: &wgpu::Buffer,
 ) -> Result<Vec<Dispatch>> {
@@ -382,7 +398,13 @@ fn staged(
     let texels = [d.tq, d.tk, d.tk].map(|t| (d.batch * t) as u64 * w4);
     let textures = [0, 1, 2]
         .into_iter()
-        .map(|slot| ctx.scratch_texture(slot, texels[slot]))
+        .map(|slot| {
+            if in_f16 {
+                ctx.scratch_texture_f16(slot, texels[slot])
+            } else {
+                ctx.scratch_texture(slot, texels[slot])
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     let views: Vec<wgpu::TextureView> = textures
         .iter()
@@ -409,7 +431,7 @@ fn staged(
                 buffer: inputs[slot].clone(),
                 texture: textures[slot].clone(),
                 width: GpuContext::TEXTURE_WIDTH,
-                texel_bytes: 16,
+                texel_bytes: if in_f16 { 8 } else { 16 },
                 texels: texels[slot],
             })
         })
@@ -460,7 +482,15 @@ impl Op for Attention {
     ) -> Result<Vec<Dispatch>> {
         let d = self.dims(shapes)?;
         let kernel = Kernel::choose(ctx, d);
-        gpu_attention(ctx, d, self.scale_for(d.hd), kernel, inputs, out)
+        gpu_attention(
+            ctx,
+            d,
+            self.scale_for(d.hd),
+            kernel,
+            self.in_f16,
+            inputs,
+            out,
+        )
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
         self.dims(shapes)
@@ -552,7 +582,15 @@ mod tests {
             out: &wgpu::Buffer,
         ) -> Result<Vec<Dispatch>> {
             let d = self.0.dims(shapes)?;
-            gpu_attention(ctx, d, self.0.scale_for(d.hd), self.1, inputs, out)
+            gpu_attention(
+                ctx,
+                d,
+                self.0.scale_for(d.hd),
+                self.1,
+                self.0.in_f16,
+                inputs,
+                out,
+            )
         }
     }
 
@@ -595,6 +633,7 @@ mod tests {
             let s = Attention {
                 heads: 2,
                 scale: Some(0.3),
+                in_f16: false,
             };
             check_op(&Forced(s, kernel), &shapes(2, 15, 23, 2, 64), 1e-5);
         }

@@ -11,7 +11,7 @@
 use super::{expect_inputs, numel, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs};
-use crate::shaders::MATMUL;
+use crate::shaders::{MATMUL, MATMUL_F16};
 
 /// The matmul op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -30,6 +30,13 @@ pub struct Matmul {
     pub w_f16: bool,
     /// Work fused after the bias and activation (inputs after the bias).
     pub epi: Epilogue,
+    /// f16 activations (`Precision::F16Act`, texture path only): A is stored as packed
+    /// halves on the GPU and read through an rgba16float texture. The CPU reference takes
+    /// A as it is (a producer with `out_f16` has already rounded it).
+    pub x_f16: bool,
+    /// The output is stored as packed halves (16-column texture blocks, N even); the CPU
+    /// reference rounds it to f16.
+    pub out_f16: bool,
 }
 
 /// What a [`Matmul`] does with its result before storing it (after bias and activation).
@@ -122,6 +129,8 @@ impl Matmul {
             act: Activation::Identity,
             w_f16: false,
             epi: Epilogue::None,
+            x_f16: false,
+            out_f16: false,
         }
     }
 
@@ -426,6 +435,10 @@ impl Op for Matmul {
         }
         let nb = 2 + self.bias as usize;
         epilogue(self.epi, d, &inputs[nb..], out);
+        if self.out_f16 {
+            out.iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+        }
     }
     fn gpu(
         &self,
@@ -435,6 +448,9 @@ impl Op for Matmul {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let d = self.dims(shapes)?;
+        if self.x_f16 || self.out_f16 {
+            return gpu_matmul_f16_act(ctx, self, d, inputs, out);
+        }
         let nb = 2 + self.bias as usize;
         let plain = self.plain();
         let mut ds = match texture_path_cols(ctx, self, d, inputs[1]) {
@@ -456,6 +472,9 @@ impl Op for Matmul {
     }
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
+    }
+    fn output_f16(&self) -> bool {
+        self.out_f16
     }
 }
 
@@ -633,6 +652,35 @@ fn esize(m: &Matmul) -> usize {
     }
 }
 
+/// A matmul with f16 activations: the texture path only (any tuned kernel choice is
+/// ignored), every epilogue fused; f16 outputs need 16-column blocks and an even N.
+fn gpu_matmul_f16_act(
+    ctx: &GpuContext,
+    m: &Matmul,
+    d: Dims,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+) -> Result<Vec<Dispatch>> {
+    let cols = texture_path_cols(ctx, m, d, inputs[1]);
+    let ok = match cols {
+        Some(cols) => {
+            fuses_on_texture_path(m, d, cols)
+                && (!m.out_f16 || (cols == 16 && d.n % 2 == 0 && m.epi != Epilogue::Residual))
+                && (!m.x_f16 || d.k % 4 == 0)
+        }
+        None => false,
+    };
+    match cols {
+        Some(cols) if ok => gpu_matmul_tex(ctx, m, d, cols, inputs, out),
+        _ => Err(Error::Gpu(format!(
+            "f16 activations need the texture matmul (subgroups of ≥ 8 lanes, 64 KiB \
+             uniform bindings, x·Wᵀ with K % 4 == 0 and an even N, 8 columns × K in one \
+             64 KiB window for an f16 output); this matmul {m:?} {d:?} cannot: use \
+             --precision f16 or f32"
+        ))),
+    }
+}
+
 fn gpu_matmul_tex(
     ctx: &GpuContext,
     m: &Matmul,
@@ -643,9 +691,15 @@ fn gpu_matmul_tex(
 ) -> Result<Vec<Dispatch>> {
     let rows = d.batch * d.m;
     let texels = (rows * d.k / 4) as u64;
-    let texture = ctx.scratch_texture(0, texels)?;
+    let texture = if m.x_f16 {
+        ctx.scratch_texture_f16(0, texels)?
+    } else {
+        ctx.scratch_texture(0, texels)?
+    };
     let view = texture.create_view(&Default::default());
     let entry: &'static str = match (cols, m.w_f16, m.epi) {
+        _ if m.out_f16 && matches!(m.epi, Epilogue::Rope { .. }) => "matmul_tex16_rope_o16",
+        _ if m.out_f16 => "matmul_tex16_o16",
         (16, false, Epilogue::None) => "matmul_tex16",
         (16, false, Epilogue::Rope { .. }) => "matmul_tex16_rope",
         (16, false, Epilogue::Residual) => "matmul_tex16_res",
@@ -706,8 +760,12 @@ fn gpu_matmul_tex(
         Epilogue::Rope { .. } => layout.extend([texture_entry(6), texture_entry(7)]),
         Epilogue::Residual => layout.extend([texture_entry(6), storage(7, true)]),
     }
-    let (pipeline, bgl) =
-        ctx.pipeline_with_layout_consts(&MATMUL, entry, &[("ACT", m.act.code())], &layout)?;
+    let (pipeline, bgl) = if m.out_f16 {
+        let w16 = ("W16", m.w_f16 as u8 as f64);
+        ctx.pipeline_with_layout_consts(&MATMUL_F16, entry, &[("ACT", m.act.code()), w16], &layout)?
+    } else {
+        ctx.pipeline_with_layout_consts(&MATMUL, entry, &[("ACT", m.act.code())], &layout)?
+    };
     // RoPE: the cos and sin tables (P, hd/2) stream through scratch textures of their own
     // (slots 3 and 4; attention uses 0–2), filled by the first dispatch's copies; the
     // residual likewise (slot 5).
@@ -878,7 +936,7 @@ fn gpu_matmul_tex(
         buffer: inputs[0].clone(),
         texture,
         width: GpuContext::TEXTURE_WIDTH,
-        texel_bytes: 16,
+        texel_bytes: if m.x_f16 { 8 } else { 16 },
         texels,
     });
     let mut first_copies = vec![copy];
@@ -1053,6 +1111,8 @@ mod tests {
                 act,
                 w_f16: false,
                 epi: Epilogue::None,
+                x_f16: false,
+                out_f16: false,
             };
             let s = shapes(&m, Some(3), 7, 5, 9, true);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
@@ -1146,6 +1206,8 @@ mod tests {
                 act: Activation::Identity,
                 w_f16: false,
                 epi: Epilogue::None,
+                x_f16: false,
+                out_f16: false,
             };
             for (batch, rows, n, k, bb) in [
                 (None, 1, 1, 1, false),
@@ -1308,6 +1370,8 @@ mod tests {
                 act,
                 w_f16: true,
                 epi: Epilogue::None,
+                x_f16: false,
+                out_f16: false,
             };
             let s = shapes(&m, batch, rows, n, k, bb);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();

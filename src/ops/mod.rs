@@ -22,6 +22,8 @@ pub mod softmax;
 pub mod tokens;
 
 #[cfg(test)]
+mod f16act_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 
 /// An operation the graph can run on either backend. All tensors are f32, C order.
@@ -53,6 +55,11 @@ pub trait Op: Send + Sync + std::fmt::Debug {
     /// f16 weights); None for ops without variants.
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
+    }
+    /// The GPU stores the output as packed halves (f16 activations): 2 bytes per element
+    /// in the executor's buffer plan. The CPU executor keeps f32 (the reference rounds).
+    fn output_f16(&self) -> bool {
+        false
     }
 }
 

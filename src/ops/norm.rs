@@ -11,7 +11,7 @@
 use super::{expect_inputs, numel, Op};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
-use crate::shaders::{Shader, NORM};
+use crate::shaders::{Shader, NORM, NORM_F16};
 use std::sync::Arc;
 
 /// The largest D of `layernorm_sg` (8 lanes × 128 vec4 chunks).
@@ -21,18 +21,28 @@ const SG_MAX_D: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LayerNorm {
     pub eps: f32,
+    /// f16 activations (`Precision::F16Act`): the output is stored as packed halves
+    /// (`layernorm_sg_o16`: subgroup devices, D % 32 == 0, D ≤ 4096); the CPU reference
+    /// rounds it to f16.
+    pub out_f16: bool,
 }
 
 impl Default for LayerNorm {
     /// eps = 1e-5, torch's default and DINOv3's `layer_norm_eps`.
     fn default() -> Self {
-        LayerNorm { eps: 1e-5 }
+        LayerNorm {
+            eps: 1e-5,
+            out_f16: false,
+        }
     }
 }
 
 impl LayerNorm {
     pub fn new(eps: f32) -> Self {
-        LayerNorm { eps }
+        LayerNorm {
+            eps,
+            out_f16: false,
+        }
     }
 
     /// (rows, D) of the input, after checking the shapes.
@@ -207,6 +217,77 @@ fn gpu_layernorm(
     }])
 }
 
+/// Whether [`LayerNorm::out_f16`] can run on `ctx` for rows of `d`.
+pub fn supports_f16_output(ctx: &GpuContext, d: usize) -> bool {
+    use_subgroup_kernel(ctx, d)
+}
+
+/// `layernorm_sg_o16` (shaders/norm_f16.wgsl): as the subgroup kernel, output packed f16.
+fn gpu_layernorm_o16(
+    ctx: &GpuContext,
+    rows: usize,
+    d: usize,
+    eps: f32,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+) -> Result<Vec<Dispatch>> {
+    if !use_subgroup_kernel(ctx, d) {
+        return Err(Error::Gpu(format!(
+            "layernorm with an f16 output needs the subgroup kernel (a CPU-like device with \
+             subgroups of ≥ 8 lanes, D % 32 == 0, D ≤ {SG_MAX_D}); D = {d} on {}: use \
+             --precision f16 or f32",
+            ctx.info.name
+        )));
+    }
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let p = Params {
+        n: rows as u32,
+        d: d as u32,
+        c: 0,
+        eps,
+    };
+    let texels = (rows * d / 4) as u64;
+    let texture = ctx.scratch_texture(0, texels)?;
+    let view = texture.create_view(&Default::default());
+    let constants = [
+        ("DS", d as f64),
+        ("TW_LOG2", GpuContext::TEXTURE_WIDTH.trailing_zeros() as f64),
+    ];
+    let pipeline = ctx.pipeline(&NORM_F16, "layernorm_sg_o16", &constants)?;
+    let params = ctx.uniform(bytemuck::bytes_of(&p));
+    let entries = [
+        (0, params.as_entire_binding()),
+        (7, wgpu::BindingResource::TextureView(&view)),
+        (8, inputs[1].as_entire_binding()),
+        (9, inputs[2].as_entire_binding()),
+        (10, out.as_entire_binding()),
+    ]
+    .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource });
+    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("layernorm_sg_o16"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    Ok(vec![Dispatch {
+        name: "layernorm_sg_o16",
+        before: Vec::new(),
+        after: Vec::new(),
+        pipeline,
+        bind_group,
+        workgroups: [rows.min(256) as u32, 1, 1],
+        offsets: Vec::new(),
+        copies: vec![Arc::new(TextureCopy {
+            buffer: inputs[0].clone(),
+            texture,
+            width: GpuContext::TEXTURE_WIDTH,
+            texel_bytes: 16,
+            texels,
+        })],
+    }])
+}
+
 impl Op for LayerNorm {
     fn name(&self) -> &'static str {
         "layernorm"
@@ -218,6 +299,10 @@ impl Op for LayerNorm {
     fn cpu(&self, inputs: &[&[f32]], shapes: &[&[usize]], out: &mut [f32]) {
         let d = shapes[0].last().copied().unwrap_or(1).max(1);
         layernorm(inputs[0], inputs[1], inputs[2], d, self.eps, out);
+        if self.out_f16 {
+            out.iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+        }
     }
     fn gpu(
         &self,
@@ -227,8 +312,14 @@ impl Op for LayerNorm {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let (rows, d) = self.dims(shapes)?;
+        if self.out_f16 {
+            return gpu_layernorm_o16(ctx, rows, d, self.eps, inputs, out);
+        }
         let sg = use_subgroup_kernel(ctx, d);
         gpu_layernorm(ctx, rows, d, self.eps, sg, inputs, out)
+    }
+    fn output_f16(&self) -> bool {
+        self.out_f16
     }
     fn flops(&self, shapes: &[&[usize]]) -> u64 {
         // subtract+add, square+add, subtract, multiply, fma: ~8 per element.
