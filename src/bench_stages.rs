@@ -608,6 +608,15 @@ pub fn random_volume(shape: [usize; 3], seed: u64) -> Result<Volume> {
     Volume::new(shape, VolumeData::U16(data))
 }
 
+/// [`crate::gpu::mem_trace`] with the runner's device.
+fn trace(runner: &Runner, what: &str) {
+    let ctx = match &runner.backend {
+        Backend::Gpu(c) => Some(c.as_ref()),
+        Backend::Cpu => None,
+    };
+    crate::gpu::mem_trace(ctx, what);
+}
+
 /// Per-node wall seconds of a prepared graph: the GPU executor's profile (a wait after each
 /// node), or each CPU reference op timed as the CPU executor runs it.
 fn profile_nodes(runner: &Runner, key: &str, inputs: &[&[f32]]) -> Result<Vec<f64>> {
@@ -685,6 +694,7 @@ pub fn run(
         {
             let t0 = Instant::now();
             feats.push(extract_features(&b.vit, runner, v, &params, Some(p))?);
+            trace(runner, &format!("tile {it}: features {k} done"));
             let total = t0.elapsed().as_secs_f64();
             let (mut tv, mut tl) = (0.0, 0.0);
             for (key, _, s) in runner.take_timings() {
@@ -718,6 +728,7 @@ pub fn run(
             runner.run(&key2, build, &inputs)?
         };
         secs[6] = t0.elapsed().as_secs_f64();
+        trace(runner, &format!("tile {it}: UNet done"));
         runner.take_timings();
         let t0 = Instant::now();
         if let (Some(probs), Some(labels)) = (out.get(1), out.get(2)) {

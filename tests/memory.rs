@@ -214,3 +214,154 @@ fn assert_runs_stay_flat<T: PartialEq + std::fmt::Debug>(
         grown_kb / n as i64
     );
 }
+
+/// A runner holds one stage on the device at a time (issue 8: on lavapipe device memory is
+/// RAM, and the ViT's and the UNet's buffers, weights and scratch textures used to stay
+/// side by side): running the UNet frees the ViT's executor, weights and textures; the ViT
+/// is rebuilt on its next run and gives bit-identical results; a graph run beside the ViT
+/// keeps its executor; `set_keep_all(true)` keeps everything; cycles do not accumulate
+/// wgpu objects.
+#[test]
+fn stages_take_turns_on_the_device() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = own_context();
+    let bundle = tiny_bundle();
+    let mut runner = Runner::new(Backend::Gpu(ctx.clone()));
+    let s = bundle.slice_size;
+    let (vit_key, vit_build) = ("vit", || bundle.vit.graph(2, s, s));
+    let images: Vec<f32> = (0..2 * 3 * s * s)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let [d, h, w] = bundle.unet.config.input_size;
+    let c = bundle.unet.config.base_channels;
+    // The projection-first UNet with context, as the pipeline builds it.
+    let unet_key = "unet";
+    let unet_build = || {
+        let mut g = Graph::new();
+        let f = g.input("features", &[1, c, d, h, w]);
+        let cv = g.input("context", &[1, c, d, h, w]);
+        let logits = bundle.unet.build_projected(&mut g, f, Some(cv))?;
+        g.output(logits);
+        Ok(g)
+    };
+    let feats: Vec<f32> = (0..c * d * h * w)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    // A small graph run beside the ViT (as the token lift is).
+    let side_build = || {
+        let mut g = Graph::new();
+        let x = g.input("x", &[64]);
+        let y = g.op(volfuse::ops::elementwise::Unary::Relu, &[x])?;
+        g.output(y);
+        Ok(g)
+    };
+    let side_in: Vec<f32> = (0..64).map(|i| i as f32 - 31.5).collect();
+    let act = |r: &Runner, k: &str| r.plan(k).expect("prepared").peak_bytes;
+
+    let vit_first = runner.run(vit_key, vit_build, &[&images]).expect("ViT");
+    runner
+        .run_beside("side", side_build, &[&side_in])
+        .expect("side graph");
+    let (a_vit, w_vit) = runner.device_bytes();
+    assert_eq!(a_vit, act(&runner, vit_key) + act(&runner, "side"));
+    assert!(w_vit > 0);
+    let tex_vit = ctx.scratch_texture_bytes();
+
+    let unet_first = runner
+        .run(unet_key, unet_build, &[&feats, &feats])
+        .expect("UNet");
+    let (a_unet, w_unet) = runner.device_bytes();
+    assert_eq!(
+        a_unet,
+        act(&runner, unet_key),
+        "the ViT's and the side graph's buffers must be freed"
+    );
+    let unet_weights: u64 = {
+        let g = unet_build().expect("UNet graph");
+        g.plan(true).const_bytes
+    };
+    assert!(
+        w_unet <= unet_weights + (1 << 20),
+        "only the UNet's weights may stay: {w_unet} B held, the UNet has {unet_weights} B"
+    );
+    assert!(
+        w_unet < w_vit + unet_weights,
+        "the ViT's weights were not freed"
+    );
+
+    // The ViT again: rebuilt, bit-identical, the UNet freed; textures no larger than before.
+    let vit_again = runner
+        .run(vit_key, vit_build, &[&images])
+        .expect("ViT again");
+    assert_eq!(vit_first, vit_again);
+    assert_eq!(runner.device_bytes().0, act(&runner, vit_key));
+    assert!(ctx.scratch_texture_bytes() <= tex_vit.max(1));
+    // The side graph runs beside the ViT: the ViT keeps its executor.
+    runner
+        .run_beside("side", side_build, &[&side_in])
+        .expect("side graph");
+    assert_eq!(
+        runner.device_bytes().0,
+        act(&runner, vit_key) + act(&runner, "side")
+    );
+    let unet_again = runner
+        .run(unet_key, unet_build, &[&feats, &feats])
+        .expect("UNet again");
+    assert_eq!(unet_first, unet_again);
+
+    // Cycles of both stages hold wgpu's live objects exactly.
+    let mut cycle = |r: &mut Runner| {
+        r.run(vit_key, vit_build, &[&images]).expect("ViT");
+        r.run_beside("side", side_build, &[&side_in]).expect("side");
+        r.run(unet_key, unet_build, &[&feats, &feats])
+            .expect("UNet");
+    };
+    cycle(&mut runner);
+    let live = ctx.live_resources();
+    for _ in 0..2 {
+        cycle(&mut runner);
+    }
+    assert_eq!(live, ctx.live_resources());
+
+    // keep_all: both stay (the side graph went with the last UNet run).
+    runner.set_keep_all(true);
+    runner.run(vit_key, vit_build, &[&images]).expect("ViT");
+    assert_eq!(
+        runner.device_bytes().0,
+        act(&runner, vit_key) + act(&runner, unet_key)
+    );
+}
+
+/// Scratch textures: one per operand slot, the smallest large enough; a larger request
+/// replaces the smaller ones (and says so through the generation counter).
+#[test]
+fn scratch_textures_are_shared_across_sizes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = own_context();
+    let row = volfuse::GpuContext::TEXTURE_WIDTH as u64;
+    let g0 = ctx.texture_generation();
+    let small = ctx.scratch_texture(9, 3 * row).expect("texture");
+    assert_eq!(small.height(), 3);
+    assert_eq!(ctx.texture_generation(), g0);
+    let big = ctx.scratch_texture(9, 100 * row + 1).expect("texture");
+    assert!(
+        (101..=101 + 101 / 8).contains(&big.height()),
+        "{}",
+        big.height()
+    );
+    assert_eq!(
+        ctx.texture_generation(),
+        g0 + 1,
+        "the smaller one was replaced"
+    );
+    // Smaller requests now get the large one; another slot gets its own.
+    assert_eq!(ctx.scratch_texture(9, 5 * row).expect("texture"), big);
+    let other = ctx.scratch_texture(10, 5 * row).expect("texture");
+    assert_ne!(other, big);
+    assert_eq!(
+        ctx.scratch_texture_bytes(),
+        (big.height() as u64 + other.height() as u64) * row * 16
+    );
+    ctx.release_scratch_textures();
+    assert_eq!(ctx.scratch_texture_bytes(), 0);
+}

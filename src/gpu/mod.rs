@@ -292,6 +292,8 @@ pub struct GpuContext {
     /// not once per entry point and constant set (naga's parse dominated the test suite).
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     textures: Mutex<HashMap<(usize, u32, bool), wgpu::Texture>>,
+    /// Bumped whenever a scratch texture is replaced by a larger one of its slot.
+    texture_generation: std::sync::atomic::AtomicU64,
     compiled: Mutex<Vec<CompiledKernel>>,
     /// See [`GpuOptions::memory_budget`].
     budget: Option<u64>,
@@ -390,7 +392,14 @@ impl GpuContext {
             required_features: features,
             required_limits: limits,
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
+            // A software adapter's device memory is the process's RAM: small allocator
+            // blocks (8–64 MiB instead of 128–256) go back to the system when emptied, so
+            // memory freed between stages leaves the resident set.
+            memory_hints: if info.device_type == wgpu::DeviceType::Cpu {
+                wgpu::MemoryHints::MemoryUsage
+            } else {
+                wgpu::MemoryHints::Performance
+            },
             trace: wgpu::Trace::Off,
         }))
         .map_err(|source| Error::Device {
@@ -528,6 +537,7 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             textures: Mutex::new(HashMap::new()),
+            texture_generation: std::sync::atomic::AtomicU64::new(0),
             compiled: Mutex::new(Vec::new()),
             budget: None,
             created: std::sync::atomic::AtomicU64::new(0),
@@ -555,6 +565,25 @@ impl GpuContext {
             command_encoders: h.command_encoders.num_kept_from_user,
             command_buffers: h.command_buffers.num_kept_from_user,
             query_sets: h.query_sets.num_kept_from_user,
+        })
+    }
+
+    /// Bytes the device allocator holds: (allocated, reserved), when the backend reports
+    /// them (Vulkan, D3D12, Metal). Textures included, unlike [`ConstCache`]-style counts.
+    ///
+    /// [`ConstCache`]: crate::graph::ConstCache
+    pub fn allocator_bytes(&self) -> Option<(u64, u64)> {
+        self.device
+            .generate_allocator_report()
+            .map(|r| (r.total_allocated_bytes, r.total_reserved_bytes))
+    }
+
+    /// Bytes of the shared scratch textures ([`GpuContext::scratch_texture`]).
+    pub fn scratch_texture_bytes(&self) -> u64 {
+        self.textures.lock().map_or(0, |m| {
+            m.keys()
+                .map(|(_, h, f16)| *h as u64 * Self::TEXTURE_WIDTH as u64 * if *f16 { 8 } else { 16 })
+                .sum()
         })
     }
 
@@ -746,8 +775,13 @@ impl GpuContext {
     /// A shared rgba32float scratch texture holding at least `texels` texels, laid out
     /// linearly in rows of [`GpuContext::TEXTURE_WIDTH`]. Every kernel that streams an
     /// operand through the texture unit carries the copy that fills it (see
-    /// [`Dispatch::copies`]), so one texture per (operand slot, size) serves all of them;
-    /// `slot` tells apart the operands of one kernel (attention reads q, k and v).
+    /// [`Dispatch::copies`]), so one texture per operand slot serves all of them: the
+    /// smallest cached one that is large enough. A request larger than all of them makes a
+    /// new one (height rounded up by at most 1/8) that replaces the smaller ones in the
+    /// cache and bumps [`GpuContext::texture_generation`] (kernels built before keep theirs
+    /// until dropped; `GpuExecutor` rebuilds its dispatches once when that happens, so a
+    /// graph holds one texture per slot). `slot` tells apart the operands of one kernel
+    /// (attention reads q, k and v).
     pub fn scratch_texture(&self, slot: usize, texels: u64) -> Result<wgpu::Texture> {
         self.scratch_texture_of(slot, texels, false)
     }
@@ -761,16 +795,12 @@ impl GpuContext {
     fn scratch_texture_of(&self, slot: usize, texels: u64, f16: bool) -> Result<wgpu::Texture> {
         let w = Self::TEXTURE_WIDTH as u64;
         let rows = texels.div_ceil(w).max(1);
-        // Round the height up to a power of two so few sizes exist.
-        let h = rows
-            .next_power_of_two()
-            .min(self.caps.max_texture_2d as u64)
-            .max(rows);
-        if h > self.caps.max_texture_2d as u64 {
+        let max_h = self.caps.max_texture_2d as u64;
+        if rows > max_h {
             return Err(Error::TooLarge {
                 what: "a texture operand".into(),
                 bytes: texels * 16,
-                limit: w * self.caps.max_texture_2d as u64 * 16,
+                limit: w * max_h * 16,
                 adapter: self.info.name.clone(),
             });
         }
@@ -778,27 +808,58 @@ impl GpuContext {
             .textures
             .lock()
             .map_err(|_| Error::Gpu("texture cache poisoned".into()))?;
-        let t = map.entry((slot, h as u32, f16)).or_insert_with(|| {
-            self.device.create_texture(&wgpu::TextureDescriptor {
-                label: Some("scratch"),
-                size: wgpu::Extent3d {
-                    width: w as u32,
-                    height: h as u32,
-                    depth_or_array_layers: 1,
-                },
-                mip_level_count: 1,
-                sample_count: 1,
-                dimension: wgpu::TextureDimension::D2,
-                format: if f16 {
-                    wgpu::TextureFormat::Rgba16Float
-                } else {
-                    wgpu::TextureFormat::Rgba32Float
-                },
-                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-                view_formats: &[],
-            })
+        let fit = map
+            .iter()
+            .filter(|((s, h, f), _)| *s == slot && *f == f16 && *h as u64 >= rows)
+            .min_by_key(|((_, h, _), _)| *h)
+            .map(|(_, t)| t.clone());
+        if let Some(t) = fit {
+            return Ok(t);
+        }
+        // Few distinct sizes, little waste: a multiple of 1/8 of the next power of two.
+        let step = (rows.next_power_of_two() / 8).max(1);
+        let h = (rows.div_ceil(step) * step).min(max_h);
+        let before = map.len();
+        map.retain(|(s, _, f), _| !(*s == slot && *f == f16));
+        if map.len() != before {
+            self.texture_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let t = self.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("scratch"),
+            size: wgpu::Extent3d {
+                width: w as u32,
+                height: h as u32,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: if f16 {
+                wgpu::TextureFormat::Rgba16Float
+            } else {
+                wgpu::TextureFormat::Rgba32Float
+            },
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
         });
-        Ok(t.clone())
+        map.insert((slot, h as u32, f16), t.clone());
+        Ok(t)
+    }
+
+    /// Counts replacements of scratch textures by larger ones ([`GpuContext::scratch_texture`]).
+    pub fn texture_generation(&self) -> u64 {
+        self.texture_generation
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Forgets the cached scratch textures: each is freed once the kernels built on it are
+    /// dropped, and the next kernels get new ones of the sizes they need. For a runner
+    /// switching stages (a ViT's operand sizes are not a UNet's).
+    pub fn release_scratch_textures(&self) {
+        if let Ok(mut m) = self.textures.lock() {
+            m.clear();
+        }
     }
 
     /// Submits `dispatches` in one compute pass and waits for completion.
@@ -866,4 +927,77 @@ impl GpuContext {
             .map_err(|e| Error::Gpu(e.to_string()))?;
         self.check_lost()
     }
+}
+
+/// With `VOLFUSE_MEM_TRACE` set: one line on stderr with the process's resident memory
+/// (current and peak), the device allocator's bytes and the scratch textures', tagged
+/// `what` (memory accounting of a run, stage by stage). Nothing otherwise.
+pub fn mem_trace(ctx: Option<&GpuContext>, what: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("VOLFUSE_MEM_TRACE").is_some()) {
+        return;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let dev = ctx.map_or(String::new(), |c| {
+        let (a, r) = c.allocator_bytes().unwrap_or((0, 0));
+        format!(
+            " device allocated {:.1} reserved {:.1} scratch textures {:.1}",
+            mib(a),
+            mib(r),
+            mib(c.scratch_texture_bytes())
+        )
+    });
+    // Resident KiB of: the brk heap, anonymous mappings ≥ 32 MiB (device memory blocks,
+    // malloc arenas), smaller anonymous ones, file mappings.
+    let (mut heap, mut big, mut small, mut file) = (0u64, 0u64, 0u64, 0u64);
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut kind = 0;
+    let mut size = 0u64;
+    let mut bigs = Vec::new();
+    for l in smaps.lines() {
+        let mut f = l.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                let name = f.nth(4).unwrap_or("");
+                size = (b - a) >> 20;
+                kind = if name == "[heap]" {
+                    0
+                } else if name.is_empty() && b - a >= 32 << 20 {
+                    1
+                } else if name.is_empty() || name.starts_with('[') {
+                    2
+                } else {
+                    3
+                };
+                continue;
+            }
+        }
+        if first == "Rss:" {
+            let v: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *[&mut heap, &mut big, &mut small, &mut file][kind] += v;
+            if kind == 1 {
+                bigs.push(format!("{}/{size}", v >> 10));
+            }
+        }
+    }
+    eprintln!(
+        "[mem] {what}: rss {:.1} peak {:.1}{dev} | heap {:.1} big anon {:.1} small anon {:.1} files {:.1} MiB; big anon rss/size MiB: {}",
+        kib("VmRSS:") as f64 / 1024.0,
+        kib("VmHWM:") as f64 / 1024.0,
+        heap as f64 / 1024.0,
+        big as f64 / 1024.0,
+        small as f64 / 1024.0,
+        file as f64 / 1024.0,
+        bigs.join(" ")
+    );
 }

@@ -63,6 +63,14 @@ impl ConstCache {
         Ok(b)
     }
 
+    /// Frees the device copies no executor holds any more (each [`GpuExecutor`] keeps a
+    /// reference to the constants it binds), e.g. after a runner dropped a stage's executors.
+    pub fn release_unused(&mut self) {
+        self.map.retain(|_, (_, b)| Arc::strong_count(b) > 1);
+        self.map16
+            .retain(|_, (_, b)| b.as_ref().is_some_and(|b| Arc::strong_count(b) > 1));
+    }
+
     /// Bytes held on the device.
     pub fn bytes(&self) -> u64 {
         self.map.values().map(|(_, b)| b.size()).sum::<u64>()
@@ -108,6 +116,9 @@ impl Tuning<'_> {
 /// A graph ready to run on a device.
 pub struct GpuExecutor {
     slots: Vec<Arc<wgpu::Buffer>>,
+    /// The constants (weights) this executor binds, shared with the [`ConstCache`]: while
+    /// the executor lives, [`ConstCache::release_unused`] keeps them.
+    _consts: Vec<Arc<wgpu::Buffer>>,
     /// Bytes of the scratch buffers of nodes run in depth slabs (0 when none).
     pub scratch_bytes: u64,
     dispatches: Vec<Dispatch>,
@@ -195,61 +206,82 @@ impl GpuExecutor {
                 _ => plan.slot_of[i].map(|s| slots[s].clone()),
             };
         }
+        let mut used_consts: Vec<Arc<wgpu::Buffer>> = g
+            .values
+            .iter()
+            .zip(&value_buf)
+            .filter(|(v, _)| matches!(v.source, Source::Const(_)))
+            .filter_map(|(_, b)| b.clone())
+            .collect();
+        used_consts.extend(w16_of.iter().flatten().cloned());
         // Nodes whose tensors exceed one binding run in depth slabs (graph::split).
         let splits = super::split::plan_graph(ctx, g, &value_buf)?;
         let scratch = super::split::Scratch::new(ctx, &splits)?;
         let mut dispatches = Vec::new();
         let mut owner = Vec::new();
-        for (i, n) in g.nodes.iter().enumerate() {
-            let w16 = w16_of[i].clone();
-            let mut bufs: Vec<&wgpu::Buffer> = n
-                .inputs
-                .iter()
-                .enumerate()
-                .map(|(pos, v)| match (&w16, pos) {
-                    (Some(b), 1) => b.as_ref(),
-                    _ => value_buf[v.0].as_deref().expect("every value has a buffer"),
-                })
-                .collect();
-            let shapes: Vec<&[usize]> = n
-                .inputs
-                .iter()
-                .map(|v| g.values[v.0].shape.as_slice())
-                .collect();
-            let out = value_buf[n.output.0]
-                .as_deref()
-                .expect("op outputs have slots");
-            // Variant choice: f16 weights and the tuned kernel of a matmul.
-            let mut variant: Option<Matmul> = None;
-            if let Some(mm) = n.op.as_any().and_then(|a| a.downcast_ref::<Matmul>()) {
-                let mut m = *mm;
-                if let Some(b) = &w16 {
-                    m.w_f16 = true;
-                    bufs[1] = b.as_ref();
+        // At most twice: when a scratch texture was replaced by a larger one of its slot
+        // while building (GpuContext::scratch_texture), build again so that every kernel
+        // of the graph shares the larger one and the smaller ones can be freed.
+        for _attempt in 0..2 {
+            let generation = ctx.texture_generation();
+            dispatches.clear();
+            owner.clear();
+            for (i, n) in g.nodes.iter().enumerate() {
+                let w16 = w16_of[i].clone();
+                let mut bufs: Vec<&wgpu::Buffer> = n
+                    .inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(pos, v)| match (&w16, pos) {
+                        (Some(b), 1) => b.as_ref(),
+                        _ => value_buf[v.0].as_deref().expect("every value has a buffer"),
+                    })
+                    .collect();
+                let shapes: Vec<&[usize]> = n
+                    .inputs
+                    .iter()
+                    .map(|v| g.values[v.0].shape.as_slice())
+                    .collect();
+                let out = value_buf[n.output.0]
+                    .as_deref()
+                    .expect("op outputs have slots");
+                // Variant choice: f16 weights and the tuned kernel of a matmul.
+                let mut variant: Option<Matmul> = None;
+                if let Some(mm) = n.op.as_any().and_then(|a| a.downcast_ref::<Matmul>()) {
+                    let mut m = *mm;
+                    if let Some(b) = &w16 {
+                        m.w_f16 = true;
+                        bufs[1] = b.as_ref();
+                    }
+                    let owned: Vec<Vec<usize>> = shapes.iter().map(|s| s.to_vec()).collect();
+                    m = match &mut tuning {
+                        Tuning::Off => m,
+                        Tuning::Global => {
+                            crate::autotune::matmul_for_graph_global(ctx, &m, &owned)?
+                        }
+                        Tuning::Cache(c) => crate::autotune::matmul_for_graph(ctx, c, &m, &owned)?,
+                    };
+                    variant = Some(m);
                 }
-                let owned: Vec<Vec<usize>> = shapes.iter().map(|s| s.to_vec()).collect();
-                m = match &mut tuning {
-                    Tuning::Off => m,
-                    Tuning::Global => crate::autotune::matmul_for_graph_global(ctx, &m, &owned)?,
-                    Tuning::Cache(c) => crate::autotune::matmul_for_graph(ctx, c, &m, &owned)?,
+                let op: &dyn crate::ops::Op = match &variant {
+                    Some(m) => m,
+                    None => n.op.as_ref(),
                 };
-                variant = Some(m);
+                let ds = match &splits[i] {
+                    Some(split) => {
+                        let out_shape = &g.values[n.output.0].shape;
+                        super::split::dispatches(
+                            ctx, op, split, &bufs, &shapes, out, out_shape, &scratch,
+                        )?
+                    }
+                    None => op.gpu(ctx, &bufs, &shapes, out)?,
+                };
+                owner.extend(std::iter::repeat_n(i, ds.len()));
+                dispatches.extend(ds);
             }
-            let op: &dyn crate::ops::Op = match &variant {
-                Some(m) => m,
-                None => n.op.as_ref(),
-            };
-            let ds = match &splits[i] {
-                Some(split) => {
-                    let out_shape = &g.values[n.output.0].shape;
-                    super::split::dispatches(
-                        ctx, op, split, &bufs, &shapes, out, out_shape, &scratch,
-                    )?
-                }
-                None => op.gpu(ctx, &bufs, &shapes, out)?,
-            };
-            owner.extend(std::iter::repeat_n(i, ds.len()));
-            dispatches.extend(ds);
+            if ctx.texture_generation() == generation {
+                break;
+            }
         }
         let io = |vs: &[super::Value]| -> Vec<(usize, usize)> {
             vs.iter()
@@ -263,6 +295,7 @@ impl GpuExecutor {
         };
         Ok(GpuExecutor {
             slots,
+            _consts: used_consts,
             scratch_bytes: scratch.bytes(),
             dispatches,
             owner,

@@ -54,6 +54,9 @@ struct Prepared {
     exe: Option<GpuExecutor>,
     /// The CPU backend's buffers, reused by every run.
     cpu: std::sync::Mutex<CpuSlots>,
+    /// For a graph run with [`Runner::run_beside`]: the graph it was last run beside (its
+    /// executor survives that graph's runs).
+    beside_of: Option<String>,
 }
 
 /// A backend plus the graphs prepared on it, keyed by a caller-chosen string (e.g. the
@@ -64,6 +67,10 @@ pub struct Runner {
     prepared: HashMap<String, Prepared>,
     /// Runs and wall seconds per key since the last [`Runner::take_timings`] (benchmarks).
     timings: HashMap<String, (usize, f64)>,
+    /// The last graph run with [`Runner::run`] / [`Runner::run_owned`].
+    last_main: Option<String>,
+    /// See [`Runner::set_keep_all`].
+    keep_all: bool,
 }
 
 impl Runner {
@@ -73,12 +80,53 @@ impl Runner {
             consts: ConstCache::new(),
             prepared: HashMap::new(),
             timings: HashMap::new(),
+            last_main: None,
+            keep_all: false,
+        }
+    }
+
+    /// On the GPU backend, whether every prepared graph keeps its executor (activation
+    /// buffers, bind groups) and weights on the device between runs. Off by default: a run
+    /// of one graph first frees the executors of the others — except graphs run beside it
+    /// ([`Runner::run_beside`]) — with their weights and scratch textures, so device memory
+    /// (host RAM on a software adapter) holds one stage at a time (the ViT, then the UNet),
+    /// not all of them. A freed executor is rebuilt on its graph's next run from the cached
+    /// pipelines: buffers, bind groups and a weight upload, a few ms for a ViT.
+    pub fn set_keep_all(&mut self, keep: bool) {
+        self.keep_all = keep;
+    }
+
+    /// On the GPU: frees the executors of all graphs but `key` and those run beside it,
+    /// then the weights and scratch textures nothing uses any more.
+    fn evict_others(&mut self, key: &str) {
+        let Backend::Gpu(ctx) = &self.backend else {
+            return;
+        };
+        if self.keep_all {
+            return;
+        }
+        let mut freed = false;
+        for (k, p) in self.prepared.iter_mut() {
+            if k != key && p.beside_of.as_deref() != Some(key) && p.exe.is_some() {
+                p.exe = None;
+                freed = true;
+            }
+        }
+        if freed {
+            self.consts.release_unused();
+            ctx.release_scratch_textures();
         }
     }
 
     /// Builds and plans the graph stored under `key` with `build` (and its GPU executor on
     /// the GPU backend) unless it is prepared already.
     fn prepare(&mut self, key: &str, build: impl FnOnce() -> Result<Graph>) -> Result<()> {
+        if let (Some(p), Backend::Gpu(ctx)) = (self.prepared.get_mut(key), &self.backend) {
+            // Freed by `evict_others`: rebuilt (pipelines are cached by the context).
+            if p.exe.is_none() {
+                p.exe = Some(GpuExecutor::new(ctx, &p.graph, &p.plan, &mut self.consts)?);
+            }
+        }
         if !self.prepared.contains_key(key) {
             let graph = build()?;
             let plan = graph.plan(true);
@@ -93,6 +141,7 @@ impl Runner {
                     plan,
                     exe,
                     cpu: Default::default(),
+                    beside_of: None,
                 },
             );
         }
@@ -140,7 +189,16 @@ impl Runner {
         inputs: Inputs<'_>,
         keep_others: bool,
     ) -> Result<Vec<Vec<f32>>> {
+        if !keep_others {
+            self.evict_others(key);
+            self.last_main = Some(key.to_string());
+        }
         self.prepare(key, build)?;
+        if keep_others {
+            if let Some(p) = self.prepared.get_mut(key) {
+                p.beside_of = self.last_main.clone();
+            }
+        }
         if matches!(self.backend, Backend::Cpu) && !keep_others {
             // Only the graph being run keeps CPU buffers: repeated runs reuse them, and
             // memory stays that of one graph.
@@ -162,6 +220,9 @@ impl Runner {
                 }
             }
         };
+        if let Backend::Gpu(ctx) = &self.backend {
+            crate::gpu::mem_trace(Some(ctx), key);
+        }
         let e = self.timings.entry(key.to_string()).or_default();
         e.0 += 1;
         e.1 += t0.elapsed().as_secs_f64();
@@ -175,6 +236,10 @@ impl Runner {
         key: &str,
         build: impl FnOnce() -> Result<Graph>,
     ) -> Result<()> {
+        if matches!(self.backend, Backend::Gpu(_)) {
+            self.evict_others(key);
+            self.last_main = Some(key.to_string());
+        }
         self.prepare(key, build)
     }
 
@@ -229,7 +294,11 @@ impl Runner {
         match self.backend {
             Backend::Cpu => (0, 0),
             Backend::Gpu(_) => (
-                self.prepared.values().map(|p| p.plan.peak_bytes).sum(),
+                self.prepared
+                    .values()
+                    .filter(|p| p.exe.is_some())
+                    .map(|p| p.plan.peak_bytes)
+                    .sum(),
                 self.consts.bytes(),
             ),
         }
@@ -269,6 +338,8 @@ impl Runner {
                 ))
             }
         };
+        self.evict_others(key);
+        self.last_main = Some(key.to_string());
         self.prepare(key, build)?;
         let p = &self.prepared[key];
         match &p.exe {
@@ -302,14 +373,13 @@ impl Runner {
     }
 
     /// Bytes of the prepared graphs' activation buffers (summed: each prepared graph keeps
-    /// its own) and of the weights uploaded to the device (0 on the CPU backend).
+    /// its own; on the GPU only those whose executor is held, see [`Runner::set_keep_all`])
+    /// and of the weights uploaded to the device (0 on the CPU backend).
     pub fn memory(&self) -> (u64, u64) {
-        let act = self.prepared.values().map(|p| p.plan.peak_bytes).sum();
-        let weights = match self.backend {
-            Backend::Cpu => 0,
-            Backend::Gpu(_) => self.consts.bytes(),
-        };
-        (act, weights)
+        match self.backend {
+            Backend::Cpu => (self.prepared.values().map(|p| p.plan.peak_bytes).sum(), 0),
+            Backend::Gpu(_) => self.device_bytes(),
+        }
     }
 
     /// The plan of a prepared graph.
