@@ -253,9 +253,27 @@ pub struct ScaleAdd;
 /// kernel does (one rounding).
 pub fn scale_add(x: &[f32], y: &[f32], lambda: &[f32], out: &mut [f32]) {
     let c = lambda.len();
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = lambda[i % c].mul_add(y[i], x[i]);
-    }
+    super::par::for_units(out, c, 64, |r0, rows| {
+        let (x, y) = (&x[r0 * c..], &y[r0 * c..]);
+        for ((o, x), y) in rows.chunks_mut(c).zip(x.chunks(c)).zip(y.chunks(c)) {
+            for (((o, x), y), l) in o.iter_mut().zip(x).zip(y).zip(lambda) {
+                *o = l.mul_add(*y, *x);
+            }
+        }
+    });
+}
+
+/// `y ← x + λ ⊙ y` in place, λ along the last axis (the residual epilogue of a matmul):
+/// [`scale_add`] without a copy of `y`. Split across threads by rows.
+pub fn scale_add_into(x: &[f32], lambda: &[f32], y: &mut [f32]) {
+    let c = lambda.len();
+    super::par::for_units(y, c, 64, |r0, rows| {
+        for (o, x) in rows.chunks_mut(c).zip(x[r0 * c..].chunks(c)) {
+            for ((o, x), l) in o.iter_mut().zip(x).zip(lambda) {
+                *o = l.mul_add(*o, *x);
+            }
+        }
+    });
 }
 
 impl Op for ScaleAdd {
@@ -365,6 +383,25 @@ mod tests {
                 binary(kind, &a, &b, inner, len, &mut got);
                 assert_eq!(rel_err(&got, &want), 0.0, "{n} {inner} {len}");
             }
+        }
+    }
+
+    /// `scale_add` and the in-place `scale_add_into` (split by rows) against the
+    /// one-line definition `x[i] + λ[i % c] · y[i]`, on sizes that split across threads.
+    #[test]
+    fn scale_add_reference_matches_definition() {
+        use crate::ops::testing::{random, rng};
+        let mut r = rng();
+        for (rows, c) in [(16 * 261, 384), (1031, 37), (3, 5), (70_001, 1)] {
+            let n = rows * c;
+            let (x, y, l) = (random(&mut r, n), random(&mut r, n), random(&mut r, c));
+            let want: Vec<f32> = (0..n).map(|i| l[i % c].mul_add(y[i], x[i])).collect();
+            let mut got = vec![f32::NAN; n];
+            scale_add(&x, &y, &l, &mut got);
+            assert_eq!(got, want, "{rows}x{c}");
+            let mut got = y.clone();
+            scale_add_into(&x, &l, &mut got);
+            assert_eq!(got, want, "{rows}x{c} in place");
         }
     }
 
