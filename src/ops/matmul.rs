@@ -311,8 +311,11 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
     }
     if m.act != Activation::Identity {
         let act = m.act;
-        crate::ops::par::for_units(&mut out[..batch * rows * n], 1, 1 << 14, |_, c| {
-            c.iter_mut().for_each(|v| *v = act.apply(*v));
+        // One loop per activation (not a match per element), so each vectorises.
+        crate::ops::par::for_units(&mut out[..batch * rows * n], 1, 1 << 14, |_, c| match act {
+            Activation::Identity => {}
+            Activation::Gelu => c.iter_mut().for_each(|v| *v = super::elementwise::gelu(*v)),
+            Activation::Silu => c.iter_mut().for_each(|v| *v = super::elementwise::silu(*v)),
         });
     }
 }
@@ -1491,7 +1494,7 @@ mod tests {
         )
         .unwrap();
         let want: Vec<f32> = (0..y.len())
-            .map(|i| lambda[i % n].mul_add(y[i], resid[i]))
+            .map(|i| resid[i] + lambda[i % n] * y[i])
             .collect();
         assert_eq!(got, want);
     }
