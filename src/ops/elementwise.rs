@@ -388,10 +388,18 @@ mod tests {
                 assert!(got.abs() <= 1e-30, "gelu({x}) = {got}, want {want}");
             }
         }
-        assert!(worst.0 < 1e-6, "worst relative error {} at x = {}", worst.0, worst.1);
+        assert!(
+            worst.0 < 1e-6,
+            "worst relative error {} at x = {}",
+            worst.0,
+            worst.1
+        );
         assert!(gelu(f32::NAN).is_nan());
         assert_eq!(gelu(f32::INFINITY), f32::INFINITY);
-        assert!(gelu(f32::NEG_INFINITY).is_nan(), "−∞·erfc(∞) = −∞·0, as the definition");
+        assert!(
+            gelu(f32::NEG_INFINITY).is_nan(),
+            "−∞·erfc(∞) = −∞·0, as the definition"
+        );
         assert_eq!((gelu(0.0), gelu(25.0), gelu(-25.0)), (0.0, 25.0, 0.0));
     }
 

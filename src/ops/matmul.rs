@@ -1638,7 +1638,10 @@ mod tests {
                 for _ in 0..reps {
                     f(&mut out);
                 }
-                let (wt, ct) = (w0.elapsed().as_secs_f64(), process_cpu_seconds().unwrap() - c0);
+                let (wt, ct) = (
+                    w0.elapsed().as_secs_f64(),
+                    process_cpu_seconds().unwrap() - c0,
+                );
                 eprintln!(
                     "K={k:4} N={n:4} {label:40} {:6.1} GFLOP/s wall {:6.1} GFLOP/CPU-s",
                     gf / wt,
@@ -1647,7 +1650,13 @@ mod tests {
                 out
             };
             let m = Matmul::linear(true);
-            let d = Dims { batch: 1, m: rows, n, k, b_batched: false };
+            let d = Dims {
+                batch: 1,
+                m: rows,
+                n,
+                k,
+                b_batched: false,
+            };
             let ours = time("reference (W [N,K], bias prefill)", &mut |o| {
                 matmul(&m, d, &a, &w, &bias, o)
             });
@@ -1658,17 +1667,46 @@ mod tests {
                     }
                 }
                 gemm::gemm(
-                    rows, n, k, o.as_mut_ptr(), 1, n as isize, pre, a.as_ptr(), 1, k as isize,
-                    b.as_ptr(), b_cs, b_rs, 1.0, 1.0, false, false, false, par,
+                    rows,
+                    n,
+                    k,
+                    o.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    pre,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
                 );
             };
             let par = crate::ops::par::gemm_parallelism();
             let th = crate::ops::par::threads();
             for (label, wl, st, pre, p) in [
                 ("W [N,K] no bias Rayon", &w, (1, k as isize), false, par),
-                ("W^T [K,N] bias prefill Rayon", &wt, (n as isize, 1), true, par),
+                (
+                    "W^T [K,N] bias prefill Rayon",
+                    &wt,
+                    (n as isize, 1),
+                    true,
+                    par,
+                ),
                 ("W^T [K,N] no bias Rayon", &wt, (n as isize, 1), false, par),
-                ("W^T [K,N] no bias None", &wt, (n as isize, 1), false, gemm::Parallelism::None),
+                (
+                    "W^T [K,N] no bias None",
+                    &wt,
+                    (n as isize, 1),
+                    false,
+                    gemm::Parallelism::None,
+                ),
             ] {
                 time(label, &mut |o| raw(o, wl, st, pre, p));
             }
@@ -1682,9 +1720,25 @@ mod tests {
                     let o = unsafe { so.slice(r0 * n, (r1 - r0) * n) };
                     unsafe {
                         gemm::gemm(
-                            r1 - r0, n, k, o.as_mut_ptr(), 1, n as isize, false,
-                            a.as_ptr().add(r0 * k), 1, k as isize, wt.as_ptr(), 1, n as isize,
-                            1.0, 1.0, false, false, false, gemm::Parallelism::None,
+                            r1 - r0,
+                            n,
+                            k,
+                            o.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            false,
+                            a.as_ptr().add(r0 * k),
+                            1,
+                            k as isize,
+                            wt.as_ptr(),
+                            1,
+                            n as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
                         );
                     }
                 });

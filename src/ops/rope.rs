@@ -232,8 +232,7 @@ mod tests {
     fn in_place_matches_reference() {
         use crate::ops::testing::{random, rng};
         let mut r = rng();
-        for (b, t, heads, hd, prefix) in [(16, 261, 6, 64, 5), (3, 37, 3, 8, 1), (1, 2, 1, 2, 2)]
-        {
+        for (b, t, heads, hd, prefix) in [(16, 261, 6, 64, 5), (3, 37, 3, 8, 1), (1, 2, 1, 2, 2)] {
             let dim = heads * hd;
             let x = random(&mut r, b * t * dim);
             let (cos, sin) = (
