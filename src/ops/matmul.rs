@@ -337,11 +337,22 @@ unsafe fn activate_avx2(act: Activation, c: &mut [f32]) {
 }
 
 #[inline(always)]
+#[allow(clippy::needless_range_loop)]
 fn activate_plain(act: Activation, c: &mut [f32]) {
+    // Index loops, not `for_each` (a separate function, compiled without the caller's
+    // target features).
     match act {
         Activation::Identity => {}
-        Activation::Gelu => c.iter_mut().for_each(|v| *v = super::elementwise::gelu(*v)),
-        Activation::Silu => c.iter_mut().for_each(|v| *v = super::elementwise::silu(*v)),
+        Activation::Gelu => {
+            for i in 0..c.len() {
+                c[i] = super::elementwise::gelu(c[i]);
+            }
+        }
+        Activation::Silu => {
+            for i in 0..c.len() {
+                c[i] = super::elementwise::silu(c[i]);
+            }
+        }
     }
 }
 
