@@ -119,7 +119,7 @@ const LANES: usize = 8;
 /// `fast_exp_matches_exp`); 0 below −87 (where `exp` < 1.7e-38), NaN stays NaN, large
 /// inputs clamp at `exp(88)`.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts, so k·LN2_HI is exact for |k| < 2^9.
     const LN2_HI: f32 = 0.693_359_4;

@@ -321,8 +321,47 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
     if m.act != Activation::Identity {
         let act = m.act;
         crate::ops::par::for_units(&mut out[..batch * rows * n], 1, 1 << 14, |_, c| {
-            c.iter_mut().for_each(|v| *v = act.apply(*v));
+            activate(act, c)
         });
+    }
+}
+
+/// `act` on every element of `c`: one loop per activation (not a match per element) so
+/// each vectorises, compiled a second time for AVX2 and picked at run time where the CPU
+/// has it (8 lanes instead of SSE's 4; the same IEEE operations in the same order, so the
+/// same bits — no FMA contraction).
+fn activate(act: Activation, c: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        return unsafe { activate_avx2(act, c) };
+    }
+    activate_plain(act, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn activate_avx2(act: Activation, c: &mut [f32]) {
+    activate_plain(act, c)
+}
+
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn activate_plain(act: Activation, c: &mut [f32]) {
+    // Index loops, not `for_each` (a separate function, compiled without the caller's
+    // target features).
+    match act {
+        Activation::Identity => {}
+        Activation::Gelu => {
+            for i in 0..c.len() {
+                c[i] = super::elementwise::gelu(c[i]);
+            }
+        }
+        Activation::Silu => {
+            for i in 0..c.len() {
+                c[i] = super::elementwise::silu(c[i]);
+            }
+        }
     }
 }
 
@@ -342,12 +381,10 @@ pub fn epilogue(epi: Epilogue, d: Dims, extra: &[&[f32]], out: &mut [f32]) {
                     .collect()
             };
             let (cos, sin) = (tile(extra[0]), tile(extra[1]));
-            let x = out[..len].to_vec();
-            super::rope::rope(&x, &cos, &sin, d.m, d.n, hd, prefix, &mut out[..len]);
+            super::rope::rope_in_place(&cos, &sin, d.m, d.n, hd, prefix, &mut out[..len]);
         }
         Epilogue::Residual => {
-            let y = out[..len].to_vec();
-            super::elementwise::scale_add(extra[0], &y, extra[1], &mut out[..len]);
+            super::elementwise::scale_add_into(extra[0], extra[1], &mut out[..len]);
         }
     }
 }
@@ -1528,6 +1565,58 @@ mod tests {
         assert_ne!(got[prefix * n..t * n], y[prefix * n..t * n]);
     }
 
+    /// The activation pass (AVX2 where the CPU has it) gives exactly the per-element
+    /// functions, on odd lengths and inputs over GELU's whole range.
+    #[test]
+    fn activation_pass_is_the_elementwise_function() {
+        use rand::Rng;
+        let mut r = rng();
+        for act in [Activation::Gelu, Activation::Silu, Activation::Identity] {
+            for n in [1, 7, 8, 9, 1031] {
+                let x: Vec<f32> = (0..n).map(|_| r.random_range(-30.0f32..30.0)).collect();
+                let mut got = x.clone();
+                activate(act, &mut got);
+                let want: Vec<f32> = x.iter().map(|v| act.apply(*v)).collect();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{act:?} n {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn residual_epilogue_reference_is_matmul_then_scale_add() {
+        // The fused CPU reference (in place, split by rows) against the product and the
+        // one-line definition resid[i] + λ[i % n] · y[i], on a size that splits.
+        let mut r = rng();
+        let (b, t, n, k) = (3, 261, 40, 24);
+        let m = Matmul::linear(true).with_epilogue(Epilogue::Residual);
+        let x = random(&mut r, b * t * k);
+        let w = random(&mut r, n * k);
+        let bias = random(&mut r, n);
+        let resid = random(&mut r, b * t * n);
+        let lambda = random(&mut r, n);
+        let (got, _) = crate::ops::run_cpu(
+            &m,
+            &[
+                (&x, &[b, t, k]),
+                (&w, &[n, k]),
+                (&bias, &[n]),
+                (&resid, &[b, t, n]),
+                (&lambda, &[n]),
+            ],
+        )
+        .unwrap();
+        let (y, _) = crate::ops::run_cpu(
+            &Matmul::linear(true),
+            &[(&x, &[b, t, k]), (&w, &[n, k]), (&bias, &[n])],
+        )
+        .unwrap();
+        let want: Vec<f32> = (0..y.len())
+            .map(|i| resid[i] + lambda[i % n] * y[i])
+            .collect();
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn residual_epilogue_matches_reference() {
         // out = resid + λ ⊙ (x·Wᵀ + b): 16- and 4-column blocks (K up to 4104), partial
@@ -1634,6 +1723,145 @@ mod tests {
                 eprintln!("{}", case.label);
                 crate::ops::testing::lab_time(crate::ops::testing::ctx(), &case);
             }
+        }
+    }
+
+    /// The gemm crate's ceiling on the ViT-S linear shapes (M = 16·261 tokens, x·Wᵀ):
+    /// our reference vs the crate with W transposed once to [K, N], with and without the
+    /// pre-filled bias, with Rayon(threads) vs None, by GFLOP per process CPU-second
+    /// (development aid: `cargo test --release --lib gemm_ceiling -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn gemm_ceiling() {
+        use crate::bench::process_cpu_seconds;
+        let mut r = rng();
+        let rows = 16 * 261;
+        let reps = 6;
+        for (k, n) in [(384, 1152), (384, 384), (384, 1536), (1536, 384)] {
+            let a = random(&mut r, rows * k);
+            let w = random(&mut r, n * k);
+            let bias = random(&mut r, n);
+            let mut wt = vec![0f32; k * n];
+            for j in 0..n {
+                for l in 0..k {
+                    wt[l * n + j] = w[j * k + l];
+                }
+            }
+            let mut out = vec![f32::NAN; rows * n];
+            let gf = 2.0 * (rows * n * k) as f64 * reps as f64 / 1e9;
+            let time = |label: &str, f: &mut dyn FnMut(&mut [f32])| {
+                let mut out = vec![f32::NAN; rows * n];
+                f(&mut out);
+                let (w0, c0) = (std::time::Instant::now(), process_cpu_seconds().unwrap());
+                for _ in 0..reps {
+                    f(&mut out);
+                }
+                let (wt, ct) = (
+                    w0.elapsed().as_secs_f64(),
+                    process_cpu_seconds().unwrap() - c0,
+                );
+                eprintln!(
+                    "K={k:4} N={n:4} {label:40} {:6.1} GFLOP/s wall {:6.1} GFLOP/CPU-s",
+                    gf / wt,
+                    gf / ct
+                );
+                out
+            };
+            let m = Matmul::linear(true);
+            let d = Dims {
+                batch: 1,
+                m: rows,
+                n,
+                k,
+                b_batched: false,
+            };
+            let ours = time("reference (W [N,K], bias prefill)", &mut |o| {
+                matmul(&m, d, &a, &w, &bias, o)
+            });
+            let raw = |o: &mut [f32], b: &[f32], (b_rs, b_cs): (isize, isize), pre: bool, par| unsafe {
+                if pre {
+                    for row in o.chunks_mut(n) {
+                        row.copy_from_slice(&bias);
+                    }
+                }
+                gemm::gemm(
+                    rows,
+                    n,
+                    k,
+                    o.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    pre,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            };
+            let par = crate::ops::par::gemm_parallelism();
+            let th = crate::ops::par::threads();
+            for (label, wl, st, pre, p) in [
+                ("W [N,K] no bias Rayon", &w, (1, k as isize), false, par),
+                (
+                    "W^T [K,N] bias prefill Rayon",
+                    &wt,
+                    (n as isize, 1),
+                    true,
+                    par,
+                ),
+                ("W^T [K,N] no bias Rayon", &wt, (n as isize, 1), false, par),
+                (
+                    "W^T [K,N] no bias None",
+                    &wt,
+                    (n as isize, 1),
+                    false,
+                    gemm::Parallelism::None,
+                ),
+            ] {
+                time(label, &mut |o| raw(o, wl, st, pre, p));
+            }
+            // Row blocks, one per thread, each single-threaded.
+            let _ = time("W^T [K,N] row blocks per thread", &mut |o| {
+                let per = rows.div_ceil(th);
+                let so = crate::ops::par::SharedOut::new(o);
+                crate::ops::par::for_each_index(th, |t| {
+                    let r0 = t * per;
+                    let r1 = (r0 + per).min(rows);
+                    let o = unsafe { so.slice(r0 * n, (r1 - r0) * n) };
+                    unsafe {
+                        gemm::gemm(
+                            r1 - r0,
+                            n,
+                            k,
+                            o.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            false,
+                            a.as_ptr().add(r0 * k),
+                            1,
+                            k as isize,
+                            wt.as_ptr(),
+                            1,
+                            n as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
+            });
+            out.copy_from_slice(&ours);
         }
     }
 
