@@ -75,18 +75,26 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(backend: Backend) -> Self {
+        // Stages take turns on software adapters, whose "device" memory is the host RAM
+        // the whole process competes for; a real GPU keeps every stage's weights resident
+        // (uploaded once per run, not once per tile).
+        let keep_all = match &backend {
+            Backend::Gpu(ctx) => !ctx.caps.cpu_like,
+            Backend::Cpu => false,
+        };
         Runner {
             backend,
             consts: ConstCache::new(),
             prepared: HashMap::new(),
             timings: HashMap::new(),
             last_main: None,
-            keep_all: false,
+            keep_all,
         }
     }
 
     /// On the GPU backend, whether every prepared graph keeps its executor (activation
-    /// buffers, bind groups) and weights on the device between runs. Off by default: a run
+    /// buffers, bind groups) and weights on the device between runs. On by default on
+    /// hardware adapters; off on CPU-like ones (lavapipe), where a run
     /// of one graph first frees the executors of the others — except graphs run beside it
     /// ([`Runner::run_beside`]) — with their weights and scratch textures, so device memory
     /// (host RAM on a software adapter) holds one stage at a time (the ViT, then the UNet),

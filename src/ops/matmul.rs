@@ -278,18 +278,11 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
         let a_off = bi * rows * k;
         let b_off = if b_batched { bi * k * n } else { 0 };
         let o = &mut out[bi * rows * n..(bi + 1) * rows * n];
-        if !bias.is_empty() {
-            for row in o.chunks_mut(n) {
-                row.copy_from_slice(&bias[..n]);
-            }
-        }
         if rows == 0 || n == 0 {
             continue;
         }
         if k == 0 {
-            if bias.is_empty() {
-                o.fill(0.0);
-            }
+            o.fill(0.0);
             continue;
         }
         // SAFETY: the pointers cover [rows x k], [k x n] and [rows x n] with the strides
@@ -302,7 +295,7 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
                 o.as_mut_ptr(),
                 1,
                 n as isize,
-                !bias.is_empty(),
+                false,
                 a.as_ptr().add(a_off),
                 a_cs,
                 a_rs,
@@ -318,11 +311,43 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
             );
         }
     }
-    if m.act != Activation::Identity {
+    // Bias then activation in one pass over the product (x·Wᵀ + b, as the GPU kernels
+    // round it), split across threads by rows.
+    let bias = if bias.is_empty() { None } else { Some(&bias[..n]) };
+    if (bias.is_some() || m.act != Activation::Identity) && n > 0 {
         let act = m.act;
-        crate::ops::par::for_units(&mut out[..batch * rows * n], 1, 1 << 14, |_, c| {
+        crate::ops::par::for_units(&mut out[..batch * rows * n], n, 1 + (1 << 14) / n, |_, c| {
+            if let Some(b) = bias {
+                add_rows(c, b);
+            }
             activate(act, c)
         });
+    }
+}
+
+/// `c[i] += b[i % b.len()]` (rows of `c` plus the bias row), compiled for AVX2 as well
+/// (see [`activate`]).
+fn add_rows(c: &mut [f32], b: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        return unsafe { add_rows_avx2(c, b) };
+    }
+    add_rows_plain(c, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_rows_avx2(c: &mut [f32], b: &[f32]) {
+    add_rows_plain(c, b)
+}
+
+#[inline(always)]
+fn add_rows_plain(c: &mut [f32], b: &[f32]) {
+    for row in c.chunks_exact_mut(b.len()) {
+        for (v, x) in row.iter_mut().zip(b) {
+            *v += *x;
+        }
     }
 }
 
