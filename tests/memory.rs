@@ -310,7 +310,7 @@ fn stages_take_turns_on_the_device() {
     assert_eq!(unet_first, unet_again);
 
     // Cycles of both stages hold wgpu's live objects exactly.
-    let mut cycle = |r: &mut Runner| {
+    let cycle = |r: &mut Runner| {
         r.run(vit_key, vit_build, &[&images]).expect("ViT");
         r.run_beside("side", side_build, &[&side_in]).expect("side");
         r.run(unet_key, unet_build, &[&feats, &feats])
