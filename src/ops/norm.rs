@@ -173,48 +173,7 @@ fn gpu_layernorm(
             workgroups: ctx.grid((rows as u64).div_ceil(64))?,
         })?]);
     }
-    // One subgroup per workgroup walking rows with a grid stride; weight and bias are read
-    // once per workgroup, so a few hundred workgroups are plenty. x goes through the
-    // context's scratch texture, copied in right before the kernel.
-    let texels = (rows * d / 4) as u64;
-    let texture = ctx.scratch_texture(0, texels)?;
-    let view = texture.create_view(&Default::default());
-    let groups = rows.min(256) as u32;
-    let constants = [
-        ("DS", d as f64),
-        ("TW_LOG2", GpuContext::TEXTURE_WIDTH.trailing_zeros() as f64),
-    ];
-    let pipeline = ctx.pipeline(&NORM, "layernorm_sg", &constants)?;
-    let params = ctx.uniform(bytemuck::bytes_of(&p));
-    let entries = [
-        (0, params.as_entire_binding()),
-        (7, wgpu::BindingResource::TextureView(&view)),
-        (8, inputs[1].as_entire_binding()),
-        (9, inputs[2].as_entire_binding()),
-        (10, out.as_entire_binding()),
-    ]
-    .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource });
-    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("layernorm_sg"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    });
-    Ok(vec![Dispatch {
-        name: "layernorm_sg",
-        before: Vec::new(),
-        after: Vec::new(),
-        pipeline,
-        bind_group,
-        workgroups: [groups, 1, 1],
-        offsets: Vec::new(),
-        copies: vec![Arc::new(TextureCopy {
-            buffer: inputs[0].clone(),
-            texture,
-            width: GpuContext::TEXTURE_WIDTH,
-            texel_bytes: 16,
-            texels,
-        })],
-    }])
+    sg_dispatch(ctx, &NORM, "layernorm_sg", rows, d, &p, inputs, out)
 }
 
 /// Whether [`LayerNorm::out_f16`] can run on `ctx` for rows of `d`.
@@ -248,6 +207,24 @@ fn gpu_layernorm_o16(
         c: 0,
         eps,
     };
+    sg_dispatch(ctx, &NORM_F16, "layernorm_sg_o16", rows, d, &p, inputs, out)
+}
+
+/// The subgroup layernorm kernels' dispatch (`layernorm_sg`, `layernorm_sg_o16`): one
+/// subgroup per workgroup walking rows with a grid stride, weight and bias read once per
+/// workgroup, so a few hundred workgroups are plenty; x goes through the context's scratch
+/// texture, copied in right before the kernel.
+#[allow(clippy::too_many_arguments)]
+fn sg_dispatch(
+    ctx: &GpuContext,
+    shader: &'static crate::shaders::Shader,
+    entry: &'static str,
+    rows: usize,
+    d: usize,
+    p: &Params,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+) -> Result<Vec<Dispatch>> {
     let texels = (rows * d / 4) as u64;
     let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&Default::default());
@@ -255,8 +232,8 @@ fn gpu_layernorm_o16(
         ("DS", d as f64),
         ("TW_LOG2", GpuContext::TEXTURE_WIDTH.trailing_zeros() as f64),
     ];
-    let pipeline = ctx.pipeline(&NORM_F16, "layernorm_sg_o16", &constants)?;
-    let params = ctx.uniform(bytemuck::bytes_of(&p));
+    let pipeline = ctx.pipeline(shader, entry, &constants)?;
+    let params = ctx.uniform(bytemuck::bytes_of(p));
     let entries = [
         (0, params.as_entire_binding()),
         (7, wgpu::BindingResource::TextureView(&view)),
@@ -266,12 +243,12 @@ fn gpu_layernorm_o16(
     ]
     .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource });
     let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("layernorm_sg_o16"),
+        label: Some(entry),
         layout: &pipeline.get_bind_group_layout(0),
         entries: &entries,
     });
     Ok(vec![Dispatch {
-        name: "layernorm_sg_o16",
+        name: entry,
         before: Vec::new(),
         after: Vec::new(),
         pipeline,
