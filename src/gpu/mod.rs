@@ -582,7 +582,9 @@ impl GpuContext {
     pub fn scratch_texture_bytes(&self) -> u64 {
         self.textures.lock().map_or(0, |m| {
             m.keys()
-                .map(|(_, h, f16)| *h as u64 * Self::TEXTURE_WIDTH as u64 * if *f16 { 8 } else { 16 })
+                .map(|(_, h, f16)| {
+                    *h as u64 * Self::TEXTURE_WIDTH as u64 * if *f16 { 8 } else { 16 }
+                })
                 .sum()
         })
     }

@@ -313,15 +313,24 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
     }
     // Bias then activation in one pass over the product (x·Wᵀ + b, as the GPU kernels
     // round it), split across threads by rows.
-    let bias = if bias.is_empty() { None } else { Some(&bias[..n]) };
+    let bias = if bias.is_empty() {
+        None
+    } else {
+        Some(&bias[..n])
+    };
     if (bias.is_some() || m.act != Activation::Identity) && n > 0 {
         let act = m.act;
-        crate::ops::par::for_units(&mut out[..batch * rows * n], n, 1 + (1 << 14) / n, |_, c| {
-            if let Some(b) = bias {
-                add_rows(c, b);
-            }
-            activate(act, c)
-        });
+        crate::ops::par::for_units(
+            &mut out[..batch * rows * n],
+            n,
+            1 + (1 << 14) / n,
+            |_, c| {
+                if let Some(b) = bias {
+                    add_rows(c, b);
+                }
+                activate(act, c)
+            },
+        );
     }
 }
 
