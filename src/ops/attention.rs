@@ -113,6 +113,13 @@ fn block_size(n: usize, cap: usize) -> usize {
 /// vectorise the reductions (a sequential `fold` cannot be reordered).
 const LANES: usize = 8;
 
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+// ln 2 in two parts, so k·LN2_HI is exact for |k| < 2^9.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+// 1.5·2^23: adding it rounds to an integer held in the low mantissa bits.
+const ROUND: f32 = 12_582_912.0;
+
 /// `exp(x)` in f32 for the softmax, written so a loop of it auto-vectorises (the libm call
 /// does not): `x = k·ln2 + r` with `|r| ≤ ln2/2`, `exp(r)` by Cephes' degree-7 polynomial,
 /// times `2^k` built in the exponent bits. Relative error ≤ 2 ulp on `[-87, 88]` (test
@@ -120,12 +127,6 @@ const LANES: usize = 8;
 /// inputs clamp at `exp(88)`.
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 in two parts, so k·LN2_HI is exact for |k| < 2^9.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5·2^23: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
     let xc = if x < -87.0 {
         -87.0
     } else if x > 88.0 {
@@ -136,6 +137,34 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let t = xc * LOG2E + ROUND;
     let k = t - ROUND;
     let r = xc - k * LN2_HI - k * LN2_LO;
+    if x < -87.0 {
+        0.0
+    } else {
+        exp_reduced(r, t)
+    }
+}
+
+/// `exp(a + b)` as [`fast_exp`] computes it, for `a + b ≤ 88` given in two parts (`a`
+/// large and exact, `b` small): the reduced argument is formed as `(a − k·ln2) + b`,
+/// so the rounding of `a + b` itself never reaches the result (one exp where
+/// `exp(a)·exp(b)` would take two).
+#[inline(always)]
+pub(crate) fn exp_sum(a: f32, b: f32) -> f32 {
+    let x = a + b;
+    let xc = if x < -87.0 { -87.0 } else { x };
+    let t = xc * LOG2E + ROUND;
+    let k = t - ROUND;
+    let r = (a - k * LN2_HI) + b - k * LN2_LO;
+    if x < -87.0 {
+        0.0
+    } else {
+        exp_reduced(r, t)
+    }
+}
+
+/// `e^r · 2^k` for `|r| ≤ ln2/2` and `t = k + ROUND` (the tail of [`fast_exp`]).
+#[inline(always)]
+fn exp_reduced(r: f32, t: f32) -> f32 {
     let mut p = 1.987_569_2e-4f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
@@ -146,44 +175,44 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     // k as an integer is the low mantissa bits of t: 2^k has exponent bits k + 127.
     let ki = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let two_k = f32::from_bits((ki.wrapping_add(127) << 23) as u32);
-    if x < -87.0 {
-        0.0
-    } else {
-        e * two_k
+    e * two_k
+}
+
+avx2_too! {
+    /// `max_j row[j]·scale`.
+    fn scaled_max(row: &[f32], scale: f32) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (m, s) in lanes.iter_mut().zip(c) {
+                *m = m.max(s * scale);
+            }
+        }
+        let tail = chunks.remainder().iter().map(|s| s * scale);
+        lanes
+            .into_iter()
+            .chain(tail)
+            .fold(f32::NEG_INFINITY, f32::max)
     }
 }
 
-/// `max_j row[j]·scale`.
-fn scaled_max(row: &[f32], scale: f32) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (m, s) in lanes.iter_mut().zip(c) {
-            *m = m.max(s * scale);
+avx2_too! {
+    /// `row[j] = exp(row[j]·scale − m)`; returns their sum. Two passes: the exp loop
+    /// vectorises on its own, and a separate lane-wise sum keeps it so (one fused loop
+    /// with a running sum measured 3.6× slower).
+    fn exp_row(row: &mut [f32], scale: f32, m: f32) -> f32 {
+        for i in 0..row.len() {
+            row[i] = fast_exp(row[i] * scale - m);
         }
-    }
-    let tail = chunks.remainder().iter().map(|s| s * scale);
-    lanes
-        .into_iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// `row[j] = exp(row[j]·scale − m)`; returns their sum. Two passes: the exp loop
-/// vectorises on its own, and a separate lane-wise sum keeps it so (one fused loop with a
-/// running sum measured 3.6× slower).
-fn exp_row(row: &mut [f32], scale: f32, m: f32) -> f32 {
-    for s in row.iter_mut() {
-        *s = fast_exp(*s * scale - m);
-    }
-    let mut lanes = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (l, s) in lanes.iter_mut().zip(c) {
-            *l += s;
+        let mut lanes = [0f32; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (l, s) in lanes.iter_mut().zip(c) {
+                *l += s;
+            }
         }
+        lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
     }
-    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 /// The CPU reference, streaming like the kernels: for each batch, head and block of query

@@ -41,12 +41,11 @@ pub fn gelu(x: f32) -> f32 {
     ] {
         p = p * t + c;
     }
-    // exp(−z²) = exp(−x²/2) as exp(−h²/2)·exp(−(x − h)(x + h)/2) with h = x to 12 bits,
-    // so h²/2 is exact (a rounded z or z² would cost up to z²·2⁻²³ relative: 1e-5 at
-    // x = −12).
+    // exp(p − z²) with −z² = −x²/2 = −h²/2 − (x − h)(x + h)/2, h = x to 12 bits: h²/2 is
+    // exact and enters the exp's argument reduction apart from the small rest (a rounded
+    // z or z² would cost up to z²·2⁻²³ relative: 1e-5 at x = −12).
     let h = f32::from_bits(xc.to_bits() & 0xFFFF_F000);
-    let exp = super::attention::fast_exp;
-    let erfc = t * exp(-0.5 * (h * h)) * exp(p - 0.5 * ((xc - h) * (xc + h)));
+    let erfc = t * super::attention::exp_sum(-0.5 * (h * h), p - 0.5 * ((xc - h) * (xc + h)));
     let one_plus_erf = if x >= 0.0 { 2.0 - erfc } else { erfc };
     0.5 * x * one_plus_erf
 }
@@ -301,12 +300,18 @@ pub fn scale_add(x: &[f32], y: &[f32], lambda: &[f32], out: &mut [f32]) {
 pub fn scale_add_into(x: &[f32], lambda: &[f32], y: &mut [f32]) {
     let c = lambda.len();
     super::par::for_units(y, c, 64, |r0, rows| {
-        for (o, x) in rows.chunks_mut(c).zip(x[r0 * c..].chunks(c)) {
-            for ((o, x), l) in o.iter_mut().zip(x).zip(lambda) {
-                *o = x + l * *o;
-            }
-        }
+        scale_add_rows(&x[r0 * c..], lambda, rows)
     });
+}
+
+/// [`scale_add_into`] on whole rows of `y` (with `x` starting at the same row), on the
+/// calling thread.
+pub(crate) fn scale_add_rows(x: &[f32], lambda: &[f32], y: &mut [f32]) {
+    for (o, x) in y.chunks_mut(lambda.len()).zip(x.chunks(lambda.len())) {
+        for ((o, x), l) in o.iter_mut().zip(x).zip(lambda) {
+            *o = x + l * *o;
+        }
+    }
 }
 
 impl Op for ScaleAdd {

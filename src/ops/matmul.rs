@@ -225,9 +225,31 @@ impl Matmul {
     }
 }
 
+/// Work on a block of finished product rows while they are still in cache:
+/// `post(first_row, rows)`, rows counted over the whole `[batch·m, n]` output.
+pub type RowPost<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+/// Rows per block of the blocked CPU product: the block's output stays in the core's
+/// cache for the bias, activation and epilogue that follow, and the packing of B (once
+/// per block) costs little beside the block's arithmetic.
+const BLOCK_ROWS: usize = 512;
+
 /// The CPU reference (through the `gemm` crate, split across the CPU threads). `bias` is
 /// `[n]` or empty.
 pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut [f32]) {
+    matmul_post(m, d, a, b, bias, out, &|_, _| {})
+}
+
+/// [`matmul`] followed by `post` on every block of rows (after bias and activation).
+pub fn matmul_post(
+    m: &Matmul,
+    d: Dims,
+    a: &[f32],
+    b: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    post: RowPost,
+) {
     let Dims {
         batch,
         m: rows,
@@ -254,173 +276,153 @@ pub fn matmul(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32], out: &mut
     } else {
         (batch, rows)
     };
-    // One batch at a time, each product split across threads by gemm; many small
-    // batches instead go one per thread.
-    if batch > 1 && crate::ops::par::may_split() && rows * n * k < (1 << 21) {
-        let out = crate::ops::par::SharedOut::new(out);
-        crate::ops::par::for_each_index(batch, |bi| {
-            let d1 = Dims {
-                batch: 1,
-                m: rows,
-                n,
-                k,
-                b_batched: false,
-            };
-            let b_off = if b_batched { bi * k * n } else { 0 };
-            // SAFETY: batch `bi` writes only its own [rows x n] block of `out`.
-            let o = unsafe { out.slice(bi * rows * n, rows * n) };
-            matmul(m, d1, &a[bi * rows * k..], &b[b_off..], bias, o);
-        });
-        return;
-    }
-    let par = crate::ops::par::gemm_parallelism();
-    for bi in 0..batch {
-        let a_off = bi * rows * k;
-        let b_off = if b_batched { bi * k * n } else { 0 };
-        let o = &mut out[bi * rows * n..(bi + 1) * rows * n];
-        if rows == 0 || n == 0 {
-            continue;
-        }
-        if k == 0 {
-            o.fill(0.0);
-            continue;
-        }
-        // SAFETY: the pointers cover [rows x k], [k x n] and [rows x n] with the strides
-        // given (checked by the asserts above and the slicing of `o`).
-        unsafe {
-            gemm::gemm(
-                rows,
-                n,
-                k,
-                o.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.as_ptr().add(a_off),
-                a_cs,
-                a_rs,
-                b.as_ptr().add(b_off),
-                b_cs,
-                b_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
-    }
-    // Bias then activation in one pass over the product (x·Wᵀ + b, as the GPU kernels
-    // round it), split across threads by rows.
     let bias = if bias.is_empty() {
         None
     } else {
         Some(&bias[..n])
     };
-    if (bias.is_some() || m.act != Activation::Identity) && n > 0 {
-        let act = m.act;
-        crate::ops::par::for_units(
-            &mut out[..batch * rows * n],
+    let act = m.act;
+    // Bias then activation (x·Wᵀ + b, as the GPU kernels round it), then `post`, on rows
+    // of the product starting at row `r0`.
+    let finish = |r0: usize, c: &mut [f32]| {
+        if let Some(b) = bias {
+            add_rows(c, b);
+        }
+        activate(act, c);
+        post(r0, c);
+    };
+    // SAFETY (both gemm calls): the pointers cover [r x k] of op(A) from row `r0`,
+    // [k x n] of op(B) and the [r x n] output slice with the strides given (checked by
+    // the asserts above and the slicing of the output).
+    let product = |r0: usize, a_off: usize, b_off: usize, o: &mut [f32], par| unsafe {
+        let r = o.len() / n;
+        gemm::gemm(
+            r,
             n,
-            1 + (1 << 14) / n,
-            |_, c| {
-                if let Some(b) = bias {
-                    add_rows(c, b);
+            k,
+            o.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr().add(a_off).offset(r0 as isize * a_rs),
+            a_cs,
+            a_rs,
+            b.as_ptr().add(b_off),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    };
+    if rows == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..batch * rows * n].fill(0.0);
+        crate::ops::par::for_units(&mut out[..batch * rows * n], n, 64, finish);
+        return;
+    }
+    let target = BLOCK_ROWS;
+    if batch == 1 && crate::ops::par::may_split() && rows >= 2 * target {
+        // A whole number of blocks per thread, so no thread waits on a last odd block.
+        let th = crate::ops::par::threads();
+        let blocks = rows.div_ceil(target).div_ceil(th) * th;
+        let block = rows.div_ceil(blocks);
+        // One large product: blocks of rows, one single-threaded gemm each, finished while
+        // the block is in cache (instead of further passes over the whole output).
+        use rayon::prelude::*;
+        out[..rows * n]
+            .par_chunks_mut(block * n)
+            .enumerate()
+            .for_each(|(i, o)| {
+                product(i * block, 0, 0, o, gemm::Parallelism::None);
+                finish(i * block, o);
+            });
+        return;
+    }
+    // Many small batches go one per thread; otherwise one batch at a time, each product
+    // split across threads by gemm, then finished in a threaded pass.
+    if batch > 1 && crate::ops::par::may_split() && rows * n * k < (1 << 21) {
+        let shared = crate::ops::par::SharedOut::new(out);
+        crate::ops::par::for_each_index(batch, |bi| {
+            let b_off = if b_batched { bi * k * n } else { 0 };
+            // SAFETY: batch `bi` writes only its own [rows x n] block of `out`.
+            let o = unsafe { shared.slice(bi * rows * n, rows * n) };
+            product(0, bi * rows * k, b_off, o, gemm::Parallelism::None);
+            finish(bi * rows, o);
+        });
+        return;
+    }
+    let par = crate::ops::par::gemm_parallelism();
+    for bi in 0..batch {
+        let b_off = if b_batched { bi * k * n } else { 0 };
+        let o = &mut out[bi * rows * n..(bi + 1) * rows * n];
+        product(0, bi * rows * k, b_off, o, par);
+    }
+    crate::ops::par::for_units(&mut out[..batch * rows * n], n, 1 + (1 << 14) / n, finish);
+}
+
+avx2_too! {
+    /// `c[i] += b[i % b.len()]` (rows of `c` plus the bias row).
+    fn add_rows(c: &mut [f32], b: &[f32]) {
+        for row in c.chunks_exact_mut(b.len()) {
+            for (v, x) in row.iter_mut().zip(b) {
+                *v += *x;
+            }
+        }
+    }
+}
+
+avx2_too! {
+    /// `act` on every element of `c`: one loop per activation (not a match per element)
+    /// so each vectorises; index loops, not `for_each` (a closure is a separate function,
+    /// compiled without the caller's target features).
+    fn activate(act: Activation, c: &mut [f32]) {
+        match act {
+            Activation::Identity => {}
+            Activation::Gelu => {
+                for i in 0..c.len() {
+                    c[i] = super::elementwise::gelu(c[i]);
                 }
-                activate(act, c)
-            },
-        );
-    }
-}
-
-/// `c[i] += b[i % b.len()]` (rows of `c` plus the bias row), compiled for AVX2 as well
-/// (see [`activate`]).
-fn add_rows(c: &mut [f32], b: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked above).
-        return unsafe { add_rows_avx2(c, b) };
-    }
-    add_rows_plain(c, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn add_rows_avx2(c: &mut [f32], b: &[f32]) {
-    add_rows_plain(c, b)
-}
-
-#[inline(always)]
-fn add_rows_plain(c: &mut [f32], b: &[f32]) {
-    for row in c.chunks_exact_mut(b.len()) {
-        for (v, x) in row.iter_mut().zip(b) {
-            *v += *x;
-        }
-    }
-}
-
-/// `act` on every element of `c`: one loop per activation (not a match per element) so
-/// each vectorises, compiled a second time for AVX2 and picked at run time where the CPU
-/// has it (8 lanes instead of SSE's 4; the same IEEE operations in the same order, so the
-/// same bits — no FMA contraction).
-fn activate(act: Activation, c: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked above).
-        return unsafe { activate_avx2(act, c) };
-    }
-    activate_plain(act, c)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn activate_avx2(act: Activation, c: &mut [f32]) {
-    activate_plain(act, c)
-}
-
-#[inline(always)]
-#[allow(clippy::needless_range_loop)]
-fn activate_plain(act: Activation, c: &mut [f32]) {
-    // Index loops, not `for_each` (a separate function, compiled without the caller's
-    // target features).
-    match act {
-        Activation::Identity => {}
-        Activation::Gelu => {
-            for i in 0..c.len() {
-                c[i] = super::elementwise::gelu(c[i]);
             }
-        }
-        Activation::Silu => {
-            for i in 0..c.len() {
-                c[i] = super::elementwise::silu(c[i]);
+            Activation::Silu => {
+                for i in 0..c.len() {
+                    c[i] = super::elementwise::silu(c[i]);
+                }
             }
         }
     }
 }
 
-/// The CPU reference of an [`Epilogue`] on a finished product `out` (`Dims` of the
-/// matmul, `extra` the epilogue's inputs): the separate ops' references.
-pub fn epilogue(epi: Epilogue, d: Dims, extra: &[&[f32]], out: &mut [f32]) {
-    let len = d.batch * d.m * d.n;
+/// The CPU reference of an [`Epilogue`] on rows `r0..` of a finished product (`Dims` of
+/// the matmul, `extra` the epilogue's inputs, RoPE's tables as [`rope_tables`] tiles
+/// them): the separate ops' references, one block of rows at a time.
+fn epilogue_rows(epi: Epilogue, d: Dims, extra: &[&[f32]], r0: usize, rows: &mut [f32]) {
     match epi {
         Epilogue::None => {}
         Epilogue::Rope { heads, prefix } => {
             let hd = d.n / heads;
-            let half = hd / 2;
-            // HF's tables are the half tiled twice along the head dimension.
-            let tile = |t: &[f32]| -> Vec<f32> {
-                t.chunks(half.max(1))
-                    .flat_map(|r| r.iter().chain(r.iter()).copied())
-                    .collect()
-            };
-            let (cos, sin) = (tile(extra[0]), tile(extra[1]));
-            super::rope::rope_in_place(&cos, &sin, d.m, d.n, hd, prefix, &mut out[..len]);
+            super::rope::rope_rows_in_place(extra[0], extra[1], d.m, d.n, hd, prefix, r0, rows);
         }
         Epilogue::Residual => {
-            super::elementwise::scale_add_into(extra[0], extra[1], &mut out[..len]);
+            super::elementwise::scale_add_rows(&extra[0][r0 * d.n..], extra[1], rows);
         }
     }
+}
+
+/// HF's RoPE tables are the half tiled twice along the head dimension: (cos, sin) of
+/// `[P, hd/2]` to `[P, hd]`.
+fn rope_tables(cos: &[f32], sin: &[f32], hd: usize) -> (Vec<f32>, Vec<f32>) {
+    let tile = |t: &[f32]| -> Vec<f32> {
+        t.chunks((hd / 2).max(1))
+            .flat_map(|r| r.iter().chain(r.iter()).copied())
+            .collect()
+    };
+    (tile(cos), tile(sin))
 }
 
 /// A strided product for the other CPU references (conv3d):
@@ -495,17 +497,27 @@ impl Op for Matmul {
             .dims(shapes)
             .expect("shapes were checked when the graph was built");
         let bias = if self.bias { inputs[2] } else { &[] };
-        if self.w_f16 {
-            let b: Vec<f32> = inputs[1]
+        let nb = 2 + self.bias as usize;
+        let tables = match self.epi {
+            Epilogue::Rope { heads, .. } => {
+                Some(rope_tables(inputs[nb], inputs[nb + 1], d.n / heads))
+            }
+            _ => None,
+        };
+        let extra: Vec<&[f32]> = match &tables {
+            Some((c, s)) => vec![c, s],
+            None => inputs[nb..].to_vec(),
+        };
+        let post = |r0: usize, rows: &mut [f32]| epilogue_rows(self.epi, d, &extra, r0, rows);
+        let b: std::borrow::Cow<[f32]> = if self.w_f16 {
+            inputs[1]
                 .iter()
                 .map(|v| half::f16::from_f32(*v).to_f32())
-                .collect();
-            matmul(self, d, inputs[0], &b, bias, out);
+                .collect()
         } else {
-            matmul(self, d, inputs[0], inputs[1], bias, out);
-        }
-        let nb = 2 + self.bias as usize;
-        epilogue(self.epi, d, &inputs[nb..], out);
+            inputs[1].into()
+        };
+        matmul_post(self, d, inputs[0], &b, bias, out, &post);
         if self.out_f16 {
             out.iter_mut()
                 .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
@@ -1196,6 +1208,79 @@ mod tests {
             let e = crate::ops::testing::rel_err(&out, &want);
             assert!(e < 1e-5, "{m:?}: {e}");
         }
+    }
+
+    /// Products large enough for the blocked CPU path (rows in blocks, each finished in
+    /// cache) with bias, GELU and each epilogue, against the naive product and the
+    /// epilogues' definitions; rows not a multiple of any block size.
+    #[test]
+    fn blocked_reference_matches_naive() {
+        let mut r = rng();
+        let (b, t, k, heads, hd, prefix) = (5, 2 * BLOCK_ROWS / 5 + 13, 17, 2, 6, 3);
+        let n = heads * hd;
+        assert!(b * t >= 2 * BLOCK_ROWS, "the blocked path must run");
+        let x = random(&mut r, b * t * k);
+        let w = random(&mut r, n * k);
+        let bias = random(&mut r, n);
+        let (ch, sh) = (
+            random(&mut r, (t - prefix) * hd / 2),
+            random(&mut r, (t - prefix) * hd / 2),
+        );
+        let resid = random(&mut r, b * t * n);
+        let lambda = random(&mut r, n);
+        let gelu = Matmul {
+            act: Activation::Gelu,
+            ..Matmul::linear(true)
+        };
+        let d = Dims {
+            batch: b,
+            m: t,
+            n,
+            k,
+            b_batched: false,
+        };
+        let plain = naive(&gelu, d, &x, &w, &bias);
+        let ins = [(&x[..], &[b, t, k][..]), (&w, &[n, k]), (&bias, &[n])];
+        let run = |m: &Matmul, extra: &[(&[f32], &[usize])]| {
+            let all: Vec<(&[f32], &[usize])> = ins.iter().chain(extra).copied().collect();
+            crate::ops::run_cpu(m, &all).unwrap().0
+        };
+        let got = run(&gelu, &[]);
+        assert!(crate::ops::testing::rel_err(&got, &plain) < 1e-5);
+
+        let with_rope = gelu.with_epilogue(Epilogue::Rope { heads, prefix });
+        let got = run(
+            &with_rope,
+            &[(&ch, &[t - prefix, hd / 2]), (&sh, &[t - prefix, hd / 2])],
+        );
+        let mut want = plain.clone();
+        for (row, o) in want.chunks_mut(n).enumerate() {
+            let tok = row % t;
+            if tok < prefix {
+                continue;
+            }
+            let p = tok - prefix;
+            for h in o.chunks_mut(hd) {
+                let v = h.to_vec();
+                for j in 0..hd {
+                    let (c, s) = (ch[p * hd / 2 + j % (hd / 2)], sh[p * hd / 2 + j % (hd / 2)]);
+                    let rot = if j < hd / 2 {
+                        -v[j + hd / 2]
+                    } else {
+                        v[j - hd / 2]
+                    };
+                    h[j] = v[j] * c + rot * s;
+                }
+            }
+        }
+        assert!(crate::ops::testing::rel_err(&got, &want) < 1e-5);
+
+        let with_resid = gelu.with_epilogue(Epilogue::Residual);
+        let got = run(&with_resid, &[(&resid, &[b, t, n]), (&lambda, &[n])]);
+        let want: Vec<f32> = (0..plain.len())
+            .map(|i| resid[i] + lambda[i % n] * plain[i])
+            .collect();
+        assert!(crate::ops::testing::rel_err(&got, &want) < 1e-5);
     }
 
     #[test]

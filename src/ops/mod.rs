@@ -5,6 +5,8 @@
 use crate::error::Result;
 use crate::gpu::{Dispatch, GpuContext};
 
+#[macro_use]
+mod multiversion;
 pub mod attention;
 pub mod batchnorm;
 pub mod concat;

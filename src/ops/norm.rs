@@ -100,14 +100,16 @@ fn lane_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-fn layernorm_rows(x: &[f32], weight: &[f32], bias: &[f32], d: usize, eps: f32, out: &mut [f32]) {
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        // Two passes in f64 (mean, then the centred variance): no cancellation.
-        let mean = lane_sum(xr, |v| v) / d as f64;
-        let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f64;
-        let rstd = 1.0 / (var + eps as f64).sqrt();
-        for (((o, v), w), b) in or.iter_mut().zip(xr).zip(weight).zip(bias) {
-            *o = ((*v as f64 - mean) * rstd * *w as f64 + *b as f64) as f32;
+avx2_too! {
+    fn layernorm_rows(x: &[f32], weight: &[f32], bias: &[f32], d: usize, eps: f32, out: &mut [f32]) {
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            // Two passes in f64 (mean, then the centred variance): no cancellation.
+            let mean = lane_sum(xr, |v| v) / d as f64;
+            let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f64;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            for (((o, v), w), b) in or.iter_mut().zip(xr).zip(weight).zip(bias) {
+                *o = ((*v as f64 - mean) * rstd * *w as f64 + *b as f64) as f32;
+            }
         }
     }
 }

@@ -35,7 +35,7 @@ pub fn rope(
 }
 
 /// [`rope`] on `x` in place (`x` as both input and output), split across threads by
-/// rows; each task copies only its own rows.
+/// rows; each task copies one row at a time.
 pub fn rope_in_place(
     cos: &[f32],
     sin: &[f32],
@@ -49,14 +49,50 @@ pub fn rope_in_place(
         return;
     }
     super::par::for_units(x, dim, 64, |r0, rows| {
-        let src = rows.to_vec();
-        rope_rows(&src, cos, sin, t, dim, hd, prefix, r0, rows)
+        rope_rows_in_place(cos, sin, t, dim, hd, prefix, r0, rows)
     });
 }
 
+avx2_too! {
+    fn rope_rows(
+        x: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        t: usize,
+        dim: usize,
+        hd: usize,
+        prefix: usize,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let half = hd / 2;
+        for (row, (xr, or)) in x.chunks(dim).zip(out.chunks_mut(dim)).enumerate() {
+            let tok = (r0 + row) % t;
+            if tok < prefix {
+                or.copy_from_slice(xr);
+                continue;
+            }
+            let p = tok - prefix;
+            let (c, s) = (&cos[p * hd..(p + 1) * hd], &sin[p * hd..(p + 1) * hd]);
+            // rotate_half(x)·sin: −x[j + half]·sin[j] below half, x[j − half]·sin[j] above
+            // (both halves in one branch-free loop, so it vectorises; a − b is a + (−b) bit
+            // for bit).
+            for (xh, oh) in xr.chunks(hd).zip(or.chunks_mut(hd)) {
+                let (lo, hi) = xh.split_at(half);
+                let (olo, ohi) = oh.split_at_mut(half);
+                for j in 0..half {
+                    olo[j] = lo[j] * c[j] - hi[j] * s[j];
+                    ohi[j] = hi[j] * c[half + j] + lo[j] * s[half + j];
+                }
+            }
+        }
+    }
+}
+
+/// [`rope`] in place on `rows` (whole rows of `dim`, the first being row `r0` of the
+/// tensor), on the calling thread; one row is copied at a time.
 #[allow(clippy::too_many_arguments)]
-fn rope_rows(
-    x: &[f32],
+pub(crate) fn rope_rows_in_place(
     cos: &[f32],
     sin: &[f32],
     t: usize,
@@ -64,27 +100,12 @@ fn rope_rows(
     hd: usize,
     prefix: usize,
     r0: usize,
-    out: &mut [f32],
+    rows: &mut [f32],
 ) {
-    let half = hd / 2;
-    for (row, (xr, or)) in x.chunks(dim).zip(out.chunks_mut(dim)).enumerate() {
-        let tok = (r0 + row) % t;
-        if tok < prefix {
-            or.copy_from_slice(xr);
-            continue;
-        }
-        let p = tok - prefix;
-        let (c, s) = (&cos[p * hd..(p + 1) * hd], &sin[p * hd..(p + 1) * hd]);
-        for (xh, oh) in xr.chunks(hd).zip(or.chunks_mut(hd)) {
-            for j in 0..hd {
-                let rotated = if j < half {
-                    -xh[j + half]
-                } else {
-                    xh[j - half]
-                };
-                oh[j] = xh[j] * c[j] + rotated * s[j];
-            }
-        }
+    let mut src = vec![0f32; dim];
+    for (i, row) in rows.chunks_exact_mut(dim).enumerate() {
+        src.copy_from_slice(row);
+        rope_rows(&src, cos, sin, t, dim, hd, prefix, r0 + i, row);
     }
 }
 
