@@ -165,13 +165,19 @@ pub(crate) fn exp_sum(a: f32, b: f32) -> f32 {
 /// `e^r · 2^k` for `|r| ≤ ln2/2` and `t = k + ROUND` (the tail of [`fast_exp`]).
 #[inline(always)]
 fn exp_reduced(r: f32, t: f32) -> f32 {
-    let mut p = 1.987_569_2e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e = p * r * r + r + 1.0;
+    // Cephes' degree-7 polynomial 1 + r + r²·Σ cᵢ rⁱ, the sum by Estrin's scheme.
+    let fma = f32::mul_add;
+    let r2 = r * r;
+    let p = fma(
+        fma(
+            fma(1.987_569_2e-4, r, 1.398_199_9e-3),
+            r2,
+            fma(8.333_452e-3, r, 4.166_579_6e-2),
+        ),
+        r2,
+        fma(1.666_666_5e-1, r, 5.000_000_1e-1),
+    );
+    let e = fma(p, r2, r) + 1.0;
     // k as an integer is the low mantissa bits of t: 2^k has exponent bits k + 127.
     let ki = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let two_k = f32::from_bits((ki.wrapping_add(127) << 23) as u32);

@@ -14,6 +14,20 @@ pub enum Unary {
     Relu,
 }
 
+/// Coefficients of P(t) in GELU's erfc fit, c₀ first.
+const P_ERFC: [f32; 10] = [
+    -1.265_512_23,
+    1.000_023_68,
+    0.374_091_96,
+    0.096_784_18,
+    -0.186_288_06,
+    0.278_868_07,
+    -1.135_203_98,
+    1.488_515_87,
+    -0.822_152_23,
+    0.170_872_77,
+];
+
 /// GELU, exact erf form: 0.5·x·(1 + erf(x/√2)), through erfc so that negative x loses
 /// nothing to cancellation: with u = x/√2, 1 + erf(u) = 2 − erfc(u) for u ≥ 0 and
 /// erfc(|u|) for u < 0. erfc(z), z ≥ 0, is Numerical Recipes' Chebyshev fit
@@ -27,20 +41,14 @@ pub fn gelu(x: f32) -> f32 {
     let xc = x.clamp(-20.0, 20.0);
     let z = (xc * std::f32::consts::FRAC_1_SQRT_2).abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let mut p = 0.170_872_77f32;
-    for c in [
-        -0.822_152_23,
-        1.488_515_87,
-        -1.135_203_98,
-        0.278_868_07,
-        -0.186_288_06,
-        0.096_784_18,
-        0.374_091_96,
-        1.000_023_68,
-        -1.265_512_23,
-    ] {
-        p = p * t + c;
-    }
+    // P(t) = Σ cᵢ tⁱ by Estrin's scheme (pairs, then pairs of pairs: a chain of four
+    // multiply-adds where Horner's would be nine).
+    let fma = f32::mul_add;
+    let (t2, c) = (t * t, P_ERFC);
+    let t4 = t2 * t2;
+    let q = |i: usize| fma(c[i + 1], t, c[i]);
+    let p = fma(fma(q(6), t2, q(4)), t4, fma(q(2), t2, q(0)));
+    let p = fma(q(8), t4 * t4, p);
     // exp(p − z²) with −z² = −x²/2 = −h²/2 − (x − h)(x + h)/2, h = x to 12 bits: h²/2 is
     // exact and enters the exp's argument reduction apart from the small rest (a rounded
     // z or z² would cost up to z²·2⁻²³ relative: 1e-5 at x = −12).
@@ -49,6 +57,15 @@ pub fn gelu(x: f32) -> f32 {
     let one_plus_erf = if x >= 0.0 { 2.0 - erfc } else { erfc };
     0.5 * x * one_plus_erf
 }
+avx2_too! {
+    /// `out[i] = gelu(x[i])`.
+    fn gelu_slice(x: &[f32], out: &mut [f32]) {
+        for i in 0..out.len() {
+            out[i] = gelu(x[i]);
+        }
+    }
+}
+
 /// SiLU: x·σ(x).
 pub fn silu(x: f32) -> f32 {
     x * sigmoid(x)
@@ -95,7 +112,10 @@ impl Op for Unary {
             });
         }
         match self {
-            Unary::Gelu => map(inputs[0], out, gelu),
+            // (compiled for AVX2 and FMA too: GELU's polynomials are multiply-adds)
+            Unary::Gelu => {
+                super::par::for_units(out, 1, 1 << 15, |i0, c| gelu_slice(&inputs[0][i0..], c))
+            }
             Unary::Silu => map(inputs[0], out, silu),
             Unary::Sigmoid => map(inputs[0], out, sigmoid),
             Unary::Relu => map(inputs[0], out, relu),
