@@ -1,0 +1,512 @@
+//! 3-D convolution, PyTorch `nn.Conv3d(C, O, k, padding=k/2)` with k = 1 or 3, stride 1:
+//! inputs `[x (N, C, D, H, W), weight (O, C, k, k, k), bias (O)]`, output `(N, O, D, H, W)`,
+//! cross-correlation with zero padding. Also the eval-mode BatchNorm fold.
+//!
+//! GPU: an implicit GEMM (no im2col buffer). Kernels in `shaders/conv3d.wgsl`: `conv3d`
+//! (any device: one voxel × 8 channels per invocation) and, on CPU-like devices with
+//! subgroups, `conv3d_k3_sg` / `conv3d_k1_sg{32,64}`: a subgroup computes a tile of
+//! 8 x × 8 y × 4 z × 16 channels (K = 3) or 64 voxels × 32/64 channels (K = 1) and shares its
+//! loads through subgroup broadcasts, because on lavapipe every storage-buffer load is a
+//! per-lane scalar loop. `conv3d_k3_sg_tex` is `conv3d_k3_sg` reading x through a texture
+//! copy (texel fetches are cheaper still), used when x fills whole rgba32float texels.
+//! Those kernels are generated code (see `sg_source` in the tests).
+
+use super::{expect_inputs, Op};
+use crate::error::{Error, Result};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
+use crate::ops::matmul::gemm_strided;
+use crate::ops::par;
+use crate::shaders::CONV3D;
+use std::sync::Arc;
+
+/// The conv3d op: `kernel` is 1 (no padding) or 3 (padding 1); with `relu`, followed by
+/// a ReLU (fused into the kernels' store).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv3d {
+    pub kernel: usize,
+    pub relu: bool,
+}
+
+/// Resolved sizes of one conv3d call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvDims {
+    pub n: usize,
+    pub c: usize,
+    pub o: usize,
+    pub d: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+}
+
+impl ConvDims {
+    fn voxels(&self) -> usize {
+        self.d * self.h * self.w
+    }
+}
+
+impl Conv3d {
+    pub fn new(kernel: usize) -> Self {
+        Conv3d {
+            kernel,
+            relu: false,
+        }
+    }
+
+    /// `relu(conv3d(x))` in one op.
+    pub fn with_relu(kernel: usize) -> Self {
+        Conv3d { kernel, relu: true }
+    }
+
+    pub fn dims(&self, inputs: &[&[usize]]) -> Result<ConvDims> {
+        let err = |m: String| Error::shape("conv3d", m);
+        expect_inputs("conv3d", inputs, 3)?;
+        let k = self.kernel;
+        if k != 1 && k != 3 {
+            return Err(err(format!("kernel size must be 1 or 3, got {k}")));
+        }
+        let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
+        if x.len() != 5 {
+            return Err(err(format!("input must be (N, C, D, H, W), got {x:?}")));
+        }
+        let (o, c) = (w.first().copied().unwrap_or(0), x[1]);
+        if w != [o, c, k, k, k] {
+            return Err(err(format!(
+                "weight must be (O, {c}, {k}, {k}, {k}) for input {x:?}, got {w:?}"
+            )));
+        }
+        if b != [o] {
+            return Err(err(format!("bias must be [{o}], got {b:?}")));
+        }
+        Ok(ConvDims {
+            n: x[0],
+            c,
+            o,
+            d: x[2],
+            h: x[3],
+            w: x[4],
+            k,
+        })
+    }
+}
+
+/// Floats of im2col scratch per task of the CPU reference (4 MiB: it stays in cache).
+const COL_LIMIT: usize = 1 << 20;
+
+/// The CPU reference. K = 1: one gemm per sample, `W (O×C) · x[n] (C×DHW)`. K = 3:
+/// the (z, y) rows of each sample are split into chunks of a few rows; per chunk an im2col
+/// block `(C·27) × voxels` (zero padded) is built and multiplied by `W (O × C·27)`; chunks
+/// run in parallel, each writing its own voxels of every output channel.
+pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+    let ConvDims { n, c, o, k, .. } = d;
+    let (w, hw, dhw) = (d.w, d.h * d.w, d.voxels());
+    let (kkk, pad) = (k * k * k, (k / 2) as isize);
+    let ck = c * kkk;
+    assert!(x.len() >= n * c * dhw && weight.len() >= o * ck && bias.len() >= o);
+    assert!(out.len() >= n * o * dhw);
+    if dhw == 0 || o == 0 {
+        return;
+    }
+    if k == 1 {
+        for ni in 0..n {
+            let on = &mut out[ni * o * dhw..(ni + 1) * o * dhw];
+            par::for_units(on, dhw, 1, |o0, rows| {
+                for (i, row) in rows.chunks_mut(dhw).enumerate() {
+                    row.fill(bias[o0 + i]);
+                }
+            });
+            let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
+            gemm_strided((o, dhw, c), on, dhw, weight, (c, 1), xn, (dhw, 1), true);
+        }
+        return;
+    }
+    let rows = d.d * d.h;
+    let per = (COL_LIMIT / (ck * w).max(1)).clamp(1, rows);
+    let chunks = rows.div_ceil(per);
+    let shared = par::SharedOut::new(out);
+    for ni in 0..n {
+        let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
+        par::for_each_index_init(
+            chunks,
+            || (vec![0f32; ck * per * w], vec![0f32; o * per * w]),
+            |(col, tmp), ch| {
+                let (r0, r1) = (ch * per, ((ch + 1) * per).min(rows));
+                let vc = (r1 - r0) * w;
+                for ci in 0..c {
+                    for t in 0..kkk {
+                        let (kd, kh) = ((t / (k * k)) as isize, ((t / k) % k) as isize);
+                        let shift = (t % k) as isize - pad;
+                        let crow = &mut col[(ci * kkk + t) * vc..][..vc];
+                        for r in r0..r1 {
+                            let dst = &mut crow[(r - r0) * w..][..w];
+                            let zz = (r / d.h) as isize + kd - pad;
+                            let yy = (r % d.h) as isize + kh - pad;
+                            if zz < 0 || zz >= d.d as isize || yy < 0 || yy >= d.h as isize {
+                                dst.fill(0.0);
+                                continue;
+                            }
+                            let src = &xn[ci * dhw + zz as usize * hw + yy as usize * w..][..w];
+                            // dst[x] = src[x + shift], zero outside the row.
+                            let s = shift.unsigned_abs().min(w);
+                            if shift >= 0 {
+                                dst[..w - s].copy_from_slice(&src[s..]);
+                                dst[w - s..].fill(0.0);
+                            } else {
+                                dst[s..].copy_from_slice(&src[..w - s]);
+                                dst[..s].fill(0.0);
+                            }
+                        }
+                    }
+                }
+                gemm_strided((o, vc, ck), tmp, vc, weight, (ck, 1), col, (vc, 1), false);
+                for oi in 0..o {
+                    // SAFETY: chunk `ch` writes only voxels r0·w..r1·w of each channel.
+                    let dst = unsafe { shared.slice((ni * o + oi) * dhw + r0 * w, vc) };
+                    for (v, t) in dst.iter_mut().zip(&tmp[oi * vc..(oi + 1) * vc]) {
+                        *v = t + bias[oi];
+                    }
+                }
+            },
+        );
+    }
+}
+
+/// Folds an eval-mode BatchNorm that follows a conv into the conv's weight and bias:
+/// `BN(conv(x)) = conv'(x)` with `w'[o] = w[o]·s[o]`, `b'[o] = (b[o] − mean[o])·s[o] + beta[o]`,
+/// `s = gamma / sqrt(var + eps)`. `weight` is `(out_channels, ...)` (the Conv3d layout).
+#[allow(clippy::too_many_arguments)]
+pub fn fold_batchnorm(
+    weight: &mut [f32],
+    bias: &mut [f32],
+    out_channels: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+) -> Result<()> {
+    let oc = out_channels;
+    let lens = [
+        bias.len(),
+        gamma.len(),
+        beta.len(),
+        running_mean.len(),
+        running_var.len(),
+    ];
+    if lens.iter().any(|&l| l != oc) || oc == 0 || !weight.len().is_multiple_of(oc) {
+        return Err(Error::shape(
+            "fold_batchnorm",
+            format!(
+                "{oc} channels: weight has {} values, bias/gamma/beta/mean/var have {lens:?}",
+                weight.len()
+            ),
+        ));
+    }
+    let per = weight.len() / oc;
+    for o in 0..oc {
+        let s = (gamma[o] as f64 / (running_var[o] as f64 + eps as f64).sqrt()) as f32;
+        for w in &mut weight[o * per..(o + 1) * per] {
+            *w *= s;
+        }
+        bias[o] = ((bias[o] as f64 - running_mean[o] as f64) * s as f64 + beta[o] as f64) as f32;
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    c: u32,
+    o: u32,
+    d: u32,
+    h: u32,
+    w: u32,
+    dhw: u32,
+    groups: u32,
+    tiles_x: u32,
+    tiles_y: u32,
+    _pad: [u32; 3],
+}
+
+/// Tile of the K = 3 subgroup kernel `conv3d_k3_sg`: rows of y per lane, slices of z,
+/// output channels. Per input channel it loads 54 weights and 6 × 13 inputs per lane for
+/// 13824 FMAs; measured on lavapipe it beat 16 × 1 × 16, 16 × 1 × 32 and 32 × 1 × 32
+/// (whose 1024 accumulators also take about a minute to JIT).
+const SG3_TILE: (usize, usize, usize) = (8, 4, 16);
+/// Voxels per lane and output-channel counts of the K = 1 subgroup kernels
+/// `conv3d_k1_sg{channels}` (chosen like the K = 3 tiles).
+const SG1_V: usize = 8;
+const SG1_TILES: [usize; 2] = [32, 64];
+
+/// Whether the subgroup kernels fit this device (subgroups of at least 8 lanes, CPU-like).
+fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
+    ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8
+}
+
+/// `conv3d_k3_sg_tex`: `conv3d_k3_sg` reading x through a texture copy of it (bindings 0
+/// params, 2 weight, 3 bias, 4 out, 5 texture), or None when x does not fit that copy
+/// (whole rgba32float texels, the device's texture size).
+fn tex_dispatch(
+    ctx: &GpuContext,
+    d: &ConvDims,
+    p: &Params,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+    workgroups: [u32; 3],
+    relu: bool,
+) -> Result<Option<Dispatch>> {
+    let numel = (d.n * d.c * d.voxels()) as u64;
+    let texels = numel / 4;
+    let width = GpuContext::TEXTURE_WIDTH as u64;
+    if !numel.is_multiple_of(4)
+        || texels == 0
+        || texels.div_ceil(width) > ctx.caps.max_texture_2d as u64
+    {
+        return Ok(None);
+    }
+    let entry = "conv3d_k3_sg_tex";
+    let texture = ctx.scratch_texture(0, texels)?;
+    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+    let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0), ("RELU", relu as u8 as f64)])?;
+    let layout = pipeline.get_bind_group_layout(0);
+    let params = ctx.uniform(bytemuck::bytes_of(p));
+    fn buffer(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+        wgpu::BindGroupEntry {
+            binding,
+            resource: b.as_entire_binding(),
+        }
+    }
+    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(entry),
+        layout: &layout,
+        entries: &[
+            buffer(0, &params),
+            buffer(2, inputs[1]),
+            buffer(3, inputs[2]),
+            buffer(4, out),
+            wgpu::BindGroupEntry {
+                binding: 5,
+                resource: wgpu::BindingResource::TextureView(&view),
+            },
+        ],
+    });
+    Ok(Some(Dispatch {
+        name: entry,
+        before: Vec::new(),
+        after: Vec::new(),
+        pipeline,
+        bind_group,
+        workgroups,
+        offsets: Vec::new(),
+        copies: vec![Arc::new(TextureCopy {
+            buffer: inputs[0].clone(),
+            texture,
+            width: GpuContext::TEXTURE_WIDTH,
+            texel_bytes: 16,
+            texels,
+        })],
+    }))
+}
+
+fn gpu_conv3d(
+    ctx: &GpuContext,
+    d: ConvDims,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+    allow_texture: bool,
+    relu: bool,
+) -> Result<Vec<Dispatch>> {
+    let dhw = d.voxels();
+    if (d.n * d.c.max(d.o) * dhw) as u64 >= u32::MAX as u64 {
+        return Err(Error::shape(
+            "conv3d",
+            format!("{d:?} exceeds 2^32 elements per tensor"),
+        ));
+    }
+    if d.n == 0 || d.o == 0 || dhw == 0 {
+        return Ok(vec![]);
+    }
+    let sg = use_subgroup_kernel(ctx);
+    let (ry, rz, to3) = SG3_TILE;
+    let to1 = SG1_TILES
+        .iter()
+        .copied()
+        .rfind(|&to| to <= d.o)
+        .unwrap_or(SG1_TILES[0]);
+    let (tiles_x, tiles_y) = (d.w.div_ceil(8), d.h.div_ceil(ry));
+    let ot = match (sg, d.k) {
+        (false, _) => 8,
+        (true, 1) => to1,
+        (true, _) => to3,
+    };
+    let groups = d.o.div_ceil(ot);
+    let p = Params {
+        c: d.c as u32,
+        o: d.o as u32,
+        d: d.d as u32,
+        h: d.h as u32,
+        w: d.w as u32,
+        dhw: dhw as u32,
+        groups: groups as u32,
+        tiles_x: tiles_x as u32,
+        tiles_y: tiles_y as u32,
+        _pad: [0; 3],
+    };
+    let z = (d.n * groups) as u32;
+    if z > ctx.caps.max_workgroups_per_dim {
+        return Err(Error::Gpu(format!(
+            "conv3d: {z} batch × channel groups exceed the device's dispatch limit"
+        )));
+    }
+    let (shader, entry, blocks) = if sg && d.k == 1 {
+        let entry = if to1 == 32 {
+            "conv3d_k1_sg32"
+        } else {
+            "conv3d_k1_sg64"
+        };
+        (&CONV3D, entry, dhw.div_ceil(8 * SG1_V) as u64)
+    } else if sg {
+        let blocks = tiles_x * tiles_y * d.d.div_ceil(rz);
+        if allow_texture {
+            let [wx, wy, _] = ctx.grid(blocks as u64)?;
+            if let Some(t) = tex_dispatch(ctx, &d, &p, inputs, out, [wx, wy, z], relu)? {
+                return Ok(vec![t]);
+            }
+        }
+        (&CONV3D, "conv3d_k3_sg", blocks as u64)
+    } else if ctx.caps.subgroups {
+        (&CONV3D, "conv3d", dhw.div_ceil(64) as u64)
+    } else {
+        (CONV3D.portable(), "conv3d", dhw.div_ceil(64) as u64)
+    };
+    let [wx, wy, _] = ctx.grid(blocks)?;
+    Ok(vec![ctx.dispatch(KernelArgs {
+        shader,
+        entry,
+        constants: &[("K", d.k as f64), ("RELU", relu as u8 as f64)],
+        buffers: &[inputs[0], inputs[1], inputs[2], out],
+        params: bytemuck::bytes_of(&p),
+        workgroups: [wx, wy, z],
+    })?])
+}
+
+/// The context gate `out = raw + (W·raw + b)·σ(gate)` of `ops::fusion` as the K = 1
+/// subgroup kernel with a gated epilogue (`context_gate_k1_sg*`): raw (n, c, s), W (c, c),
+/// b (c), gate (n, c, s). None where that kernel does not apply (no CPU-like subgroups,
+/// fewer than 5 storage buffers per stage, or more than 2^32 elements).
+pub(crate) fn context_gate_dispatch(
+    ctx: &GpuContext,
+    (n, c, s): (usize, usize, usize),
+    inputs: [&wgpu::Buffer; 4],
+    out: &wgpu::Buffer,
+) -> Result<Option<Dispatch>> {
+    if !use_subgroup_kernel(ctx)
+        || ctx.caps.max_storage_buffers_per_stage < 5
+        || (n * c * s) as u64 >= u32::MAX as u64
+        || n * c * s == 0
+    {
+        return Ok(None);
+    }
+    let to = SG1_TILES
+        .iter()
+        .copied()
+        .rfind(|&to| to <= c)
+        .unwrap_or(SG1_TILES[0]);
+    let groups = c.div_ceil(to);
+    let z = (n * groups) as u32;
+    if z > ctx.caps.max_workgroups_per_dim {
+        return Ok(None);
+    }
+    let p = Params {
+        c: c as u32,
+        o: c as u32,
+        d: 1,
+        h: 1,
+        w: s as u32,
+        dhw: s as u32,
+        groups: groups as u32,
+        tiles_x: 0,
+        tiles_y: 0,
+        _pad: [0; 3],
+    };
+    let entry = if to == 32 {
+        "context_gate_k1_sg32"
+    } else {
+        "context_gate_k1_sg64"
+    };
+    let [wx, wy, _] = ctx.grid(s.div_ceil(8 * SG1_V) as u64)?;
+    let [raw, w, b, gate] = inputs;
+    let args = KernelArgs {
+        shader: &CONV3D,
+        entry,
+        constants: &[("K", 1.0)],
+        buffers: &[raw, w, b, out, gate],
+        params: bytemuck::bytes_of(&p),
+        workgroups: [wx, wy, z],
+    };
+    Ok(Some(ctx.dispatch_bound(args, &[1, 2, 3, 4, 6])?))
+}
+
+impl Op for Conv3d {
+    fn name(&self) -> &'static str {
+        "conv3d"
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        let d = self.dims(inputs)?;
+        Ok(vec![d.n, d.o, d.d, d.h, d.w])
+    }
+    fn cpu(&self, inputs: &[&[f32]], shapes: &[&[usize]], out: &mut [f32]) {
+        let d = self
+            .dims(shapes)
+            .expect("shapes were checked when the graph was built");
+        conv3d(d, inputs[0], inputs[1], inputs[2], out);
+        if self.relu {
+            let n = d.n * d.o * d.voxels();
+            par::for_units(&mut out[..n], 1 << 16, 1, |_, v| {
+                v.iter_mut().for_each(|v| *v = v.max(0.0))
+            });
+        }
+    }
+    fn gpu(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&wgpu::Buffer],
+        shapes: &[&[usize]],
+        out: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let d = self.dims(shapes)?;
+        gpu_conv3d(ctx, d, inputs, out, true, self.relu)
+    }
+    fn flops(&self, shapes: &[&[usize]]) -> u64 {
+        self.dims(shapes)
+            .map(|d| 2 * (d.n * d.o * d.voxels() * d.c * d.k * d.k * d.k) as u64)
+            .unwrap_or(0)
+    }
+    fn depth_rule(&self, shapes: &[&[usize]]) -> Option<super::DepthRule> {
+        self.dims(shapes).ok()?;
+        let map = super::DepthMap::Same {
+            halo: self.kernel / 2,
+        };
+        Some(super::DepthRule::first(1, 3, map))
+    }
+}
+
+/// Benchmark cases for `cargo bench`.
+pub fn bench_cases() -> Vec<crate::bench::Case> {
+    use crate::bench::Case;
+    vec![
+        Case::new(
+            "conv3d 32->32 k3 64^3",
+            Conv3d::new(3),
+            vec![vec![1, 32, 64, 64, 64], vec![32, 32, 3, 3, 3], vec![32]],
+        ),
+        Case::new(
+            "conv3d 384->64 k1 32^3",
+            Conv3d::new(1),
+            vec![vec![1, 384, 32, 32, 32], vec![64, 384, 1, 1, 1], vec![64]],
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,882 @@
+//! Tests of [`super`]: the CPU reference against naive definitions, every kernel
+//! against the reference on random inputs.
+
+use super::*;
+use crate::ops::testing::{check_op, check_op_with, random, rng};
+
+/// Plain triple loop, to check the gemm-backed reference itself.
+fn naive(m: &Matmul, d: Dims, a: &[f32], b: &[f32], bias: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; d.batch * d.m * d.n];
+    for bi in 0..d.batch {
+        for i in 0..d.m {
+            for j in 0..d.n {
+                let mut s = if bias.is_empty() {
+                    0f64
+                } else {
+                    bias[j] as f64
+                };
+                for l in 0..d.k {
+                    let av = if m.trans_a {
+                        a[bi * d.m * d.k + l * d.m + i]
+                    } else {
+                        a[bi * d.m * d.k + i * d.k + l]
+                    };
+                    let bo = if d.b_batched { bi * d.k * d.n } else { 0 };
+                    let bv = if m.trans_b {
+                        b[bo + j * d.k + l]
+                    } else {
+                        b[bo + l * d.n + j]
+                    };
+                    s += av as f64 * bv as f64;
+                }
+                out[bi * d.m * d.n + i * d.n + j] = m.act.apply(s as f32);
+            }
+        }
+    }
+    out
+}
+
+fn shapes(
+    m: &Matmul,
+    batch: Option<usize>,
+    rows: usize,
+    n: usize,
+    k: usize,
+    b_batched: bool,
+) -> Vec<Vec<usize>> {
+    let mut a = if m.trans_a {
+        vec![k, rows]
+    } else {
+        vec![rows, k]
+    };
+    let mut b = if m.trans_b { vec![n, k] } else { vec![k, n] };
+    if let Some(bt) = batch {
+        a.insert(0, bt);
+        if b_batched {
+            b.insert(0, bt);
+        }
+    }
+    let mut s = vec![a, b];
+    if m.bias {
+        s.push(vec![n]);
+    }
+    s
+}
+
+#[test]
+fn reference_matches_naive() {
+    let mut r = rng();
+    for (ta, tb, bias, act) in [
+        (false, false, false, Activation::Identity),
+        (true, false, true, Activation::Gelu),
+        (false, true, true, Activation::Silu),
+        (true, true, false, Activation::Identity),
+    ] {
+        let m = Matmul {
+            trans_a: ta,
+            trans_b: tb,
+            bias,
+            kernel: MatmulKernel::Auto,
+            act,
+            w_f16: false,
+            epi: Epilogue::None,
+            x_f16: false,
+            out_f16: false,
+        };
+        let s = shapes(&m, Some(3), 7, 5, 9, true);
+        let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
+        let refs: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
+        let d = m.dims(&refs).unwrap();
+        let mut out = vec![0f32; d.batch * d.m * d.n];
+        let bias_d: &[f32] = if bias { &data[2] } else { &[] };
+        matmul(&m, d, &data[0], &data[1], bias_d, &mut out);
+        let want = naive(&m, d, &data[0], &data[1], bias_d);
+        let e = crate::ops::testing::rel_err(&out, &want);
+        assert!(e < 1e-5, "{m:?}: {e}");
+    }
+}
+
+/// Products large enough for the blocked CPU path (rows in blocks, each finished in
+/// cache) with bias, GELU and each epilogue, against the naive product and the
+/// epilogues' definitions; rows not a multiple of any block size.
+#[test]
+fn blocked_reference_matches_naive() {
+    let mut r = rng();
+    let (b, t, k, heads, hd, prefix) = (5, 2 * BLOCK_ROWS / 5 + 13, 17, 2, 6, 3);
+    let n = heads * hd;
+    assert!(b * t >= 2 * BLOCK_ROWS, "the blocked path must run");
+    let x = random(&mut r, b * t * k);
+    let w = random(&mut r, n * k);
+    let bias = random(&mut r, n);
+    let (ch, sh) = (
+        random(&mut r, (t - prefix) * hd / 2),
+        random(&mut r, (t - prefix) * hd / 2),
+    );
+    let resid = random(&mut r, b * t * n);
+    let lambda = random(&mut r, n);
+    let gelu = Matmul {
+        act: Activation::Gelu,
+        ..Matmul::linear(true)
+    };
+    let d = Dims {
+        batch: b,
+        m: t,
+        n,
+        k,
+        b_batched: false,
+    };
+    let plain = naive(&gelu, d, &x, &w, &bias);
+    let ins = [(&x[..], &[b, t, k][..]), (&w, &[n, k]), (&bias, &[n])];
+    let run = |m: &Matmul, extra: &[(&[f32], &[usize])]| {
+        let all: Vec<(&[f32], &[usize])> = ins.iter().chain(extra).copied().collect();
+        crate::ops::run_cpu(m, &all).unwrap().0
+    };
+    let got = run(&gelu, &[]);
+    assert!(crate::ops::testing::rel_err(&got, &plain) < 1e-5);
+
+    let with_rope = gelu.with_epilogue(Epilogue::Rope { heads, prefix });
+    let got = run(
+        &with_rope,
+        &[(&ch, &[t - prefix, hd / 2]), (&sh, &[t - prefix, hd / 2])],
+    );
+    let mut want = plain.clone();
+    for (row, o) in want.chunks_mut(n).enumerate() {
+        let tok = row % t;
+        if tok < prefix {
+            continue;
+        }
+        let p = tok - prefix;
+        for h in o.chunks_mut(hd) {
+            let v = h.to_vec();
+            for j in 0..hd {
+                let (c, s) = (ch[p * hd / 2 + j % (hd / 2)], sh[p * hd / 2 + j % (hd / 2)]);
+                let rot = if j < hd / 2 {
+                    -v[j + hd / 2]
+                } else {
+                    v[j - hd / 2]
+                };
+                h[j] = v[j] * c + rot * s;
+            }
+        }
+    }
+    assert!(crate::ops::testing::rel_err(&got, &want) < 1e-5);
+
+    let with_resid = gelu.with_epilogue(Epilogue::Residual);
+    let got = run(&with_resid, &[(&resid, &[b, t, n]), (&lambda, &[n])]);
+    let want: Vec<f32> = (0..plain.len())
+        .map(|i| resid[i] + lambda[i % n] * plain[i])
+        .collect();
+    assert!(crate::ops::testing::rel_err(&got, &want) < 1e-5);
+}
+
+#[test]
+fn texture_path_matches_reference() {
+    // x·Wᵀ shapes that take the texture path: every column-block width, partial last
+    // blocks, rows not a multiple of the workgroup, batch folded into rows.
+    for bias in [false, true] {
+        let m = Matmul::linear(bias);
+        for (batch, rows, n, k) in [
+            // (a single output of a 4-term dot product can cancel to ~0, where a
+            // max-relative error is meaningless: keep a few outputs)
+            (None, 2, 5, 4),
+            (None, 67, 37, 64),
+            (Some(3), 45, 70, 1024),
+            (None, 130, 21, 1536),
+            (None, 33, 9, 4000),
+            (None, 257, 384, 384),
+        ] {
+            check_op(&m, &shapes(&m, batch, rows, n, k, false), 1e-5);
+        }
+    }
+}
+
+#[test]
+fn texture_path_is_chosen_where_it_applies() {
+    let c = crate::ops::testing::ctx();
+    let names = |m: Matmul, s: Vec<Vec<usize>>| -> Vec<&'static str> {
+        let bufs: Vec<_> = s.iter().map(|x| c.empty(x).unwrap()).collect();
+        let refs: Vec<&wgpu::Buffer> = bufs.iter().map(|t| t.buffer.as_ref()).collect();
+        let sh: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
+        let out = c.empty(&[1]).unwrap();
+        m.gpu(c, &refs, &sh, &out.buffer)
+            .unwrap()
+            .iter()
+            .map(|d| d.name)
+            .collect()
+    };
+    let lin = Matmul::linear(false);
+    let expect_tex =
+        c.caps.subgroups && c.caps.min_subgroup_size >= 8 && c.caps.max_uniform_binding >= WINDOW;
+    let got = names(lin, vec![vec![10, 384], vec![40, 384]]);
+    if expect_tex {
+        assert_eq!(got, vec!["matmul_tex16"; 3]);
+        assert_eq!(
+            names(lin, vec![vec![10, 1536], vec![8, 1536]]),
+            vec!["matmul_tex16"]
+        );
+        assert_eq!(
+            names(lin, vec![vec![10, 4096], vec![5, 4096]]),
+            vec!["matmul_tex4"; 2]
+        );
+    }
+    // K % 4 != 0 and transposed A always take the generic kernel.
+    assert_eq!(names(lin, vec![vec![10, 6], vec![5, 6]]), vec!["matmul"]);
+    let gen = Matmul {
+        kernel: MatmulKernel::Generic,
+        ..lin
+    };
+    assert_eq!(
+        names(gen, vec![vec![10, 384], vec![40, 384]]),
+        vec!["matmul"]
+    );
+}
+
+#[test]
+fn kernel_matches_reference() {
+    for (ta, tb, bias) in [
+        (false, false, false),
+        (false, true, true),
+        (true, false, true),
+        (true, true, false),
+    ] {
+        let m = Matmul {
+            trans_a: ta,
+            trans_b: tb,
+            bias,
+            kernel: MatmulKernel::Generic,
+            act: Activation::Identity,
+            w_f16: false,
+            epi: Epilogue::None,
+            x_f16: false,
+            out_f16: false,
+        };
+        for (batch, rows, n, k, bb) in [
+            (None, 1, 1, 1, false),
+            (None, 33, 17, 65, false),
+            (Some(3), 45, 70, 19, true),
+            (Some(2), 130, 67, 200, false),
+            (None, 257, 384, 384, false),
+        ] {
+            check_op(&m, &shapes(&m, batch, rows, n, k, bb), 1e-5);
+        }
+    }
+}
+
+#[test]
+fn epilogue_activation_matches_reference() {
+    // Both kernels (texture path where the device has it, and the generic one), with
+    // and without bias, odd sizes.
+    for act in [Activation::Gelu, Activation::Silu] {
+        for kernel in [MatmulKernel::Auto, MatmulKernel::Generic] {
+            for bias in [false, true] {
+                let m = Matmul {
+                    kernel,
+                    ..Matmul::linear(bias).with_act(act)
+                };
+                for (batch, rows, n, k) in [(None, 67, 37, 64), (Some(2), 45, 70, 1536)] {
+                    check_op(&m, &shapes(&m, batch, rows, n, k, false), 1e-5);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `m` on the GPU (B uploaded as packed f16 when `m.w_f16`), output poisoned;
+/// returns the output and the dispatch names.
+fn run_w16(m: &Matmul, data: &[Vec<f32>], s: &[Vec<usize>]) -> (Vec<f32>, Vec<&'static str>) {
+    let c = crate::ops::testing::ctx();
+    let sh: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
+    let t: Vec<_> = data
+        .iter()
+        .zip(s)
+        .enumerate()
+        .map(|(i, (d, x))| {
+            if i == 1 && m.w_f16 {
+                c.upload_f16(d, x).unwrap()
+            } else {
+                // (device buffers of at least 64 KiB, as the executor's: small
+                // weights take the texture path too)
+                let t = c.empty(x).unwrap();
+                c.write(&t.buffer, d);
+                t
+            }
+        })
+        .collect();
+    let out = c.empty(&m.output_shape(&sh).unwrap()).unwrap();
+    c.fill(&out.buffer, f32::NAN);
+    let bufs: Vec<&wgpu::Buffer> = t.iter().map(|x| x.buffer.as_ref()).collect();
+    let ds = m.gpu(c, &bufs, &sh, &out.buffer).unwrap();
+    let names = ds.iter().map(|d| d.name).collect();
+    c.run(&ds).unwrap();
+    (c.download(&out).unwrap(), names)
+}
+
+#[test]
+fn f16_weights_match_reference() {
+    // Every kernel with B stored as f16: against the reference with B rounded to f16
+    // (the same numbers: 1e-5) and against the f32 reference (f16 tolerance).
+    let mut r = rng();
+    let mut seen = std::collections::BTreeSet::new();
+    for (kernel, ta, tb, bias, batch, rows, n, k, bb, act) in [
+        (
+            MatmulKernel::Auto,
+            false,
+            true,
+            true,
+            None,
+            67,
+            37,
+            64,
+            false,
+            Activation::Gelu,
+        ),
+        (
+            MatmulKernel::Auto,
+            false,
+            true,
+            false,
+            Some(2),
+            45,
+            70,
+            1536,
+            false,
+            Activation::Identity,
+        ),
+        (
+            MatmulKernel::Auto,
+            false,
+            true,
+            true,
+            None,
+            33,
+            21,
+            4104,
+            false,
+            Activation::Silu,
+        ),
+        (
+            MatmulKernel::Auto,
+            false,
+            true,
+            true,
+            None,
+            9,
+            13,
+            20,
+            false,
+            Activation::Identity,
+        ),
+        (
+            MatmulKernel::Generic,
+            false,
+            true,
+            true,
+            None,
+            57,
+            35,
+            136,
+            false,
+            Activation::Gelu,
+        ),
+        (
+            MatmulKernel::Generic,
+            true,
+            false,
+            false,
+            Some(3),
+            31,
+            17,
+            19,
+            true,
+            Activation::Identity,
+        ),
+        (
+            MatmulKernel::Generic,
+            false,
+            false,
+            true,
+            None,
+            5,
+            7,
+            3,
+            false,
+            Activation::Identity,
+        ),
+    ] {
+        let m = Matmul {
+            trans_a: ta,
+            trans_b: tb,
+            bias,
+            kernel,
+            act,
+            w_f16: true,
+            epi: Epilogue::None,
+            x_f16: false,
+            out_f16: false,
+        };
+        let s = shapes(&m, batch, rows, n, k, bb);
+        let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
+        let inputs: Vec<(&[f32], &[usize])> = data
+            .iter()
+            .zip(&s)
+            .map(|(d, x)| (d.as_slice(), x.as_slice()))
+            .collect();
+        let (want16, _) = crate::ops::run_cpu(&m, &inputs).unwrap();
+        let (want32, _) = crate::ops::run_cpu(&Matmul { w_f16: false, ..m }, &inputs).unwrap();
+        let (got, names) = run_w16(&m, &data, &s);
+        seen.extend(names.iter().copied());
+        let e16 = crate::ops::testing::rel_err(&got, &want16);
+        let e32 = crate::ops::testing::rel_err(&got, &want32);
+        assert!(
+            e16 <= 1e-5,
+            "{m:?} {s:?} {names:?}: {e16} vs the f16-weight reference"
+        );
+        assert!(
+            e32 <= 1e-2,
+            "{m:?} {s:?} {names:?}: {e32} vs the f32 reference"
+        );
+    }
+    assert!(seen.contains("matmul"), "{seen:?}");
+    let c = crate::ops::testing::ctx();
+    if c.caps.subgroups && c.caps.min_subgroup_size >= 8 && c.caps.max_uniform_binding >= WINDOW {
+        for e in ["matmul_tex16h", "matmul_tex4h"] {
+            assert!(seen.contains(e), "{e} not exercised: {seen:?}");
+        }
+    }
+}
+
+/// Whether this device takes the texture path (and so the fused epilogues).
+fn has_texture_path() -> bool {
+    let c = crate::ops::testing::ctx();
+    c.caps.subgroups && c.caps.min_subgroup_size >= 8 && c.caps.max_uniform_binding >= WINDOW
+}
+
+/// Random inputs of `s`, runs `m` on both backends (output poisoned) and checks them
+/// against each other; returns the dispatch names.
+fn check_fused(m: &Matmul, s: &[Vec<usize>], r: &mut rand::rngs::SmallRng) -> Vec<&'static str> {
+    let data: Vec<Vec<f32>> = s.iter().map(|x| random(r, numel(x))).collect();
+    let inputs: Vec<(&[f32], &[usize])> = data
+        .iter()
+        .zip(s)
+        .map(|(d, x)| (d.as_slice(), x.as_slice()))
+        .collect();
+    let (want, _) = crate::ops::run_cpu(m, &inputs).unwrap();
+    let (got, names) = run_w16(m, &data, s);
+    let e = crate::ops::testing::rel_err(&got, &want);
+    assert!(e <= 1e-5, "{m:?} {s:?} {names:?}: rel err {e}");
+    names
+}
+
+#[test]
+fn rope_epilogue_matches_reference() {
+    // q/k projections with RoPE fused: odd token counts, registers, several heads,
+    // bias or not, f32 and f16 weights, both kernels; hd/2 = 4 cannot pair on the
+    // texture path and takes the in-place pass.
+    let mut r = rng();
+    let mut seen = std::collections::BTreeSet::new();
+    for (batch, t, heads, hd, prefix, k) in [
+        (Some(2), 37, 3, 16, 5, 64),
+        (Some(3), 21, 2, 64, 1, 96),
+        (None, 9, 4, 8, 1, 24),
+        (Some(1), 203, 6, 64, 5, 384),
+        (Some(2), 3, 2, 16, 3, 16),
+    ] {
+        for (kernel, w_f16, bias) in [
+            (MatmulKernel::Auto, false, true),
+            (MatmulKernel::Auto, false, false),
+            (MatmulKernel::Auto, true, true),
+            (MatmulKernel::Generic, false, true),
+            (MatmulKernel::Generic, true, false),
+        ] {
+            let m = Matmul {
+                kernel,
+                w_f16,
+                ..Matmul::linear(bias).with_epilogue(Epilogue::Rope { heads, prefix })
+            };
+            let mut s = shapes(&m.plain(), batch, t, heads * hd, k, false);
+            s.extend([vec![t - prefix, hd / 2], vec![t - prefix, hd / 2]]);
+            let names = check_fused(&m, &s, &mut r);
+            seen.extend(names.iter().copied());
+            let fused = names.iter().any(|n| n.ends_with("_rope"));
+            let pass = names.contains(&"rope_inplace");
+            assert!(fused != pass, "{names:?}");
+            if kernel == MatmulKernel::Auto && has_texture_path() {
+                assert_eq!(fused, (hd / 2) % 8 == 0, "{m:?} {s:?}: {names:?}");
+            }
+        }
+    }
+    if has_texture_path() {
+        for e in ["matmul_tex16_rope", "matmul_tex16h_rope", "rope_inplace"] {
+            assert!(seen.contains(e), "{e} not exercised: {seen:?}");
+        }
+    }
+}
+
+#[test]
+fn rope_epilogue_reference_is_matmul_then_rope() {
+    // The fused CPU reference against the separate ops: Matmul, then the Rope op
+    // with HF's full (tiled) tables.
+    let mut r = rng();
+    let (b, t, heads, hd, prefix, k) = (2, 11, 3, 8, 3, 20);
+    let m = Matmul::linear(true).with_epilogue(Epilogue::Rope { heads, prefix });
+    let x = random(&mut r, b * t * k);
+    let w = random(&mut r, heads * hd * k);
+    let bias = random(&mut r, heads * hd);
+    let (ch, sh) = (
+        random(&mut r, (t - prefix) * hd / 2),
+        random(&mut r, (t - prefix) * hd / 2),
+    );
+    let n = heads * hd;
+    let (got, _) = crate::ops::run_cpu(
+        &m,
+        &[
+            (&x, &[b, t, k]),
+            (&w, &[n, k]),
+            (&bias, &[n]),
+            (&ch, &[t - prefix, hd / 2]),
+            (&sh, &[t - prefix, hd / 2]),
+        ],
+    )
+    .unwrap();
+    let (y, _) = crate::ops::run_cpu(
+        &Matmul::linear(true),
+        &[(&x, &[b, t, k]), (&w, &[n, k]), (&bias, &[n])],
+    )
+    .unwrap();
+    let full = |h: &[f32]| -> Vec<f32> {
+        h.chunks(hd / 2)
+            .flat_map(|r| r.iter().chain(r).copied())
+            .collect()
+    };
+    let rope = super::super::rope::Rope { heads, prefix };
+    let (want, _) = crate::ops::run_cpu(
+        &rope,
+        &[
+            (&y, &[b, t, n]),
+            (&full(&ch), &[t - prefix, hd]),
+            (&full(&sh), &[t - prefix, hd]),
+        ],
+    )
+    .unwrap();
+    assert_eq!(got, want);
+    // The prefix rows are the plain product, the others are rotated.
+    assert_eq!(got[..prefix * n], y[..prefix * n]);
+    assert_ne!(got[prefix * n..t * n], y[prefix * n..t * n]);
+}
+
+/// The activation pass (AVX2 where the CPU has it) gives exactly the per-element
+/// functions, on odd lengths and inputs over GELU's whole range.
+#[test]
+fn activation_pass_is_the_elementwise_function() {
+    use rand::Rng;
+    let mut r = rng();
+    for act in [Activation::Gelu, Activation::Silu, Activation::Identity] {
+        for n in [1, 7, 8, 9, 1031] {
+            let x: Vec<f32> = (0..n).map(|_| r.random_range(-30.0f32..30.0)).collect();
+            let mut got = x.clone();
+            activate(act, &mut got);
+            let want: Vec<f32> = x.iter().map(|v| act.apply(*v)).collect();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{act:?} n {n}");
+        }
+    }
+}
+
+#[test]
+fn residual_epilogue_reference_is_matmul_then_scale_add() {
+    // The fused CPU reference (in place, split by rows) against the product and the
+    // one-line definition resid[i] + λ[i % n] · y[i], on a size that splits.
+    let mut r = rng();
+    let (b, t, n, k) = (3, 261, 40, 24);
+    let m = Matmul::linear(true).with_epilogue(Epilogue::Residual);
+    let x = random(&mut r, b * t * k);
+    let w = random(&mut r, n * k);
+    let bias = random(&mut r, n);
+    let resid = random(&mut r, b * t * n);
+    let lambda = random(&mut r, n);
+    let (got, _) = crate::ops::run_cpu(
+        &m,
+        &[
+            (&x, &[b, t, k]),
+            (&w, &[n, k]),
+            (&bias, &[n]),
+            (&resid, &[b, t, n]),
+            (&lambda, &[n]),
+        ],
+    )
+    .unwrap();
+    let (y, _) = crate::ops::run_cpu(
+        &Matmul::linear(true),
+        &[(&x, &[b, t, k]), (&w, &[n, k]), (&bias, &[n])],
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..y.len())
+        .map(|i| resid[i] + lambda[i % n] * y[i])
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn residual_epilogue_matches_reference() {
+    // out = resid + λ ⊙ (x·Wᵀ + b): 16- and 4-column blocks (K up to 4104), partial
+    // last blocks, bias or not, f32 and f16 weights, both kernels; an activation
+    // before the residual takes the in-place pass.
+    let mut r = rng();
+    let mut seen = std::collections::BTreeSet::new();
+    // (N % 4 != 0 cannot stream the residual as 4-column texels: in-place pass)
+    for (batch, rows, n, k) in [
+        (Some(2), 45, 68, 64),
+        (None, 67, 36, 1536),
+        (Some(3), 13, 20, 4000),
+        (None, 33, 12, 4104),
+        (Some(2), 7, 37, 64),
+    ] {
+        for (kernel, w_f16, bias, act) in [
+            (MatmulKernel::Auto, false, true, Activation::Identity),
+            (MatmulKernel::Auto, false, false, Activation::Identity),
+            (MatmulKernel::Auto, true, true, Activation::Identity),
+            (MatmulKernel::Auto, false, true, Activation::Gelu),
+            (MatmulKernel::Generic, false, true, Activation::Identity),
+            (MatmulKernel::Generic, true, false, Activation::Silu),
+        ] {
+            let m = Matmul {
+                kernel,
+                w_f16,
+                ..Matmul::linear(bias)
+                    .with_act(act)
+                    .with_epilogue(Epilogue::Residual)
+            };
+            let mut s = shapes(&m.plain(), batch, rows, n, k, false);
+            let mut out = s[0].clone();
+            *out.last_mut().unwrap() = n;
+            s.extend([out, vec![n]]);
+            let names = check_fused(&m, &s, &mut r);
+            seen.extend(names.iter().copied());
+            let fused = names.iter().any(|n| n.ends_with("_res"));
+            assert!(fused != names.contains(&"residual_inplace"), "{names:?}");
+            // (f32 weights with K = 4104 exceed a window: generic kernel)
+            if names[0].starts_with("matmul_tex") {
+                assert_eq!(
+                    fused,
+                    act == Activation::Identity && n % 4 == 0,
+                    "{names:?}"
+                );
+            }
+        }
+    }
+    if has_texture_path() {
+        for e in [
+            "matmul_tex16_res",
+            "matmul_tex4_res",
+            "matmul_tex16h_res",
+            "matmul_tex4h_res",
+            "residual_inplace",
+        ] {
+            assert!(seen.contains(e), "{e} not exercised: {seen:?}");
+        }
+    }
+}
+
+#[test]
+fn epilogues_reject_bad_inputs() {
+    let rope = Matmul::linear(false).with_epilogue(Epilogue::Rope {
+        heads: 2,
+        prefix: 1,
+    });
+    // cos/sin must be (T − prefix, hd/2).
+    let e = rope
+        .output_shape(&[&[5, 8], &[16, 8], &[4, 8], &[4, 8]])
+        .unwrap_err();
+    assert!(e.to_string().contains("cos and sin"), "{e}");
+    assert!(rope
+        .output_shape(&[&[5, 8], &[16, 8], &[4, 4], &[4, 4]])
+        .is_ok());
+    // Head size must be even; missing tables are an input-count error.
+    let e = Matmul::linear(false)
+        .with_epilogue(Epilogue::Rope {
+            heads: 3,
+            prefix: 0,
+        })
+        .output_shape(&[&[5, 8], &[9, 8], &[5, 1], &[5, 1]])
+        .unwrap_err();
+    assert!(e.to_string().contains("even"), "{e}");
+    assert!(rope.output_shape(&[&[5, 8], &[16, 8]]).is_err());
+    let res = Matmul::linear(true).with_epilogue(Epilogue::Residual);
+    let e = res
+        .output_shape(&[&[2, 5, 8], &[6, 8], &[6], &[10, 6], &[6]])
+        .unwrap_err();
+    assert!(e.to_string().contains("residual"), "{e}");
+    assert!(res
+        .output_shape(&[&[2, 5, 8], &[6, 8], &[6], &[2, 5, 6], &[6]])
+        .is_ok());
+}
+
+/// Times the bench cases whose label contains `LAB_FILTER` by GFLOP per CPU-second
+/// (development aid).
+#[test]
+#[ignore]
+fn lab_time() {
+    let filter = std::env::var("LAB_FILTER").unwrap_or_default();
+    for case in bench_cases() {
+        if case.label.contains(&filter) {
+            eprintln!("{}", case.label);
+            crate::ops::testing::lab_time(crate::ops::testing::ctx(), &case);
+        }
+    }
+}
+
+/// The gemm crate's ceiling on the ViT-S linear shapes (M = 16·261 tokens, x·Wᵀ):
+/// our reference vs the crate with W transposed once to [K, N], with and without the
+/// pre-filled bias, with Rayon(threads) vs None, by GFLOP per process CPU-second
+/// (development aid: `cargo test --release --lib gemm_ceiling -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn gemm_ceiling() {
+    use crate::bench::process_cpu_seconds;
+    let mut r = rng();
+    let rows = 16 * 261;
+    let reps = 6;
+    for (k, n) in [(384, 1152), (384, 384), (384, 1536), (1536, 384)] {
+        let a = random(&mut r, rows * k);
+        let w = random(&mut r, n * k);
+        let bias = random(&mut r, n);
+        let mut wt = vec![0f32; k * n];
+        for j in 0..n {
+            for l in 0..k {
+                wt[l * n + j] = w[j * k + l];
+            }
+        }
+        let mut out = vec![f32::NAN; rows * n];
+        let gf = 2.0 * (rows * n * k) as f64 * reps as f64 / 1e9;
+        let time = |label: &str, f: &mut dyn FnMut(&mut [f32])| {
+            let mut out = vec![f32::NAN; rows * n];
+            f(&mut out);
+            let (w0, c0) = (std::time::Instant::now(), process_cpu_seconds().unwrap());
+            for _ in 0..reps {
+                f(&mut out);
+            }
+            let (wt, ct) = (
+                w0.elapsed().as_secs_f64(),
+                process_cpu_seconds().unwrap() - c0,
+            );
+            eprintln!(
+                "K={k:4} N={n:4} {label:40} {:6.1} GFLOP/s wall {:6.1} GFLOP/CPU-s",
+                gf / wt,
+                gf / ct
+            );
+            out
+        };
+        let m = Matmul::linear(true);
+        let d = Dims {
+            batch: 1,
+            m: rows,
+            n,
+            k,
+            b_batched: false,
+        };
+        let ours = time("reference (W [N,K], bias prefill)", &mut |o| {
+            matmul(&m, d, &a, &w, &bias, o)
+        });
+        let raw = |o: &mut [f32], b: &[f32], (b_rs, b_cs): (isize, isize), pre: bool, par| unsafe {
+            if pre {
+                for row in o.chunks_mut(n) {
+                    row.copy_from_slice(&bias);
+                }
+            }
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                o.as_mut_ptr(),
+                1,
+                n as isize,
+                pre,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                b_cs,
+                b_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        };
+        let par = crate::ops::par::gemm_parallelism();
+        let th = crate::ops::par::threads();
+        for (label, wl, st, pre, p) in [
+            ("W [N,K] no bias Rayon", &w, (1, k as isize), false, par),
+            (
+                "W^T [K,N] bias prefill Rayon",
+                &wt,
+                (n as isize, 1),
+                true,
+                par,
+            ),
+            ("W^T [K,N] no bias Rayon", &wt, (n as isize, 1), false, par),
+            (
+                "W^T [K,N] no bias None",
+                &wt,
+                (n as isize, 1),
+                false,
+                gemm::Parallelism::None,
+            ),
+        ] {
+            time(label, &mut |o| raw(o, wl, st, pre, p));
+        }
+        // Row blocks, one per thread, each single-threaded.
+        let _ = time("W^T [K,N] row blocks per thread", &mut |o| {
+            let per = rows.div_ceil(th);
+            let so = crate::ops::par::SharedOut::new(o);
+            crate::ops::par::for_each_index(th, |t| {
+                let r0 = t * per;
+                let r1 = (r0 + per).min(rows);
+                let o = unsafe { so.slice(r0 * n, (r1 - r0) * n) };
+                unsafe {
+                    gemm::gemm(
+                        r1 - r0,
+                        n,
+                        k,
+                        o.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr().add(r0 * k),
+                        1,
+                        k as isize,
+                        wt.as_ptr(),
+                        1,
+                        n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        });
+        out.copy_from_slice(&ours);
+    }
+}
+
+#[test]
+fn kernel_handles_k_zero_free_shapes() {
+    let m = Matmul::linear(true);
+    let s = shapes(&m, None, 5, 3, 4, false);
+    let mut r = rng();
+    let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
+    check_op_with(&m, &data, &s, 1e-5);
+}
+
+#[test]
+fn rejects_mismatched_inner_size() {
+    let e = Matmul::linear(false)
+        .output_shape(&[&[4, 5], &[3, 4]])
+        .unwrap_err();
+    assert!(e.to_string().contains("inner sizes differ"), "{e}");
+}
