@@ -53,7 +53,17 @@ impl DeviceArgs {
     fn backend(&self) -> Result<ModelBackend> {
         Ok(match self.backend {
             Backend::Cpu => ModelBackend::Cpu,
-            Backend::Gpu => ModelBackend::Gpu(Arc::new(self.gpu()?)),
+            Backend::Gpu => {
+                let ctx = self.gpu()?;
+                if ctx.caps.cpu_like {
+                    eprintln!(
+                        "note: adapter \"{}\" is a software renderer on the CPU; `--backend cpu` \
+                         runs the same models several times faster on this machine",
+                        ctx.info.name
+                    );
+                }
+                ModelBackend::Gpu(Arc::new(ctx))
+            }
         })
     }
 
