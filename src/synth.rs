@@ -429,7 +429,7 @@ fn gauss_blur(v: &mut [f64], shape: [usize; 3], sigma: f64) {
         let mut line = vec![0.0; shape[axis]];
         let src = v.to_vec();
         for base in 0..v.len() {
-            if (base / s) % shape[axis] != 0 {
+            if !(base / s).is_multiple_of(shape[axis]) {
                 continue;
             }
             for (i, l) in line.iter_mut().enumerate() {

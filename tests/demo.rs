@@ -219,6 +219,6 @@ fn a_model_without_fusion_has_no_gates() {
     let mut g = Graph::new();
     let f = g.input("f", &[1, 8, 16, 16, 16]);
     let c = g.input("c", &[1, 8, 16, 16, 16]);
-    let e = u.build_with_gates(&mut g, f, c).err().expect("must fail");
+    let e = u.build_with_gates(&mut g, f, c).expect_err("must fail");
     assert!(e.to_string().contains("no context fusion"), "{e}");
 }

@@ -398,13 +398,10 @@ fn forced_limits_are_applied_and_no_better_than_the_adapter() {
                 .max_compute_workgroup_storage_size
                 .min(a.max_compute_workgroup_storage_size)
         );
-        assert_eq!(
-            ctx.caps.max_binding,
-            l.max_storage_buffer_binding_size as u64
-        );
+        assert_eq!(ctx.caps.max_binding, l.max_storage_buffer_binding_size);
         assert_eq!(
             ctx.caps.max_uniform_binding,
-            l.max_uniform_buffer_binding_size as u64
+            l.max_uniform_buffer_binding_size
         );
     }
     assert!(LimitsChoice::parse("downlevel").is_ok());

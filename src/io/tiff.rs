@@ -174,7 +174,7 @@ impl StackReader {
             ));
         }
         let k = self.channels;
-        if k > 1 && self.count % k == 0 {
+        if k > 1 && self.count.is_multiple_of(k) {
             let d = self.count / k;
             // ImageJ order (z, c, y, x) → (c, z, y, x)
             let plane = h * w;

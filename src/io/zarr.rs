@@ -253,8 +253,7 @@ pub fn create_writer(
             };
             let array = ArrayBuilder::new(shape_u64, chunks, dt, fill)
                 .bytes_to_bytes_codecs(vec![Arc::new(zarrs::array::codec::ZstdCodec::new(
-                    3.into(),
-                    false,
+                    3, false,
                 ))])
                 .dimension_names(Some(dims))
                 .build(store.clone(), "/0")

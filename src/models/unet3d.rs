@@ -500,9 +500,9 @@ impl Unet3d {
         };
         if fs.len() != 5
             || fs[1] != channels
-            || fs[2] % 16 != 0
-            || fs[3] % 16 != 0
-            || fs[4] % 16 != 0
+            || !fs[2].is_multiple_of(16)
+            || !fs[3].is_multiple_of(16)
+            || !fs[4].is_multiple_of(16)
         {
             return Err(Error::Invalid(format!(
                 "UNet features must be (N, {channels}, d, h, w) with d, h, w multiples of 16, got {fs:?}{}",

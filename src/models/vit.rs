@@ -516,8 +516,8 @@ impl Vit {
             && c.min_subgroup_size >= 8
             && c.max_uniform_binding >= 65536
             && d <= 2048
-            && d % 8 == 0
-            && self.config.intermediate_size % 8 == 0
+            && d.is_multiple_of(8)
+            && self.config.intermediate_size.is_multiple_of(8)
             && crate::ops::norm::supports_f16_output(ctx, d)
     }
 

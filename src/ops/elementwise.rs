@@ -14,7 +14,8 @@ pub enum Unary {
     Relu,
 }
 
-/// Coefficients of P(t) in GELU's erfc fit, c₀ first.
+/// Coefficients of P(t) in GELU's erfc fit, c₀ first (as published, beyond f32's digits).
+#[allow(clippy::excessive_precision)]
 const P_ERFC: [f32; 10] = [
     -1.265_512_23,
     1.000_023_68,

@@ -272,7 +272,7 @@ fn f16_activation_matmul_without_texture_path_is_a_clear_error() {
     let a = upload(c, &[0.5; 40], true);
     let b = upload(c, &[0.5; 56], false);
     let out = c.storage_buffer("out", 65536).unwrap();
-    let e = m.gpu(c, &[&a, &b], &sh, &out).err().expect("an error");
+    let e = m.gpu(c, &[&a, &b], &sh, &out).expect_err("an error");
     assert!(e.to_string().contains("--precision f16 or f32"), "{e}");
 }
 

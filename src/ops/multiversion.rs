@@ -15,6 +15,7 @@
 macro_rules! avx2_too {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($a: $t),*) $(-> $r)? {
             #[inline(always)]
             #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]

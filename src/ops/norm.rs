@@ -137,7 +137,7 @@ fn use_subgroup_kernel(ctx: &GpuContext, d: usize) -> bool {
     ctx.caps.cpu_like
         && ctx.caps.subgroups
         && ctx.caps.min_subgroup_size >= 8
-        && d % 32 == 0
+        && d.is_multiple_of(32)
         && d <= SG_MAX_D
 }
 
@@ -379,7 +379,7 @@ mod tests {
         let s = shapes(&[67, 384]);
         let mut x = random(&mut r, 67 * 384);
         for v in &mut x {
-            *v = 1000.0 + *v;
+            *v += 1000.0;
         }
         let data = vec![x, random(&mut r, 384), random(&mut r, 384)];
         check_op_with(&Forced(LayerNorm::default(), true), &data, &s, 1e-5);
@@ -411,7 +411,7 @@ mod tests {
         let s = shapes(&[67, 384]);
         let mut x = random(&mut r, 67 * 384);
         for v in &mut x {
-            *v = 1000.0 + *v;
+            *v += 1000.0;
         }
         let data = vec![x, random(&mut r, 384), random(&mut r, 384)];
         check_op_with(&LayerNorm::default(), &data, &s, 1e-5);

@@ -114,7 +114,10 @@ impl Rope {
         expect_inputs("rope", inputs, 3)?;
         let x = inputs[0];
         let err = |m: String| Error::shape("rope", m);
-        if x.len() != 3 || self.heads == 0 || x[2] % self.heads != 0 || (x[2] / self.heads) % 2 != 0
+        if x.len() != 3
+            || self.heads == 0
+            || !x[2].is_multiple_of(self.heads)
+            || !(x[2] / self.heads).is_multiple_of(2)
         {
             return Err(err(format!(
                 "x must be (B, T, heads·hd) with even hd and {} heads, got {x:?}",

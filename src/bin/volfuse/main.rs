@@ -608,7 +608,7 @@ fn run_features(
         anyhow::bail!("--size needs three numbers D H W")
     };
     let std = triple(std, IMAGENET_STD, "std")?;
-    if std.iter().any(|s| *s == 0.0) {
+    if std.contains(&0.0) {
         anyhow::bail!("--std must not contain 0");
     }
     let params = volfuse::models::FeatureParams {

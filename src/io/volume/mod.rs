@@ -66,7 +66,7 @@ pub fn check_slab(shape: &[usize], next_z: usize, z0: usize, len: usize) -> Resu
         }
     };
     let per_z = k * plane;
-    if per_z == 0 || len % per_z != 0 {
+    if per_z == 0 || !len.is_multiple_of(per_z) {
         return Err(Error::Invalid(format!(
             "a slab of {len} values is not a whole number of z-planes of {per_z} values (shape {shape:?})"
         )));

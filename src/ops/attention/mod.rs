@@ -126,6 +126,7 @@ const ROUND: f32 = 12_582_912.0;
 /// `fast_exp_matches_exp`); 0 below −87 (where `exp` < 1.7e-38), NaN stays NaN, large
 /// inputs clamp at `exp(88)`.
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // (written out: it vectorises, and NaN passes through)
 pub(crate) fn fast_exp(x: f32) -> f32 {
     let xc = if x < -87.0 {
         -87.0
@@ -164,6 +165,7 @@ pub(crate) fn exp_sum(a: f32, b: f32) -> f32 {
 
 /// `e^r · 2^k` for `|r| ≤ ln2/2` and `t = k + ROUND` (the tail of [`fast_exp`]).
 #[inline(always)]
+#[allow(clippy::excessive_precision)]
 fn exp_reduced(r: f32, t: f32) -> f32 {
     // Cephes' degree-7 polynomial 1 + r + r²·Σ cᵢ rⁱ, the sum by Estrin's scheme.
     let fma = f32::mul_add;
@@ -330,7 +332,7 @@ impl Kernel {
         let rows = |t: usize| (d.batch * t * w4).div_ceil(GpuContext::TEXTURE_WIDTH as usize);
         let fits = rows(d.tq.max(d.tk)) <= c.max_texture_2d as usize
             && d.tq.div_ceil(8 * SG_QUERIES_PER_LANE) <= c.max_workgroups_per_dim as usize;
-        if sg && fits && d.hd % 4 == 0 {
+        if sg && fits && d.hd.is_multiple_of(4) {
             Kernel::Staged
         } else {
             Kernel::Portable

@@ -203,8 +203,8 @@ fn fast_exp_matches_exp() {
         88.0,
         -87.0,
         -86.999,
-        0.34657359,
-        -0.34657359,
+        0.346_573_6,
+        -0.346_573_6,
     ]);
     for x in xs {
         let (got, want) = (fast_exp(x) as f64, (x as f64).exp());

@@ -87,7 +87,7 @@ fn reference_chunks_depth() {
     let d = Conv3d::new(3).dims(&refs).unwrap();
     // Several row chunks, the last one short.
     let per = COL_LIMIT / (d.c * 27 * d.w);
-    assert!(per < d.d * d.h && (d.d * d.h) % per != 0);
+    assert!(per < d.d * d.h && !(d.d * d.h).is_multiple_of(per));
     let mut out = vec![0f32; d.n * d.o * d.voxels()];
     conv3d(d, &data[0], &data[1], &data[2], &mut out);
     let want = naive(d, &data[0], &data[1], &data[2]);

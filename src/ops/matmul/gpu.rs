@@ -69,10 +69,10 @@ pub(super) fn fuses_on_texture_path(m: &Matmul, d: Dims, cols: usize) -> bool {
     match m.epi {
         Epilogue::None => true,
         Epilogue::Rope { heads, .. } => {
-            cols == 16 && m.act == Activation::Identity && (d.n / heads / 2) % 8 == 0
+            cols == 16 && m.act == Activation::Identity && (d.n / heads / 2).is_multiple_of(8)
         }
         // (the residual streams through a texture of 4-column texels)
-        Epilogue::Residual => m.act == Activation::Identity && d.n % 4 == 0,
+        Epilogue::Residual => m.act == Activation::Identity && d.n.is_multiple_of(4),
     }
 }
 
@@ -147,7 +147,7 @@ pub(super) fn texture_path_cols(
     let ok = !m.trans_a
         && m.trans_b
         && !d.b_batched
-        && d.k % if m.w_f16 { 8 } else { 4 } == 0
+        && d.k.is_multiple_of(if m.w_f16 { 8 } else { 4 })
         && d.k > 0
         && d.m > 0
         && d.n > 0
@@ -155,7 +155,8 @@ pub(super) fn texture_path_cols(
         && c.min_subgroup_size >= 8
         && c.max_uniform_binding >= WINDOW
         && w.size() >= WINDOW
-        && w.size() % (c.uniform_offset_alignment as u64).max(16) == 0
+        && w.size()
+            .is_multiple_of((c.uniform_offset_alignment as u64).max(16))
         && (d.batch * d.m * d.k / 4) as u64
             <= GpuContext::TEXTURE_WIDTH as u64 * c.max_texture_2d as u64;
     if !ok {
@@ -168,7 +169,13 @@ pub(super) fn texture_path_cols(
             // A group must fit its window even when the window's start is aligned down.
             let block = *group as u64;
             let align = (c.uniform_offset_alignment as u64).max(16);
-            block + if block % align == 0 { 0 } else { align } <= WINDOW
+            block
+                + if block.is_multiple_of(align) {
+                    0
+                } else {
+                    align
+                }
+                <= WINDOW
         })
         .map(|(cols, _)| cols)
 }
@@ -195,8 +202,9 @@ pub(super) fn gpu_matmul_f16_act(
     let ok = match cols {
         Some(cols) => {
             fuses_on_texture_path(m, d, cols)
-                && (!m.out_f16 || (cols == 16 && d.n % 2 == 0 && m.epi != Epilogue::Residual))
-                && (!m.x_f16 || d.k % 4 == 0)
+                && (!m.out_f16
+                    || (cols == 16 && d.n.is_multiple_of(2) && m.epi != Epilogue::Residual))
+                && (!m.x_f16 || d.k.is_multiple_of(4))
         }
         None => false,
     };
