@@ -291,7 +291,7 @@ pub fn matmul_post(
         activate(act, c);
         post(r0, c);
     };
-    // SAFETY (both gemm calls): the pointers cover [r x k] of op(A) from row `r0`,
+    // SAFETY (every call below): the pointers cover [r x k] of op(A) from row `r0`,
     // [k x n] of op(B) and the [r x n] output slice with the strides given (checked by
     // the asserts above and the slicing of the output).
     let product = |r0: usize, a_off: usize, b_off: usize, o: &mut [f32], par| unsafe {
@@ -326,11 +326,10 @@ pub fn matmul_post(
         crate::ops::par::for_units(&mut out[..batch * rows * n], n, 64, finish);
         return;
     }
-    let target = BLOCK_ROWS;
-    if batch == 1 && crate::ops::par::may_split() && rows >= 2 * target {
+    if batch == 1 && crate::ops::par::may_split() && rows >= 2 * BLOCK_ROWS {
         // A whole number of blocks per thread, so no thread waits on a last odd block.
         let th = crate::ops::par::threads();
-        let blocks = rows.div_ceil(target).div_ceil(th) * th;
+        let blocks = rows.div_ceil(BLOCK_ROWS).div_ceil(th) * th;
         let block = rows.div_ceil(blocks);
         // One large product: blocks of rows, one single-threaded gemm each, finished while
         // the block is in cache (instead of further passes over the whole output).
