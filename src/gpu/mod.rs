@@ -7,7 +7,7 @@
 mod buffers;
 mod dispatch;
 
-pub use buffers::{pack_f16, unpack_f16, DType, GpuTensor};
+pub use buffers::{pack_f16, unpack_f16, DType, GpuTensor, WRITE_PIECE_BYTES};
 pub use dispatch::{record_all, BufferCopy, Dispatch, KernelArgs, TextureCopy};
 
 use crate::error::{Error, Result};

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, Precision};
 use crate::ops::matmul::Matmul;
 use crate::ops::numel;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -348,9 +349,33 @@ impl GpuExecutor {
     pub fn run(&self, ctx: &GpuContext, g: &Graph, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
         g.check_inputs(inputs)?;
         for ((slot, _), d) in self.inputs.iter().zip(inputs) {
-            ctx.write(&self.slots[*slot], d);
+            ctx.write_bounded(&self.slots[*slot], d)?;
         }
         self.submit(ctx);
+        self.read_outputs(ctx)
+    }
+
+    /// As [`GpuExecutor::run`], taking the inputs by value: each host copy is freed as soon
+    /// as it is on the device, before the graph runs (a UNet's feature volumes need not stay
+    /// on the host beside its activations).
+    pub fn run_owned(
+        &self,
+        ctx: &GpuContext,
+        g: &Graph,
+        inputs: Vec<Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        {
+            let data: Vec<&[f32]> = inputs.iter().map(|d| d.as_slice()).collect();
+            g.check_inputs(&data)?;
+        }
+        for ((slot, _), d) in self.inputs.iter().zip(inputs) {
+            ctx.write_bounded(&self.slots[*slot], &d)?;
+        }
+        self.submit(ctx);
+        self.read_outputs(ctx)
+    }
+
+    fn read_outputs(&self, ctx: &GpuContext) -> Result<Vec<Vec<f32>>> {
         self.outputs
             .iter()
             .map(|(slot, n)| ctx.read_buffer(&self.slots[*slot], *n))
@@ -366,19 +391,22 @@ impl GpuExecutor {
         inputs: &[&[f32]],
     ) -> Result<Vec<(String, f64, u64)>> {
         let mut secs = Vec::new();
+        let inputs = inputs.iter().map(|d| Cow::Borrowed(*d)).collect();
         self.run_timed(ctx, g, inputs, |node, t| secs.push((node, t)))?;
         Ok(g.profile_by_op(secs))
     }
 
     /// Runs once more with a wait after every node; returns the wall seconds of each node
-    /// (nodes in graph order; 0 for nodes without dispatches).
+    /// (nodes in graph order; 0 for nodes without dispatches). The inputs are handed over
+    /// and freed once on the device, as [`GpuExecutor::run_owned`] does.
     pub fn profile_nodes(
         &self,
         ctx: &GpuContext,
         g: &Graph,
-        inputs: &[&[f32]],
+        inputs: Vec<Vec<f32>>,
     ) -> Result<Vec<f64>> {
         let mut secs = vec![0f64; g.nodes.len()];
+        let inputs = inputs.into_iter().map(Cow::Owned).collect();
         self.run_timed(ctx, g, inputs, |node, s| secs[node] += s)?;
         Ok(secs)
     }
@@ -389,12 +417,15 @@ impl GpuExecutor {
         &self,
         ctx: &GpuContext,
         g: &Graph,
-        inputs: &[&[f32]],
+        inputs: Vec<Cow<'_, [f32]>>,
         mut timed: impl FnMut(usize, f64),
     ) -> Result<()> {
-        g.check_inputs(inputs)?;
+        {
+            let data: Vec<&[f32]> = inputs.iter().map(|d| &d[..]).collect();
+            g.check_inputs(&data)?;
+        }
         for ((slot, _), d) in self.inputs.iter().zip(inputs) {
-            ctx.write(&self.slots[*slot], d);
+            ctx.write_bounded(&self.slots[*slot], &d)?;
         }
         ctx.wait()?;
         let mut i = 0;
