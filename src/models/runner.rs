@@ -114,6 +114,12 @@ impl Runner {
         if freed {
             self.consts.release_unused();
             ctx.release_scratch_textures();
+            // wgpu destroys dropped buffers and textures only once the device is polled
+            // after their last submission: wait here, so the next stage's buffers do not
+            // coexist with this one's (both would count in a software adapter's host RAM).
+            if let Err(e) = ctx.wait() {
+                log::warn!("waiting for freed device memory: {e}");
+            }
         }
     }
 
