@@ -18,11 +18,27 @@ pub struct ConstCache {
     map: HashMap<usize, (Arc<Vec<f32>>, Arc<wgpu::Buffer>)>,
     /// f16 copies (precision f16); None when a value does not fit f16.
     map16: HashMap<usize, (Arc<Vec<f32>>, Option<Arc<wgpu::Buffer>>)>,
+    /// Bytes uploaded since the queue's staging copies were last flushed.
+    staged: u64,
 }
 
 impl ConstCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// After an upload of `bytes`: once more than [`crate::gpu::WRITE_PIECE_BYTES`] are
+    /// staged, submits and waits, so the queue's staging copies of a model's weights (each
+    /// upload stages its data until the next submission completes) never hold more than
+    /// about one piece beside the device copies.
+    fn staged(&mut self, ctx: &GpuContext, bytes: u64) -> Result<()> {
+        self.staged += bytes;
+        if self.staged > crate::gpu::WRITE_PIECE_BYTES {
+            self.staged = 0;
+            ctx.queue.submit([]);
+            ctx.wait()?;
+        }
+        Ok(())
     }
 
     fn get(
@@ -36,6 +52,7 @@ impl ConstCache {
             return Ok(b.clone());
         }
         let t = ctx.upload(data, shape)?;
+        self.staged(ctx, t.buffer.size())?;
         self.map.insert(key, (data.clone(), t.buffer.clone()));
         Ok(t.buffer)
     }
@@ -56,7 +73,9 @@ impl ConstCache {
             .iter()
             .all(|v| v.is_finite() && v.abs() <= f32::from(half::f16::MAX));
         let b = if fits {
-            Some(ctx.upload_f16(data, shape)?.buffer)
+            let b = ctx.upload_f16(data, shape)?.buffer;
+            self.staged(ctx, b.size())?;
+            Some(b)
         } else {
             None
         };
@@ -489,7 +508,7 @@ impl GpuExecutor {
                             format!("'{name}' holds {n} values but {} were given", d.len()),
                         ));
                     }
-                    ctx.write(&self.slots[*slot], d);
+                    ctx.write_bounded(&self.slots[*slot], d)?;
                 }
                 GraphInput::Device(b) => {
                     if b.size() < bytes {

@@ -120,6 +120,7 @@ impl Runner {
             if let Err(e) = ctx.wait() {
                 log::warn!("waiting for freed device memory: {e}");
             }
+            GpuContext::trim_host_heap();
         }
     }
 
