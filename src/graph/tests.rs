@@ -188,7 +188,8 @@ fn input_buffers_are_reused_after_their_last_reader() {
         let got = if round % 2 == 0 {
             exe.run(ctx(), &g, &[&x, &y]).unwrap()
         } else {
-            exe.run_owned(ctx(), &g, vec![x.clone(), y.clone()]).unwrap()
+            exe.run_owned(ctx(), &g, vec![x.clone(), y.clone()])
+                .unwrap()
         };
         assert!(rel_err(&got[0], &want[0]) < 1e-5);
         assert_eq!(got[1], y);
