@@ -617,22 +617,12 @@ fn trace(runner: &Runner, what: &str) {
     crate::gpu::mem_trace(ctx, what);
 }
 
-/// Per-node wall seconds of a prepared graph: the GPU executor's profile (a wait after each
-/// node), or each CPU reference op timed as the CPU executor runs it.
-fn profile_nodes(runner: &Runner, key: &str, inputs: &[&[f32]]) -> Result<Vec<f64>> {
-    if let Some(v) = runner.profile_nodes(key, inputs)? {
-        return Ok(v);
-    }
-    let (g, plan) = runner
-        .prepared(key)
-        .ok_or_else(|| Error::Invalid(format!("graph '{key}' is not prepared")))?;
-    profile_cpu(g, plan, inputs)
-}
-
-/// Per-node wall seconds of `g` run op by op with the CPU references, in buffers of its own.
-fn profile_cpu(g: &Graph, plan: &Plan, inputs: &[&[f32]]) -> Result<Vec<f64>> {
-    let owned = inputs.iter().map(|d| d.to_vec()).collect();
-    crate::graph::CpuExecutor::node_seconds(g, plan, owned, &mut Default::default())
+/// Per-node wall seconds of a prepared graph on the GPU (one run with a wait after each
+/// node), the inputs handed over (freed once on the device).
+fn profile_nodes(runner: &Runner, key: &str, inputs: Vec<Vec<f32>>) -> Result<Vec<f64>> {
+    runner
+        .profile_nodes(key, inputs)?
+        .ok_or_else(|| Error::Invalid(format!("graph '{key}' is not prepared on the GPU")))
 }
 
 /// Runs one tile of `b` stage by stage on `runner`'s backend: a warm-up tile (shader JIT,
@@ -661,7 +651,6 @@ pub fn run(
             crate::io::npy::write(p, &vshape, data, true)?;
         }
     }
-    let (key, _) = unet_graph(b, with_ctx);
     let iters = iters.max(1);
     // [features raw: vit, lift, host] [features ctx: …] unet io_read io_write
     let mut acc = [0f64; 9];
@@ -710,23 +699,23 @@ pub fn run(
         }
         let (key2, build) = unet_graph(b, with_ctx);
         let cpu = matches!(runner.backend, Backend::Cpu);
-        if it == 0 && cpu {
-            // Warm-up on the CPU: one run of the UNet op by op for the stage split, in the
-            // runner's buffers with the features handed over, as `volfuse run` runs it (so
-            // the process's peak memory is that of a real tile).
+        if it == 0 {
+            // Warm-up: one run of the UNet op by op for the stage split (on the CPU in the
+            // runner's buffers; on the GPU with a wait after each node), with the features
+            // handed over as `volfuse run` hands them (so the process's peak memory is that
+            // of a real tile).
             runner.prepare_graph(&key2, build)?;
-            node_secs = runner
-                .cpu_node_seconds(&key2, std::mem::take(&mut feats))?
-                .unwrap_or_default();
+            let feats = std::mem::take(&mut feats);
+            node_secs = if cpu {
+                runner.cpu_node_seconds(&key2, feats)?.unwrap_or_default()
+            } else {
+                profile_nodes(runner, &key2, feats)?
+            };
+            trace(runner, "tile 0: UNet profiled");
             continue;
         }
         let t0 = Instant::now();
-        let out = if cpu {
-            runner.run_owned(&key2, build, std::mem::take(&mut feats))?
-        } else {
-            let inputs: Vec<&[f32]> = feats.iter().map(|f| f.as_slice()).collect();
-            runner.run(&key2, build, &inputs)?
-        };
+        let out = runner.run_owned(&key2, build, std::mem::take(&mut feats))?;
         secs[6] = t0.elapsed().as_secs_f64();
         trace(runner, &format!("tile {it}: UNet done"));
         runner.take_timings();
@@ -739,15 +728,6 @@ pub fn run(
         }
         secs[8] = t0.elapsed().as_secs_f64();
         let wall = t_tile.elapsed().as_secs_f64();
-        if it == 0 {
-            // The warm-up tile prepared the graphs; profile the UNet once for the split
-            // (done above on the CPU).
-            if node_secs.is_empty() {
-                let inputs: Vec<&[f32]> = feats.iter().map(|f| f.as_slice()).collect();
-                node_secs = profile_nodes(runner, &key, &inputs)?;
-            }
-            continue;
-        }
         sum_wall += wall;
         for (a, s) in acc.iter_mut().zip(secs) {
             *a += s / iters as f64;

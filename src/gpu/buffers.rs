@@ -80,6 +80,9 @@ const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 /// uniform window (see `matmul`'s texture path).
 pub const MIN_BUFFER_BYTES: u64 = 65536;
 
+/// The largest piece [`GpuContext::write_bounded`] stages at once (a multiple of 4).
+pub const WRITE_PIECE_BYTES: u64 = 8 << 20;
+
 impl GpuContext {
     /// Refuses a binding larger than the adapter's max storage binding, naming it.
     pub fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
@@ -204,6 +207,26 @@ impl GpuContext {
     pub fn write(&self, buffer: &wgpu::Buffer, data: &[f32]) {
         self.queue
             .write_buffer(buffer, 0, bytemuck::cast_slice(data));
+    }
+
+    /// [`GpuContext::write`] in pieces of at most [`WRITE_PIECE_BYTES`], waiting for each
+    /// piece to reach the buffer before the next is queued: the queue's staging copy of a
+    /// large upload (a UNet's feature volume, a ViT batch) never exceeds one piece, where
+    /// one `write` stages all of it until the next submission completes. Ordered like
+    /// `write` before later submissions.
+    pub fn write_bounded(&self, buffer: &wgpu::Buffer, data: &[f32]) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.len() as u64 <= WRITE_PIECE_BYTES {
+            self.queue.write_buffer(buffer, 0, bytes);
+            return Ok(());
+        }
+        for (k, piece) in bytes.chunks(WRITE_PIECE_BYTES as usize).enumerate() {
+            self.queue
+                .write_buffer(buffer, k as u64 * WRITE_PIECE_BYTES, piece);
+            self.queue.submit([]);
+            self.wait()?;
+        }
+        Ok(())
     }
 
     /// Fills a buffer with a constant (used to poison outputs in tests).

@@ -7,7 +7,7 @@
 mod buffers;
 mod dispatch;
 
-pub use buffers::{pack_f16, unpack_f16, DType, GpuTensor};
+pub use buffers::{pack_f16, unpack_f16, DType, GpuTensor, WRITE_PIECE_BYTES};
 pub use dispatch::{record_all, BufferCopy, Dispatch, KernelArgs, TextureCopy};
 
 use crate::error::{Error, Result};
@@ -861,6 +861,24 @@ impl GpuContext {
     pub fn release_scratch_textures(&self) {
         if let Ok(mut m) = self.textures.lock() {
             m.clear();
+        }
+    }
+
+    /// Returns the C heap's free pages to the system (glibc's `malloc_trim`; nothing
+    /// elsewhere). A software adapter's device memory and a stage's host vectors come from
+    /// that heap, and glibc keeps freed pages in the middle of it resident: called when
+    /// a runner switches stages, so the next stage does not sit on the last one's pages.
+    pub fn trim_host_heap() {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            extern "C" {
+                fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+            }
+            // SAFETY: malloc_trim only releases free memory of glibc's own arenas; it takes
+            // no pointers and is thread-safe (it locks each arena).
+            unsafe {
+                malloc_trim(0);
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, Precision};
 use crate::ops::matmul::Matmul;
 use crate::ops::numel;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -17,11 +18,27 @@ pub struct ConstCache {
     map: HashMap<usize, (Arc<Vec<f32>>, Arc<wgpu::Buffer>)>,
     /// f16 copies (precision f16); None when a value does not fit f16.
     map16: HashMap<usize, (Arc<Vec<f32>>, Option<Arc<wgpu::Buffer>>)>,
+    /// Bytes uploaded since the queue's staging copies were last flushed.
+    staged: u64,
 }
 
 impl ConstCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// After an upload of `bytes`: once more than [`crate::gpu::WRITE_PIECE_BYTES`] are
+    /// staged, submits and waits, so the queue's staging copies of a model's weights (each
+    /// upload stages its data until the next submission completes) never hold more than
+    /// about one piece beside the device copies.
+    fn staged(&mut self, ctx: &GpuContext, bytes: u64) -> Result<()> {
+        self.staged += bytes;
+        if self.staged > crate::gpu::WRITE_PIECE_BYTES {
+            self.staged = 0;
+            ctx.queue.submit([]);
+            ctx.wait()?;
+        }
+        Ok(())
     }
 
     fn get(
@@ -35,6 +52,7 @@ impl ConstCache {
             return Ok(b.clone());
         }
         let t = ctx.upload(data, shape)?;
+        self.staged(ctx, t.buffer.size())?;
         self.map.insert(key, (data.clone(), t.buffer.clone()));
         Ok(t.buffer)
     }
@@ -55,7 +73,9 @@ impl ConstCache {
             .iter()
             .all(|v| v.is_finite() && v.abs() <= f32::from(half::f16::MAX));
         let b = if fits {
-            Some(ctx.upload_f16(data, shape)?.buffer)
+            let b = ctx.upload_f16(data, shape)?.buffer;
+            self.staged(ctx, b.size())?;
+            Some(b)
         } else {
             None
         };
@@ -348,9 +368,33 @@ impl GpuExecutor {
     pub fn run(&self, ctx: &GpuContext, g: &Graph, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
         g.check_inputs(inputs)?;
         for ((slot, _), d) in self.inputs.iter().zip(inputs) {
-            ctx.write(&self.slots[*slot], d);
+            ctx.write_bounded(&self.slots[*slot], d)?;
         }
         self.submit(ctx);
+        self.read_outputs(ctx)
+    }
+
+    /// As [`GpuExecutor::run`], taking the inputs by value: each host copy is freed as soon
+    /// as it is on the device, before the graph runs (a UNet's feature volumes need not stay
+    /// on the host beside its activations).
+    pub fn run_owned(
+        &self,
+        ctx: &GpuContext,
+        g: &Graph,
+        inputs: Vec<Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        {
+            let data: Vec<&[f32]> = inputs.iter().map(|d| d.as_slice()).collect();
+            g.check_inputs(&data)?;
+        }
+        for ((slot, _), d) in self.inputs.iter().zip(inputs) {
+            ctx.write_bounded(&self.slots[*slot], &d)?;
+        }
+        self.submit(ctx);
+        self.read_outputs(ctx)
+    }
+
+    fn read_outputs(&self, ctx: &GpuContext) -> Result<Vec<Vec<f32>>> {
         self.outputs
             .iter()
             .map(|(slot, n)| ctx.read_buffer(&self.slots[*slot], *n))
@@ -366,19 +410,22 @@ impl GpuExecutor {
         inputs: &[&[f32]],
     ) -> Result<Vec<(String, f64, u64)>> {
         let mut secs = Vec::new();
+        let inputs = inputs.iter().map(|d| Cow::Borrowed(*d)).collect();
         self.run_timed(ctx, g, inputs, |node, t| secs.push((node, t)))?;
         Ok(g.profile_by_op(secs))
     }
 
     /// Runs once more with a wait after every node; returns the wall seconds of each node
-    /// (nodes in graph order; 0 for nodes without dispatches).
+    /// (nodes in graph order; 0 for nodes without dispatches). The inputs are handed over
+    /// and freed once on the device, as [`GpuExecutor::run_owned`] does.
     pub fn profile_nodes(
         &self,
         ctx: &GpuContext,
         g: &Graph,
-        inputs: &[&[f32]],
+        inputs: Vec<Vec<f32>>,
     ) -> Result<Vec<f64>> {
         let mut secs = vec![0f64; g.nodes.len()];
+        let inputs = inputs.into_iter().map(Cow::Owned).collect();
         self.run_timed(ctx, g, inputs, |node, s| secs[node] += s)?;
         Ok(secs)
     }
@@ -389,12 +436,15 @@ impl GpuExecutor {
         &self,
         ctx: &GpuContext,
         g: &Graph,
-        inputs: &[&[f32]],
+        inputs: Vec<Cow<'_, [f32]>>,
         mut timed: impl FnMut(usize, f64),
     ) -> Result<()> {
-        g.check_inputs(inputs)?;
+        {
+            let data: Vec<&[f32]> = inputs.iter().map(|d| &d[..]).collect();
+            g.check_inputs(&data)?;
+        }
         for ((slot, _), d) in self.inputs.iter().zip(inputs) {
-            ctx.write(&self.slots[*slot], d);
+            ctx.write_bounded(&self.slots[*slot], &d)?;
         }
         ctx.wait()?;
         let mut i = 0;
@@ -458,7 +508,7 @@ impl GpuExecutor {
                             format!("'{name}' holds {n} values but {} were given", d.len()),
                         ));
                     }
-                    ctx.write(&self.slots[*slot], d);
+                    ctx.write_bounded(&self.slots[*slot], d)?;
                 }
                 GraphInput::Device(b) => {
                     if b.size() < bytes {

@@ -1,6 +1,9 @@
 //! Buffer planning by liveness: each value computed by an op lives from its node until its
-//! last reader; buffers ("slots") are handed to later values once free. Inputs and outputs
-//! get slots of their own.
+//! last reader; buffers ("slots") are handed to later values once free. Outputs get slots
+//! of their own. Inputs get slots of their own too (every input is written before a run
+//! starts), which later values reuse once the input's last reader ran: an executor writes
+//! all inputs at the start of every run, so nothing needs an input's contents afterwards
+//! (on the GPU the large feature volumes of a UNet free their buffers for the decoder).
 
 use super::{Graph, Source};
 use crate::ops::numel;
@@ -52,8 +55,16 @@ impl Plan {
                 last_use[v.0] = Some(i);
             }
         }
-        let pinned =
-            |v: usize| g.inputs.iter().any(|x| x.0 == v) || g.outputs.iter().any(|x| x.0 == v);
+        // Outputs keep their buffers to the end (read back after the run); an input that is
+        // also an output too.
+        let mut pinned = vec![false; nv];
+        for v in &g.outputs {
+            pinned[v.0] = true;
+        }
+        let mut is_input = vec![false; nv];
+        for v in &g.inputs {
+            is_input[v.0] = true;
+        }
         let mut slot_bytes: Vec<u64> = Vec::new();
         let mut slot_of = vec![None; nv];
         let mut free: Vec<usize> = Vec::new();
@@ -65,7 +76,7 @@ impl Plan {
         for (i, n) in g.nodes.iter().enumerate() {
             let out = n.output.0;
             let need = bytes(out);
-            let slot = if reuse && !pinned(out) {
+            let slot = if reuse && !pinned[out] && !is_input[out] {
                 // Best fit: the smallest free slot that is large enough; else grow the largest.
                 let fit = free
                     .iter()
@@ -115,7 +126,8 @@ impl Plan {
                 dying.sort_unstable();
                 dying.dedup();
                 for v in dying {
-                    if matches!(g.values[v].source, Source::Computed) && !pinned(v) {
+                    let planned = matches!(g.values[v].source, Source::Computed) || is_input[v];
+                    if planned && !pinned[v] {
                         if let Some(s) = slot_of[v] {
                             free.push(s);
                         }

@@ -136,3 +136,82 @@ fn plan_is_inspectable() {
     assert_eq!(plan.steps.len(), g.len());
     assert!(g.flops() > 0);
 }
+
+/// x, y → a = relu(x) (x's last reader) → b = sigmoid(a) → c = b + a → d = c · y; outputs
+/// d and y. x's buffer is free after `a`, so `b` takes it; y is also an output, so its
+/// buffer is never handed on.
+fn input_reuse_graph(n: usize) -> Graph {
+    let mut g = Graph::new();
+    let x = g.input("x", &[n]);
+    let y = g.input("y", &[n]);
+    let a = g.op(Unary::Relu, &[x]).unwrap();
+    let b = g.op(Unary::Sigmoid, &[a]).unwrap();
+    let c = g.op(Binary::add(), &[b, a]).unwrap();
+    let d = g.op(Binary::mul(), &[c, y]).unwrap();
+    g.output(d);
+    g.output(y);
+    g
+}
+
+#[test]
+fn input_buffers_are_reused_after_their_last_reader() {
+    let n = 1001;
+    let g = input_reuse_graph(n);
+    let shared = g.plan(true);
+    let unshared = g.plan(false);
+    let slot = |p: &Plan, v: usize| p.slot_of[v].expect("planned");
+    // Values: 0 x, 1 y, 2 a, 3 b, 4 c, 5 d.
+    assert_eq!(slot(&shared, 3), slot(&shared, 0), "{}", shared.describe());
+    assert!((2..6).all(|v| slot(&shared, v) != slot(&shared, 1)));
+    // x/b, y, a, c, d: five buffers instead of six.
+    assert_eq!(shared.slot_bytes.len(), 5);
+    assert!(shared.peak_bytes < unshared.peak_bytes);
+    let exe = GpuExecutor::new(ctx(), &g, &shared, &mut ConstCache::new()).unwrap();
+    let plain = GpuExecutor::new(ctx(), &g, &unshared, &mut ConstCache::new()).unwrap();
+    let mut r = rng();
+    // Repeated runs with fresh inputs: each run rewrites x's buffer, which the previous run
+    // left holding b.
+    for round in 0..3 {
+        let (x, y) = (random(&mut r, n), random(&mut r, n));
+        let want = CpuExecutor::run(&g, &unshared, &[&x, &y]).unwrap();
+        let cpu = CpuExecutor::run_owned(
+            &g,
+            &shared,
+            vec![x.clone(), y.clone()],
+            &mut Default::default(),
+        )
+        .unwrap();
+        assert_eq!(cpu, want);
+        for i in 0..2 {
+            ctx().fill(exe.output_buffer(i).unwrap(), f32::NAN);
+        }
+        let got = if round % 2 == 0 {
+            exe.run(ctx(), &g, &[&x, &y]).unwrap()
+        } else {
+            exe.run_owned(ctx(), &g, vec![x.clone(), y.clone()])
+                .unwrap()
+        };
+        assert!(rel_err(&got[0], &want[0]) < 1e-5);
+        assert_eq!(got[1], y);
+        assert_eq!(got, plain.run(ctx(), &g, &[&x, &y]).unwrap());
+    }
+    // The per-node profile takes the inputs by value too and leaves the same outputs.
+    let (x, y) = (random(&mut r, n), random(&mut r, n));
+    let want = CpuExecutor::run(&g, &unshared, &[&x, &y]).unwrap();
+    let secs = exe.profile_nodes(ctx(), &g, vec![x, y.clone()]).unwrap();
+    assert_eq!(secs.len(), g.len());
+    let d = ctx().read_buffer(exe.output_buffer(0).unwrap(), n).unwrap();
+    assert!(rel_err(&d, &want[0]) < 1e-5);
+}
+
+#[test]
+fn bounded_writes_arrive_whole() {
+    // Larger than one staging piece, and not a multiple of it.
+    let n = (crate::gpu::WRITE_PIECE_BYTES / 4) as usize * 2 + 777;
+    let mut r = rng();
+    let data = random(&mut r, n);
+    let buf = ctx().empty(&[n]).unwrap();
+    ctx().fill(&buf.buffer, f32::NAN);
+    ctx().write_bounded(&buf.buffer, &data).unwrap();
+    assert_eq!(ctx().read_buffer(&buf.buffer, n).unwrap(), data);
+}

@@ -609,16 +609,23 @@ fn balanced(n: usize, cap: usize) -> usize {
     n.div_ceil(batches).max(1)
 }
 
-/// On the CPU backend a ViT batch is capped so its largest activation (the MLP hidden
-/// layer) stays within this many bytes: larger batches run no faster there (ViT-S 256²:
-/// 0.239 CPU-s per image at batch 32, 0.235 at 16) but hold more memory (282 vs 188 MB).
+/// On the CPU backend and on CPU-like adapters (lavapipe, whose device memory is host
+/// RAM) a ViT batch is capped so its largest activation (the MLP hidden layer) stays within
+/// this many bytes: larger batches run no faster there (CPU, ViT-S 256²: 0.239 CPU-s per
+/// image at batch 32, 0.235 at 16; lavapipe, loaded: 1.25 at 32, 0.92 at 16) but hold more
+/// memory (CPU 282 vs 188 MB; lavapipe peak RSS 686 vs 545–562 MiB).
 pub(crate) const CPU_VIT_ACTIVATION_BYTES: u64 = 32 << 20;
 
 /// The most slices per ViT batch for S×S slices: `batch`, limited by what one storage
-/// binding of `backend` holds and, on the CPU, by [`CPU_VIT_ACTIVATION_BYTES`].
+/// binding of `backend` holds and, on the CPU or a CPU-like adapter, by
+/// [`CPU_VIT_ACTIVATION_BYTES`].
 pub(crate) fn vit_batch_cap(vit: &Vit, backend: &Backend, batch: usize, s: usize) -> usize {
     let mut cap = batch.min(vit.max_batch(backend, s, s));
-    if matches!(backend, Backend::Cpu) {
+    let cpu_like = match backend {
+        Backend::Cpu => true,
+        Backend::Gpu(ctx) => ctx.caps.cpu_like,
+    };
+    if cpu_like {
         let cfg = &vit.config;
         let widest = cfg.intermediate_size.max(cfg.hidden_size);
         let per_image = (cfg.tokens(s, s) * widest * 4) as u64;
@@ -929,7 +936,12 @@ fn extract_impl(
             }
         ))
     })?;
-    out.resize(n, 0.0);
+    // Zeroed by the allocator (a large volume gets fresh zero pages from the system), not
+    // written here: its pages are touched only when the first lift scatters into them,
+    // after the ViT has taken the device from the previous stage (a UNet on a software
+    // adapter) — a buffer written now would sit beside that stage's memory.
+    drop(out);
+    let mut out = vec![0.0f32; n];
     let plans = schedule(vit, params, c, &runner.backend, lift_cap)?;
     for (k, pp) in plans.iter().enumerate() {
         let first = k == 0;

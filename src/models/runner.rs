@@ -39,15 +39,6 @@ enum Inputs<'a> {
     Owned(Vec<Vec<f32>>),
 }
 
-impl Inputs<'_> {
-    fn slices(&self) -> Vec<&[f32]> {
-        match self {
-            Inputs::Borrowed(d) => d.to_vec(),
-            Inputs::Owned(d) => d.iter().map(|v| v.as_slice()).collect(),
-        }
-    }
-}
-
 struct Prepared {
     graph: Graph,
     plan: Plan,
@@ -123,6 +114,13 @@ impl Runner {
         if freed {
             self.consts.release_unused();
             ctx.release_scratch_textures();
+            // wgpu destroys dropped buffers and textures only once the device is polled
+            // after their last submission: wait here, so the next stage's buffers do not
+            // coexist with this one's (both would count in a software adapter's host RAM).
+            if let Err(e) = ctx.wait() {
+                log::warn!("waiting for freed device memory: {e}");
+            }
+            GpuContext::trim_host_heap();
         }
     }
 
@@ -167,8 +165,8 @@ impl Runner {
     }
 
     /// As [`Runner::run`], taking the inputs by value: on the CPU each is freed after its
-    /// last reader in the graph (a UNet's feature volumes need not stay alive beside its
-    /// decoder's activations).
+    /// last reader in the graph, on the GPU once it is on the device (a UNet's feature
+    /// volumes need not stay alive beside its decoder's activations).
     pub fn run_owned(
         &mut self,
         key: &str,
@@ -219,7 +217,10 @@ impl Runner {
         let p = &self.prepared[key];
         let t0 = std::time::Instant::now();
         let out = match (&self.backend, &p.exe) {
-            (Backend::Gpu(ctx), Some(exe)) => exe.run(ctx, &p.graph, &inputs.slices()),
+            (Backend::Gpu(ctx), Some(exe)) => match inputs {
+                Inputs::Owned(d) => exe.run_owned(ctx, &p.graph, d),
+                Inputs::Borrowed(d) => exe.run(ctx, &p.graph, d),
+            },
             _ => {
                 let mut slots = p.cpu.lock().unwrap_or_else(|e| e.into_inner());
                 match inputs {
@@ -313,8 +314,8 @@ impl Runner {
     }
 
     /// Wall seconds of every node of a prepared graph, from one run with a wait after each
-    /// node (GPU). None for an unknown key or the CPU backend.
-    pub fn profile_nodes(&self, key: &str, inputs: &[&[f32]]) -> Result<Option<Vec<f64>>> {
+    /// node (GPU), the inputs handed over. None for an unknown key or the CPU backend.
+    pub fn profile_nodes(&self, key: &str, inputs: Vec<Vec<f32>>) -> Result<Option<Vec<f64>>> {
         match (&self.backend, self.prepared.get(key)) {
             (
                 Backend::Gpu(ctx),
