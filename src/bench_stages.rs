@@ -300,8 +300,10 @@ pub struct StageReport {
     pub total_seconds: Option<f64>,
     /// Device bytes held after the tile: activations of every prepared graph + constants.
     pub device_bytes: Option<u64>,
-    /// The process's peak resident memory (Linux VmHWM).
+    /// The process's peak resident memory (Linux VmHWM): over the timed tiles when
+    /// `peak_rss_timed`, else over the whole run (warm-up and profile pass included).
     pub peak_rss: Option<u64>,
+    pub peak_rss_timed: bool,
     /// CPU seconds (user + system, all threads, lavapipe's included) per timed tile: a
     /// fairer measure than wall time on a shared machine.
     pub cpu_seconds: Option<f64>,
@@ -386,7 +388,16 @@ impl std::fmt::Display for StageReport {
             )?;
         }
         if let Some(b) = self.peak_rss {
-            writeln!(f, "process peak resident memory: {:.1} MiB", mib(b))?;
+            let scope = if self.peak_rss_timed {
+                "over the timed tiles"
+            } else {
+                "whole run"
+            };
+            writeln!(
+                f,
+                "process peak resident memory ({scope}): {:.1} MiB",
+                mib(b)
+            )?;
         }
         Ok(())
     }
@@ -401,6 +412,12 @@ pub fn peak_rss() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Restarts the peak resident set (VmHWM) at the current resident set (Linux: "5" to
+/// /proc/self/clear_refs); false where that is not possible.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// How the features of one volume are computed: per plane, ViT batch size and runs, and
@@ -478,12 +495,8 @@ fn feature_costs(b: &Bundle, sched: &FeatureSchedule) -> Result<((Cost, u64), (C
         let mut lg = Graph::new();
         // Projection-first: the input conv (Cd → C, 1×1×1) on the tokens, then the lift.
         let x = lg.input("tokens", &[lb, cd, 1, g, g]);
-        let wt = lg.constant(
-            "projection.weight",
-            vec![0.0; c * cd].into(),
-            &[c, cd, 1, 1, 1],
-        )?;
-        let bias = lg.constant("projection.bias", vec![0.0; c].into(), &[c])?;
+        let wt = lg.constant("projection.weight", vec![0.0; c * cd], &[c, cd, 1, 1, 1])?;
+        let bias = lg.constant("projection.bias", vec![0.0; c], &[c])?;
         let y = lg.op(Conv3d::new(1), &[x, wt, bias])?;
         let y = lg.op(Bilinear::to(hw), &[y])?;
         lg.output(y);
@@ -561,6 +574,7 @@ pub fn costs(b: &Bundle, backend: &Backend, batch: usize) -> Result<StageReport>
         total_seconds: None,
         device_bytes: None,
         peak_rss: None,
+        peak_rss_timed: false,
         cpu_seconds: None,
     })
 }
@@ -657,9 +671,12 @@ pub fn run(
     let mut node_secs: Vec<f64> = Vec::new();
     let mut sum_wall = 0.0;
     let mut cpu0 = None;
+    let mut peak_rss_timed = false;
     for it in 0..=iters {
         if it == 1 {
             cpu0 = process_cpu_seconds();
+            // The warm-up tile's op-by-op profile pass is not part of a real tile.
+            peak_rss_timed = reset_peak_rss();
         }
         let t_tile = Instant::now();
         let t0 = Instant::now();
@@ -712,6 +729,9 @@ pub fn run(
                 profile_nodes(runner, &key2, feats)?
             };
             trace(runner, "tile 0: UNet profiled");
+            // A timed tile starts as a real one does (the last tile's stage still held on
+            // a hardware GPU, nothing on a software one), and its peak memory is its own.
+            runner.evict_all();
             continue;
         }
         let t0 = Instant::now();
@@ -820,6 +840,7 @@ pub fn run(
             Backend::Gpu(_) => Some(act + consts),
         },
         peak_rss: peak_rss(),
+        peak_rss_timed,
         cpu_seconds,
     })
 }

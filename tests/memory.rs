@@ -218,9 +218,9 @@ fn assert_runs_stay_flat<T: PartialEq + std::fmt::Debug>(
 /// A runner holds one stage on the device at a time (issue 8: on lavapipe device memory is
 /// RAM, and the ViT's and the UNet's buffers, weights and scratch textures used to stay
 /// side by side): running the UNet frees the ViT's executor, weights and textures; the ViT
-/// is rebuilt on its next run and gives bit-identical results; a graph run beside the ViT
-/// keeps its executor; `set_keep_all(true)` keeps everything; cycles do not accumulate
-/// wgpu objects.
+/// is rebuilt on its next run (its weights read back from the spill file) and gives
+/// bit-identical results; a graph run beside the ViT keeps its executor;
+/// `set_keep_all(true)` keeps everything; cycles do not accumulate wgpu objects.
 #[test]
 fn stages_take_turns_on_the_device() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -259,6 +259,11 @@ fn stages_take_turns_on_the_device() {
     let act = |r: &Runner, k: &str| r.plan(k).expect("prepared").peak_bytes;
 
     let vit_first = runner.run(vit_key, vit_build, &[&images]).expect("ViT");
+    // Uploaded weights leave host memory for the spill file (read back on a rebuild).
+    let (vit_graph, _) = runner.prepared(vit_key).expect("prepared");
+    if cfg!(unix) {
+        assert_eq!(vit_graph.constant_bytes_on_host(), 0);
+    }
     runner
         .run_beside("side", side_build, &[&side_in])
         .expect("side graph");

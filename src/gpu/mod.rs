@@ -645,6 +645,10 @@ impl GpuContext {
         }
         self.keep_module(shader, new_module);
         let p = Arc::new(pipeline);
+        mem_trace(
+            Some(self),
+            &format!("compiled {}::{entry} {}", shader.name, key.2),
+        );
         cache.insert(key, p.clone());
         self.record_compiled(shader.name, entry, constants);
         Ok(p)
@@ -766,6 +770,10 @@ impl GpuContext {
         }
         self.keep_module(shader, new_module);
         let p = Arc::new(pipeline);
+        mem_trace(
+            Some(self),
+            &format!("compiled {}::{entry} {}", shader.name, key.2),
+        );
         cache.insert(key, p.clone());
         self.record_compiled(shader.name, entry, &[]);
         Ok((p, bgl))
@@ -1011,13 +1019,49 @@ pub fn mem_trace(ctx: Option<&GpuContext>, what: &str) {
         }
     }
     eprintln!(
-        "[mem] {what}: rss {:.1} peak {:.1}{dev} | heap {:.1} big anon {:.1} small anon {:.1} files {:.1} MiB; big anon rss/size MiB: {}",
+        "[mem] {what}: rss {:.1} peak {:.1}{dev} | heap {:.1} big anon {:.1} small anon {:.1} files {:.1} MiB;{} big anon rss/size MiB: {}",
         kib("VmRSS:") as f64 / 1024.0,
         kib("VmHWM:") as f64 / 1024.0,
         heap as f64 / 1024.0,
         big as f64 / 1024.0,
         small as f64 / 1024.0,
         file as f64 / 1024.0,
+        malloc_use(),
         bigs.join(" ")
     );
+}
+
+/// glibc's malloc statistics as " malloc in use X (mmapped Y) free Z MiB", or "".
+fn malloc_use() -> String {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        #[repr(C)]
+        #[derive(Default)]
+        struct Mallinfo2 {
+            arena: usize,
+            ordblks: usize,
+            smblks: usize,
+            hblks: usize,
+            hblkhd: usize,
+            usmblks: usize,
+            fsmblks: usize,
+            uordblks: usize,
+            fordblks: usize,
+            keepcost: usize,
+        }
+        extern "C" {
+            fn mallinfo2() -> Mallinfo2;
+        }
+        // SAFETY: mallinfo2 (glibc ≥ 2.33) takes no arguments and returns a plain struct.
+        let m = unsafe { mallinfo2() };
+        let mib = |b: usize| b as f64 / 1048576.0;
+        format!(
+            " malloc in use {:.1} (mmapped {:.1}) free {:.1} MiB;",
+            mib(m.uordblks + m.hblkhd),
+            mib(m.hblkhd),
+            mib(m.fordblks)
+        )
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    String::new()
 }

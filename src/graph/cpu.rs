@@ -4,6 +4,7 @@ use super::{Graph, Plan, Source};
 use crate::error::Result;
 use crate::ops::numel;
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The CPU backend: every op's reference implementation, buffers as the plan says.
@@ -114,6 +115,16 @@ impl CpuExecutor {
                 last_read[i] = None; // returned: kept to the end
             }
         }
+        // Constants' values (an `Arc` of the host copy; spilled ones are read back for
+        // this run).
+        let consts: Vec<Option<Arc<Vec<f32>>>> = g
+            .values
+            .iter()
+            .map(|v| match &v.source {
+                Source::Const(c) => c.values().map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
         let slots = &mut slots.0;
         slots.resize_with(plan.slot_bytes.len(), Vec::new);
         for (k, n) in g.nodes.iter().enumerate() {
@@ -131,7 +142,7 @@ impl CpuExecutor {
                         let info = &g.values[v.0];
                         let len = numel(&info.shape);
                         match (&info.source, input_of[v.0]) {
-                            (Source::Const(c), _) => &c[..],
+                            (Source::Const(_), _) => &consts[v.0].as_deref().expect("constant")[..],
                             (_, Some(i)) => &inputs[i].as_deref().expect("input released")[..len],
                             _ => &slots[plan.slot_of[v.0].expect("slot")][..len],
                         }
@@ -165,7 +176,7 @@ impl CpuExecutor {
                 outs[k].clone()
             } else {
                 match (&g.values[v.0].source, input_of[v.0]) {
-                    (Source::Const(c), _) => c.to_vec(),
+                    (Source::Const(_), _) => consts[v.0].as_deref().expect("constant").to_vec(),
                     (_, Some(i)) => inputs[i].as_deref().expect("input kept")[..len].to_vec(),
                     _ => {
                         let mut o = std::mem::take(&mut slots[plan.slot_of[v.0].expect("slot")]);

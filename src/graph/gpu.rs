@@ -2,7 +2,7 @@
 //! uploaded once per [`ConstCache`], dispatches (pipelines + bind groups) built once and
 //! replayed on every run, recorded into a few command buffers submitted in batches.
 
-use super::{Graph, Plan, Source};
+use super::{Constant, Graph, Plan, Source};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, GpuContext, Precision};
 use crate::ops::matmul::Matmul;
@@ -15,9 +15,9 @@ use std::sync::Arc;
 /// several graphs (tile shapes, batch sizes) are uploaded once.
 #[derive(Default)]
 pub struct ConstCache {
-    map: HashMap<usize, (Arc<Vec<f32>>, Arc<wgpu::Buffer>)>,
+    map: HashMap<usize, (Arc<Constant>, Arc<wgpu::Buffer>)>,
     /// f16 copies (precision f16); None when a value does not fit f16.
-    map16: HashMap<usize, (Arc<Vec<f32>>, Option<Arc<wgpu::Buffer>>)>,
+    map16: HashMap<usize, (Arc<Constant>, Option<Arc<wgpu::Buffer>>)>,
     /// Bytes uploaded since the queue's staging copies were last flushed.
     staged: u64,
 }
@@ -44,14 +44,14 @@ impl ConstCache {
     fn get(
         &mut self,
         ctx: &GpuContext,
-        data: &Arc<Vec<f32>>,
+        data: &Arc<Constant>,
         shape: &[usize],
     ) -> Result<Arc<wgpu::Buffer>> {
         let key = Arc::as_ptr(data) as usize;
         if let Some((_, b)) = self.map.get(&key) {
             return Ok(b.clone());
         }
-        let t = ctx.upload(data, shape)?;
+        let t = ctx.upload(&data.values()?, shape)?;
         self.staged(ctx, t.buffer.size())?;
         self.map.insert(key, (data.clone(), t.buffer.clone()));
         Ok(t.buffer)
@@ -62,18 +62,19 @@ impl ConstCache {
     fn get_f16(
         &mut self,
         ctx: &GpuContext,
-        data: &Arc<Vec<f32>>,
+        data: &Arc<Constant>,
         shape: &[usize],
     ) -> Result<Option<Arc<wgpu::Buffer>>> {
         let key = Arc::as_ptr(data) as usize;
         if let Some((_, b)) = self.map16.get(&key) {
             return Ok(b.clone());
         }
-        let fits = data
+        let values = data.values()?;
+        let fits = values
             .iter()
             .all(|v| v.is_finite() && v.abs() <= f32::from(half::f16::MAX));
         let b = if fits {
-            let b = ctx.upload_f16(data, shape)?.buffer;
+            let b = ctx.upload_f16(&values, shape)?.buffer;
             self.staged(ctx, b.size())?;
             Some(b)
         } else {

@@ -15,11 +15,13 @@
 //! assert_eq!(out[0], vec![-1.0, 4.0, -3.0, 8.0, 10.0, -6.0]);
 //! ```
 
+mod constant;
 mod cpu;
 mod gpu;
 mod plan;
 pub mod split;
 
+pub use constant::{Constant, IntoConstant};
 pub use cpu::{CpuExecutor, CpuSlots};
 pub use gpu::{ConstCache, GpuExecutor, GraphInput};
 pub use plan::{Plan, Step};
@@ -35,7 +37,7 @@ pub struct Value(pub(crate) usize);
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
     Input,
-    Const(Arc<Vec<f32>>),
+    Const(Arc<Constant>),
     Computed,
 }
 
@@ -103,8 +105,37 @@ impl Graph {
         v
     }
 
-    /// A constant (weights). Shared `Arc`s are uploaded once per [`ConstCache`].
-    pub fn constant(&mut self, name: &str, data: Arc<Vec<f32>>, shape: &[usize]) -> Result<Value> {
+    /// Moves every constant's values to the spill file ([`Constant::spill`]): for a graph
+    /// whose constants are on a device and need not stay on the host.
+    pub fn spill_constants(&self) -> Result<()> {
+        for v in &self.values {
+            if let Source::Const(c) = &v.source {
+                c.spill()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of this graph's constants whose values are in host memory (not spilled).
+    pub fn constant_bytes_on_host(&self) -> u64 {
+        self.values
+            .iter()
+            .filter_map(|v| match &v.source {
+                Source::Const(c) if !c.is_spilled() => Some(4 * c.len() as u64),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// A constant (weights): a `Vec<f32>`, an `Arc<Vec<f32>>` or a shared
+    /// [`Constant`]. The same `Arc<Constant>` is uploaded once per [`ConstCache`].
+    pub fn constant(
+        &mut self,
+        name: &str,
+        data: impl IntoConstant,
+        shape: &[usize],
+    ) -> Result<Value> {
+        let data = data.into_constant();
         if data.len() != numel(shape) {
             return Err(Error::shape(
                 "constant",

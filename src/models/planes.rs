@@ -72,7 +72,7 @@ use super::preprocess::{self, Sample, Tap};
 use super::runner::{Backend, Runner};
 use super::vit::{Vit, VitConfig};
 use crate::error::{Error, Result};
-use crate::graph::Graph;
+use crate::graph::{Constant, Graph};
 use crate::io::npy::{DType, Npy, NpyData};
 use crate::ops::conv3d::Conv3d;
 use crate::ops::resize::Bilinear;
@@ -358,8 +358,8 @@ impl FeatureParams {
 /// UNet's `input_conv`, applied to the tokens before the lift ("projection-first").
 #[derive(Clone, Debug)]
 pub struct Projection {
-    weight: Arc<Vec<f32>>,
-    bias: Arc<Vec<f32>>,
+    weight: Arc<Constant>,
+    bias: Arc<Constant>,
     out_channels: usize,
     in_channels: usize,
 }
@@ -392,8 +392,8 @@ impl Projection {
             ));
         }
         Ok(Projection {
-            weight: Arc::new(weight),
-            bias: Arc::new(bias),
+            weight: Constant::new(weight),
+            bias: Constant::new(bias),
             out_channels,
             in_channels,
         })
@@ -402,8 +402,8 @@ impl Projection {
     /// As [`Projection::new`] on weights shared with their owner (a model's conv), so the
     /// same weights give the same projection (graph keys and device constants reused).
     pub(crate) fn shared(
-        weight: Arc<Vec<f32>>,
-        bias: Arc<Vec<f32>>,
+        weight: Arc<Constant>,
+        bias: Arc<Constant>,
         out_channels: usize,
         in_channels: usize,
     ) -> Result<Projection> {
@@ -435,12 +435,14 @@ impl Projection {
         self.in_channels
     }
 
-    pub fn weight(&self) -> &[f32] {
-        &self.weight
+    /// The (C_out, C_in) weight (read back if it was spilled, see [`Constant::spill`]).
+    pub fn weight(&self) -> Result<Arc<Vec<f32>>> {
+        self.weight.values()
     }
 
-    pub fn bias(&self) -> &[f32] {
-        &self.bias
+    /// The (C_out) bias.
+    pub fn bias(&self) -> Result<Arc<Vec<f32>>> {
+        self.bias.values()
     }
 
     /// Applies the map to a (C_in, N) array on the host (accumulating in f64): the
@@ -454,12 +456,13 @@ impl Projection {
             )));
         }
         let n = features.len() / ci;
+        let (weight, bias) = (self.weight()?, self.bias()?);
         let mut acc = vec![0f64; co * n];
         for o in 0..co {
             let row = &mut acc[o * n..(o + 1) * n];
-            row.iter_mut().for_each(|v| *v = self.bias[o] as f64);
+            row.iter_mut().for_each(|v| *v = bias[o] as f64);
             for c in 0..ci {
-                let wt = self.weight[o * ci + c] as f64;
+                let wt = weight[o * ci + c] as f64;
                 for (a, x) in row.iter_mut().zip(&features[c * n..(c + 1) * n]) {
                     *a += wt * *x as f64;
                 }

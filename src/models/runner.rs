@@ -95,6 +95,13 @@ impl Runner {
         self.keep_all = keep;
     }
 
+    /// On a CPU-like GPU (see [`Runner::set_keep_all`]): frees every graph's executor,
+    /// weights and scratch textures (all rebuilt on the next run). Nothing otherwise.
+    pub fn evict_all(&mut self) {
+        self.evict_others("");
+        self.last_main = None;
+    }
+
     /// On the GPU: frees the executors of all graphs but `key` and those run beside it,
     /// then the weights and scratch textures nothing uses any more.
     fn evict_others(&mut self, key: &str) {
@@ -138,7 +145,15 @@ impl Runner {
             let plan = graph.plan(true);
             let exe = match &self.backend {
                 Backend::Cpu => None,
-                Backend::Gpu(ctx) => Some(GpuExecutor::new(ctx, &graph, &plan, &mut self.consts)?),
+                Backend::Gpu(ctx) => {
+                    let exe = GpuExecutor::new(ctx, &graph, &plan, &mut self.consts)?;
+                    // The weights are on the device now: their host copies go to the spill
+                    // file (read back only to upload them again after an eviction).
+                    if let Err(e) = graph.spill_constants() {
+                        log::warn!("weights stay in host memory: {e}");
+                    }
+                    Some(exe)
+                }
             };
             self.prepared.insert(
                 key.to_string(),
@@ -230,7 +245,16 @@ impl Runner {
             }
         };
         if let Backend::Gpu(ctx) = &self.backend {
-            crate::gpu::mem_trace(Some(ctx), key);
+            let host: u64 = self
+                .prepared
+                .values()
+                .map(|p| p.graph.constant_bytes_on_host())
+                .sum();
+            let what = format!(
+                "{key} (weights on the host {:.1} MiB)",
+                host as f64 / 1048576.0
+            );
+            crate::gpu::mem_trace(Some(ctx), &what);
         }
         let e = self.timings.entry(key.to_string()).or_default();
         e.0 += 1;

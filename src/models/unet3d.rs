@@ -4,7 +4,7 @@
 
 use super::planes::Projection;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Value};
+use crate::graph::{Constant, Graph, Value};
 use crate::io::Weights;
 use crate::ops::concat::Concat;
 use crate::ops::conv3d::{fold_batchnorm, Conv3d};
@@ -80,7 +80,7 @@ pub struct Unet3d {
     pub fusion: bool,
     /// Learned upsampling stages (0 when absent).
     pub upsample_stages: usize,
-    w: HashMap<String, (Arc<Vec<f32>>, Vec<usize>)>,
+    w: HashMap<String, (Arc<Constant>, Vec<usize>)>,
 }
 
 /// Input/output channels of each 3×3×3 block, from the base width C.
@@ -242,9 +242,9 @@ impl Unet3d {
             problems: Vec::new(),
             missing: Vec::new(),
         };
-        let mut w: HashMap<String, (Arc<Vec<f32>>, Vec<usize>)> = HashMap::new();
+        let mut w: HashMap<String, (Arc<Constant>, Vec<usize>)> = HashMap::new();
         let mut put = |name: String, data: Vec<f32>, shape: Vec<usize>| {
-            w.insert(name, (Arc::new(data), shape));
+            w.insert(name, (Constant::new(data), shape));
         };
         let plain = |ld: &mut Loader,
                      put: &mut dyn FnMut(String, Vec<f32>, Vec<usize>),
@@ -357,7 +357,7 @@ impl Unet3d {
             .w
             .get(name)
             .ok_or_else(|| Error::Weights(format!("  '{name}' was not loaded")))?;
-        g.constant(name, data.clone(), shape)
+        g.constant(name, data, shape)
     }
 
     fn conv(&self, g: &mut Graph, x: Value, name: &str, kernel: usize) -> Result<Value> {

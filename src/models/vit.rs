@@ -4,7 +4,7 @@
 
 use super::runner::{Backend, Runner};
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Value};
+use crate::graph::{Constant, Graph, Value};
 use crate::io::Weights;
 use crate::ops::attention::Attention;
 use crate::ops::elementwise::Binary;
@@ -160,7 +160,7 @@ impl F16Io {
 /// A loaded DINOv3 ViT.
 pub struct Vit {
     pub config: VitConfig,
-    w: HashMap<String, (Arc<Vec<f32>>, Vec<usize>)>,
+    w: HashMap<String, (Arc<Constant>, Vec<usize>)>,
 }
 
 fn linear_shapes(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
@@ -244,16 +244,16 @@ impl Vit {
         let mut w = HashMap::new();
         for (name, shape) in wanted {
             let t = weights.take(&name)?;
-            w.insert(name, (Arc::new(t.data), shape));
+            w.insert(name, (Constant::new(t.data), shape));
         }
         // The token prefix [CLS, registers] as one (1 + R, D) constant.
         let d = config.hidden_size;
-        let mut prefix = w["embeddings.cls_token"].0.to_vec();
+        let mut prefix = w["embeddings.cls_token"].0.values()?.to_vec();
         if let Some((r, _)) = w.get("embeddings.register_tokens") {
-            prefix.extend_from_slice(r);
+            prefix.extend_from_slice(&r.values()?);
         }
         let rows = prefix.len() / d;
-        w.insert("prefix".into(), (Arc::new(prefix), vec![rows, d]));
+        w.insert("prefix".into(), (Constant::new(prefix), vec![rows, d]));
         Ok(Vit { config, w })
     }
 
@@ -262,7 +262,7 @@ impl Vit {
             .w
             .get(name)
             .ok_or_else(|| Error::Weights(format!("  '{name}' was not loaded")))?;
-        g.constant(name, data.clone(), shape)
+        g.constant(name, data, shape)
     }
 
     /// A constant with a different view of the same data (e.g. a conv weight as a matrix).
@@ -271,7 +271,7 @@ impl Vit {
             .w
             .get(name)
             .ok_or_else(|| Error::Weights(format!("  '{name}' was not loaded")))?;
-        g.constant(name, data.clone(), shape)
+        g.constant(name, data, shape)
     }
 
     /// `act(x·Wᵀ + b)` (the bias only when the checkpoint has one), the activation applied

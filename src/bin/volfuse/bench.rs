@@ -84,7 +84,11 @@ pub(crate) fn model(
 ) -> Result<()> {
     use volfuse::bench_stages as bs;
     let bundle = bs::load_model(model).with_context(|| format!("loading the model {model}"))?;
+    volfuse::gpu::mem_trace(None, "model loaded");
     let backend = device.backend()?;
+    if let volfuse::models::Backend::Gpu(ctx) = &backend {
+        volfuse::gpu::mem_trace(Some(ctx), "device ready");
+    }
     if costs_only {
         print!("{}", bs::costs(&bundle, &backend, batch)?);
         print!("{}", bs::op_tables(&bundle)?);
