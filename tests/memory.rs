@@ -267,6 +267,7 @@ fn stages_take_turns_on_the_device() {
     runner
         .run_beside("side", side_build, &[&side_in])
         .expect("side graph");
+    let pipelines_vit = ctx.live_resources().map(|r| r.compute_pipelines);
     let (a_vit, w_vit) = runner.device_bytes();
     assert_eq!(a_vit, act(&runner, vit_key) + act(&runner, "side"));
     assert!(w_vit > 0);
@@ -308,6 +309,12 @@ fn stages_take_turns_on_the_device() {
     assert_eq!(
         runner.device_bytes().0,
         act(&runner, vit_key) + act(&runner, "side")
+    );
+    // The UNet's compiled pipelines went with it (a software adapter keeps megabytes of
+    // code per pipeline); the ViT's were compiled again.
+    assert_eq!(
+        ctx.live_resources().map(|r| r.compute_pipelines),
+        pipelines_vit
     );
     let unet_again = runner
         .run(unet_key, unet_build, &[&feats, &feats])

@@ -121,6 +121,7 @@ impl Runner {
         if freed {
             self.consts.release_unused();
             ctx.release_scratch_textures();
+            ctx.release_unused_pipelines();
             // wgpu destroys dropped buffers and textures only once the device is polled
             // after their last submission: wait here, so the next stage's buffers do not
             // coexist with this one's (both would count in a software adapter's host RAM).
