@@ -353,7 +353,8 @@ pub fn unet(
     let mut runner = Runner::new(backend);
     runner.run("unet", move || Ok(g), &inputs)?; // warm-up
     let (act, consts) = runner.device_bytes();
-    *UNET_DEVICE_BYTES.lock().unwrap_or_else(|e| e.into_inner()) = [act, consts, scratch];
+    let live = runner.plan("unet").map_or(0, |p| p.live_bytes);
+    *UNET_DEVICE_BYTES.lock().unwrap_or_else(|e| e.into_inner()) = [act, consts, scratch, live];
     let (t0, c0) = (Instant::now(), process_cpu_seconds());
     for _ in 0..iters.max(1) {
         runner.run("unet", unreachable_graph, &inputs)?;
@@ -371,10 +372,11 @@ pub fn unet(
 
 static UNET_CPU_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-static UNET_DEVICE_BYTES: std::sync::Mutex<[u64; 3]> = std::sync::Mutex::new([0; 3]);
+static UNET_DEVICE_BYTES: std::sync::Mutex<[u64; 4]> = std::sync::Mutex::new([0; 4]);
 
-/// Device bytes of the last [`unet`] run on a GPU: [activations, weights, slab scratch].
-pub fn unet_device_bytes() -> [u64; 3] {
+/// Device bytes of the last [`unet`] run on a GPU: [activations, weights, slab scratch,
+/// most activation bytes alive at once ([`crate::graph::Plan::live_bytes`])].
+pub fn unet_device_bytes() -> [u64; 4] {
     *UNET_DEVICE_BYTES.lock().unwrap_or_else(|e| e.into_inner())
 }
 

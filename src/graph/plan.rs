@@ -1,9 +1,12 @@
-//! Buffer planning by liveness: each value computed by an op lives from its node until its
-//! last reader; buffers ("slots") are handed to later values once free. Outputs get slots
-//! of their own. Inputs get slots of their own too (every input is written before a run
-//! starts), which later values reuse once the input's last reader ran: an executor writes
-//! all inputs at the start of every run, so nothing needs an input's contents afterwards
-//! (on the GPU the large feature volumes of a UNet free their buffers for the decoder).
+//! Buffer planning by liveness: each value lives from its node until its last reader (an
+//! output to the end of the run, an input from the start). Values whose lifetimes do not
+//! overlap share a buffer ("slot"), assigned largest first, each to the smallest slot it
+//! fits beside ("greedy by size"): the large tensors get their own buffers and the small
+//! ones fill the gaps, so the buffers come close to the most bytes alive at once
+//! ([`Plan::live_bytes`]). Inputs are written at the start of every run, so nothing needs
+//! an input's contents after its last reader: on the GPU the large feature volumes of a
+//! UNet free their buffers for the decoder. An output may take a buffer whose earlier
+//! values died before it was made (outputs are read back only after the run).
 
 use super::{Graph, Source};
 use crate::ops::numel;
@@ -29,6 +32,9 @@ pub struct Plan {
     pub peak_bytes: u64,
     /// Bytes the same graph would need with one buffer per value.
     pub unshared_bytes: u64,
+    /// The most bytes of values alive at once (inputs, intermediates, outputs): what an
+    /// ideal packing would need; `peak_bytes` is larger where slots grew to fit.
+    pub live_bytes: u64,
     /// Bytes of constants (weights), uploaded once.
     pub const_bytes: u64,
 }
@@ -65,76 +71,77 @@ impl Plan {
         for v in &g.inputs {
             is_input[v.0] = true;
         }
-        let mut slot_bytes: Vec<u64> = Vec::new();
-        let mut slot_of = vec![None; nv];
-        let mut free: Vec<usize> = Vec::new();
+        // Lifetimes on a clock where inputs appear at 0 and node i's output at i + 1, a value
+        // read by node i living through i + 1; outputs live to the end.
+        let nn = g.nodes.len();
+        let end_of = |v: usize, def: usize| -> usize {
+            if pinned[v] {
+                nn + 1
+            } else {
+                last_use[v].map_or(def, |u| u + 1)
+            }
+        };
+        let mut life: Vec<Option<(usize, usize)>> = vec![None; nv];
         for v in &g.inputs {
-            slot_bytes.push(bytes(v.0));
-            slot_of[v.0] = Some(slot_bytes.len() - 1);
+            life[v.0] = Some((0, end_of(v.0, 0)));
         }
-        let mut steps = Vec::with_capacity(g.nodes.len());
         for (i, n) in g.nodes.iter().enumerate() {
             let out = n.output.0;
-            let need = bytes(out);
-            let slot = if reuse && !pinned[out] && !is_input[out] {
-                // Best fit: the smallest free slot that is large enough; else grow the largest.
-                let fit = free
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| slot_bytes[**s] >= need)
-                    .min_by_key(|(_, s)| slot_bytes[**s])
-                    .map(|(k, _)| k)
-                    .or_else(|| {
-                        free.iter()
-                            .enumerate()
-                            .max_by_key(|(_, s)| slot_bytes[**s])
-                            .map(|(k, _)| k)
-                    });
-                match fit {
-                    Some(k) => {
-                        let s = free.swap_remove(k);
-                        slot_bytes[s] = slot_bytes[s].max(need);
-                        s
-                    }
-                    None => {
-                        slot_bytes.push(need);
-                        slot_bytes.len() - 1
-                    }
-                }
-            } else {
-                slot_bytes.push(need);
-                slot_bytes.len() - 1
-            };
-            slot_of[out] = Some(slot);
-            steps.push(Step {
-                op: n.op.name(),
-                output_shape: g.values[out].shape.clone(),
-                output_bytes: need,
-                slot,
-            });
-            if reuse {
-                // Release inputs read for the last time here, and an output nobody reads.
-                let mut dying: Vec<usize> = n
-                    .inputs
-                    .iter()
-                    .map(|v| v.0)
-                    .filter(|v| last_use[*v] == Some(i))
-                    .collect();
-                if last_use[out].is_none() {
-                    dying.push(out);
-                }
-                dying.sort_unstable();
-                dying.dedup();
-                for v in dying {
-                    let planned = matches!(g.values[v].source, Source::Computed) || is_input[v];
-                    if planned && !pinned[v] {
-                        if let Some(s) = slot_of[v] {
-                            free.push(s);
-                        }
-                    }
-                }
+            if !is_input[out] {
+                life[out] = Some((i + 1, end_of(out, i + 1)));
             }
         }
+        let mut live_at = vec![0u64; nn + 2];
+        for (v, l) in life.iter().enumerate() {
+            if let Some((a, b)) = l {
+                live_at[*a..=*b].iter_mut().for_each(|x| *x += bytes(v));
+            }
+        }
+        let live_bytes = live_at.iter().copied().max().unwrap_or(0);
+        // Slots: without reuse one per value; with reuse, largest values first, each into
+        // the smallest slot none of whose values' lifetimes overlaps its own ("greedy by
+        // size": the big tensors get their own buffers, the small ones fill the gaps).
+        let mut slot_bytes: Vec<u64> = Vec::new();
+        let mut slot_lives: Vec<Vec<(usize, usize)>> = Vec::new();
+        let mut slot_of = vec![None; nv];
+        let mut order: Vec<usize> = (0..nv).filter(|v| life[*v].is_some()).collect();
+        if reuse {
+            order.sort_by_key(|v| (std::cmp::Reverse(bytes(*v)), life[*v]));
+        }
+        for v in order {
+            let (a, b) = life[v].expect("ordered values have lifetimes");
+            let need = bytes(v);
+            let fit = if reuse {
+                (0..slot_bytes.len())
+                    .filter(|s| slot_lives[*s].iter().all(|(c, d)| b < *c || *d < a))
+                    .min_by_key(|s| slot_bytes[*s])
+            } else {
+                None
+            };
+            let slot = match fit {
+                Some(s) => {
+                    slot_bytes[s] = slot_bytes[s].max(need);
+                    s
+                }
+                None => {
+                    slot_bytes.push(need);
+                    slot_lives.push(Vec::new());
+                    slot_bytes.len() - 1
+                }
+            };
+            slot_lives[slot].push((a, b));
+            slot_of[v] = Some(slot);
+        }
+        let steps = g
+            .nodes
+            .iter()
+            .map(|n| Step {
+                op: n.op.name(),
+                output_shape: g.values[n.output.0].shape.clone(),
+                output_bytes: bytes(n.output.0),
+                slot: slot_of[n.output.0].expect("every op output has a slot"),
+            })
+            .collect();
         let const_bytes = g
             .values
             .iter()
@@ -155,6 +162,7 @@ impl Plan {
             slot_of,
             steps,
             unshared_bytes,
+            live_bytes,
             const_bytes,
         }
     }

@@ -223,12 +223,13 @@ pub(crate) fn unet(
     if ours_cpu > 0.0 {
         println!("  {ours_cpu:.2} CPU-s per tile");
     }
-    let [act, wts, scr] = volfuse::bench::unet_device_bytes();
+    let [act, wts, scr, live] = volfuse::bench::unet_device_bytes();
     if act > 0 {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         println!(
-            "  device: {:.0} MiB activations + {:.0} MiB weights + {:.0} MiB slab scratch = {:.0} MiB",
+            "  device: {:.0} MiB activations (at most {:.0} MiB alive at once) + {:.0} MiB weights + {:.0} MiB slab scratch = {:.0} MiB",
             mib(act),
+            mib(live),
             mib(wts),
             mib(scr),
             mib(act + wts + scr)
