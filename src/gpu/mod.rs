@@ -889,6 +889,36 @@ impl GpuContext {
         }
     }
 
+    /// Makes the C heap give large blocks back to the system when they are freed (glibc:
+    /// a fixed `M_MMAP_THRESHOLD` of 1 MiB, so every allocation of 1 MiB or more is its
+    /// own mapping; by default the threshold climbs to the largest block freed so far, up
+    /// to 32 MiB, and later blocks below it stay resident in the heap after `free`).
+    /// A process call, for binaries: a tile's host vectors (weights read back for an
+    /// upload, image batches, token blocks) then cost memory only while alive.
+    pub fn tune_host_heap() {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            extern "C" {
+                fn mallopt(
+                    param: std::os::raw::c_int,
+                    value: std::os::raw::c_int,
+                ) -> std::os::raw::c_int;
+            }
+            const M_MMAP_THRESHOLD: std::os::raw::c_int = -3;
+            // VOLFUSE_MMAP_THRESHOLD: bytes, or 0 for glibc's default policy.
+            let bytes = std::env::var("VOLFUSE_MMAP_THRESHOLD")
+                .ok()
+                .and_then(|v| v.trim().parse::<i32>().ok())
+                .unwrap_or(1 << 20);
+            if bytes > 0 {
+                // SAFETY: mallopt only changes glibc's allocation policy; any value is valid.
+                unsafe {
+                    mallopt(M_MMAP_THRESHOLD, bytes);
+                }
+            }
+        }
+    }
+
     /// Returns the C heap's free pages to the system (glibc's `malloc_trim`; nothing
     /// elsewhere). A software adapter's device memory and a stage's host vectors come from
     /// that heap, and glibc keeps freed pages in the middle of it resident: called when

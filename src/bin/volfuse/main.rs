@@ -292,6 +292,7 @@ fn main() -> std::process::ExitCode {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
+    volfuse::GpuContext::tune_host_heap();
     if let Err(e) = volfuse::io::cleanup::install_interrupt_handler() {
         eprintln!("warning: {e}");
     }
