@@ -19,6 +19,9 @@ use crate::ops::par;
 use crate::shaders::CONV3D;
 use std::sync::Arc;
 
+mod cat;
+pub use cat::{conv3d_cat, Conv3dCat};
+
 /// The conv3d op: `kernel` is 1 (no padding) or 3 (padding 1); with `relu`, followed by
 /// a ReLU (fused into the kernels' store).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,22 +246,37 @@ fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
     ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8
 }
 
-/// `conv3d_k3_sg_tex`: `conv3d_k3_sg` reading x through a texture copy of it (bindings 0
-/// params, 2 weight, 3 bias, 4 out, 5 texture), or None when x does not fit that copy
-/// (whole rgba32float texels, the device's texture size).
+/// A run of floats copied into the texture of `conv3d_k3_sg_tex`: `floats` values from
+/// byte `offset` of `buffer`. Runs fill the texture one after the other, so the runs of
+/// `conv3d_cat` (sample by sample: a's channels, then b's) make the concat's layout.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TexRun<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub floats: u64,
+}
+
+/// `conv3d_k3_sg_tex`: `conv3d_k3_sg` reading x through a texture filled from `runs`
+/// (bindings 0 params, 2 weight, 3 bias, 4 out, 5 texture), or None when x does not fit
+/// that copy (runs of whole rgba32float texels at whole-texel offsets, the device's
+/// texture size).
+#[allow(clippy::too_many_arguments)]
 fn tex_dispatch(
     ctx: &GpuContext,
-    d: &ConvDims,
     p: &Params,
-    inputs: &[&wgpu::Buffer],
+    runs: &[TexRun<'_>],
+    weight: &wgpu::Buffer,
+    bias: &wgpu::Buffer,
     out: &wgpu::Buffer,
     workgroups: [u32; 3],
     relu: bool,
 ) -> Result<Option<Dispatch>> {
-    let numel = (d.n * d.c * d.voxels()) as u64;
+    let numel: u64 = runs.iter().map(|r| r.floats).sum();
     let texels = numel / 4;
     let width = GpuContext::TEXTURE_WIDTH as u64;
-    if !numel.is_multiple_of(4)
+    if runs
+        .iter()
+        .any(|r| !r.floats.is_multiple_of(4) || !r.offset.is_multiple_of(16))
         || texels == 0
         || texels.div_ceil(width) > ctx.caps.max_texture_2d as u64
     {
@@ -281,8 +299,8 @@ fn tex_dispatch(
         layout: &layout,
         entries: &[
             buffer(0, &params),
-            buffer(2, inputs[1]),
-            buffer(3, inputs[2]),
+            buffer(2, weight),
+            buffer(3, bias),
             buffer(4, out),
             wgpu::BindGroupEntry {
                 binding: 5,
@@ -290,6 +308,24 @@ fn tex_dispatch(
             },
         ],
     });
+    let mut dst = 0;
+    let copies = runs
+        .iter()
+        .filter(|r| r.floats > 0)
+        .map(|r| {
+            let c = TextureCopy {
+                buffer: r.buffer.clone(),
+                texture: texture.clone(),
+                width: GpuContext::TEXTURE_WIDTH,
+                texel_bytes: 16,
+                texels: r.floats / 4,
+                buffer_offset: r.offset,
+                dst_texel: dst,
+            };
+            dst += r.floats / 4;
+            Arc::new(c)
+        })
+        .collect();
     Ok(Some(Dispatch {
         name: entry,
         before: Vec::new(),
@@ -298,24 +334,14 @@ fn tex_dispatch(
         bind_group,
         workgroups,
         offsets: Vec::new(),
-        copies: vec![Arc::new(TextureCopy {
-            buffer: inputs[0].clone(),
-            texture,
-            width: GpuContext::TEXTURE_WIDTH,
-            texel_bytes: 16,
-            texels,
-        })],
+        copies,
     }))
 }
 
-fn gpu_conv3d(
-    ctx: &GpuContext,
-    d: ConvDims,
-    inputs: &[&wgpu::Buffer],
-    out: &wgpu::Buffer,
-    allow_texture: bool,
-    relu: bool,
-) -> Result<Vec<Dispatch>> {
+/// The uniforms of the conv kernels for `d` on this device, and the dispatch's z extent
+/// (batch × output-channel groups). Errors when the tensors exceed 2^32 elements or the
+/// device's dispatch limit.
+fn conv_params(ctx: &GpuContext, d: &ConvDims) -> Result<(Params, u32)> {
     let dhw = d.voxels();
     if (d.n * d.c.max(d.o) * dhw) as u64 >= u32::MAX as u64 {
         return Err(Error::shape(
@@ -323,11 +349,8 @@ fn gpu_conv3d(
             format!("{d:?} exceeds 2^32 elements per tensor"),
         ));
     }
-    if d.n == 0 || d.o == 0 || dhw == 0 {
-        return Ok(vec![]);
-    }
     let sg = use_subgroup_kernel(ctx);
-    let (ry, rz, to3) = SG3_TILE;
+    let (ry, _, to3) = SG3_TILE;
     let to1 = SG1_TILES
         .iter()
         .copied()
@@ -358,7 +381,56 @@ fn gpu_conv3d(
             "conv3d: {z} batch × channel groups exceed the device's dispatch limit"
         )));
     }
+    Ok((p, z))
+}
+
+/// The K = 3 texture kernel with its texture filled from `runs` (which together hold x,
+/// `(N, C, D, H, W)` in order), or None where that kernel does not apply (no CPU-like
+/// subgroups, K = 1, runs not in whole texels, too large for a texture).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv3d_tex_runs(
+    ctx: &GpuContext,
+    d: ConvDims,
+    runs: &[TexRun<'_>],
+    weight: &wgpu::Buffer,
+    bias: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    relu: bool,
+) -> Result<Option<Vec<Dispatch>>> {
+    if !use_subgroup_kernel(ctx) || d.k != 3 || d.n == 0 || d.o == 0 || d.voxels() == 0 {
+        return Ok(None);
+    }
+    if runs.iter().map(|r| r.floats).sum::<u64>() != (d.n * d.c * d.voxels()) as u64 {
+        return Err(Error::Gpu(format!(
+            "conv3d: texture runs do not hold the input of {d:?}"
+        )));
+    }
+    let (p, z) = conv_params(ctx, &d)?;
+    let blocks = (p.tiles_x * p.tiles_y) as u64 * d.d.div_ceil(SG3_TILE.1) as u64;
+    let [wx, wy, _] = ctx.grid(blocks)?;
+    Ok(tex_dispatch(ctx, &p, runs, weight, bias, out, [wx, wy, z], relu)?.map(|t| vec![t]))
+}
+
+fn gpu_conv3d(
+    ctx: &GpuContext,
+    d: ConvDims,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+    allow_texture: bool,
+    relu: bool,
+) -> Result<Vec<Dispatch>> {
+    let dhw = d.voxels();
+    let (p, z) = conv_params(ctx, &d)?;
+    if d.n == 0 || d.o == 0 || dhw == 0 {
+        return Ok(vec![]);
+    }
+    let sg = use_subgroup_kernel(ctx);
     let (shader, entry, blocks) = if sg && d.k == 1 {
+        let to1 = SG1_TILES
+            .iter()
+            .copied()
+            .rfind(|&to| to <= d.o)
+            .unwrap_or(SG1_TILES[0]);
         let entry = if to1 == 32 {
             "conv3d_k1_sg32"
         } else {
@@ -366,10 +438,24 @@ fn gpu_conv3d(
         };
         (&CONV3D, entry, dhw.div_ceil(8 * SG1_V) as u64)
     } else if sg {
-        let blocks = tiles_x * tiles_y * d.d.div_ceil(rz);
+        let blocks = (p.tiles_x * p.tiles_y) as usize * d.d.div_ceil(SG3_TILE.1);
         if allow_texture {
             let [wx, wy, _] = ctx.grid(blocks as u64)?;
-            if let Some(t) = tex_dispatch(ctx, &d, &p, inputs, out, [wx, wy, z], relu)? {
+            let run = TexRun {
+                buffer: inputs[0],
+                offset: 0,
+                floats: (d.n * d.c * dhw) as u64,
+            };
+            if let Some(t) = tex_dispatch(
+                ctx,
+                &p,
+                &[run],
+                inputs[1],
+                inputs[2],
+                out,
+                [wx, wy, z],
+                relu,
+            )? {
                 return Ok(vec![t]);
             }
         }
