@@ -5,16 +5,17 @@
 //! GPU: where the texture kernel `conv3d_k3_sg_tex` applies (CPU-like devices with
 //! subgroups, K = 3, `Ca·D·H·W` and `Cb·D·H·W` multiples of 4), its scratch texture is
 //! filled straight from `a` and `b` (per sample: a's run, then b's: the concat's layout),
-//! so no concat buffer exists. Elsewhere the concat is made in a temporary buffer (held by
-//! the dispatches, outside the executor's buffer plan) and the plain conv3d runs on it;
-//! when that concat would exceed one storage binding, the op runs itself in depth slabs
+//! so no concat buffer exists. Elsewhere the concat is copied (buffer to buffer, in the
+//! conv's dispatch) into the context's shared scratch buffer ([`GpuContext::scratch_buffer`],
+//! outside the executor's buffer plan, one for all such convs) and the plain conv3d runs on
+//! it; when that concat would exceed one storage binding, the op runs itself in depth slabs
 //! (`graph::split`) small enough for it.
 
 use super::{conv3d, conv3d_tex_runs, gpu_conv3d, Conv3d, ConvDims, TexRun};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuContext};
+use crate::gpu::{BufferCopy, Dispatch, GpuContext};
 use crate::graph::split;
-use crate::ops::concat::{concat, CatDims, Concat};
+use crate::ops::concat::{concat, CatDims};
 use crate::ops::{expect_inputs, numel, par, DepthMap, DepthRule, Op};
 
 /// `conv3d(cat([a, b], dim=1))`, with a ReLU when `relu` (fused into the kernels' store).
@@ -102,16 +103,31 @@ impl Conv3dCat {
             let scratch = split::Scratch::new(ctx, std::slice::from_ref(&Some(plan.clone())))?;
             return split::dispatches(ctx, self, &plan, inputs, shapes, out, &out_shape, &scratch);
         }
-        let tmp = ctx.storage_buffer("conv3d_cat concat", bytes(&cat_shape))?;
-        let mut ds = Concat.gpu(ctx, &inputs[..2], &shapes[..2], &tmp)?;
-        ds.extend(gpu_conv3d(
-            ctx,
-            d,
-            &[&tmp, inputs[2], inputs[3]],
-            out,
-            true,
-            self.relu,
-        )?);
+        // The concat: per sample, a's channels then b's, copied into the shared scratch
+        // buffer before the conv's dispatch (one dispatch: the pair is never split).
+        let (ca, cb) = (shapes[0][1], shapes[1][1]);
+        let dhw = (d.d * d.h * d.w) as u64;
+        let tmp = ctx.scratch_buffer(bytes(&cat_shape))?;
+        let mut before = Vec::with_capacity(2 * d.n);
+        for l in 0..d.n as u64 {
+            let mut dst = l * (ca + cb) as u64 * dhw * 4;
+            for (x, c) in [(inputs[0], ca), (inputs[1], cb)] {
+                let run = c as u64 * dhw * 4;
+                before.push(BufferCopy {
+                    src: x.clone(),
+                    src_offset: l * run,
+                    dst: tmp.clone(),
+                    dst_offset: dst,
+                    bytes: run,
+                });
+                dst += run;
+            }
+        }
+        let mut ds = gpu_conv3d(ctx, d, &[&tmp, inputs[2], inputs[3]], out, true, self.relu)?;
+        if let Some(first) = ds.first_mut() {
+            before.append(&mut first.before);
+            first.before = before;
+        }
         Ok(ds)
     }
 }
