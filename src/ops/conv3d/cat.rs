@@ -11,11 +11,10 @@
 //! it; when that concat would exceed one storage binding, the op runs itself in depth slabs
 //! (`graph::split`) small enough for it.
 
-use super::{conv3d, conv3d_tex_runs, gpu_conv3d, Conv3d, ConvDims, TexRun};
+use super::{conv3d_parts, conv3d_tex_runs, gpu_conv3d, Conv3d, ConvDims, TexRun};
 use crate::error::{Error, Result};
 use crate::gpu::{BufferCopy, Dispatch, GpuContext};
 use crate::graph::split;
-use crate::ops::concat::{concat, CatDims};
 use crate::ops::{expect_inputs, numel, par, DepthMap, DepthRule, Op};
 
 /// `conv3d(cat([a, b], dim=1))`, with a ReLU when `relu` (fused into the kernels' store).
@@ -57,7 +56,9 @@ impl Conv3dCat {
     }
 }
 
-/// The CPU reference: the plain concat, then the plain conv3d (`out` is `(N, O, D, H, W)`).
+/// The CPU reference: the conv3d reference reading its channels from `a` then `b` (its
+/// im2col blocks are built from both; no concat tensor), i.e. `conv3d(concat(a, b))` —
+/// tested against exactly that.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_cat(
     d: ConvDims,
@@ -68,15 +69,7 @@ pub fn conv3d_cat(
     bias: &[f32],
     out: &mut [f32],
 ) {
-    let dhw = d.d * d.h * d.w;
-    let mut x = vec![0f32; d.n * (ca + cb) * dhw];
-    let cd = CatDims {
-        n: d.n,
-        channels: vec![ca, cb],
-        s: dhw,
-    };
-    concat(&[a, b], &cd, &mut x);
-    conv3d(d, &x, weight, bias, out);
+    conv3d_parts(d, &[(a, ca), (b, cb)], weight, bias, out);
 }
 
 impl Conv3dCat {

@@ -9,7 +9,9 @@
 //! loads through subgroup broadcasts, because on lavapipe every storage-buffer load is a
 //! per-lane scalar loop. `conv3d_k3_sg_tex` is `conv3d_k3_sg` reading x through a texture
 //! copy (texel fetches are cheaper still), used when x fills whole rgba32float texels.
-//! Those kernels are generated code (see `sg_source` in the tests).
+//! Those kernels are generated code (see `sg_source` in the tests). [`Conv3dCat`]
+//! (`conv3d_cat`, in `cat.rs`) is the conv of a channel concat, its texture filled from the
+//! concat's two inputs.
 
 use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
@@ -101,11 +103,26 @@ const COL_LIMIT: usize = 1 << 20;
 /// block `(C·27) × voxels` (zero padded) is built and multiplied by `W (O × C·27)`; chunks
 /// run in parallel, each writing its own voxels of every output channel.
 pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+    conv3d_parts(d, &[(x, d.c)], weight, bias, out);
+}
+
+/// [`conv3d`] of the channel concatenation of `parts` (each `(x, channels)`, x being
+/// `(N, channels, D, H, W)`; the channels sum to `d.c`) without making the concat: the
+/// im2col blocks (K = 3) read each channel from its part, K = 1 adds one gemm per part.
+pub(crate) fn conv3d_parts(
+    d: ConvDims,
+    parts: &[(&[f32], usize)],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
     let ConvDims { n, c, o, k, .. } = d;
     let (w, hw, dhw) = (d.w, d.h * d.w, d.voxels());
     let (kkk, pad) = (k * k * k, (k / 2) as isize);
     let ck = c * kkk;
-    assert!(x.len() >= n * c * dhw && weight.len() >= o * ck && bias.len() >= o);
+    assert_eq!(parts.iter().map(|p| p.1).sum::<usize>(), c);
+    assert!(parts.iter().all(|(x, pc)| x.len() >= n * pc * dhw));
+    assert!(weight.len() >= o * ck && bias.len() >= o);
     assert!(out.len() >= n * o * dhw);
     if dhw == 0 || o == 0 {
         return;
@@ -118,17 +135,32 @@ pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
                     row.fill(bias[o0 + i]);
                 }
             });
-            let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
-            gemm_strided((o, dhw, c), on, dhw, weight, (c, 1), xn, (dhw, 1), true);
+            let mut c0 = 0;
+            for &(x, pc) in parts {
+                let xn = &x[ni * pc * dhw..(ni + 1) * pc * dhw];
+                let wp = &weight[c0..];
+                gemm_strided((o, dhw, pc), on, dhw, wp, (c, 1), xn, (dhw, 1), true);
+                c0 += pc;
+            }
         }
         return;
     }
+    // Channel ci of sample ni: (part, channel within it).
+    let channel = |ni: usize, ci: usize| -> &[f32] {
+        let mut ci = ci;
+        for &(x, pc) in parts {
+            if ci < pc {
+                return &x[(ni * pc + ci) * dhw..][..dhw];
+            }
+            ci -= pc;
+        }
+        unreachable!("channel counts were checked")
+    };
     let rows = d.d * d.h;
     let per = (COL_LIMIT / (ck * w).max(1)).clamp(1, rows);
     let chunks = rows.div_ceil(per);
     let shared = par::SharedOut::new(out);
     for ni in 0..n {
-        let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
         par::for_each_index_init(
             chunks,
             || (vec![0f32; ck * per * w], vec![0f32; o * per * w]),
@@ -136,6 +168,7 @@ pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
                 let (r0, r1) = (ch * per, ((ch + 1) * per).min(rows));
                 let vc = (r1 - r0) * w;
                 for ci in 0..c {
+                    let xc = channel(ni, ci);
                     for t in 0..kkk {
                         let (kd, kh) = ((t / (k * k)) as isize, ((t / k) % k) as isize);
                         let shift = (t % k) as isize - pad;
@@ -148,7 +181,7 @@ pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
                                 dst.fill(0.0);
                                 continue;
                             }
-                            let src = &xn[ci * dhw + zz as usize * hw + yy as usize * w..][..w];
+                            let src = &xc[zz as usize * hw + yy as usize * w..][..w];
                             // dst[x] = src[x + shift], zero outside the row.
                             let s = shift.unsigned_abs().min(w);
                             if shift >= 0 {

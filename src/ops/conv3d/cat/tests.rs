@@ -40,22 +40,27 @@ fn kernel_matches_reference() {
 
 #[test]
 fn reference_is_concat_then_conv3d() {
+    // The reference builds its im2col blocks from both inputs (K = 3) or adds one gemm per
+    // input (K = 1): against the plain concat and the plain conv3d reference.
     let mut r = rng();
-    for relu in [false, true] {
-        let op = Conv3dCat { kernel: 3, relu };
-        let sh = shapes(2, 3, 2, 4, [3, 5, 4], 3);
-        let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
-        let io: Vec<(&[f32], &[usize])> = data
-            .iter()
-            .zip(&sh)
-            .map(|(d, s)| (d.as_slice(), s.as_slice()))
-            .collect();
-        let (got, gs) = run_cpu(&op, &io).unwrap();
-        let (cat, cs) = run_cpu(&Concat, &io[..2]).unwrap();
-        let conv = Conv3d { kernel: 3, relu };
-        let (want, ws) = run_cpu(&conv, &[(&cat, &cs), io[2], io[3]]).unwrap();
-        assert_eq!(gs, ws);
-        assert_eq!(got, want);
+    for (k, relu) in [(3, false), (3, true), (1, false), (1, true)] {
+        let op = Conv3dCat { kernel: k, relu };
+        for (n, ca, cb, o, s) in [(2, 3, 2, 4, [3, 5, 4]), (1, 1, 6, 70, [17, 6, 65])] {
+            let sh = shapes(n, ca, cb, o, s, k);
+            let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
+            let io: Vec<(&[f32], &[usize])> = data
+                .iter()
+                .zip(&sh)
+                .map(|(d, s)| (d.as_slice(), s.as_slice()))
+                .collect();
+            let (got, gs) = run_cpu(&op, &io).unwrap();
+            let (cat, cs) = run_cpu(&Concat, &io[..2]).unwrap();
+            let conv = Conv3d { kernel: k, relu };
+            let (want, ws) = run_cpu(&conv, &[(&cat, &cs), io[2], io[3]]).unwrap();
+            assert_eq!(gs, ws);
+            let e = rel_err(&got, &want);
+            assert!(e <= 1e-6, "{sh:?}: {e}");
+        }
     }
 }
 
