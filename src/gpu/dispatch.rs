@@ -8,7 +8,10 @@ use crate::error::{Error, Result};
 use crate::shaders::Shader;
 use std::sync::Arc;
 
-/// A buffer-to-texture copy recorded before a dispatch.
+/// A buffer-to-texture copy recorded before a dispatch: `texels` texels from byte
+/// `buffer_offset` of `buffer` into the texture's texels `dst_texel..dst_texel + texels`,
+/// the texture read linearly in rows of `width`. Several copies with consecutive
+/// `dst_texel` ranges fill one texture from several buffers (a channel concat).
 #[derive(Debug, Clone)]
 pub struct TextureCopy {
     pub buffer: wgpu::Buffer,
@@ -16,16 +19,48 @@ pub struct TextureCopy {
     /// Texels per texture row (the row pitch of the buffer is `width * texel_bytes`).
     pub width: u32,
     pub texel_bytes: u32,
-    /// Total texels to copy (rows of `width`, then a partial row).
+    /// Total texels to copy (a partial first row, full rows, a partial last row).
     pub texels: u64,
+    /// Where the copy starts in the buffer, in bytes (a multiple of `texel_bytes`).
+    pub buffer_offset: u64,
+    /// The first texture texel written (linear index, row-major in rows of `width`).
+    pub dst_texel: u64,
 }
 
 impl TextureCopy {
+    /// The (buffer offset, x, y, width, rows) of each copy region: a partial first row
+    /// when `dst_texel` is not at a row start, the full rows, a partial last row.
+    fn regions(&self) -> Vec<(u64, u32, u32, u32, u32)> {
+        let w = self.width as u64;
+        let tb = self.texel_bytes as u64;
+        let (mut t, end, mut src) = (
+            self.dst_texel,
+            self.dst_texel + self.texels,
+            self.buffer_offset,
+        );
+        let mut out = Vec::with_capacity(3);
+        let x = t % w;
+        if x != 0 && t < end {
+            let n = (w - x).min(end - t);
+            out.push((src, x as u32, (t / w) as u32, n as u32, 1));
+            t += n;
+            src += n * tb;
+        }
+        let rows = (end - t) / w;
+        if rows > 0 {
+            out.push((src, 0, (t / w) as u32, w as u32, rows as u32));
+            t += rows * w;
+            src += rows * w * tb;
+        }
+        if t < end {
+            out.push((src, 0, (t / w) as u32, (end - t) as u32, 1));
+        }
+        out
+    }
+
     fn record(&self, enc: &mut wgpu::CommandEncoder) {
-        let full_rows = (self.texels / self.width as u64) as u32;
-        let rest = (self.texels % self.width as u64) as u32;
         let pitch = self.width * self.texel_bytes;
-        let mut copy = |offset: u64, w: u32, h: u32, y: u32| {
+        for (offset, x, y, w, h) in self.regions() {
             enc.copy_buffer_to_texture(
                 wgpu::TexelCopyBufferInfo {
                     buffer: &self.buffer,
@@ -38,7 +73,7 @@ impl TextureCopy {
                 wgpu::TexelCopyTextureInfo {
                     texture: &self.texture,
                     mip_level: 0,
-                    origin: wgpu::Origin3d { x: 0, y, z: 0 },
+                    origin: wgpu::Origin3d { x, y, z: 0 },
                     aspect: wgpu::TextureAspect::All,
                 },
                 wgpu::Extent3d {
@@ -47,12 +82,6 @@ impl TextureCopy {
                     depth_or_array_layers: 1,
                 },
             );
-        };
-        if full_rows > 0 {
-            copy(0, self.width, full_rows, 0);
-        }
-        if rest > 0 {
-            copy(full_rows as u64 * pitch as u64, rest, 1, full_rows);
         }
     }
 }
@@ -225,5 +254,110 @@ impl GpuContext {
             before: Vec::new(),
             after: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{ctx, random, rng};
+    use rand::Rng;
+
+    /// Fills a poisoned texture from 2–3 buffers at random source and destination
+    /// offsets (partial first rows, full rows, partial last rows) and reads it back.
+    #[test]
+    fn texture_copies_fill_ranges() {
+        let c = ctx();
+        let mut r = rng();
+        let (width, height) = (32u32, 12u32);
+        let total = (width * height) as usize;
+        let texture = c.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("texture copy test"),
+            size: wgpu::Extent3d {
+                width,
+                height,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::COPY_SRC,
+            view_formats: &[],
+        });
+        let readback = c.storage_buffer("readback", total as u64 * 16).unwrap();
+        for _ in 0..20 {
+            // Poison every texel.
+            let nan = c.upload(&vec![f32::NAN; total * 4], &[total * 4]).unwrap();
+            let poison = TextureCopy {
+                buffer: (*nan.buffer).clone(),
+                texture: texture.clone(),
+                width,
+                texel_bytes: 16,
+                texels: total as u64,
+                buffer_offset: 0,
+                dst_texel: 0,
+            };
+            // 2–3 consecutive ranges, starting anywhere, from buffers read at an offset.
+            let parts = r.random_range(2..=3);
+            let mut t = r.random_range(0..width as u64 * 2);
+            let mut want = vec![f32::NAN; total * 4];
+            let mut copies = vec![poison];
+            let mut keep = Vec::new();
+            for _ in 0..parts {
+                let room = total as u64 - t;
+                let n = r.random_range(1..=room.min(3 * width as u64 + 7));
+                let skip = r.random_range(0..5u64);
+                let data = random(&mut r, ((skip + n) * 4) as usize);
+                want[(t * 4) as usize..((t + n) * 4) as usize]
+                    .copy_from_slice(&data[(skip * 4) as usize..]);
+                let buf = c.upload(&data, &[data.len()]).unwrap();
+                copies.push(TextureCopy {
+                    buffer: (*buf.buffer).clone(),
+                    texture: texture.clone(),
+                    width,
+                    texel_bytes: 16,
+                    texels: n,
+                    buffer_offset: skip * 16,
+                    dst_texel: t,
+                });
+                keep.push(buf);
+                t += n;
+            }
+            let mut enc = c.device.create_command_encoder(&Default::default());
+            for cp in &copies {
+                cp.record(&mut enc);
+            }
+            enc.copy_texture_to_buffer(
+                wgpu::TexelCopyTextureInfo {
+                    texture: &texture,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d::ZERO,
+                    aspect: wgpu::TextureAspect::All,
+                },
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &readback,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: 0,
+                        bytes_per_row: Some(width * 16),
+                        rows_per_image: Some(height),
+                    },
+                },
+                wgpu::Extent3d {
+                    width,
+                    height,
+                    depth_or_array_layers: 1,
+                },
+            );
+            c.queue.submit([enc.finish()]);
+            let got = c.read_buffer(&readback, total * 4).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "float {i} (texel {}): got {g}, want {w}",
+                    i / 4
+                );
+            }
+        }
     }
 }

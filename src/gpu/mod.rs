@@ -292,7 +292,10 @@ pub struct GpuContext {
     /// not once per entry point and constant set (naga's parse dominated the test suite).
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     textures: Mutex<HashMap<(usize, u32, bool), wgpu::Texture>>,
-    /// Bumped whenever a scratch texture is replaced by a larger one of its slot.
+    /// The shared scratch buffer ([`GpuContext::scratch_buffer`]), if any.
+    scratch_buffer: Mutex<Option<wgpu::Buffer>>,
+    /// Bumped whenever a scratch texture is replaced by a larger one of its slot (or the
+    /// scratch buffer by a larger one).
     texture_generation: std::sync::atomic::AtomicU64,
     compiled: Mutex<Vec<CompiledKernel>>,
     /// See [`GpuOptions::memory_budget`].
@@ -537,6 +540,7 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             textures: Mutex::new(HashMap::new()),
+            scratch_buffer: Mutex::new(None),
             texture_generation: std::sync::atomic::AtomicU64::new(0),
             compiled: Mutex::new(Vec::new()),
             budget: None,
@@ -857,6 +861,37 @@ impl GpuContext {
         Ok(t)
     }
 
+    /// A shared storage buffer of at least `bytes` bytes, for a kernel's private copy of
+    /// an operand (`conv3d_cat`'s concat where its texture path does not apply). As with
+    /// [`GpuContext::scratch_texture`], every dispatch that reads it carries the copies
+    /// that fill it (its [`Dispatch::before`]), so one buffer serves all of them; a larger
+    /// request replaces it (size rounded up by at most 1/8) and bumps
+    /// [`GpuContext::texture_generation`], so a `GpuExecutor` holds one.
+    pub fn scratch_buffer(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        let mut cur = self
+            .scratch_buffer
+            .lock()
+            .map_err(|_| Error::Gpu("scratch buffer poisoned".into()))?;
+        if let Some(b) = cur.as_ref().filter(|b| b.size() >= bytes) {
+            return Ok(b.clone());
+        }
+        let step = (bytes.next_power_of_two() / 8).max(256);
+        let size = (bytes.div_ceil(step) * step).min(self.caps.max_binding.max(bytes));
+        let b = self.storage_buffer("scratch", size)?;
+        if cur.replace(b.clone()).is_some() {
+            self.texture_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(b)
+    }
+
+    /// Bytes of the shared scratch buffer ([`GpuContext::scratch_buffer`]; 0 when none).
+    pub fn scratch_buffer_bytes(&self) -> u64 {
+        self.scratch_buffer
+            .lock()
+            .map_or(0, |b| b.as_ref().map_or(0, |b| b.size()))
+    }
+
     /// Counts replacements of scratch textures by larger ones ([`GpuContext::scratch_texture`]).
     pub fn texture_generation(&self) -> u64 {
         self.texture_generation
@@ -868,7 +903,8 @@ impl GpuContext {
     /// pipeline's compiled code and IR in host memory (lavapipe: 3–17 MiB for the unrolled
     /// conv kernels, ~15 MiB for `conv3d.wgsl`'s module in wgpu): for a runner switching
     /// stages on such an adapter. Pipelines used again are compiled again (Mesa's shader
-    /// cache makes that cheap).
+    /// cache helps; the parse of a large module does not get cheaper: 0.85 s for the
+    /// first `conv3d.wgsl` pipeline, 0.1–0.17 s for each further one).
     pub fn release_unused_pipelines(&self) {
         let mut left: std::collections::HashSet<&'static str> = Default::default();
         if let Ok(mut p) = self.pipelines.lock() {
@@ -880,12 +916,15 @@ impl GpuContext {
         }
     }
 
-    /// Forgets the cached scratch textures: each is freed once the kernels built on it are
-    /// dropped, and the next kernels get new ones of the sizes they need. For a runner
+    /// Forgets the cached scratch textures and buffer: each is freed once the kernels built
+    /// on it are dropped, and the next kernels get new ones of the sizes they need. For a runner
     /// switching stages (a ViT's operand sizes are not a UNet's).
     pub fn release_scratch_textures(&self) {
         if let Ok(mut m) = self.textures.lock() {
             m.clear();
+        }
+        if let Ok(mut b) = self.scratch_buffer.lock() {
+            *b = None;
         }
     }
 

@@ -6,8 +6,7 @@ use super::planes::Projection;
 use crate::error::{Error, Result};
 use crate::graph::{Constant, Graph, Value};
 use crate::io::Weights;
-use crate::ops::concat::Concat;
-use crate::ops::conv3d::{fold_batchnorm, Conv3d};
+use crate::ops::conv3d::{fold_batchnorm, Conv3d, Conv3dCat};
 use crate::ops::conv_transpose3d::{fold_batchnorm_transposed, ConvTranspose3d};
 use crate::ops::elementwise::Unary;
 use crate::ops::fusion::ContextGate;
@@ -379,6 +378,15 @@ impl Unet3d {
         self.conv_relu(g, x, &format!("{name}.3"), 3)
     }
 
+    /// [`Unet3d::block`] on `cat([a, b], dim=1)`, the concat fused into the first conv
+    /// ([`Conv3dCat`]: on the texture path no concat tensor exists).
+    fn block_cat(&self, g: &mut Graph, a: Value, b: Value, name: &str) -> Result<Value> {
+        let w = self.c(g, &format!("{name}.0.weight"))?;
+        let bias = self.c(g, &format!("{name}.0.bias"))?;
+        let x = g.op(Conv3dCat::with_relu(3), &[a, b, w, bias])?;
+        self.conv_relu(g, x, &format!("{name}.3"), 3)
+    }
+
     /// Learned upsampling (same weights for raw and context), then back to input_size.
     fn upsample(&self, g: &mut Graph, mut x: Value) -> Result<Value> {
         if self.upsample_stages == 0 {
@@ -551,8 +559,7 @@ impl Unet3d {
             .zip(skips.iter().rev())
         {
             let up = g.op(Trilinear::by(2.0), &[h])?;
-            let cat = g.op(Concat, &[up, *skip])?;
-            h = self.block(g, cat, name)?;
+            h = self.block_cat(g, up, *skip, name)?;
         }
         self.conv(g, h, "final_conv", 1)
     }

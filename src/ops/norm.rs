@@ -263,6 +263,8 @@ fn sg_dispatch(
             width: GpuContext::TEXTURE_WIDTH,
             texel_bytes: 16,
             texels,
+            buffer_offset: 0,
+            dst_texel: 0,
         })],
     }])
 }

@@ -6,7 +6,7 @@ use super::*;
 use crate::gpu::GpuOptions;
 use crate::graph::{ConstCache, CpuExecutor, GpuExecutor, Graph, Value};
 use crate::ops::concat::Concat;
-use crate::ops::conv3d::Conv3d;
+use crate::ops::conv3d::{Conv3d, Conv3dCat};
 use crate::ops::conv_transpose3d::ConvTranspose3d;
 use crate::ops::elementwise::{Binary, Unary};
 use crate::ops::fusion::ContextGate;
@@ -119,6 +119,38 @@ fn conv3d_k3_and_k1_in_slabs() {
             Conv3d::new(k),
             &[vec![1, c, d, h, w], vec![o, c, k, k, k], vec![o]],
             &[false, true, true],
+        );
+    }
+}
+
+#[test]
+fn conv3d_cat_in_slabs() {
+    // Both concat inputs sliced. A 6×6 plane makes every run whole texels (the texture
+    // path on CPU-like devices); 7×5 leaves most slabs to the concat fallback. N = 2: two
+    // runs per input. Three rows of every slab tensor must fit LIMIT.
+    let mut r = rng();
+    for (k, n, relu, (h, w)) in [
+        (3usize, 1usize, true, (6, 6)),
+        (3, 1, false, (7, 5)),
+        (3, 2, false, (6, 6)),
+        (1, 2, true, (7, 5)),
+    ] {
+        let m = 5 - 2 * n;
+        let (ca, cb, o) = (
+            r.random_range(1..=m),
+            r.random_range(1..=m),
+            r.random_range(2..=m + 1),
+        );
+        let d = r.random_range(24..40);
+        check(
+            Conv3dCat { kernel: k, relu },
+            &[
+                vec![n, ca, d, h, w],
+                vec![n, cb, d, h, w],
+                vec![o, ca + cb, k, k, k],
+                vec![o],
+            ],
+            &[false, false, true, true],
         );
     }
 }

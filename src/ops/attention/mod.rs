@@ -470,6 +470,8 @@ fn staged(
                 width: GpuContext::TEXTURE_WIDTH,
                 texel_bytes: if in_f16 { 8 } else { 16 },
                 texels: texels[slot],
+                buffer_offset: 0,
+                dst_texel: 0,
             })
         })
         .to_vec();

@@ -9,7 +9,9 @@
 //! loads through subgroup broadcasts, because on lavapipe every storage-buffer load is a
 //! per-lane scalar loop. `conv3d_k3_sg_tex` is `conv3d_k3_sg` reading x through a texture
 //! copy (texel fetches are cheaper still), used when x fills whole rgba32float texels.
-//! Those kernels are generated code (see `sg_source` in the tests).
+//! Those kernels are generated code (see `sg_source` in the tests). [`Conv3dCat`]
+//! (`conv3d_cat`, in `cat.rs`) is the conv of a channel concat, its texture filled from the
+//! concat's two inputs.
 
 use super::{expect_inputs, Op};
 use crate::error::{Error, Result};
@@ -18,6 +20,9 @@ use crate::ops::matmul::gemm_strided;
 use crate::ops::par;
 use crate::shaders::CONV3D;
 use std::sync::Arc;
+
+mod cat;
+pub use cat::{conv3d_cat, Conv3dCat};
 
 /// The conv3d op: `kernel` is 1 (no padding) or 3 (padding 1); with `relu`, followed by
 /// a ReLU (fused into the kernels' store).
@@ -98,11 +103,26 @@ const COL_LIMIT: usize = 1 << 20;
 /// block `(C·27) × voxels` (zero padded) is built and multiplied by `W (O × C·27)`; chunks
 /// run in parallel, each writing its own voxels of every output channel.
 pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+    conv3d_parts(d, &[(x, d.c)], weight, bias, out);
+}
+
+/// [`conv3d`] of the channel concatenation of `parts` (each `(x, channels)`, x being
+/// `(N, channels, D, H, W)`; the channels sum to `d.c`) without making the concat: the
+/// im2col blocks (K = 3) read each channel from its part, K = 1 adds one gemm per part.
+pub(crate) fn conv3d_parts(
+    d: ConvDims,
+    parts: &[(&[f32], usize)],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
     let ConvDims { n, c, o, k, .. } = d;
     let (w, hw, dhw) = (d.w, d.h * d.w, d.voxels());
     let (kkk, pad) = (k * k * k, (k / 2) as isize);
     let ck = c * kkk;
-    assert!(x.len() >= n * c * dhw && weight.len() >= o * ck && bias.len() >= o);
+    assert_eq!(parts.iter().map(|p| p.1).sum::<usize>(), c);
+    assert!(parts.iter().all(|(x, pc)| x.len() >= n * pc * dhw));
+    assert!(weight.len() >= o * ck && bias.len() >= o);
     assert!(out.len() >= n * o * dhw);
     if dhw == 0 || o == 0 {
         return;
@@ -115,17 +135,32 @@ pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
                     row.fill(bias[o0 + i]);
                 }
             });
-            let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
-            gemm_strided((o, dhw, c), on, dhw, weight, (c, 1), xn, (dhw, 1), true);
+            let mut c0 = 0;
+            for &(x, pc) in parts {
+                let xn = &x[ni * pc * dhw..(ni + 1) * pc * dhw];
+                let wp = &weight[c0..];
+                gemm_strided((o, dhw, pc), on, dhw, wp, (c, 1), xn, (dhw, 1), true);
+                c0 += pc;
+            }
         }
         return;
     }
+    // Channel ci of sample ni: (part, channel within it).
+    let channel = |ni: usize, ci: usize| -> &[f32] {
+        let mut ci = ci;
+        for &(x, pc) in parts {
+            if ci < pc {
+                return &x[(ni * pc + ci) * dhw..][..dhw];
+            }
+            ci -= pc;
+        }
+        unreachable!("channel counts were checked")
+    };
     let rows = d.d * d.h;
     let per = (COL_LIMIT / (ck * w).max(1)).clamp(1, rows);
     let chunks = rows.div_ceil(per);
     let shared = par::SharedOut::new(out);
     for ni in 0..n {
-        let xn = &x[ni * c * dhw..(ni + 1) * c * dhw];
         par::for_each_index_init(
             chunks,
             || (vec![0f32; ck * per * w], vec![0f32; o * per * w]),
@@ -133,6 +168,7 @@ pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
                 let (r0, r1) = (ch * per, ((ch + 1) * per).min(rows));
                 let vc = (r1 - r0) * w;
                 for ci in 0..c {
+                    let xc = channel(ni, ci);
                     for t in 0..kkk {
                         let (kd, kh) = ((t / (k * k)) as isize, ((t / k) % k) as isize);
                         let shift = (t % k) as isize - pad;
@@ -145,7 +181,7 @@ pub fn conv3d(d: ConvDims, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f
                                 dst.fill(0.0);
                                 continue;
                             }
-                            let src = &xn[ci * dhw + zz as usize * hw + yy as usize * w..][..w];
+                            let src = &xc[zz as usize * hw + yy as usize * w..][..w];
                             // dst[x] = src[x + shift], zero outside the row.
                             let s = shift.unsigned_abs().min(w);
                             if shift >= 0 {
@@ -243,22 +279,37 @@ fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
     ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8
 }
 
-/// `conv3d_k3_sg_tex`: `conv3d_k3_sg` reading x through a texture copy of it (bindings 0
-/// params, 2 weight, 3 bias, 4 out, 5 texture), or None when x does not fit that copy
-/// (whole rgba32float texels, the device's texture size).
+/// A run of floats copied into the texture of `conv3d_k3_sg_tex`: `floats` values from
+/// byte `offset` of `buffer`. Runs fill the texture one after the other, so the runs of
+/// `conv3d_cat` (sample by sample: a's channels, then b's) make the concat's layout.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TexRun<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub floats: u64,
+}
+
+/// `conv3d_k3_sg_tex`: `conv3d_k3_sg` reading x through a texture filled from `runs`
+/// (bindings 0 params, 2 weight, 3 bias, 4 out, 5 texture), or None when x does not fit
+/// that copy (runs of whole rgba32float texels at whole-texel offsets, the device's
+/// texture size).
+#[allow(clippy::too_many_arguments)]
 fn tex_dispatch(
     ctx: &GpuContext,
-    d: &ConvDims,
     p: &Params,
-    inputs: &[&wgpu::Buffer],
+    runs: &[TexRun<'_>],
+    weight: &wgpu::Buffer,
+    bias: &wgpu::Buffer,
     out: &wgpu::Buffer,
     workgroups: [u32; 3],
     relu: bool,
 ) -> Result<Option<Dispatch>> {
-    let numel = (d.n * d.c * d.voxels()) as u64;
+    let numel: u64 = runs.iter().map(|r| r.floats).sum();
     let texels = numel / 4;
     let width = GpuContext::TEXTURE_WIDTH as u64;
-    if !numel.is_multiple_of(4)
+    if runs
+        .iter()
+        .any(|r| !r.floats.is_multiple_of(4) || !r.offset.is_multiple_of(16))
         || texels == 0
         || texels.div_ceil(width) > ctx.caps.max_texture_2d as u64
     {
@@ -281,8 +332,8 @@ fn tex_dispatch(
         layout: &layout,
         entries: &[
             buffer(0, &params),
-            buffer(2, inputs[1]),
-            buffer(3, inputs[2]),
+            buffer(2, weight),
+            buffer(3, bias),
             buffer(4, out),
             wgpu::BindGroupEntry {
                 binding: 5,
@@ -290,6 +341,24 @@ fn tex_dispatch(
             },
         ],
     });
+    let mut dst = 0;
+    let copies = runs
+        .iter()
+        .filter(|r| r.floats > 0)
+        .map(|r| {
+            let c = TextureCopy {
+                buffer: r.buffer.clone(),
+                texture: texture.clone(),
+                width: GpuContext::TEXTURE_WIDTH,
+                texel_bytes: 16,
+                texels: r.floats / 4,
+                buffer_offset: r.offset,
+                dst_texel: dst,
+            };
+            dst += r.floats / 4;
+            Arc::new(c)
+        })
+        .collect();
     Ok(Some(Dispatch {
         name: entry,
         before: Vec::new(),
@@ -298,24 +367,14 @@ fn tex_dispatch(
         bind_group,
         workgroups,
         offsets: Vec::new(),
-        copies: vec![Arc::new(TextureCopy {
-            buffer: inputs[0].clone(),
-            texture,
-            width: GpuContext::TEXTURE_WIDTH,
-            texel_bytes: 16,
-            texels,
-        })],
+        copies,
     }))
 }
 
-fn gpu_conv3d(
-    ctx: &GpuContext,
-    d: ConvDims,
-    inputs: &[&wgpu::Buffer],
-    out: &wgpu::Buffer,
-    allow_texture: bool,
-    relu: bool,
-) -> Result<Vec<Dispatch>> {
+/// The uniforms of the conv kernels for `d` on this device, and the dispatch's z extent
+/// (batch × output-channel groups). Errors when the tensors exceed 2^32 elements or the
+/// device's dispatch limit.
+fn conv_params(ctx: &GpuContext, d: &ConvDims) -> Result<(Params, u32)> {
     let dhw = d.voxels();
     if (d.n * d.c.max(d.o) * dhw) as u64 >= u32::MAX as u64 {
         return Err(Error::shape(
@@ -323,11 +382,8 @@ fn gpu_conv3d(
             format!("{d:?} exceeds 2^32 elements per tensor"),
         ));
     }
-    if d.n == 0 || d.o == 0 || dhw == 0 {
-        return Ok(vec![]);
-    }
     let sg = use_subgroup_kernel(ctx);
-    let (ry, rz, to3) = SG3_TILE;
+    let (ry, _, to3) = SG3_TILE;
     let to1 = SG1_TILES
         .iter()
         .copied()
@@ -358,7 +414,56 @@ fn gpu_conv3d(
             "conv3d: {z} batch × channel groups exceed the device's dispatch limit"
         )));
     }
+    Ok((p, z))
+}
+
+/// The K = 3 texture kernel with its texture filled from `runs` (which together hold x,
+/// `(N, C, D, H, W)` in order), or None where that kernel does not apply (no CPU-like
+/// subgroups, K = 1, runs not in whole texels, too large for a texture).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv3d_tex_runs(
+    ctx: &GpuContext,
+    d: ConvDims,
+    runs: &[TexRun<'_>],
+    weight: &wgpu::Buffer,
+    bias: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    relu: bool,
+) -> Result<Option<Vec<Dispatch>>> {
+    if !use_subgroup_kernel(ctx) || d.k != 3 || d.n == 0 || d.o == 0 || d.voxels() == 0 {
+        return Ok(None);
+    }
+    if runs.iter().map(|r| r.floats).sum::<u64>() != (d.n * d.c * d.voxels()) as u64 {
+        return Err(Error::Gpu(format!(
+            "conv3d: texture runs do not hold the input of {d:?}"
+        )));
+    }
+    let (p, z) = conv_params(ctx, &d)?;
+    let blocks = (p.tiles_x * p.tiles_y) as u64 * d.d.div_ceil(SG3_TILE.1) as u64;
+    let [wx, wy, _] = ctx.grid(blocks)?;
+    Ok(tex_dispatch(ctx, &p, runs, weight, bias, out, [wx, wy, z], relu)?.map(|t| vec![t]))
+}
+
+fn gpu_conv3d(
+    ctx: &GpuContext,
+    d: ConvDims,
+    inputs: &[&wgpu::Buffer],
+    out: &wgpu::Buffer,
+    allow_texture: bool,
+    relu: bool,
+) -> Result<Vec<Dispatch>> {
+    let dhw = d.voxels();
+    let (p, z) = conv_params(ctx, &d)?;
+    if d.n == 0 || d.o == 0 || dhw == 0 {
+        return Ok(vec![]);
+    }
+    let sg = use_subgroup_kernel(ctx);
     let (shader, entry, blocks) = if sg && d.k == 1 {
+        let to1 = SG1_TILES
+            .iter()
+            .copied()
+            .rfind(|&to| to <= d.o)
+            .unwrap_or(SG1_TILES[0]);
         let entry = if to1 == 32 {
             "conv3d_k1_sg32"
         } else {
@@ -366,10 +471,24 @@ fn gpu_conv3d(
         };
         (&CONV3D, entry, dhw.div_ceil(8 * SG1_V) as u64)
     } else if sg {
-        let blocks = tiles_x * tiles_y * d.d.div_ceil(rz);
+        let blocks = (p.tiles_x * p.tiles_y) as usize * d.d.div_ceil(SG3_TILE.1);
         if allow_texture {
             let [wx, wy, _] = ctx.grid(blocks as u64)?;
-            if let Some(t) = tex_dispatch(ctx, &d, &p, inputs, out, [wx, wy, z], relu)? {
+            let run = TexRun {
+                buffer: inputs[0],
+                offset: 0,
+                floats: (d.n * d.c * dhw) as u64,
+            };
+            if let Some(t) = tex_dispatch(
+                ctx,
+                &p,
+                &[run],
+                inputs[1],
+                inputs[2],
+                out,
+                [wx, wy, z],
+                relu,
+            )? {
                 return Ok(vec![t]);
             }
         }

@@ -297,6 +297,8 @@ fn gpu_conv_transpose3d(
             width: GpuContext::TEXTURE_WIDTH,
             texel_bytes: 16,
             texels,
+            buffer_offset: 0,
+            dst_texel: 0,
         });
         let mut out_d = Vec::with_capacity(2);
         for (px, entry) in ["conv_transpose3d_sg_l", "conv_transpose3d_sg_r"]

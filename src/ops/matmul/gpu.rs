@@ -323,6 +323,8 @@ pub(super) fn gpu_matmul_tex(
                         width: GpuContext::TEXTURE_WIDTH,
                         texel_bytes: 16,
                         texels,
+                        buffer_offset: 0,
+                        dst_texel: 0,
                     }),
                 ));
             }
@@ -339,6 +341,8 @@ pub(super) fn gpu_matmul_tex(
                 width: GpuContext::TEXTURE_WIDTH,
                 texel_bytes: 16,
                 texels,
+                buffer_offset: 0,
+                dst_texel: 0,
             });
             (0, vec![(view, copy)])
         }
@@ -476,6 +480,8 @@ pub(super) fn gpu_matmul_tex(
         width: GpuContext::TEXTURE_WIDTH,
         texel_bytes: if m.x_f16 { 8 } else { 16 },
         texels,
+        buffer_offset: 0,
+        dst_texel: 0,
     });
     let mut first_copies = vec![copy];
     first_copies.extend(tables.iter().map(|(_, c)| c.clone()));
