@@ -9,7 +9,7 @@
 struct Params {
     c: u32, o: u32, d: u32, h: u32,
     w: u32, dhw: u32, groups: u32, tiles_x: u32,
-    tiles_y: u32, _p0: u32, _p1: u32, _p2: u32,
+    tiles_y: u32, relu: u32, _p1: u32, _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -20,11 +20,11 @@ struct Params {
 
 // Kernel size (1 or 3); padding is K / 2.
 override K: u32 = 3u;
-// A ReLU fused into the store (the UNet's Conv → BN → ReLU, BN folded into the conv).
-override RELU: bool = false;
-
+// A ReLU fused into the store (the UNet's Conv → BN → ReLU, BN folded into the conv) when
+// p.relu is 1: a select on a uniform, not a branch (lavapipe recompiles a shader per
+// dispatch for uniform branch conditions, docs/lavapipe.md), and one pipeline for both.
 fn act(v: f32) -> f32 {
-    return select(v, max(v, 0.0), RELU);
+    return select(v, max(v, 0.0), p.relu != 0u);
 }
 
 const OT: u32 = 8u;

@@ -1064,10 +1064,11 @@ pub fn mem_trace(ctx: Option<&GpuContext>, what: &str) {
     let dev = ctx.map_or(String::new(), |c| {
         let (a, r) = c.allocator_bytes().unwrap_or((0, 0));
         format!(
-            " device allocated {:.1} reserved {:.1} scratch textures {:.1}",
+            " device allocated {:.1} reserved {:.1} scratch textures {:.1} buffer {:.1}",
             mib(a),
             mib(r),
-            mib(c.scratch_texture_bytes())
+            mib(c.scratch_texture_bytes()),
+            mib(c.scratch_buffer_bytes())
         )
     });
     // Resident KiB of: the brk heap, anonymous mappings ≥ 32 MiB (device memory blocks,

@@ -261,7 +261,11 @@ struct Params {
     groups: u32,
     tiles_x: u32,
     tiles_y: u32,
-    _pad: [u32; 3],
+    /// 1: ReLU in the store. A value, not a pipeline constant: one pipeline (and one copy
+    /// of its compiled code, megabytes on a software adapter) serves both; a select, not a
+    /// branch, so lavapipe does not recompile per dispatch (docs/lavapipe.md).
+    relu: u32,
+    _pad: [u32; 2],
 }
 
 /// Tile of the K = 3 subgroup kernel `conv3d_k3_sg`: rows of y per lane, slices of z,
@@ -318,9 +322,13 @@ fn tex_dispatch(
     let entry = "conv3d_k3_sg_tex";
     let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-    let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0), ("RELU", relu as u8 as f64)])?;
+    let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0)])?;
     let layout = pipeline.get_bind_group_layout(0);
-    let params = ctx.uniform(bytemuck::bytes_of(p));
+    let p = Params {
+        relu: relu as u32,
+        ..*p
+    };
+    let params = ctx.uniform(bytemuck::bytes_of(&p));
     fn buffer(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
         wgpu::BindGroupEntry {
             binding,
@@ -406,7 +414,8 @@ fn conv_params(ctx: &GpuContext, d: &ConvDims) -> Result<(Params, u32)> {
         groups: groups as u32,
         tiles_x: tiles_x as u32,
         tiles_y: tiles_y as u32,
-        _pad: [0; 3],
+        relu: 0,
+        _pad: [0; 2],
     };
     let z = (d.n * groups) as u32;
     if z > ctx.caps.max_workgroups_per_dim {
@@ -502,9 +511,12 @@ fn gpu_conv3d(
     Ok(vec![ctx.dispatch(KernelArgs {
         shader,
         entry,
-        constants: &[("K", d.k as f64), ("RELU", relu as u8 as f64)],
+        constants: &[("K", d.k as f64)],
         buffers: &[inputs[0], inputs[1], inputs[2], out],
-        params: bytemuck::bytes_of(&p),
+        params: bytemuck::bytes_of(&Params {
+            relu: relu as u32,
+            ..p
+        }),
         workgroups: [wx, wy, z],
     })?])
 }
@@ -546,7 +558,8 @@ pub(crate) fn context_gate_dispatch(
         groups: groups as u32,
         tiles_x: 0,
         tiles_y: 0,
-        _pad: [0; 3],
+        relu: 0,
+        _pad: [0; 2],
     };
     let entry = if to == 32 {
         "context_gate_k1_sg32"

@@ -141,7 +141,8 @@ fn portable_kernel_matches_reference() {
         groups: d.o.div_ceil(8) as u32,
         tiles_x: 0,
         tiles_y: 0,
-        _pad: [0; 3],
+        relu: 0,
+        _pad: [0; 2],
     };
     let disp = c
         .dispatch(KernelArgs {
