@@ -547,11 +547,19 @@ impl Unet3d {
             };
             let mut c = self.upsample(g, cb)?;
             for (i, skip) in skips.iter_mut().enumerate() {
-                if i > 0 {
-                    c = g.op(Pool3d::Avg, &[c])?;
-                }
+                // The next level's pooled context and this level's projection before the
+                // gate, so this level's context (the full-size one at level 1) is dead
+                // while the gate and the fused skip are made.
+                let next = if i + 1 < 4 {
+                    Some(g.op(Pool3d::Avg, &[c])?)
+                } else {
+                    None
+                };
                 let ck = self.conv(g, c, &format!("context_proj{}", i + 1), 1)?;
                 *skip = self.fuse(g, *skip, ck, i + 1, gates.as_deref_mut())?;
+                if let Some(n) = next {
+                    c = n;
+                }
             }
         }
         for (name, skip) in ["dec4", "dec3", "dec2", "dec1"]
