@@ -11,11 +11,11 @@
 //! it; when that concat would exceed one storage binding, the op runs itself in depth slabs
 //! (`graph::split`) small enough for it.
 
-use super::{conv3d_parts, conv3d_tex_runs, gpu_conv3d, Conv3d, ConvDims, TexRun};
+use super::{conv3d_parts, conv3d_tex_runs, gpu_conv3d, relu_in_place, Conv3d, ConvDims, TexRun};
 use crate::error::{Error, Result};
 use crate::gpu::{BufferCopy, Dispatch, GpuContext};
 use crate::graph::split;
-use crate::ops::{expect_inputs, numel, par, DepthMap, DepthRule, Op};
+use crate::ops::{expect_inputs, numel, DepthMap, DepthRule, Op};
 
 /// `conv3d(cat([a, b], dim=1))`, with a ReLU when `relu` (fused into the kernels' store).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,10 +139,7 @@ impl Op for Conv3dCat {
             .expect("shapes were checked when the graph was built");
         conv3d_cat(d, (ca, cb), inputs[0], inputs[1], inputs[2], inputs[3], out);
         if self.relu {
-            let n = d.n * d.o * d.d * d.h * d.w;
-            par::for_units(&mut out[..n], 1 << 16, 1, |_, v| {
-                v.iter_mut().for_each(|v| *v = v.max(0.0))
-            });
+            relu_in_place(&mut out[..d.n * d.o * d.d * d.h * d.w]);
         }
     }
     fn gpu(

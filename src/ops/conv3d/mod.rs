@@ -579,6 +579,13 @@ pub(crate) fn context_gate_dispatch(
     Ok(Some(ctx.dispatch_bound(args, &[1, 2, 3, 4, 6])?))
 }
 
+/// `v = max(v, 0)` over a conv's output (the CPU side of the kernels' fused ReLU).
+fn relu_in_place(out: &mut [f32]) {
+    par::for_units(out, 1 << 16, 1, |_, v| {
+        v.iter_mut().for_each(|v| *v = v.max(0.0))
+    });
+}
+
 impl Op for Conv3d {
     fn name(&self) -> &'static str {
         "conv3d"
@@ -593,10 +600,7 @@ impl Op for Conv3d {
             .expect("shapes were checked when the graph was built");
         conv3d(d, inputs[0], inputs[1], inputs[2], out);
         if self.relu {
-            let n = d.n * d.o * d.voxels();
-            par::for_units(&mut out[..n], 1 << 16, 1, |_, v| {
-                v.iter_mut().for_each(|v| *v = v.max(0.0))
-            });
+            relu_in_place(&mut out[..d.n * d.o * d.voxels()]);
         }
     }
     fn gpu(
