@@ -1043,12 +1043,17 @@ impl GpuContext {
     }
 }
 
+/// Whether `VOLFUSE_MEM_TRACE` is set (callers skip building trace labels otherwise).
+pub fn mem_trace_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("VOLFUSE_MEM_TRACE").is_some())
+}
+
 /// With `VOLFUSE_MEM_TRACE` set: one line on stderr with the process's resident memory
 /// (current and peak), the device allocator's bytes and the scratch textures', tagged
 /// `what` (memory accounting of a run, stage by stage). Nothing otherwise.
 pub fn mem_trace(ctx: Option<&GpuContext>, what: &str) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var_os("VOLFUSE_MEM_TRACE").is_some()) {
+    if !mem_trace_on() {
         return;
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -245,7 +245,7 @@ impl Runner {
                 }
             }
         };
-        if let Backend::Gpu(ctx) = &self.backend {
+        if let (Backend::Gpu(ctx), true) = (&self.backend, crate::gpu::mem_trace_on()) {
             let host: u64 = self
                 .prepared
                 .values()

@@ -278,6 +278,15 @@ const SG3_TILE: (usize, usize, usize) = (8, 4, 16);
 const SG1_V: usize = 8;
 const SG1_TILES: [usize; 2] = [32, 64];
 
+/// The widest K = 1 subgroup tile (output channels per workgroup) not above `o`.
+fn k1_tile(o: usize) -> usize {
+    SG1_TILES
+        .iter()
+        .copied()
+        .rfind(|&to| to <= o)
+        .unwrap_or(SG1_TILES[0])
+}
+
 /// Whether the subgroup kernels fit this device (subgroups of at least 8 lanes, CPU-like).
 fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
     ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8
@@ -392,11 +401,7 @@ fn conv_params(ctx: &GpuContext, d: &ConvDims) -> Result<(Params, u32)> {
     }
     let sg = use_subgroup_kernel(ctx);
     let (ry, _, to3) = SG3_TILE;
-    let to1 = SG1_TILES
-        .iter()
-        .copied()
-        .rfind(|&to| to <= d.o)
-        .unwrap_or(SG1_TILES[0]);
+    let to1 = k1_tile(d.o);
     let (tiles_x, tiles_y) = (d.w.div_ceil(8), d.h.div_ceil(ry));
     let ot = match (sg, d.k) {
         (false, _) => 8,
@@ -468,11 +473,7 @@ fn gpu_conv3d(
     }
     let sg = use_subgroup_kernel(ctx);
     let (shader, entry, blocks) = if sg && d.k == 1 {
-        let to1 = SG1_TILES
-            .iter()
-            .copied()
-            .rfind(|&to| to <= d.o)
-            .unwrap_or(SG1_TILES[0]);
+        let to1 = k1_tile(d.o);
         let entry = if to1 == 32 {
             "conv3d_k1_sg32"
         } else {
@@ -538,11 +539,7 @@ pub(crate) fn context_gate_dispatch(
     {
         return Ok(None);
     }
-    let to = SG1_TILES
-        .iter()
-        .copied()
-        .rfind(|&to| to <= c)
-        .unwrap_or(SG1_TILES[0]);
+    let to = k1_tile(c);
     let groups = c.div_ceil(to);
     let z = (n * groups) as u32;
     if z > ctx.caps.max_workgroups_per_dim {
