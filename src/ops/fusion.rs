@@ -189,6 +189,8 @@ mod tests {
             (2, 32, vec![3, 5, 11]),
             (1, 70, vec![4, 9, 10]),
             (2, 64, vec![1, 3, 7]),
+            // The 64-channel tile (used from SG64_MIN_VOXELS voxels on): one full group.
+            (1, 64, vec![64, 64, 64]),
         ] {
             let mut raw = vec![n, c];
             raw.extend(&sp);

@@ -278,8 +278,18 @@ const SG3_TILE: (usize, usize, usize) = (8, 4, 16);
 const SG1_V: usize = 8;
 const SG1_TILES: [usize; 2] = [32, 64];
 
-/// The widest K = 1 subgroup tile (output channels per workgroup) not above `o`.
-fn k1_tile(o: usize) -> usize {
+/// Voxels per sample from which the 64-channel K = 1 tile is used. On lavapipe it is
+/// barely faster than two passes of the 32-channel tile below that, but each compiled
+/// pipeline of it holds 7–13 MiB and takes 0.1–0.2 s to compile (docs/memory.md), so a
+/// UNet whose 64-channel levels are small never compiles it.
+pub(crate) const SG64_MIN_VOXELS: usize = 64 * 64 * 64;
+
+/// The widest K = 1 subgroup tile (output channels per workgroup) not above `o`, for
+/// `voxels` voxels per sample.
+fn k1_tile(o: usize, voxels: usize) -> usize {
+    if voxels < SG64_MIN_VOXELS {
+        return SG1_TILES[0];
+    }
     SG1_TILES
         .iter()
         .copied()
@@ -401,7 +411,7 @@ fn conv_params(ctx: &GpuContext, d: &ConvDims) -> Result<(Params, u32)> {
     }
     let sg = use_subgroup_kernel(ctx);
     let (ry, _, to3) = SG3_TILE;
-    let to1 = k1_tile(d.o);
+    let to1 = k1_tile(d.o, dhw);
     let (tiles_x, tiles_y) = (d.w.div_ceil(8), d.h.div_ceil(ry));
     let ot = match (sg, d.k) {
         (false, _) => 8,
@@ -473,7 +483,7 @@ fn gpu_conv3d(
     }
     let sg = use_subgroup_kernel(ctx);
     let (shader, entry, blocks) = if sg && d.k == 1 {
-        let to1 = k1_tile(d.o);
+        let to1 = k1_tile(d.o, dhw);
         let entry = if to1 == 32 {
             "conv3d_k1_sg32"
         } else {
@@ -539,7 +549,7 @@ pub(crate) fn context_gate_dispatch(
     {
         return Ok(None);
     }
-    let to = k1_tile(c);
+    let to = k1_tile(c, s);
     let groups = c.div_ceil(to);
     let z = (n * groups) as u32;
     if z > ctx.caps.max_workgroups_per_dim {

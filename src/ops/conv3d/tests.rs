@@ -111,6 +111,19 @@ fn kernel_matches_reference() {
             check_op(&Conv3d::with_relu(k), &shapes(n, c, o, s, k), 1e-5);
         }
     }
+    // The 64-channel K = 1 tile runs only from SG64_MIN_VOXELS voxels on (a partial
+    // second group of 64 here).
+    assert!(64 * 64 * 64 >= SG64_MIN_VOXELS);
+    check_op(&Conv3d::with_relu(1), &shapes(1, 5, 70, [64, 64, 64], 1), 1e-5);
+}
+
+#[test]
+fn k1_tile_is_64_channels_only_for_large_volumes() {
+    assert_eq!(k1_tile(70, SG64_MIN_VOXELS), 64);
+    assert_eq!(k1_tile(64, 2 * SG64_MIN_VOXELS), 64);
+    assert_eq!(k1_tile(70, SG64_MIN_VOXELS - 1), 32);
+    assert_eq!(k1_tile(63, 2 * SG64_MIN_VOXELS), 32);
+    assert_eq!(k1_tile(5, 1), 32);
 }
 
 #[test]
