@@ -9,7 +9,11 @@
 struct Params {
     c: u32, o: u32, d: u32, h: u32,
     w: u32, dhw: u32, groups: u32, tiles_x: u32,
-    tiles_y: u32, relu: u32, _p1: u32, _p2: u32,
+    tiles_y: u32, relu: u32,
+    // The K = 3 subgroup kernels: output slices [z_lo, z_hi) of this dispatch; x holds
+    // t_dhw values per (n, c) from input slice t_z0 on (a depth slab of the texture).
+    z_lo: u32, z_hi: u32,
+    t_z0: u32, t_dhw: u32, _p1: u32, _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -126,8 +130,9 @@ fn store_gate(i: u32, oc: u32, v: f32) {
 fn conv3d_k3_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) lane: u32) {
     let tile = wg.x + wg.y * nwg.x;
-    let z0 = i32(tile / (p.tiles_x * p.tiles_y)) * 4;
-    if (z0 >= i32(p.d)) { return; }  // padding of a 2-D dispatch grid
+    // This dispatch computes output slices [z_lo, z_hi) (a depth slab, or the whole depth).
+    let z0 = i32(p.z_lo) + i32(tile / (p.tiles_x * p.tiles_y)) * 4;
+    if (z0 >= i32(p.z_hi)) { return; }  // padding of a 2-D dispatch grid
     let n = wg.z / p.groups;
     let o0 = (wg.z % p.groups) * 16u;
     let hi = i32(p.h);
@@ -229,19 +234,20 @@ fn conv3d_k3_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     let wo51 = min(o0 + (408u + lane) / 27u, p.o - 1u) * p.c * 27u + (408u + lane) % 27u;
     let wo52 = min(o0 + (416u + lane) / 27u, p.o - 1u) * p.c * 27u + (416u + lane) % 27u;
     let wo53 = min(o0 + (424u + lane) / 27u, p.o - 1u) * p.c * 27u + (424u + lane) % 27u;
-    // Input slices z0 - 1 + j: offsets within an (n, c) volume, validity.
+    // Input slices z0 - 1 + j: validity, and offsets within the (n, c) volume of x, whose
+    // slices t_z0 … hold t_dhw / hw slices of the input.
     let zk0 = z0 + -1 >= 0 && z0 + -1 < i32(p.d);
-    let zo0 = select(0u, u32(z0 + -1) * hw, zk0);
+    let zo0 = select(0u, u32(z0 + -1 - i32(p.t_z0)) * hw, zk0);
     let zk1 = z0 + 0 >= 0 && z0 + 0 < i32(p.d);
-    let zo1 = select(0u, u32(z0 + 0) * hw, zk1);
+    let zo1 = select(0u, u32(z0 + 0 - i32(p.t_z0)) * hw, zk1);
     let zk2 = z0 + 1 >= 0 && z0 + 1 < i32(p.d);
-    let zo2 = select(0u, u32(z0 + 1) * hw, zk2);
+    let zo2 = select(0u, u32(z0 + 1 - i32(p.t_z0)) * hw, zk2);
     let zk3 = z0 + 2 >= 0 && z0 + 2 < i32(p.d);
-    let zo3 = select(0u, u32(z0 + 2) * hw, zk3);
+    let zo3 = select(0u, u32(z0 + 2 - i32(p.t_z0)) * hw, zk3);
     let zk4 = z0 + 3 >= 0 && z0 + 3 < i32(p.d);
-    let zo4 = select(0u, u32(z0 + 3) * hw, zk4);
+    let zo4 = select(0u, u32(z0 + 3 - i32(p.t_z0)) * hw, zk4);
     let zk5 = z0 + 4 >= 0 && z0 + 4 < i32(p.d);
-    let zo5 = select(0u, u32(z0 + 4) * hw, zk5);
+    let zo5 = select(0u, u32(z0 + 4 - i32(p.t_z0)) * hw, zk5);
     var a0_0_0 = 0.0; var a0_0_1 = 0.0; var a0_0_2 = 0.0; var a0_0_3 = 0.0; var a0_0_4 = 0.0; var a0_0_5 = 0.0; var a0_0_6 = 0.0; var a0_0_7 = 0.0; var a0_0_8 = 0.0; var a0_0_9 = 0.0; var a0_0_10 = 0.0; var a0_0_11 = 0.0; var a0_0_12 = 0.0; var a0_0_13 = 0.0; var a0_0_14 = 0.0; var a0_0_15 = 0.0;
     var a0_1_0 = 0.0; var a0_1_1 = 0.0; var a0_1_2 = 0.0; var a0_1_3 = 0.0; var a0_1_4 = 0.0; var a0_1_5 = 0.0; var a0_1_6 = 0.0; var a0_1_7 = 0.0; var a0_1_8 = 0.0; var a0_1_9 = 0.0; var a0_1_10 = 0.0; var a0_1_11 = 0.0; var a0_1_12 = 0.0; var a0_1_13 = 0.0; var a0_1_14 = 0.0; var a0_1_15 = 0.0;
     var a0_2_0 = 0.0; var a0_2_1 = 0.0; var a0_2_2 = 0.0; var a0_2_3 = 0.0; var a0_2_4 = 0.0; var a0_2_5 = 0.0; var a0_2_6 = 0.0; var a0_2_7 = 0.0; var a0_2_8 = 0.0; var a0_2_9 = 0.0; var a0_2_10 = 0.0; var a0_2_11 = 0.0; var a0_2_12 = 0.0; var a0_2_13 = 0.0; var a0_2_14 = 0.0; var a0_2_15 = 0.0;
@@ -275,7 +281,7 @@ fn conv3d_k3_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     var a3_6_0 = 0.0; var a3_6_1 = 0.0; var a3_6_2 = 0.0; var a3_6_3 = 0.0; var a3_6_4 = 0.0; var a3_6_5 = 0.0; var a3_6_6 = 0.0; var a3_6_7 = 0.0; var a3_6_8 = 0.0; var a3_6_9 = 0.0; var a3_6_10 = 0.0; var a3_6_11 = 0.0; var a3_6_12 = 0.0; var a3_6_13 = 0.0; var a3_6_14 = 0.0; var a3_6_15 = 0.0;
     var a3_7_0 = 0.0; var a3_7_1 = 0.0; var a3_7_2 = 0.0; var a3_7_3 = 0.0; var a3_7_4 = 0.0; var a3_7_5 = 0.0; var a3_7_6 = 0.0; var a3_7_7 = 0.0; var a3_7_8 = 0.0; var a3_7_9 = 0.0; var a3_7_10 = 0.0; var a3_7_11 = 0.0; var a3_7_12 = 0.0; var a3_7_13 = 0.0; var a3_7_14 = 0.0; var a3_7_15 = 0.0;
     for (var c = 0u; c < p.c; c++) {
-        let base = (n * p.c + c) * p.dhw;
+        let base = (n * p.c + c) * p.t_dhw;
         let wb = c * 27u;
         let v0_0 = select(0.0, x[base + zo0 + ro0], rk0 && zk0);
         let v0_1 = select(0.0, x[base + zo0 + ro1], rk1 && zk0);
@@ -2136,8 +2142,9 @@ fn xtex(i: u32) -> f32 {
 fn conv3d_k3_sg_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) lane: u32) {
     let tile = wg.x + wg.y * nwg.x;
-    let z0 = i32(tile / (p.tiles_x * p.tiles_y)) * 4;
-    if (z0 >= i32(p.d)) { return; }  // padding of a 2-D dispatch grid
+    // This dispatch computes output slices [z_lo, z_hi) (a depth slab, or the whole depth).
+    let z0 = i32(p.z_lo) + i32(tile / (p.tiles_x * p.tiles_y)) * 4;
+    if (z0 >= i32(p.z_hi)) { return; }  // padding of a 2-D dispatch grid
     let n = wg.z / p.groups;
     let o0 = (wg.z % p.groups) * 16u;
     let hi = i32(p.h);
@@ -2239,19 +2246,20 @@ fn conv3d_k3_sg_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     let wo51 = min(o0 + (408u + lane) / 27u, p.o - 1u) * p.c * 27u + (408u + lane) % 27u;
     let wo52 = min(o0 + (416u + lane) / 27u, p.o - 1u) * p.c * 27u + (416u + lane) % 27u;
     let wo53 = min(o0 + (424u + lane) / 27u, p.o - 1u) * p.c * 27u + (424u + lane) % 27u;
-    // Input slices z0 - 1 + j: offsets within an (n, c) volume, validity.
+    // Input slices z0 - 1 + j: validity, and offsets within the (n, c) volume of x, whose
+    // slices t_z0 … hold t_dhw / hw slices of the input.
     let zk0 = z0 + -1 >= 0 && z0 + -1 < i32(p.d);
-    let zo0 = select(0u, u32(z0 + -1) * hw, zk0);
+    let zo0 = select(0u, u32(z0 + -1 - i32(p.t_z0)) * hw, zk0);
     let zk1 = z0 + 0 >= 0 && z0 + 0 < i32(p.d);
-    let zo1 = select(0u, u32(z0 + 0) * hw, zk1);
+    let zo1 = select(0u, u32(z0 + 0 - i32(p.t_z0)) * hw, zk1);
     let zk2 = z0 + 1 >= 0 && z0 + 1 < i32(p.d);
-    let zo2 = select(0u, u32(z0 + 1) * hw, zk2);
+    let zo2 = select(0u, u32(z0 + 1 - i32(p.t_z0)) * hw, zk2);
     let zk3 = z0 + 2 >= 0 && z0 + 2 < i32(p.d);
-    let zo3 = select(0u, u32(z0 + 2) * hw, zk3);
+    let zo3 = select(0u, u32(z0 + 2 - i32(p.t_z0)) * hw, zk3);
     let zk4 = z0 + 3 >= 0 && z0 + 3 < i32(p.d);
-    let zo4 = select(0u, u32(z0 + 3) * hw, zk4);
+    let zo4 = select(0u, u32(z0 + 3 - i32(p.t_z0)) * hw, zk4);
     let zk5 = z0 + 4 >= 0 && z0 + 4 < i32(p.d);
-    let zo5 = select(0u, u32(z0 + 4) * hw, zk5);
+    let zo5 = select(0u, u32(z0 + 4 - i32(p.t_z0)) * hw, zk5);
     var a0_0_0 = 0.0; var a0_0_1 = 0.0; var a0_0_2 = 0.0; var a0_0_3 = 0.0; var a0_0_4 = 0.0; var a0_0_5 = 0.0; var a0_0_6 = 0.0; var a0_0_7 = 0.0; var a0_0_8 = 0.0; var a0_0_9 = 0.0; var a0_0_10 = 0.0; var a0_0_11 = 0.0; var a0_0_12 = 0.0; var a0_0_13 = 0.0; var a0_0_14 = 0.0; var a0_0_15 = 0.0;
     var a0_1_0 = 0.0; var a0_1_1 = 0.0; var a0_1_2 = 0.0; var a0_1_3 = 0.0; var a0_1_4 = 0.0; var a0_1_5 = 0.0; var a0_1_6 = 0.0; var a0_1_7 = 0.0; var a0_1_8 = 0.0; var a0_1_9 = 0.0; var a0_1_10 = 0.0; var a0_1_11 = 0.0; var a0_1_12 = 0.0; var a0_1_13 = 0.0; var a0_1_14 = 0.0; var a0_1_15 = 0.0;
     var a0_2_0 = 0.0; var a0_2_1 = 0.0; var a0_2_2 = 0.0; var a0_2_3 = 0.0; var a0_2_4 = 0.0; var a0_2_5 = 0.0; var a0_2_6 = 0.0; var a0_2_7 = 0.0; var a0_2_8 = 0.0; var a0_2_9 = 0.0; var a0_2_10 = 0.0; var a0_2_11 = 0.0; var a0_2_12 = 0.0; var a0_2_13 = 0.0; var a0_2_14 = 0.0; var a0_2_15 = 0.0;
@@ -2285,7 +2293,7 @@ fn conv3d_k3_sg_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     var a3_6_0 = 0.0; var a3_6_1 = 0.0; var a3_6_2 = 0.0; var a3_6_3 = 0.0; var a3_6_4 = 0.0; var a3_6_5 = 0.0; var a3_6_6 = 0.0; var a3_6_7 = 0.0; var a3_6_8 = 0.0; var a3_6_9 = 0.0; var a3_6_10 = 0.0; var a3_6_11 = 0.0; var a3_6_12 = 0.0; var a3_6_13 = 0.0; var a3_6_14 = 0.0; var a3_6_15 = 0.0;
     var a3_7_0 = 0.0; var a3_7_1 = 0.0; var a3_7_2 = 0.0; var a3_7_3 = 0.0; var a3_7_4 = 0.0; var a3_7_5 = 0.0; var a3_7_6 = 0.0; var a3_7_7 = 0.0; var a3_7_8 = 0.0; var a3_7_9 = 0.0; var a3_7_10 = 0.0; var a3_7_11 = 0.0; var a3_7_12 = 0.0; var a3_7_13 = 0.0; var a3_7_14 = 0.0; var a3_7_15 = 0.0;
     for (var c = 0u; c < p.c; c++) {
-        let base = (n * p.c + c) * p.dhw;
+        let base = (n * p.c + c) * p.t_dhw;
         let wb = c * 27u;
         let v0_0 = select(0.0, xtex(base + zo0 + ro0), rk0 && zk0);
         let v0_1 = select(0.0, xtex(base + zo0 + ro1), rk1 && zk0);

@@ -35,6 +35,9 @@ pub struct Plan {
     /// The most bytes of values alive at once (inputs, intermediates, outputs): what an
     /// ideal packing would need; `peak_bytes` is larger where slots grew to fit.
     pub live_bytes: u64,
+    /// Bytes of values alive while each node runs (its inputs, its output and everything
+    /// alive across it), in node order.
+    pub live_at_step: Vec<u64>,
     /// Bytes of constants (weights), uploaded once.
     pub const_bytes: u64,
 }
@@ -98,6 +101,7 @@ impl Plan {
             }
         }
         let live_bytes = live_at.iter().copied().max().unwrap_or(0);
+        let live_at_step = live_at[1..=nn].to_vec();
         // Slots: without reuse one per value; with reuse, largest values first, each into
         // the smallest slot none of whose values' lifetimes overlaps its own ("greedy by
         // size": the big tensors get their own buffers, the small ones fill the gaps).
@@ -163,6 +167,7 @@ impl Plan {
             steps,
             unshared_bytes,
             live_bytes,
+            live_at_step,
             const_bytes,
         }
     }
@@ -172,11 +177,12 @@ impl Plan {
         let mut s = String::new();
         for (i, st) in self.steps.iter().enumerate() {
             s += &format!(
-                "{i:>4} {:<18} {:<24} {:>12} B  slot {}\n",
+                "{i:>4} {:<18} {:<24} {:>12} B  slot {:<3} {:>12} B alive\n",
                 st.op,
                 format!("{:?}", st.output_shape),
                 st.output_bytes,
-                st.slot
+                st.slot,
+                self.live_at_step.get(i).copied().unwrap_or(0)
             );
         }
         s += &format!(

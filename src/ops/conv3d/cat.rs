@@ -11,7 +11,10 @@
 //! it; when that concat would exceed one storage binding, the op runs itself in depth slabs
 //! (`graph::split`) small enough for it.
 
-use super::{conv3d_parts, conv3d_tex_runs, gpu_conv3d, relu_in_place, Conv3d, ConvDims, TexRun};
+use super::{
+    conv3d_parts, conv3d_tex_parts, gpu_conv3d, relu_in_place, Conv3d, ConvDims, TexPart,
+    TEX_SLAB_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::gpu::{BufferCopy, Dispatch, GpuContext};
 use crate::graph::split;
@@ -150,25 +153,18 @@ impl Op for Conv3dCat {
         out: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
         let (d, ca, cb) = self.dims(shapes)?;
-        let dhw = (d.d * d.h * d.w) as u64;
-        let (ra, rb) = (ca as u64 * dhw, cb as u64 * dhw);
-        let runs: Vec<TexRun> = (0..d.n as u64)
-            .flat_map(|l| {
-                [
-                    TexRun {
-                        buffer: inputs[0],
-                        offset: l * ra * 4,
-                        floats: ra,
-                    },
-                    TexRun {
-                        buffer: inputs[1],
-                        offset: l * rb * 4,
-                        floats: rb,
-                    },
-                ]
-            })
-            .collect();
-        match conv3d_tex_runs(ctx, d, &runs, inputs[2], inputs[3], out, self.relu)? {
+        let parts = [
+            TexPart {
+                buffer: inputs[0],
+                channels: ca,
+            },
+            TexPart {
+                buffer: inputs[1],
+                channels: cb,
+            },
+        ];
+        let (w, b) = (inputs[2], inputs[3]);
+        match conv3d_tex_parts(ctx, d, &parts, w, b, out, self.relu, TEX_SLAB_BYTES)? {
             Some(ds) => Ok(ds),
             None => self.gpu_via_concat(ctx, d, inputs, shapes, out, ctx.caps.max_binding),
         }

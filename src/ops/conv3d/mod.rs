@@ -265,6 +265,13 @@ struct Params {
     /// of its compiled code, megabytes on a software adapter) serves both; a select, not a
     /// branch, so lavapipe does not recompile per dispatch (docs/lavapipe.md).
     relu: u32,
+    /// The K = 3 subgroup kernels: this dispatch's output slices [z_lo, z_hi) …
+    z_lo: u32,
+    z_hi: u32,
+    /// … from an x that holds `t_dhw` values per (n, c), input slices t_z0 on (a depth
+    /// slab in the texture; 0 and dhw for the whole input).
+    t_z0: u32,
+    t_dhw: u32,
     _pad: [u32; 2],
 }
 
@@ -302,40 +309,100 @@ fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
     ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8
 }
 
-/// A run of floats copied into the texture of `conv3d_k3_sg_tex`: `floats` values from
-/// byte `offset` of `buffer`. Runs fill the texture one after the other, so the runs of
-/// `conv3d_cat` (sample by sample: a's channels, then b's) make the concat's layout.
+/// One input of the K = 3 texture kernel: a `(N, channels, D, H, W)` tensor in `buffer`.
+/// The conv's input is the parts concatenated along channels (`conv3d_cat`'s `up` and
+/// `skip`; a plain conv has one part).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct TexRun<'a> {
+pub(crate) struct TexPart<'a> {
     pub buffer: &'a wgpu::Buffer,
-    pub offset: u64,
-    pub floats: u64,
+    pub channels: usize,
 }
 
-/// `conv3d_k3_sg_tex`: `conv3d_k3_sg` reading x through a texture filled from `runs`
-/// (bindings 0 params, 2 weight, 3 bias, 4 out, 5 texture), or None when x does not fit
-/// that copy (runs of whole rgba32float texels at whole-texel offsets, the device's
-/// texture size).
+/// Most bytes of input the K = 3 texture kernel copies into its scratch texture at once.
+/// A larger input goes through in depth slabs (each with its one-slice halo): the texture
+/// is as large as the largest slab, so a UNet's full-resolution decoder conv (96 channels
+/// × 64³, 96 MiB) needs 15 MiB of texture instead of 96 (docs/memory.md).
+pub(crate) const TEX_SLAB_BYTES: u64 = 16 << 20;
+
+/// Output slices per depth slab of the texture kernel for `d` when one slab's input may
+/// fill `limit` bytes of texture: the whole depth when it fits, else a multiple of the
+/// tile's slices (at least one tile), so slabs never split a workgroup's tile. Slabs need
+/// whole texels per (n, c) slice run: H·W % 4 == 0 (else the whole depth).
+fn slab_slices(d: &ConvDims, limit: u64) -> usize {
+    let rz = SG3_TILE.1;
+    let slice = (d.n * d.c * d.h * d.w * 4) as u64;
+    if (d.n * d.c * d.voxels() * 4) as u64 <= limit || !(d.h * d.w).is_multiple_of(4) {
+        return d.d;
+    }
+    let fit = (limit / slice.max(1)) as usize;
+    (fit.saturating_sub(2) / rz * rz).max(rz).min(d.d)
+}
+
+/// `conv3d_k3_sg_tex`: `conv3d_k3_sg` reading x, the channel concat of `parts`, through
+/// the scratch texture, one dispatch per depth slab of at most `limit` bytes (see
+/// [`slab_slices`]); each dispatch carries the copies that fill the texture with its slab.
+/// Bindings 0 params, 2 weight, 3 bias, 4 out, 5 texture. None when x does not fit that
+/// copy (runs of whole rgba32float texels, the device's texture size).
 #[allow(clippy::too_many_arguments)]
-fn tex_dispatch(
+fn tex_dispatches(
     ctx: &GpuContext,
+    d: &ConvDims,
     p: &Params,
-    runs: &[TexRun<'_>],
+    parts: &[TexPart<'_>],
     weight: &wgpu::Buffer,
     bias: &wgpu::Buffer,
     out: &wgpu::Buffer,
-    workgroups: [u32; 3],
     relu: bool,
-) -> Result<Option<Dispatch>> {
-    let numel: u64 = runs.iter().map(|r| r.floats).sum();
-    let texels = numel / 4;
+    limit: u64,
+) -> Result<Option<Vec<Dispatch>>> {
+    let hw = (d.h * d.w) as u64;
+    let dz = d.d as u64;
+    let rows = slab_slices(d, limit);
+    // (first input slice, slices) of every slab, and its output slices.
+    let slabs: Vec<(usize, usize, usize, usize)> = (0..d.d)
+        .step_by(rows.max(1))
+        .map(|z_lo| {
+            let z_hi = (z_lo + rows).min(d.d);
+            if rows >= d.d {
+                (0, d.d, z_lo, z_hi)
+            } else {
+                let i0 = z_lo.saturating_sub(1);
+                (i0, (z_hi + 1).min(d.d) - i0, z_lo, z_hi)
+            }
+        })
+        .collect();
+    // Runs of floats per slab: per sample, per part, the whole (channels, D, H, W) block
+    // when the slab is the whole depth, else one run of the slab's slices per channel.
+    let runs_of = |(i0, si, _, _): (usize, usize, usize, usize)| -> Vec<(&wgpu::Buffer, u64, u64)> {
+        let mut runs = Vec::new();
+        for n in 0..d.n as u64 {
+            for part in parts {
+                let pc = part.channels as u64;
+                if si == d.d {
+                    runs.push((part.buffer, n * pc * dz * hw * 4, pc * dz * hw));
+                } else {
+                    for c in 0..pc {
+                        let off = ((n * pc + c) * dz + i0 as u64) * hw * 4;
+                        runs.push((part.buffer, off, si as u64 * hw));
+                    }
+                }
+            }
+        }
+        runs
+    };
     let width = GpuContext::TEXTURE_WIDTH as u64;
-    if runs
-        .iter()
-        .any(|r| !r.floats.is_multiple_of(4) || !r.offset.is_multiple_of(16))
-        || texels == 0
-        || texels.div_ceil(width) > ctx.caps.max_texture_2d as u64
-    {
+    let mut texels = 0;
+    for s in &slabs {
+        let runs = runs_of(*s);
+        if runs
+            .iter()
+            .any(|(_, off, n)| !n.is_multiple_of(4) || !off.is_multiple_of(16))
+        {
+            return Ok(None);
+        }
+        texels = texels.max(runs.iter().map(|r| r.2).sum::<u64>() / 4);
+    }
+    if texels == 0 || texels.div_ceil(width) > ctx.caps.max_texture_2d as u64 {
         return Ok(None);
     }
     let entry = "conv3d_k3_sg_tex";
@@ -343,59 +410,71 @@ fn tex_dispatch(
     let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
     let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0)])?;
     let layout = pipeline.get_bind_group_layout(0);
-    let p = Params {
-        relu: relu as u32,
-        ..*p
-    };
-    let params = ctx.uniform(bytemuck::bytes_of(&p));
     fn buffer(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
         wgpu::BindGroupEntry {
             binding,
             resource: b.as_entire_binding(),
         }
     }
-    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(entry),
-        layout: &layout,
-        entries: &[
-            buffer(0, &params),
-            buffer(2, weight),
-            buffer(3, bias),
-            buffer(4, out),
-            wgpu::BindGroupEntry {
-                binding: 5,
-                resource: wgpu::BindingResource::TextureView(&view),
-            },
-        ],
-    });
-    let mut dst = 0;
-    let copies = runs
-        .iter()
-        .filter(|r| r.floats > 0)
-        .map(|r| {
-            let c = TextureCopy {
-                buffer: r.buffer.clone(),
-                texture: texture.clone(),
-                width: GpuContext::TEXTURE_WIDTH,
-                texel_bytes: 16,
-                texels: r.floats / 4,
-                buffer_offset: r.offset,
-                dst_texel: dst,
-            };
-            dst += r.floats / 4;
-            Arc::new(c)
-        })
-        .collect();
-    Ok(Some(Dispatch {
-        name: entry,
-        before: Vec::new(),
-        after: Vec::new(),
-        pipeline,
-        bind_group,
-        workgroups,
-        offsets: Vec::new(),
-        copies,
-    }))
+    let mut out_dispatches = Vec::with_capacity(slabs.len());
+    for s in slabs {
+        let (i0, si, z_lo, z_hi) = s;
+        let p = Params {
+            relu: relu as u32,
+            z_lo: z_lo as u32,
+            z_hi: z_hi as u32,
+            t_z0: i0 as u32,
+            t_dhw: (si as u64 * hw) as u32,
+            ..*p
+        };
+        let params = ctx.uniform(bytemuck::bytes_of(&p));
+        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &layout,
+            entries: &[
+                buffer(0, &params),
+                buffer(2, weight),
+                buffer(3, bias),
+                buffer(4, out),
+                wgpu::BindGroupEntry {
+                    binding: 5,
+                    resource: wgpu::BindingResource::TextureView(&view),
+                },
+            ],
+        });
+        let mut dst = 0;
+        let copies = runs_of(s)
+            .into_iter()
+            .filter(|r| r.2 > 0)
+            .map(|(buf, offset, floats)| {
+                let c = TextureCopy {
+                    buffer: buf.clone(),
+                    texture: texture.clone(),
+                    width: GpuContext::TEXTURE_WIDTH,
+                    texel_bytes: 16,
+                    texels: floats / 4,
+                    buffer_offset: offset,
+                    dst_texel: dst,
+                };
+                dst += floats / 4;
+                Arc::new(c)
+            })
+            .collect();
+        let blocks = (p.tiles_x * p.tiles_y) as u64 * (z_hi - z_lo).div_ceil(SG3_TILE.1) as u64;
+        let [wx, wy, _] = ctx.grid(blocks)?;
+        let z = (d.n as u32) * p.groups;
+        out_dispatches.push(Dispatch {
+            name: entry,
+            before: Vec::new(),
+            after: Vec::new(),
+            pipeline: pipeline.clone(),
+            bind_group,
+            workgroups: [wx, wy, z],
+            offsets: Vec::new(),
+            copies,
+        });
+    }
+    Ok(Some(out_dispatches))
 }
 
 /// The uniforms of the conv kernels for `d` on this device, and the dispatch's z extent
@@ -430,6 +509,10 @@ fn conv_params(ctx: &GpuContext, d: &ConvDims) -> Result<(Params, u32)> {
         tiles_x: tiles_x as u32,
         tiles_y: tiles_y as u32,
         relu: 0,
+        z_lo: 0,
+        z_hi: d.d as u32,
+        t_z0: 0,
+        t_dhw: dhw as u32,
         _pad: [0; 2],
     };
     let z = (d.n * groups) as u32;
@@ -441,31 +524,31 @@ fn conv_params(ctx: &GpuContext, d: &ConvDims) -> Result<(Params, u32)> {
     Ok((p, z))
 }
 
-/// The K = 3 texture kernel with its texture filled from `runs` (which together hold x,
-/// `(N, C, D, H, W)` in order), or None where that kernel does not apply (no CPU-like
-/// subgroups, K = 1, runs not in whole texels, too large for a texture).
+/// The K = 3 texture kernel for x = the channel concat of `parts` (each `(N, Cp, D, H,
+/// W)`, the Cp summing to `d.c`), in depth slabs of at most `limit` bytes of texture
+/// ([`TEX_SLAB_BYTES`] in the models), or None where that kernel does not apply (no
+/// CPU-like subgroups, K = 1, runs not in whole texels, too large for a texture).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv3d_tex_runs(
+pub(crate) fn conv3d_tex_parts(
     ctx: &GpuContext,
     d: ConvDims,
-    runs: &[TexRun<'_>],
+    parts: &[TexPart<'_>],
     weight: &wgpu::Buffer,
     bias: &wgpu::Buffer,
     out: &wgpu::Buffer,
     relu: bool,
+    limit: u64,
 ) -> Result<Option<Vec<Dispatch>>> {
     if !use_subgroup_kernel(ctx) || d.k != 3 || d.n == 0 || d.o == 0 || d.voxels() == 0 {
         return Ok(None);
     }
-    if runs.iter().map(|r| r.floats).sum::<u64>() != (d.n * d.c * d.voxels()) as u64 {
+    if parts.iter().map(|p| p.channels).sum::<usize>() != d.c {
         return Err(Error::Gpu(format!(
-            "conv3d: texture runs do not hold the input of {d:?}"
+            "conv3d: the texture parts do not hold the input channels of {d:?}"
         )));
     }
-    let (p, z) = conv_params(ctx, &d)?;
-    let blocks = (p.tiles_x * p.tiles_y) as u64 * d.d.div_ceil(SG3_TILE.1) as u64;
-    let [wx, wy, _] = ctx.grid(blocks)?;
-    Ok(tex_dispatch(ctx, &p, runs, weight, bias, out, [wx, wy, z], relu)?.map(|t| vec![t]))
+    let (p, _) = conv_params(ctx, &d)?;
+    tex_dispatches(ctx, &d, &p, parts, weight, bias, out, relu, limit)
 }
 
 fn gpu_conv3d(
@@ -493,23 +576,14 @@ fn gpu_conv3d(
     } else if sg {
         let blocks = (p.tiles_x * p.tiles_y) as usize * d.d.div_ceil(SG3_TILE.1);
         if allow_texture {
-            let [wx, wy, _] = ctx.grid(blocks as u64)?;
-            let run = TexRun {
+            let part = TexPart {
                 buffer: inputs[0],
-                offset: 0,
-                floats: (d.n * d.c * dhw) as u64,
+                channels: d.c,
             };
-            if let Some(t) = tex_dispatch(
-                ctx,
-                &p,
-                &[run],
-                inputs[1],
-                inputs[2],
-                out,
-                [wx, wy, z],
-                relu,
-            )? {
-                return Ok(vec![t]);
+            let (w, b) = (inputs[1], inputs[2]);
+            let limit = TEX_SLAB_BYTES;
+            if let Some(t) = tex_dispatches(ctx, &d, &p, &[part], w, b, out, relu, limit)? {
+                return Ok(t);
             }
         }
         (&CONV3D, "conv3d_k3_sg", blocks as u64)
@@ -566,7 +640,7 @@ pub(crate) fn context_gate_dispatch(
         tiles_x: 0,
         tiles_y: 0,
         relu: 0,
-        _pad: [0; 2],
+        ..bytemuck::Zeroable::zeroed()
     };
     let entry = if to == 32 {
         "context_gate_k1_sg32"

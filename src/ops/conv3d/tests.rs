@@ -114,7 +114,11 @@ fn kernel_matches_reference() {
     // The 64-channel K = 1 tile runs only from SG64_MIN_VOXELS voxels on (a partial
     // second group of 64 here).
     assert!(64 * 64 * 64 >= SG64_MIN_VOXELS);
-    check_op(&Conv3d::with_relu(1), &shapes(1, 5, 70, [64, 64, 64], 1), 1e-5);
+    check_op(
+        &Conv3d::with_relu(1),
+        &shapes(1, 5, 70, [64, 64, 64], 1),
+        1e-5,
+    );
 }
 
 #[test]
@@ -155,7 +159,7 @@ fn portable_kernel_matches_reference() {
         tiles_x: 0,
         tiles_y: 0,
         relu: 0,
-        _pad: [0; 2],
+        ..bytemuck::Zeroable::zeroed()
     };
     let disp = c
         .dispatch(KernelArgs {
@@ -238,6 +242,90 @@ fn storage_and_texture_paths_match_reference() {
         c.run(&disp).unwrap();
         let e = rel_err(&c.download(&out).unwrap(), &want);
         assert!(e <= 1e-5, "texture {allow_texture}: {e}");
+    }
+}
+
+#[test]
+fn texture_depth_slabs_match_reference() {
+    // The texture kernel in depth slabs (small texture limits), from one input or the
+    // channel concat of two (conv3d_cat): slabs of one and two tiles, a last slab shorter
+    // than the others, relu on and off; H·W % 4 != 0 takes the whole depth at once.
+    let c = ctx();
+    if !use_subgroup_kernel(c) {
+        return;
+    }
+    let mut r = rng();
+    for (n, parts, o, s, relu) in [
+        (1, vec![3], 5, [13, 4, 8], false),
+        (2, vec![2, 3], 17, [9, 5, 4], true),
+        (1, vec![4, 1], 7, [16, 8, 6], false),
+        (1, vec![5], 33, [7, 3, 4], true),
+        (1, vec![4], 3, [9, 5, 5], false),
+    ] {
+        let ch: usize = parts.iter().sum();
+        let vox = s.iter().product::<usize>();
+        let xs: Vec<Vec<f32>> = parts
+            .iter()
+            .map(|pc| random(&mut r, n * pc * vox))
+            .collect();
+        let mut x = Vec::with_capacity(n * ch * vox);
+        for ni in 0..n {
+            for (xp, pc) in xs.iter().zip(&parts) {
+                x.extend_from_slice(&xp[ni * pc * vox..(ni + 1) * pc * vox]);
+            }
+        }
+        let (w, b) = (random(&mut r, o * ch * 27), random(&mut r, o));
+        let sh = shapes(n, ch, o, s, 3);
+        let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
+        let d = Conv3d::new(3).dims(&refs).unwrap();
+        let mut want = vec![0f32; n * o * vox];
+        conv3d(d, &x, &w, &b, &mut want);
+        if relu {
+            relu_in_place(&mut want);
+        }
+        let up: Vec<_> = xs
+            .iter()
+            .zip(&parts)
+            .map(|(xp, pc)| c.upload(xp, &[n, *pc, s[0], s[1], s[2]]).unwrap())
+            .collect();
+        let tparts: Vec<TexPart> = up
+            .iter()
+            .zip(&parts)
+            .map(|(t, pc)| TexPart {
+                buffer: &t.buffer,
+                channels: *pc,
+            })
+            .collect();
+        let (wt, bt) = (c.upload(&w, &sh[1]).unwrap(), c.upload(&b, &sh[2]).unwrap());
+        let slice = (n * ch * s[1] * s[2] * 4) as u64;
+        let whole = !(s[1] * s[2]).is_multiple_of(4);
+        for rows in [4, 8] {
+            let limit = slice * (rows as u64 + 2);
+            let fits = s[0] as u64 * slice <= limit;
+            let want_slabs = if whole || fits {
+                1
+            } else {
+                s[0].div_ceil(rows)
+            };
+            let out = c.empty(&[n, o, s[0], s[1], s[2]]).unwrap();
+            c.fill(&out.buffer, f32::NAN);
+            let disp = conv3d_tex_parts(
+                c,
+                d,
+                &tparts,
+                &wt.buffer,
+                &bt.buffer,
+                &out.buffer,
+                relu,
+                limit,
+            )
+            .unwrap()
+            .expect("texture path");
+            assert_eq!(disp.len(), want_slabs, "{s:?} rows {rows}");
+            c.run(&disp).unwrap();
+            let e = rel_err(&c.download(&out).unwrap(), &want);
+            assert!(e <= 1e-5, "{n} {parts:?} {s:?} slabs of {rows}: {e}");
+        }
     }
 }
 
@@ -418,8 +506,9 @@ fn sg3_source(w: &mut String, ry: usize, rz: usize, to: usize, tex: bool) {
 fn {name}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) lane: u32) {{
     let tile = wg.x + wg.y * nwg.x;
-    let z0 = i32(tile / (p.tiles_x * p.tiles_y)) * {RZ};
-    if (z0 >= i32(p.d)) {{ return; }}  // padding of a 2-D dispatch grid
+    // This dispatch computes output slices [z_lo, z_hi) (a depth slab, or the whole depth).
+    let z0 = i32(p.z_lo) + i32(tile / (p.tiles_x * p.tiles_y)) * {RZ};
+    if (z0 >= i32(p.z_hi)) {{ return; }}  // padding of a 2-D dispatch grid
     let n = wg.z / p.groups;
     let o0 = (wg.z % p.groups) * {TO}u;
     let hi = i32(p.h);
@@ -473,12 +562,13 @@ fn {name}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
     let _ = writeln!(
         w,
-        "    // Input slices z0 - 1 + j: offsets within an (n, c) volume, validity."
+        "    // Input slices z0 - 1 + j: validity, and offsets within the (n, c) volume of x, whose
+    // slices t_z0 … hold t_dhw / hw slices of the input."
     );
     for j in 0..NS {
         let _ = writeln!(
                 w,
-                "    let zk{j} = z0 + {} >= 0 && z0 + {} < i32(p.d);\n    let zo{j} = select(0u, u32(z0 + {}) * hw, zk{j});",
+                "    let zk{j} = z0 + {} >= 0 && z0 + {} < i32(p.d);\n    let zo{j} = select(0u, u32(z0 + {} - i32(p.t_z0)) * hw, zk{j});",
                 j as i64 - 1,
                 j as i64 - 1,
                 j as i64 - 1
@@ -495,7 +585,7 @@ fn {name}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
     let _ = writeln!(
             w,
-            "    for (var c = 0u; c < p.c; c++) {{\n        let base = (n * p.c + c) * p.dhw;\n        let wb = c * 27u;"
+            "    for (var c = 0u; c < p.c; c++) {{\n        let base = (n * p.c + c) * p.t_dhw;\n        let wb = c * 27u;"
         );
     for j in 0..NS {
         for r in 0..NR {
