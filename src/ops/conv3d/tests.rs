@@ -113,7 +113,7 @@ fn kernel_matches_reference() {
     }
     // The 64-channel K = 1 tile runs only from SG64_MIN_VOXELS voxels on (a partial
     // second group of 64 here).
-    assert!(64 * 64 * 64 >= SG64_MIN_VOXELS);
+    const { assert!(64 * 64 * 64 >= SG64_MIN_VOXELS) };
     check_op(
         &Conv3d::with_relu(1),
         &shapes(1, 5, 70, [64, 64, 64], 1),
