@@ -180,6 +180,24 @@ pub(super) fn texture_path_cols(
         .map(|(cols, _)| cols)
 }
 
+/// Rows of X per invocation on the texture path with `cols` columns per block: 2 or 3
+/// (`matmul_tex2x8`, `matmul_tex3x8`: R rows × one group of 8 columns) when `m`'s kernel
+/// asks for it and the block is a group of 8 in one window with an epilogue the kernel
+/// has, else 1 (`matmul_tex16` and the others: one row × the block).
+pub(super) fn tex_rows_per_invocation(m: &Matmul, cols: usize) -> usize {
+    if cols != 16 || m.w_f16 || m.out_f16 || m.x_f16 {
+        return 1;
+    }
+    match (m.kernel, m.epi) {
+        (MatmulKernel::TexRows2, Epilogue::None | Epilogue::Residual) => 2,
+        (MatmulKernel::TexRows3, Epilogue::None) => 3,
+        (MatmulKernel::TexRows2x16, Epilogue::None) => 2,
+        (MatmulKernel::TexRows3x16, Epilogue::None) => 3,
+        (MatmulKernel::TexRows4x16, Epilogue::None) => 4,
+        _ => 1,
+    }
+}
+
 /// Bytes per element of B on the device.
 pub(super) fn esize(m: &Matmul) -> usize {
     if m.w_f16 {
@@ -235,9 +253,16 @@ pub(super) fn gpu_matmul_tex(
         ctx.scratch_texture(0, texels)?
     };
     let view = texture.create_view(&Default::default());
+    let rows_per = tex_rows_per_invocation(m, cols);
     let entry: &'static str = match (cols, m.w_f16, m.epi) {
         _ if m.out_f16 && matches!(m.epi, Epilogue::Rope { .. }) => "matmul_tex16_rope_o16",
         _ if m.out_f16 => "matmul_tex16_o16",
+        _ if m.kernel == MatmulKernel::TexRows3x16 && rows_per == 3 => "matmul_tex3x16",
+        _ if rows_per == 4 => "matmul_tex4x16",
+        _ if rows_per == 3 => "matmul_tex3x8",
+        _ if m.kernel == MatmulKernel::TexRows2x16 && rows_per == 2 => "matmul_tex2x16",
+        (_, false, Epilogue::None) if rows_per == 2 => "matmul_tex2x8",
+        (_, false, Epilogue::Residual) if rows_per == 2 => "matmul_tex2x8_res",
         (16, false, Epilogue::None) => "matmul_tex16",
         (16, false, Epilogue::Rope { .. }) => "matmul_tex16_rope",
         (16, false, Epilogue::Residual) => "matmul_tex16_res",
@@ -357,6 +382,9 @@ pub(super) fn gpu_matmul_tex(
                 (0..half / 8).map(move |jb| (h * 2 * half + jb * 8, h * 2 * half + jb * 8 + half))
             })
             .collect(),
+        _ if rows_per > 1 && !entry.ends_with("x16") => {
+            (0..d.n.div_ceil(8)).map(|b| (b * 8, b * 8)).collect()
+        }
         _ if cols == 16 => (0..d.n.div_ceil(16))
             .map(|b| (b * 16, (b * 16 + 8).min(d.n - 1)))
             .collect(),
@@ -391,7 +419,9 @@ pub(super) fn gpu_matmul_tex(
             has_bias: m.bias as u32,
             w_base2: ((col_byte2 - start2) / 16) as u32,
             // (the unclamped start of the second group; the shader clamps its columns)
-            c2: if matches!(m.epi, Epilogue::Rope { .. }) {
+            c2: if matches!(m.epi, Epilogue::Rope { .. })
+                || (rows_per > 1 && !entry.ends_with("x16"))
+            {
                 c2 as u32
             } else {
                 (c0 + 8) as u32
@@ -485,7 +515,7 @@ pub(super) fn gpu_matmul_tex(
     });
     let mut first_copies = vec![copy];
     first_copies.extend(tables.iter().map(|(_, c)| c.clone()));
-    let workgroups = ctx.grid(rows.div_ceil(64) as u64)?;
+    let workgroups = ctx.grid(rows.div_ceil(rows_per).div_ceil(64) as u64)?;
     Ok(offsets
         .into_iter()
         .enumerate()

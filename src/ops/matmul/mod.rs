@@ -105,6 +105,18 @@ pub enum MatmulKernel {
     Auto,
     /// Register-tiled kernel reading storage buffers: any shape, any device.
     Generic,
+    /// As `Auto`, with 2 rows × 8 columns per invocation on the texture path where that
+    /// kernel exists (f32 weights, 8-column groups, no RoPE): half the weight loads and
+    /// broadcasts per FLOP of the 1 row × 16 columns kernel, 16 accumulators.
+    TexRows2,
+    /// As `TexRows2` with 3 rows (24 accumulators; plain product only).
+    TexRows3,
+    /// 2 rows × 16 columns (32 accumulators; plain product only).
+    TexRows2x16,
+    /// 3 rows × 16 columns (48 accumulators; plain product only).
+    TexRows3x16,
+    /// lab
+    TexRows4x16,
 }
 
 /// Resolved sizes of one matmul call.
@@ -536,7 +548,7 @@ impl Op for Matmul {
         let nb = 2 + self.bias as usize;
         let plain = self.plain();
         let mut ds = match texture_path_cols(ctx, self, d, inputs[1]) {
-            Some(cols) if self.kernel == MatmulKernel::Auto => {
+            Some(cols) if self.kernel != MatmulKernel::Generic => {
                 if fuses_on_texture_path(self, d, cols) {
                     return gpu_matmul_tex(ctx, self, d, cols, inputs, out);
                 }

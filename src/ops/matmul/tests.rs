@@ -725,6 +725,117 @@ fn lab_time() {
     }
 }
 
+/// Texture-path kernel variants side by side on the ViT-S linear shapes (M = `LAB_M` rows,
+/// default 16·261; (K, N) = qkv, o_proj, up, down with bias; o_proj and down_proj also with
+/// the residual epilogue): GFLOP per process CPU-second (robust to other load on the
+/// machine), `LAB_ROUNDS` interleaved rounds of `LAB_REPS` runs per variant, median;
+/// variants `LAB_KERNELS` (comma-separated of auto, rows2, rows3; default all), shapes
+/// filtered by `LAB_FILTER`. Outputs are checked against the first variant's.
+/// (development aid: `cargo test --release --lib lab_variants -- --ignored --nocapture`)
+#[test]
+#[ignore]
+fn lab_variants() {
+    use crate::bench::process_cpu_seconds;
+    let c = crate::ops::testing::ctx();
+    eprintln!("{}", c.describe());
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let rows = env("LAB_M", 16 * 261);
+    let (rounds, reps) = (env("LAB_ROUNDS", 5), env("LAB_REPS", 2));
+    let filter = std::env::var("LAB_FILTER").unwrap_or_default();
+    let wanted = std::env::var("LAB_KERNELS").unwrap_or("auto,rows2,rows3,2x16".into());
+    let kernels: Vec<(&str, MatmulKernel)> = [
+        ("auto", MatmulKernel::Auto),
+        ("rows2", MatmulKernel::TexRows2),
+        ("rows3", MatmulKernel::TexRows3),
+        ("2x16", MatmulKernel::TexRows2x16),
+        ("3x16", MatmulKernel::TexRows3x16),
+        ("4x16", MatmulKernel::TexRows4x16),
+    ]
+    .into_iter()
+    .filter(|(n, _)| wanted.split(',').any(|w| w == *n))
+    .collect();
+    let mut r = rng();
+    for (label, k, n, res) in [
+        ("qkv", 384, 1152, false),
+        ("o_proj", 384, 384, false),
+        ("up", 384, 1536, false),
+        ("down", 1536, 384, false),
+        ("o_proj+res", 384, 384, true),
+        ("down+res", 1536, 384, true),
+    ] {
+        if !label.contains(&filter) {
+            continue;
+        }
+        let base = Matmul::linear(true).with_epilogue(if res {
+            Epilogue::Residual
+        } else {
+            Epilogue::None
+        });
+        let mut s = vec![vec![rows, k], vec![n, k], vec![n]];
+        if res {
+            s.extend([vec![rows, n], vec![n]]);
+        }
+        let sh: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
+        let ins: Vec<_> = s
+            .iter()
+            .map(|x| c.upload(&random(&mut r, numel(x)), x).unwrap())
+            .collect();
+        let bufs: Vec<&wgpu::Buffer> = ins.iter().map(|t| t.buffer.as_ref()).collect();
+        let gf = 2.0 * (rows * n * k) as f64 / 1e9;
+        let mut runs = Vec::new();
+        let mut first: Option<Vec<f32>> = None;
+        for &(name, kernel) in &kernels {
+            let m = Matmul { kernel, ..base };
+            let out = c.empty(&[rows, n]).unwrap();
+            c.fill(&out.buffer, f32::NAN);
+            let ds = m.gpu(c, &bufs, &sh, &out.buffer).unwrap();
+            c.run(&ds).unwrap(); // JIT
+            let got = c.download(&out).unwrap();
+            match &first {
+                None => first = Some(got),
+                Some(want) => {
+                    let e = crate::ops::testing::rel_err(&got, want);
+                    assert!(e <= 1e-5, "{label} {name} ({}): rel err {e}", ds[0].name);
+                }
+            }
+            runs.push((name, ds[0].name, ds, Vec::new()));
+        }
+        for _ in 0..rounds {
+            for (_, _, ds, rates) in runs.iter_mut() {
+                let c0 = process_cpu_seconds().unwrap();
+                for _ in 0..reps {
+                    c.run(ds).unwrap();
+                }
+                let used = process_cpu_seconds().unwrap() - c0;
+                rates.push(gf * reps as f64 / used.max(1e-9));
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let base_rate = med(&mut runs[0].3);
+        for (name, entry, _, rates) in runs.iter_mut() {
+            let m = med(rates);
+            eprintln!(
+                "M={rows} K={k:4} N={n:4} {label:10} {name:6} {entry:18} {m:6.2} GFLOP/cpu-s  \
+                 ({:+.1} %)  [{}]",
+                (m / base_rate - 1.0) * 100.0,
+                rates
+                    .iter()
+                    .map(|v| format!("{v:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
+}
+
 /// The gemm crate's ceiling on the ViT-S linear shapes (M = 16·261 tokens, x·Wᵀ):
 /// our reference vs the crate with W transposed once to [K, N], with and without the
 /// pre-filled bias, with Rayon(threads) vs None, by GFLOP per process CPU-second
