@@ -393,383 +393,6 @@ fn matmul_tex4_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     store_res(row, acc, 4u);
 }
 
-// ---- Row-blocked texture variants: R rows × 8 columns per invocation ----
-// One window (wu) holds the block's 8 columns; lane j loads column j's vec4 once per k-step
-// and each broadcast value feeds all R rows, so per FLOP there are 1/R of the W gathers and
-// broadcasts of matmul_tex16 (R = 2: 16 accumulators, R = 3: 24; AVX-512VL hosts give LLVM
-// 32 vector registers). The rows of invocation i are adjacent: R·i … R·i + R − 1.
-
-// Row of X of invocation (gid, nwg)'s first row.
-fn tex_row_r(gid: vec3<u32>, nwg: vec3<u32>, r: u32) -> u32 {
-    return r * (gid.x + gid.y * nwg.x * 64u);
-}
-
-// acc[j] += x0·w_j, acc[j + 8] += x1·w_j for the 8 broadcast columns w_j.
-fn bc8r2(acc: ptr<function, array<f32, 16>>, x0: vec4<f32>, x1: vec4<f32>, w: vec4<f32>) {
-    let w0 = subgroupBroadcast(w, 0u);
-    (*acc)[0] += dot(x0, w0);
-    (*acc)[8] += dot(x1, w0);
-    let w1 = subgroupBroadcast(w, 1u);
-    (*acc)[1] += dot(x0, w1);
-    (*acc)[9] += dot(x1, w1);
-    let w2 = subgroupBroadcast(w, 2u);
-    (*acc)[2] += dot(x0, w2);
-    (*acc)[10] += dot(x1, w2);
-    let w3 = subgroupBroadcast(w, 3u);
-    (*acc)[3] += dot(x0, w3);
-    (*acc)[11] += dot(x1, w3);
-    let w4 = subgroupBroadcast(w, 4u);
-    (*acc)[4] += dot(x0, w4);
-    (*acc)[12] += dot(x1, w4);
-    let w5 = subgroupBroadcast(w, 5u);
-    (*acc)[5] += dot(x0, w5);
-    (*acc)[13] += dot(x1, w5);
-    let w6 = subgroupBroadcast(w, 6u);
-    (*acc)[6] += dot(x0, w6);
-    (*acc)[14] += dot(x1, w6);
-    let w7 = subgroupBroadcast(w, 7u);
-    (*acc)[7] += dot(x0, w7);
-    (*acc)[15] += dot(x1, w7);
-}
-
-// Rows row, row + 1 × columns c0 … c0 + 7 (acc[0 ..] and acc[8 ..]), bias added.
-fn acc2x8(row: u32, sl: u32) -> array<f32, 16> {
-    let xr0 = min(row, tp.m - 1u) * tp.k4;
-    let xr1 = min(row + 1u, tp.m - 1u) * tp.k4;
-    var acc: array<f32, 16>;
-    let wa = widx(sl, 0u);
-    for (var l = 0u; l < tp.k4; l++) {
-        bc8r2(&acc, xload(xr0 + l), xload(xr1 + l), wu[wa + l]);
-    }
-    add_bias8(&acc, 0u, tp.c0, sl);
-    add_bias8(&acc, 8u, tp.c0, sl);
-    return acc;
-}
-
-// Stores acc[o ..] as row `row`'s columns c0 … c0 + 7 (those inside the output).
-fn store8(row: u32, acc: array<f32, 16>, o: u32) {
-    if (row >= tp.m) { return; }
-    for (var j = 0u; j < 8u; j++) {
-        let c = tp.c0 + j;
-        if (c < tp.n) {
-            tout[row * tp.n + c] = activate(acc[o + j]);
-        }
-    }
-}
-
-// Adds row `row`'s residual of columns c0 … c0 + 7 to acc[o ..] and stores them.
-fn store8_res(row: u32, acc: array<f32, 16>, o: u32) {
-    let t = (min(row, tp.m - 1u) * tp.n + tp.c0) / 4u;
-    let a = res4(t);
-    let b = res4(t + 1u);
-    let r = array<f32, 8>(a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w);
-    if (row >= tp.m) { return; }
-    for (var j = 0u; j < 8u; j++) {
-        let c = tp.c0 + j;
-        if (c < tp.n) {
-            tout[row * tp.n + c] = r[j] + acc[o + j];
-        }
-    }
-}
-
-@compute @workgroup_size(64)
-fn matmul_tex2x8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(subgroup_invocation_id) sl: u32) {
-    let row = tex_row_r(gid, nwg, 2u);
-    let acc = acc2x8(row, sl);
-    store8(row, acc, 0u);
-    store8(row + 1u, acc, 8u);
-}
-
-@compute @workgroup_size(64)
-fn matmul_tex2x8_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(subgroup_invocation_id) sl: u32) {
-    let row = tex_row_r(gid, nwg, 2u);
-    var acc = acc2x8(row, sl);
-    scale8(&acc, 0u, tp.c0, sl);
-    scale8(&acc, 8u, tp.c0, sl);
-    store8_res(row, acc, 0u);
-    store8_res(row + 1u, acc, 8u);
-}
-
-// R = 3: acc[0 ..], acc[8 ..], acc[16 ..] for rows row, row + 1, row + 2.
-fn bc8r3(acc: ptr<function, array<f32, 24>>, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, w: vec4<f32>) {
-    let w0 = subgroupBroadcast(w, 0u);
-    (*acc)[0] += dot(x0, w0);
-    (*acc)[8] += dot(x1, w0);
-    (*acc)[16] += dot(x2, w0);
-    let w1 = subgroupBroadcast(w, 1u);
-    (*acc)[1] += dot(x0, w1);
-    (*acc)[9] += dot(x1, w1);
-    (*acc)[17] += dot(x2, w1);
-    let w2 = subgroupBroadcast(w, 2u);
-    (*acc)[2] += dot(x0, w2);
-    (*acc)[10] += dot(x1, w2);
-    (*acc)[18] += dot(x2, w2);
-    let w3 = subgroupBroadcast(w, 3u);
-    (*acc)[3] += dot(x0, w3);
-    (*acc)[11] += dot(x1, w3);
-    (*acc)[19] += dot(x2, w3);
-    let w4 = subgroupBroadcast(w, 4u);
-    (*acc)[4] += dot(x0, w4);
-    (*acc)[12] += dot(x1, w4);
-    (*acc)[20] += dot(x2, w4);
-    let w5 = subgroupBroadcast(w, 5u);
-    (*acc)[5] += dot(x0, w5);
-    (*acc)[13] += dot(x1, w5);
-    (*acc)[21] += dot(x2, w5);
-    let w6 = subgroupBroadcast(w, 6u);
-    (*acc)[6] += dot(x0, w6);
-    (*acc)[14] += dot(x1, w6);
-    (*acc)[22] += dot(x2, w6);
-    let w7 = subgroupBroadcast(w, 7u);
-    (*acc)[7] += dot(x0, w7);
-    (*acc)[15] += dot(x1, w7);
-    (*acc)[23] += dot(x2, w7);
-}
-
-@compute @workgroup_size(64)
-fn matmul_tex3x8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(subgroup_invocation_id) sl: u32) {
-    let row = tex_row_r(gid, nwg, 3u);
-    let xr0 = min(row, tp.m - 1u) * tp.k4;
-    let xr1 = min(row + 1u, tp.m - 1u) * tp.k4;
-    let xr2 = min(row + 2u, tp.m - 1u) * tp.k4;
-    var acc: array<f32, 24>;
-    let wa = widx(sl, 0u);
-    for (var l = 0u; l < tp.k4; l++) {
-        bc8r3(&acc, xload(xr0 + l), xload(xr1 + l), xload(xr2 + l), wu[wa + l]);
-    }
-    var a0: array<f32, 16>;
-    var a1: array<f32, 16>;
-    for (var j = 0u; j < 8u; j++) {
-        a0[j] = acc[j];
-        a0[j + 8u] = acc[j + 8u];
-        a1[j] = acc[j + 16u];
-    }
-    add_bias8(&a0, 0u, tp.c0, sl);
-    add_bias8(&a0, 8u, tp.c0, sl);
-    add_bias8(&a1, 0u, tp.c0, sl);
-    store8(row, a0, 0u);
-    store8(row + 1u, a0, 8u);
-    store8(row + 2u, a1, 0u);
-}
-
-// R = 2 with both windows (2 rows × 16 columns, 32 accumulators): the texel fetches per FLOP
-// of matmul_tex16, half its W gathers and broadcasts. acc[0 ..] row 0 columns c0 …,
-// acc[8 ..] row 0 columns c2 …, acc[16 ..] and acc[24 ..] the same for row 1.
-fn bc16r2(acc: ptr<function, array<f32, 32>>, o: u32, x0: vec4<f32>, x1: vec4<f32>, w: vec4<f32>) {
-    let w0 = subgroupBroadcast(w, 0u);
-    (*acc)[o + 0u] += dot(x0, w0);
-    (*acc)[o + 16u] += dot(x1, w0);
-    let w1 = subgroupBroadcast(w, 1u);
-    (*acc)[o + 1u] += dot(x0, w1);
-    (*acc)[o + 17u] += dot(x1, w1);
-    let w2 = subgroupBroadcast(w, 2u);
-    (*acc)[o + 2u] += dot(x0, w2);
-    (*acc)[o + 18u] += dot(x1, w2);
-    let w3 = subgroupBroadcast(w, 3u);
-    (*acc)[o + 3u] += dot(x0, w3);
-    (*acc)[o + 19u] += dot(x1, w3);
-    let w4 = subgroupBroadcast(w, 4u);
-    (*acc)[o + 4u] += dot(x0, w4);
-    (*acc)[o + 20u] += dot(x1, w4);
-    let w5 = subgroupBroadcast(w, 5u);
-    (*acc)[o + 5u] += dot(x0, w5);
-    (*acc)[o + 21u] += dot(x1, w5);
-    let w6 = subgroupBroadcast(w, 6u);
-    (*acc)[o + 6u] += dot(x0, w6);
-    (*acc)[o + 22u] += dot(x1, w6);
-    let w7 = subgroupBroadcast(w, 7u);
-    (*acc)[o + 7u] += dot(x0, w7);
-    (*acc)[o + 23u] += dot(x1, w7);
-}
-
-@compute @workgroup_size(64)
-fn matmul_tex2x16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(subgroup_invocation_id) sl: u32) {
-    let row = tex_row_r(gid, nwg, 2u);
-    let xr0 = min(row, tp.m - 1u) * tp.k4;
-    let xr1 = min(row + 1u, tp.m - 1u) * tp.k4;
-    var acc: array<f32, 32>;
-    let wa = widx(sl, 0u);
-    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * tp.k4;
-    for (var l = 0u; l < tp.k4; l++) {
-        let x0 = xload(xr0 + l);
-        let x1 = xload(xr1 + l);
-        bc16r2(&acc, 0u, x0, x1, wu[wa + l]);
-        bc16r2(&acc, 8u, x0, x1, wu2[wb + l]);
-    }
-    var a0: array<f32, 16>;
-    var a1: array<f32, 16>;
-    for (var j = 0u; j < 16u; j++) {
-        a0[j] = acc[j];
-        a1[j] = acc[j + 16u];
-    }
-    add_bias8(&a0, 0u, tp.c0, sl);
-    add_bias8(&a0, 8u, tp.c2, sl);
-    add_bias8(&a1, 0u, tp.c0, sl);
-    add_bias8(&a1, 8u, tp.c2, sl);
-    store_row(row, a0, 16u);
-    store_row(row + 1u, a1, 16u);
-}
-
-fn bc16r3(acc: ptr<function, array<f32, 48>>, o: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, w: vec4<f32>) {
-    let w0 = subgroupBroadcast(w, 0u);
-    (*acc)[o + 0u] += dot(x0, w0);
-    (*acc)[o + 16u] += dot(x1, w0);
-    (*acc)[o + 32u] += dot(x2, w0);
-    let w1 = subgroupBroadcast(w, 1u);
-    (*acc)[o + 1u] += dot(x0, w1);
-    (*acc)[o + 17u] += dot(x1, w1);
-    (*acc)[o + 33u] += dot(x2, w1);
-    let w2 = subgroupBroadcast(w, 2u);
-    (*acc)[o + 2u] += dot(x0, w2);
-    (*acc)[o + 18u] += dot(x1, w2);
-    (*acc)[o + 34u] += dot(x2, w2);
-    let w3 = subgroupBroadcast(w, 3u);
-    (*acc)[o + 3u] += dot(x0, w3);
-    (*acc)[o + 19u] += dot(x1, w3);
-    (*acc)[o + 35u] += dot(x2, w3);
-    let w4 = subgroupBroadcast(w, 4u);
-    (*acc)[o + 4u] += dot(x0, w4);
-    (*acc)[o + 20u] += dot(x1, w4);
-    (*acc)[o + 36u] += dot(x2, w4);
-    let w5 = subgroupBroadcast(w, 5u);
-    (*acc)[o + 5u] += dot(x0, w5);
-    (*acc)[o + 21u] += dot(x1, w5);
-    (*acc)[o + 37u] += dot(x2, w5);
-    let w6 = subgroupBroadcast(w, 6u);
-    (*acc)[o + 6u] += dot(x0, w6);
-    (*acc)[o + 22u] += dot(x1, w6);
-    (*acc)[o + 38u] += dot(x2, w6);
-    let w7 = subgroupBroadcast(w, 7u);
-    (*acc)[o + 7u] += dot(x0, w7);
-    (*acc)[o + 23u] += dot(x1, w7);
-    (*acc)[o + 39u] += dot(x2, w7);
-}
-
-@compute @workgroup_size(64)
-fn matmul_tex3x16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(subgroup_invocation_id) sl: u32) {
-    let row = tex_row_r(gid, nwg, 3u);
-    let xr0 = min(row, tp.m - 1u) * tp.k4;
-    let xr1 = min(row + 1u, tp.m - 1u) * tp.k4;
-    let xr2 = min(row + 2u, tp.m - 1u) * tp.k4;
-    var acc: array<f32, 48>;
-    let wa = widx(sl, 0u);
-    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * tp.k4;
-    for (var l = 0u; l < tp.k4; l++) {
-        let x0 = xload(xr0 + l);
-        let x1 = xload(xr1 + l);
-        let x2 = xload(xr2 + l);
-        bc16r3(&acc, 0u, x0, x1, x2, wu[wa + l]);
-        bc16r3(&acc, 8u, x0, x1, x2, wu2[wb + l]);
-    }
-    var a0: array<f32, 16>;
-    var a1: array<f32, 16>;
-    var a2: array<f32, 16>;
-    for (var j = 0u; j < 16u; j++) {
-        a0[j] = acc[j];
-        a1[j] = acc[j + 16u];
-        a2[j] = acc[j + 32u];
-    }
-    add_bias8(&a0, 0u, tp.c0, sl);
-    add_bias8(&a0, 8u, tp.c2, sl);
-    add_bias8(&a1, 0u, tp.c0, sl);
-    add_bias8(&a1, 8u, tp.c2, sl);
-    add_bias8(&a2, 0u, tp.c0, sl);
-    add_bias8(&a2, 8u, tp.c2, sl);
-    store_row(row, a0, 16u);
-    store_row(row + 1u, a1, 16u);
-    store_row(row + 2u, a2, 16u);
-}
-
-fn bc16r4(acc: ptr<function, array<f32, 64>>, o: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, w: vec4<f32>) {
-    let w0 = subgroupBroadcast(w, 0u);
-    (*acc)[o + 0u] += dot(x0, w0);
-    (*acc)[o + 16u] += dot(x1, w0);
-    (*acc)[o + 32u] += dot(x2, w0);
-    (*acc)[o + 48u] += dot(x3, w0);
-    let w1 = subgroupBroadcast(w, 1u);
-    (*acc)[o + 1u] += dot(x0, w1);
-    (*acc)[o + 17u] += dot(x1, w1);
-    (*acc)[o + 33u] += dot(x2, w1);
-    (*acc)[o + 49u] += dot(x3, w1);
-    let w2 = subgroupBroadcast(w, 2u);
-    (*acc)[o + 2u] += dot(x0, w2);
-    (*acc)[o + 18u] += dot(x1, w2);
-    (*acc)[o + 34u] += dot(x2, w2);
-    (*acc)[o + 50u] += dot(x3, w2);
-    let w3 = subgroupBroadcast(w, 3u);
-    (*acc)[o + 3u] += dot(x0, w3);
-    (*acc)[o + 19u] += dot(x1, w3);
-    (*acc)[o + 35u] += dot(x2, w3);
-    (*acc)[o + 51u] += dot(x3, w3);
-    let w4 = subgroupBroadcast(w, 4u);
-    (*acc)[o + 4u] += dot(x0, w4);
-    (*acc)[o + 20u] += dot(x1, w4);
-    (*acc)[o + 36u] += dot(x2, w4);
-    (*acc)[o + 52u] += dot(x3, w4);
-    let w5 = subgroupBroadcast(w, 5u);
-    (*acc)[o + 5u] += dot(x0, w5);
-    (*acc)[o + 21u] += dot(x1, w5);
-    (*acc)[o + 37u] += dot(x2, w5);
-    (*acc)[o + 53u] += dot(x3, w5);
-    let w6 = subgroupBroadcast(w, 6u);
-    (*acc)[o + 6u] += dot(x0, w6);
-    (*acc)[o + 22u] += dot(x1, w6);
-    (*acc)[o + 38u] += dot(x2, w6);
-    (*acc)[o + 54u] += dot(x3, w6);
-    let w7 = subgroupBroadcast(w, 7u);
-    (*acc)[o + 7u] += dot(x0, w7);
-    (*acc)[o + 23u] += dot(x1, w7);
-    (*acc)[o + 39u] += dot(x2, w7);
-    (*acc)[o + 55u] += dot(x3, w7);
-}
-@compute @workgroup_size(64)
-fn matmul_tex4x16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(subgroup_invocation_id) sl: u32) {
-    let row = tex_row_r(gid, nwg, 4u);
-    var acc: array<f32, 64>;
-    let wa = widx(sl, 0u);
-    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * tp.k4;
-    let xr0 = min(row + 0u, tp.m - 1u) * tp.k4;
-    let xr1 = min(row + 1u, tp.m - 1u) * tp.k4;
-    let xr2 = min(row + 2u, tp.m - 1u) * tp.k4;
-    let xr3 = min(row + 3u, tp.m - 1u) * tp.k4;
-    for (var l = 0u; l < tp.k4; l++) {
-        let x0 = xload(xr0 + l);
-        let x1 = xload(xr1 + l);
-        let x2 = xload(xr2 + l);
-        let x3 = xload(xr3 + l);
-        bc16r4(&acc, 0u, x0, x1, x2, x3, wu[wa + l]);
-        bc16r4(&acc, 8u, x0, x1, x2, x3, wu2[wb + l]);
-    }
-    var a0: array<f32, 16>;
-    var a1: array<f32, 16>;
-    var a2: array<f32, 16>;
-    var a3: array<f32, 16>;
-    for (var j = 0u; j < 16u; j++) {
-        a0[j] = acc[j + 0u];
-        a1[j] = acc[j + 16u];
-        a2[j] = acc[j + 32u];
-        a3[j] = acc[j + 48u];
-    }
-    add_bias8(&a0, 0u, tp.c0, sl);
-    add_bias8(&a0, 8u, tp.c2, sl);
-    store_row(row + 0u, a0, 16u);
-    add_bias8(&a1, 0u, tp.c0, sl);
-    add_bias8(&a1, 8u, tp.c2, sl);
-    store_row(row + 1u, a1, 16u);
-    add_bias8(&a2, 0u, tp.c0, sl);
-    add_bias8(&a2, 8u, tp.c2, sl);
-    store_row(row + 2u, a2, 16u);
-    add_bias8(&a3, 0u, tp.c0, sl);
-    add_bias8(&a3, 8u, tp.c2, sl);
-    store_row(row + 3u, a3, 16u);
-}
-
 // f16 weights on the texture path (entry points ending in h): the window holds vec4<u32> =
 // 8 halves of one column (K % 8 == 0), so twice the K fits a window; lanes broadcast the
 // packed words (half the broadcasts of the f32 kernels) and every lane unpacks to f32.
@@ -869,5 +492,228 @@ fn matmul_tex4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     var acc = acc4h(row, sl);
     scale8(&acc, 0u, tp.c0, sl);
     store_res(row, acc, 4u);
+}
+// ---- Four rows × 16 columns per invocation (matmul_tex16r4*, the default) ----
+// The block of matmul_tex16 (two windows of 8 columns) for rows 4i … 4i + 3: each W vec4
+// a lane loads and each broadcast feeds four rows, so per FLOP there are a quarter of the
+// W gathers and broadcasts of matmul_tex16 and the same number of texel fetches. On
+// lavapipe a texel fetch of rgba32float is an out-of-line call that clobbers every vector
+// register, so the accumulators live on the stack anyway and 64 of them cost no more per
+// FLOP than 16 (docs/lavapipe.md, session 8).
+
+// Row r's 16 accumulators (columns c0 …, then c2 …).
+alias Acc4 = array<array<f32, 16>, 4>;
+
+fn bc8r4(acc: ptr<function, Acc4>, o: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, w: vec4<f32>) {
+    let w0 = subgroupBroadcast(w, 0u);
+    (*acc)[0][o + 0u] += dot(x0, w0);
+    (*acc)[1][o + 0u] += dot(x1, w0);
+    (*acc)[2][o + 0u] += dot(x2, w0);
+    (*acc)[3][o + 0u] += dot(x3, w0);
+    let w1 = subgroupBroadcast(w, 1u);
+    (*acc)[0][o + 1u] += dot(x0, w1);
+    (*acc)[1][o + 1u] += dot(x1, w1);
+    (*acc)[2][o + 1u] += dot(x2, w1);
+    (*acc)[3][o + 1u] += dot(x3, w1);
+    let w2 = subgroupBroadcast(w, 2u);
+    (*acc)[0][o + 2u] += dot(x0, w2);
+    (*acc)[1][o + 2u] += dot(x1, w2);
+    (*acc)[2][o + 2u] += dot(x2, w2);
+    (*acc)[3][o + 2u] += dot(x3, w2);
+    let w3 = subgroupBroadcast(w, 3u);
+    (*acc)[0][o + 3u] += dot(x0, w3);
+    (*acc)[1][o + 3u] += dot(x1, w3);
+    (*acc)[2][o + 3u] += dot(x2, w3);
+    (*acc)[3][o + 3u] += dot(x3, w3);
+    let w4 = subgroupBroadcast(w, 4u);
+    (*acc)[0][o + 4u] += dot(x0, w4);
+    (*acc)[1][o + 4u] += dot(x1, w4);
+    (*acc)[2][o + 4u] += dot(x2, w4);
+    (*acc)[3][o + 4u] += dot(x3, w4);
+    let w5 = subgroupBroadcast(w, 5u);
+    (*acc)[0][o + 5u] += dot(x0, w5);
+    (*acc)[1][o + 5u] += dot(x1, w5);
+    (*acc)[2][o + 5u] += dot(x2, w5);
+    (*acc)[3][o + 5u] += dot(x3, w5);
+    let w6 = subgroupBroadcast(w, 6u);
+    (*acc)[0][o + 6u] += dot(x0, w6);
+    (*acc)[1][o + 6u] += dot(x1, w6);
+    (*acc)[2][o + 6u] += dot(x2, w6);
+    (*acc)[3][o + 6u] += dot(x3, w6);
+    let w7 = subgroupBroadcast(w, 7u);
+    (*acc)[0][o + 7u] += dot(x0, w7);
+    (*acc)[1][o + 7u] += dot(x1, w7);
+    (*acc)[2][o + 7u] += dot(x2, w7);
+    (*acc)[3][o + 7u] += dot(x3, w7);
+}
+
+fn bc8r4h(acc: ptr<function, Acc4>, o: u32, x0: array<vec4<f32>, 2>, x1: array<vec4<f32>, 2>, x2: array<vec4<f32>, 2>, x3: array<vec4<f32>, 2>, w: vec4<u32>) {
+    let w0 = subgroupBroadcast(w, 0u);
+    (*acc)[0][o + 0u] += dot8(x0[0], x0[1], w0);
+    (*acc)[1][o + 0u] += dot8(x1[0], x1[1], w0);
+    (*acc)[2][o + 0u] += dot8(x2[0], x2[1], w0);
+    (*acc)[3][o + 0u] += dot8(x3[0], x3[1], w0);
+    let w1 = subgroupBroadcast(w, 1u);
+    (*acc)[0][o + 1u] += dot8(x0[0], x0[1], w1);
+    (*acc)[1][o + 1u] += dot8(x1[0], x1[1], w1);
+    (*acc)[2][o + 1u] += dot8(x2[0], x2[1], w1);
+    (*acc)[3][o + 1u] += dot8(x3[0], x3[1], w1);
+    let w2 = subgroupBroadcast(w, 2u);
+    (*acc)[0][o + 2u] += dot8(x0[0], x0[1], w2);
+    (*acc)[1][o + 2u] += dot8(x1[0], x1[1], w2);
+    (*acc)[2][o + 2u] += dot8(x2[0], x2[1], w2);
+    (*acc)[3][o + 2u] += dot8(x3[0], x3[1], w2);
+    let w3 = subgroupBroadcast(w, 3u);
+    (*acc)[0][o + 3u] += dot8(x0[0], x0[1], w3);
+    (*acc)[1][o + 3u] += dot8(x1[0], x1[1], w3);
+    (*acc)[2][o + 3u] += dot8(x2[0], x2[1], w3);
+    (*acc)[3][o + 3u] += dot8(x3[0], x3[1], w3);
+    let w4 = subgroupBroadcast(w, 4u);
+    (*acc)[0][o + 4u] += dot8(x0[0], x0[1], w4);
+    (*acc)[1][o + 4u] += dot8(x1[0], x1[1], w4);
+    (*acc)[2][o + 4u] += dot8(x2[0], x2[1], w4);
+    (*acc)[3][o + 4u] += dot8(x3[0], x3[1], w4);
+    let w5 = subgroupBroadcast(w, 5u);
+    (*acc)[0][o + 5u] += dot8(x0[0], x0[1], w5);
+    (*acc)[1][o + 5u] += dot8(x1[0], x1[1], w5);
+    (*acc)[2][o + 5u] += dot8(x2[0], x2[1], w5);
+    (*acc)[3][o + 5u] += dot8(x3[0], x3[1], w5);
+    let w6 = subgroupBroadcast(w, 6u);
+    (*acc)[0][o + 6u] += dot8(x0[0], x0[1], w6);
+    (*acc)[1][o + 6u] += dot8(x1[0], x1[1], w6);
+    (*acc)[2][o + 6u] += dot8(x2[0], x2[1], w6);
+    (*acc)[3][o + 6u] += dot8(x3[0], x3[1], w6);
+    let w7 = subgroupBroadcast(w, 7u);
+    (*acc)[0][o + 7u] += dot8(x0[0], x0[1], w7);
+    (*acc)[1][o + 7u] += dot8(x1[0], x1[1], w7);
+    (*acc)[2][o + 7u] += dot8(x2[0], x2[1], w7);
+    (*acc)[3][o + 7u] += dot8(x3[0], x3[1], w7);
+}
+
+// The first texel of row row + r of X (rows past the last read the last).
+fn xrow(row: u32, r: u32) -> u32 {
+    return min(row + r, tp.m - 1u) * tp.k4;
+}
+
+// Bias of the block's columns added to every row (call in uniform control flow).
+fn bias_r4(acc: ptr<function, Acc4>, sl: u32) {
+    for (var r = 0u; r < 4u; r++) {
+        var a = (*acc)[r];
+        add_bias8(&a, 0u, tp.c0, sl);
+        add_bias8(&a, 8u, tp.c2, sl);
+        (*acc)[r] = a;
+    }
+}
+
+fn acc16r4(row: u32, sl: u32) -> Acc4 {
+    let t0 = xrow(row, 0u);
+    let t1 = xrow(row, 1u);
+    let t2 = xrow(row, 2u);
+    let t3 = xrow(row, 3u);
+    var acc: Acc4;
+    let wa = widx(sl, 0u);
+    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * tp.k4;
+    for (var l = 0u; l < tp.k4; l++) {
+        let x0 = xload(t0 + l);
+        let x1 = xload(t1 + l);
+        let x2 = xload(t2 + l);
+        let x3 = xload(t3 + l);
+        bc8r4(&acc, 0u, x0, x1, x2, x3, wu[wa + l]);
+        bc8r4(&acc, 8u, x0, x1, x2, x3, wu2[wb + l]);
+    }
+    bias_r4(&acc, sl);
+    return acc;
+}
+
+// f16 weights: one window vec4<u32> = 8 halves of a column, two texels of X per row.
+fn acc16r4h(row: u32, sl: u32) -> Acc4 {
+    let t0 = xrow(row, 0u);
+    let t1 = xrow(row, 1u);
+    let t2 = xrow(row, 2u);
+    let t3 = xrow(row, 3u);
+    let k8 = tp.k4 / 2u;
+    var acc: Acc4;
+    let wa = tp.w_base + (min(tp.c0 + sl, tp.n - 1u) - tp.c0) * k8;
+    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * k8;
+    for (var l = 0u; l < k8; l++) {
+        let x0 = array<vec4<f32>, 2>(xload(t0 + 2u * l), xload(t0 + 2u * l + 1u));
+        let x1 = array<vec4<f32>, 2>(xload(t1 + 2u * l), xload(t1 + 2u * l + 1u));
+        let x2 = array<vec4<f32>, 2>(xload(t2 + 2u * l), xload(t2 + 2u * l + 1u));
+        let x3 = array<vec4<f32>, 2>(xload(t3 + 2u * l), xload(t3 + 2u * l + 1u));
+        bc8r4h(&acc, 0u, x0, x1, x2, x3, wh[wa + l]);
+        bc8r4h(&acc, 8u, x0, x1, x2, x3, wh2[wb + l]);
+    }
+    bias_r4(&acc, sl);
+    return acc;
+}
+
+// The epilogues on four rows (rows past tp.m are computed on the last row, never stored).
+fn store_r4(row: u32, acc: Acc4) {
+    for (var r = 0u; r < 4u; r++) {
+        store_row(row + r, acc[r], 16u);
+    }
+}
+
+fn rope_r4(row: u32, acc: Acc4) {
+    for (var r = 0u; r < 4u; r++) {
+        var a = acc[r];
+        rope16(&a, row + r);
+        store_row(row + r, a, 16u);
+    }
+}
+
+fn res_r4(row: u32, acc: Acc4, sl: u32) {
+    var s = acc;
+    for (var r = 0u; r < 4u; r++) {
+        var a = s[r];
+        scale8(&a, 0u, tp.c0, sl);
+        scale8(&a, 8u, tp.c2, sl);
+        s[r] = a;
+    }
+    for (var r = 0u; r < 4u; r++) {
+        store_res(row + r, s[r], 16u);
+    }
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    store_r4(row, acc16r4(row, sl));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    rope_r4(row, acc16r4(row, sl));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    res_r4(row, acc16r4(row, sl), sl);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    store_r4(row, acc16r4h(row, sl));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4h_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    rope_r4(row, acc16r4h(row, sl));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    res_r4(row, acc16r4h(row, sl), sl);
 }
 // END subgroups

@@ -180,21 +180,15 @@ pub(super) fn texture_path_cols(
         .map(|(cols, _)| cols)
 }
 
-/// Rows of X per invocation on the texture path with `cols` columns per block: 2 or 3
-/// (`matmul_tex2x8`, `matmul_tex3x8`: R rows × one group of 8 columns) when `m`'s kernel
-/// asks for it and the block is a group of 8 in one window with an epilogue the kernel
-/// has, else 1 (`matmul_tex16` and the others: one row × the block).
+/// Rows of X per invocation on the texture path with `cols` columns per block: 4
+/// (`matmul_tex16r4*`: four rows × the 16-column block, a quarter of the weight loads and
+/// broadcasts per FLOP of one row) for 16-column blocks with an f32 output, unless `m`
+/// asks for [`MatmulKernel::TexOneRow`]; else 1.
 pub(super) fn tex_rows_per_invocation(m: &Matmul, cols: usize) -> usize {
-    if cols != 16 || m.w_f16 || m.out_f16 || m.x_f16 {
-        return 1;
-    }
-    match (m.kernel, m.epi) {
-        (MatmulKernel::TexRows2, Epilogue::None | Epilogue::Residual) => 2,
-        (MatmulKernel::TexRows3, Epilogue::None) => 3,
-        (MatmulKernel::TexRows2x16, Epilogue::None) => 2,
-        (MatmulKernel::TexRows3x16, Epilogue::None) => 3,
-        (MatmulKernel::TexRows4x16, Epilogue::None) => 4,
-        _ => 1,
+    if cols == 16 && !m.out_f16 && m.kernel != MatmulKernel::TexOneRow {
+        4
+    } else {
+        1
     }
 }
 
@@ -257,12 +251,12 @@ pub(super) fn gpu_matmul_tex(
     let entry: &'static str = match (cols, m.w_f16, m.epi) {
         _ if m.out_f16 && matches!(m.epi, Epilogue::Rope { .. }) => "matmul_tex16_rope_o16",
         _ if m.out_f16 => "matmul_tex16_o16",
-        _ if m.kernel == MatmulKernel::TexRows3x16 && rows_per == 3 => "matmul_tex3x16",
-        _ if rows_per == 4 => "matmul_tex4x16",
-        _ if rows_per == 3 => "matmul_tex3x8",
-        _ if m.kernel == MatmulKernel::TexRows2x16 && rows_per == 2 => "matmul_tex2x16",
-        (_, false, Epilogue::None) if rows_per == 2 => "matmul_tex2x8",
-        (_, false, Epilogue::Residual) if rows_per == 2 => "matmul_tex2x8_res",
+        (16, false, Epilogue::None) if rows_per == 4 => "matmul_tex16r4",
+        (16, false, Epilogue::Rope { .. }) if rows_per == 4 => "matmul_tex16r4_rope",
+        (16, false, Epilogue::Residual) if rows_per == 4 => "matmul_tex16r4_res",
+        (16, true, Epilogue::None) if rows_per == 4 => "matmul_tex16r4h",
+        (16, true, Epilogue::Rope { .. }) if rows_per == 4 => "matmul_tex16r4h_rope",
+        (16, true, Epilogue::Residual) if rows_per == 4 => "matmul_tex16r4h_res",
         (16, false, Epilogue::None) => "matmul_tex16",
         (16, false, Epilogue::Rope { .. }) => "matmul_tex16_rope",
         (16, false, Epilogue::Residual) => "matmul_tex16_res",
@@ -382,9 +376,6 @@ pub(super) fn gpu_matmul_tex(
                 (0..half / 8).map(move |jb| (h * 2 * half + jb * 8, h * 2 * half + jb * 8 + half))
             })
             .collect(),
-        _ if rows_per > 1 && !entry.ends_with("x16") => {
-            (0..d.n.div_ceil(8)).map(|b| (b * 8, b * 8)).collect()
-        }
         _ if cols == 16 => (0..d.n.div_ceil(16))
             .map(|b| (b * 16, (b * 16 + 8).min(d.n - 1)))
             .collect(),
@@ -419,9 +410,7 @@ pub(super) fn gpu_matmul_tex(
             has_bias: m.bias as u32,
             w_base2: ((col_byte2 - start2) / 16) as u32,
             // (the unclamped start of the second group; the shader clamps its columns)
-            c2: if matches!(m.epi, Epilogue::Rope { .. })
-                || (rows_per > 1 && !entry.ends_with("x16"))
-            {
+            c2: if matches!(m.epi, Epilogue::Rope { .. }) {
                 c2 as u32
             } else {
                 (c0 + 8) as u32

@@ -100,23 +100,16 @@ impl Activation {
 /// The GPU kernel variants of [`Matmul`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MatmulKernel {
-    /// The texture path when the shapes and device allow it, else the generic kernel.
+    /// The texture path when the shapes and device allow it (four rows × 16 columns per
+    /// invocation where the block has 16 columns), else the generic kernel.
     #[default]
     Auto,
     /// Register-tiled kernel reading storage buffers: any shape, any device.
     Generic,
-    /// As `Auto`, with 2 rows × 8 columns per invocation on the texture path where that
-    /// kernel exists (f32 weights, 8-column groups, no RoPE): half the weight loads and
-    /// broadcasts per FLOP of the 1 row × 16 columns kernel, 16 accumulators.
-    TexRows2,
-    /// As `TexRows2` with 3 rows (24 accumulators; plain product only).
-    TexRows3,
-    /// 2 rows × 16 columns (32 accumulators; plain product only).
-    TexRows2x16,
-    /// 3 rows × 16 columns (48 accumulators; plain product only).
-    TexRows3x16,
-    /// lab
-    TexRows4x16,
+    /// The texture path with one row per invocation (`matmul_tex16*`, the kernels before
+    /// the four-row ones) where it applies, else the generic kernel: an autotuning
+    /// alternative to `Auto`.
+    TexOneRow,
 }
 
 /// Resolved sizes of one matmul call.

@@ -726,11 +726,13 @@ fn lab_time() {
 }
 
 /// Texture-path kernel variants side by side on the ViT-S linear shapes (M = `LAB_M` rows,
-/// default 16·261; (K, N) = qkv, o_proj, up, down with bias; o_proj and down_proj also with
-/// the residual epilogue): GFLOP per process CPU-second (robust to other load on the
-/// machine), `LAB_ROUNDS` interleaved rounds of `LAB_REPS` runs per variant, median;
-/// variants `LAB_KERNELS` (comma-separated of auto, rows2, rows3; default all), shapes
-/// filtered by `LAB_FILTER`. Outputs are checked against the first variant's.
+/// default 16·261, in images of 261 tokens; (K, N) = qkv, o_proj, up, down with bias;
+/// o_proj and down_proj also with the residual epilogue, q with RoPE): GFLOP per process
+/// CPU-second (robust to other load on the machine), `LAB_ROUNDS` interleaved rounds of
+/// `LAB_REPS` runs per variant, median; variants `LAB_KERNELS` (comma-separated of onerow,
+/// auto, w16-onerow, w16-auto; default onerow,auto; the first is the baseline), shapes
+/// filtered by `LAB_FILTER`. Outputs are checked against the first variant's (f16 weights
+/// against the first variant of the same weight type).
 /// (development aid: `cargo test --release --lib lab_variants -- --ignored --nocapture`)
 #[test]
 #[ignore]
@@ -747,57 +749,77 @@ fn lab_variants() {
     let rows = env("LAB_M", 16 * 261);
     let (rounds, reps) = (env("LAB_ROUNDS", 5), env("LAB_REPS", 2));
     let filter = std::env::var("LAB_FILTER").unwrap_or_default();
-    let wanted = std::env::var("LAB_KERNELS").unwrap_or("auto,rows2,rows3,2x16".into());
-    let kernels: Vec<(&str, MatmulKernel)> = [
-        ("auto", MatmulKernel::Auto),
-        ("rows2", MatmulKernel::TexRows2),
-        ("rows3", MatmulKernel::TexRows3),
-        ("2x16", MatmulKernel::TexRows2x16),
-        ("3x16", MatmulKernel::TexRows3x16),
-        ("4x16", MatmulKernel::TexRows4x16),
-    ]
-    .into_iter()
-    .filter(|(n, _)| wanted.split(',').any(|w| w == *n))
-    .collect();
+    let wanted = std::env::var("LAB_KERNELS").unwrap_or("onerow,auto".into());
+    let kernels: Vec<(&str, MatmulKernel, bool)> = wanted
+        .split(',')
+        .filter_map(|w| match w {
+            "onerow" => Some((w, MatmulKernel::TexOneRow, false)),
+            "auto" => Some((w, MatmulKernel::Auto, false)),
+            "w16-onerow" => Some((w, MatmulKernel::TexOneRow, true)),
+            "w16-auto" => Some((w, MatmulKernel::Auto, true)),
+            _ => None,
+        })
+        .collect();
+    let (t, prefix) = (261, 5);
+    let images = rows.div_ceil(t);
+    let rows = images * t;
     let mut r = rng();
-    for (label, k, n, res) in [
-        ("qkv", 384, 1152, false),
-        ("o_proj", 384, 384, false),
-        ("up", 384, 1536, false),
-        ("down", 1536, 384, false),
-        ("o_proj+res", 384, 384, true),
-        ("down+res", 1536, 384, true),
+    for (label, k, n, epi) in [
+        ("qkv", 384, 1152, Epilogue::None),
+        ("o_proj", 384, 384, Epilogue::None),
+        ("up", 384, 1536, Epilogue::None),
+        ("down", 1536, 384, Epilogue::None),
+        ("q+rope", 384, 384, Epilogue::Rope { heads: 6, prefix }),
+        ("o_proj+res", 384, 384, Epilogue::Residual),
+        ("down+res", 1536, 384, Epilogue::Residual),
     ] {
         if !label.contains(&filter) {
             continue;
         }
-        let base = Matmul::linear(true).with_epilogue(if res {
-            Epilogue::Residual
-        } else {
-            Epilogue::None
-        });
-        let mut s = vec![vec![rows, k], vec![n, k], vec![n]];
-        if res {
-            s.extend([vec![rows, n], vec![n]]);
+        let base = Matmul::linear(true).with_epilogue(epi);
+        let mut s = vec![vec![images, t, k], vec![n, k], vec![n]];
+        match epi {
+            Epilogue::None => {}
+            Epilogue::Rope { heads, prefix } => {
+                let table = vec![t - prefix, n / heads / 2];
+                s.extend([table.clone(), table]);
+            }
+            Epilogue::Residual => s.extend([vec![images, t, n], vec![n]]),
         }
         let sh: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
-        let ins: Vec<_> = s
-            .iter()
-            .map(|x| c.upload(&random(&mut r, numel(x)), x).unwrap())
-            .collect();
-        let bufs: Vec<&wgpu::Buffer> = ins.iter().map(|t| t.buffer.as_ref()).collect();
+        let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
+        let up = |w16: bool| -> Vec<_> {
+            data.iter()
+                .zip(&s)
+                .enumerate()
+                .map(|(i, (d, x))| {
+                    if i == 1 && w16 {
+                        c.upload_f16(d, x).unwrap()
+                    } else {
+                        c.upload(d, x).unwrap()
+                    }
+                })
+                .collect()
+        };
+        let (ins32, ins16) = (up(false), up(true));
         let gf = 2.0 * (rows * n * k) as f64 / 1e9;
         let mut runs = Vec::new();
-        let mut first: Option<Vec<f32>> = None;
-        for &(name, kernel) in &kernels {
-            let m = Matmul { kernel, ..base };
+        let mut first: [Option<Vec<f32>>; 2] = [None, None];
+        for &(name, kernel, w_f16) in &kernels {
+            let m = Matmul {
+                kernel,
+                w_f16,
+                ..base
+            };
+            let ins = if w_f16 { &ins16 } else { &ins32 };
+            let bufs: Vec<&wgpu::Buffer> = ins.iter().map(|t| t.buffer.as_ref()).collect();
             let out = c.empty(&[rows, n]).unwrap();
             c.fill(&out.buffer, f32::NAN);
             let ds = m.gpu(c, &bufs, &sh, &out.buffer).unwrap();
             c.run(&ds).unwrap(); // JIT
             let got = c.download(&out).unwrap();
-            match &first {
-                None => first = Some(got),
+            match &first[w_f16 as usize] {
+                None => first[w_f16 as usize] = Some(got),
                 Some(want) => {
                     let e = crate::ops::testing::rel_err(&got, want);
                     assert!(e <= 1e-5, "{label} {name} ({}): rel err {e}", ds[0].name);
