@@ -201,8 +201,9 @@ pub(super) fn esize(m: &Matmul) -> usize {
     }
 }
 
-/// A matmul with f16 activations: the texture path only (any tuned kernel choice is
-/// ignored), every epilogue fused; f16 outputs need 16-column blocks and an even N.
+/// A matmul with f16 activations: the texture path only (a tuned `Generic` choice is
+/// ignored; `TexOneRow` is honoured for f32 outputs), every epilogue fused; f16 outputs
+/// need 16-column blocks and an even N (and always run one row per invocation).
 pub(super) fn gpu_matmul_f16_act(
     ctx: &GpuContext,
     m: &Matmul,

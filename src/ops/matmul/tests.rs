@@ -797,7 +797,7 @@ fn four_row_kernels_match_reference() {
                 let names = check_fused(&m, &s, &mut r);
                 seen.extend(names.iter().copied());
                 assert!(
-                    names.len() >= 1
+                    !names.is_empty()
                         && names.iter().all(|e| e.starts_with("matmul_tex16r4_")
                             || e.starts_with("matmul_tex16r4h_")),
                     "{m:?} {s:?}: {names:?}"
