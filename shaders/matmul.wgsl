@@ -493,4 +493,227 @@ fn matmul_tex4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     scale8(&acc, 0u, tp.c0, sl);
     store_res(row, acc, 4u);
 }
+// ---- Four rows × 16 columns per invocation (matmul_tex16r4*, the default) ----
+// The block of matmul_tex16 (two windows of 8 columns) for rows 4i … 4i + 3: each W vec4
+// a lane loads and each broadcast feeds four rows, so per FLOP there are a quarter of the
+// W gathers and broadcasts of matmul_tex16 and the same number of texel fetches. On
+// lavapipe a texel fetch of rgba32float is an out-of-line call that clobbers every vector
+// register, so the accumulators live on the stack anyway and 64 of them cost no more per
+// FLOP than 16 (docs/lavapipe.md, session 8).
+
+// Row r's 16 accumulators (columns c0 …, then c2 …).
+alias Acc4 = array<array<f32, 16>, 4>;
+
+fn bc8r4(acc: ptr<function, Acc4>, o: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, w: vec4<f32>) {
+    let w0 = subgroupBroadcast(w, 0u);
+    (*acc)[0][o + 0u] += dot(x0, w0);
+    (*acc)[1][o + 0u] += dot(x1, w0);
+    (*acc)[2][o + 0u] += dot(x2, w0);
+    (*acc)[3][o + 0u] += dot(x3, w0);
+    let w1 = subgroupBroadcast(w, 1u);
+    (*acc)[0][o + 1u] += dot(x0, w1);
+    (*acc)[1][o + 1u] += dot(x1, w1);
+    (*acc)[2][o + 1u] += dot(x2, w1);
+    (*acc)[3][o + 1u] += dot(x3, w1);
+    let w2 = subgroupBroadcast(w, 2u);
+    (*acc)[0][o + 2u] += dot(x0, w2);
+    (*acc)[1][o + 2u] += dot(x1, w2);
+    (*acc)[2][o + 2u] += dot(x2, w2);
+    (*acc)[3][o + 2u] += dot(x3, w2);
+    let w3 = subgroupBroadcast(w, 3u);
+    (*acc)[0][o + 3u] += dot(x0, w3);
+    (*acc)[1][o + 3u] += dot(x1, w3);
+    (*acc)[2][o + 3u] += dot(x2, w3);
+    (*acc)[3][o + 3u] += dot(x3, w3);
+    let w4 = subgroupBroadcast(w, 4u);
+    (*acc)[0][o + 4u] += dot(x0, w4);
+    (*acc)[1][o + 4u] += dot(x1, w4);
+    (*acc)[2][o + 4u] += dot(x2, w4);
+    (*acc)[3][o + 4u] += dot(x3, w4);
+    let w5 = subgroupBroadcast(w, 5u);
+    (*acc)[0][o + 5u] += dot(x0, w5);
+    (*acc)[1][o + 5u] += dot(x1, w5);
+    (*acc)[2][o + 5u] += dot(x2, w5);
+    (*acc)[3][o + 5u] += dot(x3, w5);
+    let w6 = subgroupBroadcast(w, 6u);
+    (*acc)[0][o + 6u] += dot(x0, w6);
+    (*acc)[1][o + 6u] += dot(x1, w6);
+    (*acc)[2][o + 6u] += dot(x2, w6);
+    (*acc)[3][o + 6u] += dot(x3, w6);
+    let w7 = subgroupBroadcast(w, 7u);
+    (*acc)[0][o + 7u] += dot(x0, w7);
+    (*acc)[1][o + 7u] += dot(x1, w7);
+    (*acc)[2][o + 7u] += dot(x2, w7);
+    (*acc)[3][o + 7u] += dot(x3, w7);
+}
+
+fn bc8r4h(acc: ptr<function, Acc4>, o: u32, x0: array<vec4<f32>, 2>, x1: array<vec4<f32>, 2>, x2: array<vec4<f32>, 2>, x3: array<vec4<f32>, 2>, w: vec4<u32>) {
+    let w0 = subgroupBroadcast(w, 0u);
+    (*acc)[0][o + 0u] += dot8(x0[0], x0[1], w0);
+    (*acc)[1][o + 0u] += dot8(x1[0], x1[1], w0);
+    (*acc)[2][o + 0u] += dot8(x2[0], x2[1], w0);
+    (*acc)[3][o + 0u] += dot8(x3[0], x3[1], w0);
+    let w1 = subgroupBroadcast(w, 1u);
+    (*acc)[0][o + 1u] += dot8(x0[0], x0[1], w1);
+    (*acc)[1][o + 1u] += dot8(x1[0], x1[1], w1);
+    (*acc)[2][o + 1u] += dot8(x2[0], x2[1], w1);
+    (*acc)[3][o + 1u] += dot8(x3[0], x3[1], w1);
+    let w2 = subgroupBroadcast(w, 2u);
+    (*acc)[0][o + 2u] += dot8(x0[0], x0[1], w2);
+    (*acc)[1][o + 2u] += dot8(x1[0], x1[1], w2);
+    (*acc)[2][o + 2u] += dot8(x2[0], x2[1], w2);
+    (*acc)[3][o + 2u] += dot8(x3[0], x3[1], w2);
+    let w3 = subgroupBroadcast(w, 3u);
+    (*acc)[0][o + 3u] += dot8(x0[0], x0[1], w3);
+    (*acc)[1][o + 3u] += dot8(x1[0], x1[1], w3);
+    (*acc)[2][o + 3u] += dot8(x2[0], x2[1], w3);
+    (*acc)[3][o + 3u] += dot8(x3[0], x3[1], w3);
+    let w4 = subgroupBroadcast(w, 4u);
+    (*acc)[0][o + 4u] += dot8(x0[0], x0[1], w4);
+    (*acc)[1][o + 4u] += dot8(x1[0], x1[1], w4);
+    (*acc)[2][o + 4u] += dot8(x2[0], x2[1], w4);
+    (*acc)[3][o + 4u] += dot8(x3[0], x3[1], w4);
+    let w5 = subgroupBroadcast(w, 5u);
+    (*acc)[0][o + 5u] += dot8(x0[0], x0[1], w5);
+    (*acc)[1][o + 5u] += dot8(x1[0], x1[1], w5);
+    (*acc)[2][o + 5u] += dot8(x2[0], x2[1], w5);
+    (*acc)[3][o + 5u] += dot8(x3[0], x3[1], w5);
+    let w6 = subgroupBroadcast(w, 6u);
+    (*acc)[0][o + 6u] += dot8(x0[0], x0[1], w6);
+    (*acc)[1][o + 6u] += dot8(x1[0], x1[1], w6);
+    (*acc)[2][o + 6u] += dot8(x2[0], x2[1], w6);
+    (*acc)[3][o + 6u] += dot8(x3[0], x3[1], w6);
+    let w7 = subgroupBroadcast(w, 7u);
+    (*acc)[0][o + 7u] += dot8(x0[0], x0[1], w7);
+    (*acc)[1][o + 7u] += dot8(x1[0], x1[1], w7);
+    (*acc)[2][o + 7u] += dot8(x2[0], x2[1], w7);
+    (*acc)[3][o + 7u] += dot8(x3[0], x3[1], w7);
+}
+
+// The first texel of row row + r of X (rows past the last read the last).
+fn xrow(row: u32, r: u32) -> u32 {
+    return min(row + r, tp.m - 1u) * tp.k4;
+}
+
+// Bias of the block's columns added to every row (call in uniform control flow).
+fn bias_r4(acc: ptr<function, Acc4>, sl: u32) {
+    for (var r = 0u; r < 4u; r++) {
+        var a = (*acc)[r];
+        add_bias8(&a, 0u, tp.c0, sl);
+        add_bias8(&a, 8u, tp.c2, sl);
+        (*acc)[r] = a;
+    }
+}
+
+fn acc16r4(row: u32, sl: u32) -> Acc4 {
+    let t0 = xrow(row, 0u);
+    let t1 = xrow(row, 1u);
+    let t2 = xrow(row, 2u);
+    let t3 = xrow(row, 3u);
+    var acc: Acc4;
+    let wa = widx(sl, 0u);
+    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * tp.k4;
+    for (var l = 0u; l < tp.k4; l++) {
+        let x0 = xload(t0 + l);
+        let x1 = xload(t1 + l);
+        let x2 = xload(t2 + l);
+        let x3 = xload(t3 + l);
+        bc8r4(&acc, 0u, x0, x1, x2, x3, wu[wa + l]);
+        bc8r4(&acc, 8u, x0, x1, x2, x3, wu2[wb + l]);
+    }
+    bias_r4(&acc, sl);
+    return acc;
+}
+
+// f16 weights: one window vec4<u32> = 8 halves of a column, two texels of X per row.
+fn acc16r4h(row: u32, sl: u32) -> Acc4 {
+    let t0 = xrow(row, 0u);
+    let t1 = xrow(row, 1u);
+    let t2 = xrow(row, 2u);
+    let t3 = xrow(row, 3u);
+    let k8 = tp.k4 / 2u;
+    var acc: Acc4;
+    let wa = tp.w_base + (min(tp.c0 + sl, tp.n - 1u) - tp.c0) * k8;
+    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * k8;
+    for (var l = 0u; l < k8; l++) {
+        let x0 = array<vec4<f32>, 2>(xload(t0 + 2u * l), xload(t0 + 2u * l + 1u));
+        let x1 = array<vec4<f32>, 2>(xload(t1 + 2u * l), xload(t1 + 2u * l + 1u));
+        let x2 = array<vec4<f32>, 2>(xload(t2 + 2u * l), xload(t2 + 2u * l + 1u));
+        let x3 = array<vec4<f32>, 2>(xload(t3 + 2u * l), xload(t3 + 2u * l + 1u));
+        bc8r4h(&acc, 0u, x0, x1, x2, x3, wh[wa + l]);
+        bc8r4h(&acc, 8u, x0, x1, x2, x3, wh2[wb + l]);
+    }
+    bias_r4(&acc, sl);
+    return acc;
+}
+
+// The epilogues on four rows (rows past tp.m are computed on the last row, never stored).
+fn store_r4(row: u32, acc: Acc4) {
+    for (var r = 0u; r < 4u; r++) {
+        store_row(row + r, acc[r], 16u);
+    }
+}
+
+fn rope_r4(row: u32, acc: Acc4) {
+    for (var r = 0u; r < 4u; r++) {
+        var a = acc[r];
+        rope16(&a, row + r);
+        store_row(row + r, a, 16u);
+    }
+}
+
+fn res_r4(row: u32, acc: Acc4, sl: u32) {
+    var s = acc;
+    for (var r = 0u; r < 4u; r++) {
+        var a = s[r];
+        scale8(&a, 0u, tp.c0, sl);
+        scale8(&a, 8u, tp.c2, sl);
+        s[r] = a;
+    }
+    for (var r = 0u; r < 4u; r++) {
+        store_res(row + r, s[r], 16u);
+    }
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    store_r4(row, acc16r4(row, sl));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    rope_r4(row, acc16r4(row, sl));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    res_r4(row, acc16r4(row, sl), sl);
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    store_r4(row, acc16r4h(row, sl));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4h_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    rope_r4(row, acc16r4h(row, sl));
+}
+
+@compute @workgroup_size(64)
+fn matmul_tex16r4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(subgroup_invocation_id) sl: u32) {
+    let row = 4u * tex_row(gid, nwg);
+    res_r4(row, acc16r4h(row, sl), sl);
+}
 // END subgroups

@@ -265,6 +265,7 @@ use crate::ops::matmul::{Matmul, MatmulKernel};
 pub fn matmul_variants(base: &Matmul) -> Vec<Variant> {
     [
         ("matmul:auto", MatmulKernel::Auto),
+        ("matmul:tex16", MatmulKernel::TexOneRow),
         ("matmul:generic", MatmulKernel::Generic),
     ]
     .into_iter()
@@ -299,6 +300,7 @@ pub fn tune_matmul(
     let choice = choose(ctx, cache, &family, shapes, matmul_variants(base), iters)?;
     let kernel = match choice.name {
         "matmul:generic" => MatmulKernel::Generic,
+        "matmul:tex16" => MatmulKernel::TexOneRow,
         _ => MatmulKernel::Auto,
     };
     Ok((kernel, choice))
@@ -352,7 +354,9 @@ pub fn matmul_for_graph(
 }
 
 /// Rows of A a graph executor times matmul variants on.
-pub const TIMING_ROWS: usize = 256;
+/// (1024: the default texture kernel computes four rows per invocation, so it gets as many
+/// workgroups — CPU adapters' threads — as the one-row kernel had at 256.)
+pub const TIMING_ROWS: usize = 1024;
 
 /// `shapes` with A's rows (batch folded in) capped at [`TIMING_ROWS`] when B is shared and
 /// A is not transposed; other matmuls are timed at their own shapes.
@@ -410,7 +414,7 @@ pub fn bench(ctx: &GpuContext, cache: &mut TuneCache, iters: usize) -> Result<Ve
         let mut scratch = TuneCache::default();
         let (_, choice) = tune_matmul(ctx, &mut scratch, &base, &case.shapes, iters)?;
         cache.map.extend(scratch.map);
-        let names = ["matmul:auto", "matmul:generic"];
+        let names: Vec<&'static str> = matmul_variants(&base).iter().map(|v| v.name).collect();
         let def = choice.seconds.first().copied().flatten();
         let best = choice.seconds.get(choice.index).copied().flatten();
         rows.push(TuneRow {
@@ -603,13 +607,20 @@ mod tests {
         assert!(cache.map.is_empty());
         let got = exe.run(c, &g, &[&x]).unwrap().remove(0);
         assert!(rel_err(&got, &want) <= 1e-5, "{}", rel_err(&got, &want));
-        // The default where the device has the texture path.
+        // The default where the device has the texture path; the cached one-row choice.
         if texture_path_possible(c) {
             assert_eq!(
                 default.first().copied(),
-                Some("matmul_tex16"),
+                Some("matmul_tex16r4"),
                 "{default:?}"
             );
+            cache.map.insert(k.clone(), "matmul:tex16".into());
+            let exe = build(Some(&mut cache), &mut consts);
+            if enabled() {
+                assert!(exe.kernel_names().iter().all(|n| *n == "matmul_tex16"));
+            }
+            let got = exe.run(c, &g, &[&x]).unwrap().remove(0);
+            assert!(rel_err(&got, &want) <= 1e-5, "{}", rel_err(&got, &want));
         }
     }
 

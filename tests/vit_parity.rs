@@ -206,7 +206,7 @@ fn gpu_fused_epilogues_match_cpu_backend() {
     let caps = &ctx.caps;
     if caps.subgroups && caps.min_subgroup_size >= 8 && caps.max_uniform_binding >= 65536 {
         let compiled: Vec<&str> = ctx.compiled_kernels().iter().map(|k| k.entry).collect();
-        for e in ["matmul_tex16_rope", "matmul_tex16_res"] {
+        for e in ["matmul_tex16r4_rope", "matmul_tex16r4_res"] {
             assert!(compiled.contains(&e), "{e} not used: {compiled:?}");
         }
     }

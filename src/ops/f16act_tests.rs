@@ -250,8 +250,8 @@ fn f16_activation_matmuls_match_reference() {
     for e in [
         "matmul_tex16_o16",
         "matmul_tex16_rope_o16",
-        "matmul_tex16_res",
-        "matmul_tex16h_res",
+        "matmul_tex16r4_res",
+        "matmul_tex16r4h_res",
         "matmul_tex4",
         "matmul_tex4_res",
     ] {

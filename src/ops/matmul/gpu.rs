@@ -180,6 +180,18 @@ pub(super) fn texture_path_cols(
         .map(|(cols, _)| cols)
 }
 
+/// Rows of X per invocation on the texture path with `cols` columns per block: 4
+/// (`matmul_tex16r4*`: four rows × the 16-column block, a quarter of the weight loads and
+/// broadcasts per FLOP of one row) for 16-column blocks with an f32 output, unless `m`
+/// asks for [`MatmulKernel::TexOneRow`]; else 1.
+pub(super) fn tex_rows_per_invocation(m: &Matmul, cols: usize) -> usize {
+    if cols == 16 && !m.out_f16 && m.kernel != MatmulKernel::TexOneRow {
+        4
+    } else {
+        1
+    }
+}
+
 /// Bytes per element of B on the device.
 pub(super) fn esize(m: &Matmul) -> usize {
     if m.w_f16 {
@@ -189,8 +201,9 @@ pub(super) fn esize(m: &Matmul) -> usize {
     }
 }
 
-/// A matmul with f16 activations: the texture path only (any tuned kernel choice is
-/// ignored), every epilogue fused; f16 outputs need 16-column blocks and an even N.
+/// A matmul with f16 activations: the texture path only (a tuned `Generic` choice is
+/// ignored; `TexOneRow` is honoured for f32 outputs), every epilogue fused; f16 outputs
+/// need 16-column blocks and an even N (and always run one row per invocation).
 pub(super) fn gpu_matmul_f16_act(
     ctx: &GpuContext,
     m: &Matmul,
@@ -235,9 +248,16 @@ pub(super) fn gpu_matmul_tex(
         ctx.scratch_texture(0, texels)?
     };
     let view = texture.create_view(&Default::default());
+    let rows_per = tex_rows_per_invocation(m, cols);
     let entry: &'static str = match (cols, m.w_f16, m.epi) {
         _ if m.out_f16 && matches!(m.epi, Epilogue::Rope { .. }) => "matmul_tex16_rope_o16",
         _ if m.out_f16 => "matmul_tex16_o16",
+        (16, false, Epilogue::None) if rows_per == 4 => "matmul_tex16r4",
+        (16, false, Epilogue::Rope { .. }) if rows_per == 4 => "matmul_tex16r4_rope",
+        (16, false, Epilogue::Residual) if rows_per == 4 => "matmul_tex16r4_res",
+        (16, true, Epilogue::None) if rows_per == 4 => "matmul_tex16r4h",
+        (16, true, Epilogue::Rope { .. }) if rows_per == 4 => "matmul_tex16r4h_rope",
+        (16, true, Epilogue::Residual) if rows_per == 4 => "matmul_tex16r4h_res",
         (16, false, Epilogue::None) => "matmul_tex16",
         (16, false, Epilogue::Rope { .. }) => "matmul_tex16_rope",
         (16, false, Epilogue::Residual) => "matmul_tex16_res",
@@ -485,7 +505,7 @@ pub(super) fn gpu_matmul_tex(
     });
     let mut first_copies = vec![copy];
     first_copies.extend(tables.iter().map(|(_, c)| c.clone()));
-    let workgroups = ctx.grid(rows.div_ceil(64) as u64)?;
+    let workgroups = ctx.grid(rows.div_ceil(rows_per).div_ceil(64) as u64)?;
     Ok(offsets
         .into_iter()
         .enumerate()

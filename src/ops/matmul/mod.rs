@@ -100,11 +100,16 @@ impl Activation {
 /// The GPU kernel variants of [`Matmul`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MatmulKernel {
-    /// The texture path when the shapes and device allow it, else the generic kernel.
+    /// The texture path when the shapes and device allow it (four rows × 16 columns per
+    /// invocation where the block has 16 columns), else the generic kernel.
     #[default]
     Auto,
     /// Register-tiled kernel reading storage buffers: any shape, any device.
     Generic,
+    /// The texture path with one row per invocation (`matmul_tex16*`, the kernels before
+    /// the four-row ones) where it applies, else the generic kernel: an autotuning
+    /// alternative to `Auto`.
+    TexOneRow,
 }
 
 /// Resolved sizes of one matmul call.
@@ -536,7 +541,7 @@ impl Op for Matmul {
         let nb = 2 + self.bias as usize;
         let plain = self.plain();
         let mut ds = match texture_path_cols(ctx, self, d, inputs[1]) {
-            Some(cols) if self.kernel == MatmulKernel::Auto => {
+            Some(cols) if self.kernel != MatmulKernel::Generic => {
                 if fuses_on_texture_path(self, d, cols) {
                     return gpu_matmul_tex(ctx, self, d, cols, inputs, out);
                 }

@@ -208,16 +208,28 @@ fn texture_path_is_chosen_where_it_applies() {
     let expect_tex =
         c.caps.subgroups && c.caps.min_subgroup_size >= 8 && c.caps.max_uniform_binding >= WINDOW;
     let got = names(lin, vec![vec![10, 384], vec![40, 384]]);
+    let one = Matmul {
+        kernel: MatmulKernel::TexOneRow,
+        ..lin
+    };
     if expect_tex {
-        assert_eq!(got, vec!["matmul_tex16"; 3]);
+        // 16-column blocks: four rows per invocation, or one with TexOneRow; 4-column
+        // blocks (K > 2048) one row either way.
+        assert_eq!(got, vec!["matmul_tex16r4"; 3]);
+        assert_eq!(
+            names(one, vec![vec![10, 384], vec![40, 384]]),
+            vec!["matmul_tex16"; 3]
+        );
         assert_eq!(
             names(lin, vec![vec![10, 1536], vec![8, 1536]]),
-            vec!["matmul_tex16"]
+            vec!["matmul_tex16r4"]
         );
-        assert_eq!(
-            names(lin, vec![vec![10, 4096], vec![5, 4096]]),
-            vec!["matmul_tex4"; 2]
-        );
+        for m in [lin, one] {
+            assert_eq!(
+                names(m, vec![vec![10, 4096], vec![5, 4096]]),
+                vec!["matmul_tex4"; 2]
+            );
+        }
     }
     // K % 4 != 0 and transposed A always take the generic kernel.
     assert_eq!(names(lin, vec![vec![10, 6], vec![5, 6]]), vec!["matmul"]);
@@ -343,6 +355,18 @@ fn f16_weights_match_reference() {
             Activation::Identity,
         ),
         (
+            MatmulKernel::TexOneRow,
+            false,
+            true,
+            true,
+            Some(2),
+            45,
+            70,
+            1536,
+            false,
+            Activation::Gelu,
+        ),
+        (
             MatmulKernel::Auto,
             false,
             true,
@@ -439,7 +463,7 @@ fn f16_weights_match_reference() {
     assert!(seen.contains("matmul"), "{seen:?}");
     let c = crate::ops::testing::ctx();
     if c.caps.subgroups && c.caps.min_subgroup_size >= 8 && c.caps.max_uniform_binding >= WINDOW {
-        for e in ["matmul_tex16h", "matmul_tex4h"] {
+        for e in ["matmul_tex16r4h", "matmul_tex16h", "matmul_tex4h"] {
             assert!(seen.contains(e), "{e} not exercised: {seen:?}");
         }
     }
@@ -485,6 +509,8 @@ fn rope_epilogue_matches_reference() {
             (MatmulKernel::Auto, false, true),
             (MatmulKernel::Auto, false, false),
             (MatmulKernel::Auto, true, true),
+            (MatmulKernel::TexOneRow, false, true),
+            (MatmulKernel::TexOneRow, true, false),
             (MatmulKernel::Generic, false, true),
             (MatmulKernel::Generic, true, false),
         ] {
@@ -500,13 +526,19 @@ fn rope_epilogue_matches_reference() {
             let fused = names.iter().any(|n| n.ends_with("_rope"));
             let pass = names.contains(&"rope_inplace");
             assert!(fused != pass, "{names:?}");
-            if kernel == MatmulKernel::Auto && has_texture_path() {
+            if kernel != MatmulKernel::Generic && has_texture_path() {
                 assert_eq!(fused, (hd / 2) % 8 == 0, "{m:?} {s:?}: {names:?}");
             }
         }
     }
     if has_texture_path() {
-        for e in ["matmul_tex16_rope", "matmul_tex16h_rope", "rope_inplace"] {
+        for e in [
+            "matmul_tex16r4_rope",
+            "matmul_tex16r4h_rope",
+            "matmul_tex16_rope",
+            "matmul_tex16h_rope",
+            "rope_inplace",
+        ] {
             assert!(seen.contains(e), "{e} not exercised: {seen:?}");
         }
     }
@@ -636,6 +668,8 @@ fn residual_epilogue_matches_reference() {
             (MatmulKernel::Auto, false, false, Activation::Identity),
             (MatmulKernel::Auto, true, true, Activation::Identity),
             (MatmulKernel::Auto, false, true, Activation::Gelu),
+            (MatmulKernel::TexOneRow, false, true, Activation::Identity),
+            (MatmulKernel::TexOneRow, true, false, Activation::Identity),
             (MatmulKernel::Generic, false, true, Activation::Identity),
             (MatmulKernel::Generic, true, false, Activation::Silu),
         ] {
@@ -666,6 +700,8 @@ fn residual_epilogue_matches_reference() {
     }
     if has_texture_path() {
         for e in [
+            "matmul_tex16r4_res",
+            "matmul_tex16r4h_res",
             "matmul_tex16_res",
             "matmul_tex4_res",
             "matmul_tex16h_res",
@@ -674,6 +710,110 @@ fn residual_epilogue_matches_reference() {
         ] {
             assert!(seen.contains(e), "{e} not exercised: {seen:?}");
         }
+    }
+}
+
+/// The four-row kernels (`matmul_tex16r4*`) against the CPU reference on fresh random
+/// inputs, output poisoned: row counts that leave 1, 2 or 3 rows of the last invocation
+/// (and fewer rows than one invocation), partial last column blocks, batch folded into
+/// rows, K up to a full window (f32: 2048; f16: 4096), bias or not, each activation and
+/// epilogue, f32 and f16 weights; every output matches the one-row kernel's too.
+#[test]
+fn four_row_kernels_match_reference() {
+    if !has_texture_path() {
+        return;
+    }
+    let mut r = rng();
+    let mut seen = std::collections::BTreeSet::new();
+    for (batch, rows, n, k) in [
+        (None, 1, 5, 8),
+        (None, 3, 16, 16),
+        (Some(3), 45, 70, 64),
+        (None, 130, 21, 1536),
+        (Some(2), 67, 40, 2048),
+        (None, 257, 384, 384),
+    ] {
+        for (w_f16, bias, act) in [
+            (false, true, Activation::Identity),
+            (false, false, Activation::Gelu),
+            (true, true, Activation::Silu),
+            (true, false, Activation::Identity),
+        ] {
+            let m = Matmul {
+                w_f16,
+                ..Matmul::linear(bias).with_act(act)
+            };
+            let s = shapes(&m, batch, rows, n, k, false);
+            let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
+            let inputs: Vec<(&[f32], &[usize])> = data
+                .iter()
+                .zip(&s)
+                .map(|(d, x)| (d.as_slice(), x.as_slice()))
+                .collect();
+            let (want, _) = crate::ops::run_cpu(&m, &inputs).unwrap();
+            let (got, names) = run_w16(&m, &data, &s);
+            seen.extend(names.iter().copied());
+            assert!(names[0].starts_with("matmul_tex16r4"), "{s:?}: {names:?}");
+            let e = crate::ops::testing::rel_err(&got, &want);
+            assert!(e <= 1e-5, "{m:?} {s:?} {names:?}: rel err {e}");
+            let one = Matmul {
+                kernel: MatmulKernel::TexOneRow,
+                ..m
+            };
+            let (one_got, one_names) = run_w16(&one, &data, &s);
+            assert!(!one_names[0].contains("r4"), "{one_names:?}");
+            let e = crate::ops::testing::rel_err(&got, &one_got);
+            assert!(e <= 1e-5, "{m:?} {s:?}: four rows vs one: rel err {e}");
+        }
+        // The epilogues: RoPE on heads of 16 (hd/2 = 8 pairs with the block's halves) with
+        // images of `rows` tokens, the residual on the output's shape.
+        let (heads, prefix) = (n / 16, rows.min(3));
+        for w_f16 in [false, true] {
+            let mut cases = vec![Matmul::linear(true).with_epilogue(Epilogue::Residual)];
+            if heads > 0 && n % 16 == 0 {
+                cases.push(Matmul::linear(true).with_epilogue(Epilogue::Rope { heads, prefix }));
+            }
+            for m in cases {
+                let m = Matmul { w_f16, ..m };
+                let n_out = if matches!(m.epi, Epilogue::Rope { .. }) {
+                    heads * 16
+                } else {
+                    n
+                };
+                if m.epi == Epilogue::Residual && n % 4 != 0 {
+                    continue;
+                }
+                let mut s = shapes(&m.plain(), batch, rows, n_out, k, false);
+                match m.epi {
+                    Epilogue::Rope { .. } => {
+                        s.extend([vec![rows - prefix, 8], vec![rows - prefix, 8]])
+                    }
+                    _ => {
+                        let mut out = s[0].clone();
+                        *out.last_mut().unwrap() = n_out;
+                        s.extend([out, vec![n_out]]);
+                    }
+                }
+                let names = check_fused(&m, &s, &mut r);
+                seen.extend(names.iter().copied());
+                assert!(
+                    !names.is_empty()
+                        && names.iter().all(|e| e.starts_with("matmul_tex16r4_")
+                            || e.starts_with("matmul_tex16r4h_")),
+                    "{m:?} {s:?}: {names:?}"
+                );
+            }
+        }
+    }
+    for e in [
+        "matmul_tex16r4",
+        "matmul_tex16r4h",
+        "matmul_tex16r4_rope",
+        "matmul_tex16r4h_rope",
+        "matmul_tex16r4_res",
+        "matmul_tex16r4h_res",
+    ] {
+        assert!(seen.contains(e), "{e} not exercised: {seen:?}");
     }
 }
 
@@ -721,6 +861,139 @@ fn lab_time() {
         if case.label.contains(&filter) {
             eprintln!("{}", case.label);
             crate::ops::testing::lab_time(crate::ops::testing::ctx(), &case);
+        }
+    }
+}
+
+/// Texture-path kernel variants side by side on the ViT-S linear shapes (M = `LAB_M` rows,
+/// default 16·261, in images of 261 tokens; (K, N) = qkv, o_proj, up, down with bias;
+/// o_proj and down_proj also with the residual epilogue, q with RoPE): GFLOP per process
+/// CPU-second (robust to other load on the machine), `LAB_ROUNDS` interleaved rounds of
+/// `LAB_REPS` runs per variant, median; variants `LAB_KERNELS` (comma-separated of onerow,
+/// auto, w16-onerow, w16-auto; default onerow,auto; the first is the baseline), shapes
+/// filtered by `LAB_FILTER`. Outputs are checked against the first variant's (f16 weights
+/// against the first variant of the same weight type).
+/// (development aid: `cargo test --release --lib lab_variants -- --ignored --nocapture`)
+#[test]
+#[ignore]
+fn lab_variants() {
+    use crate::bench::process_cpu_seconds;
+    let c = crate::ops::testing::ctx();
+    eprintln!("{}", c.describe());
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let rows = env("LAB_M", 16 * 261);
+    let (rounds, reps) = (env("LAB_ROUNDS", 5), env("LAB_REPS", 2));
+    let filter = std::env::var("LAB_FILTER").unwrap_or_default();
+    let wanted = std::env::var("LAB_KERNELS").unwrap_or("onerow,auto".into());
+    let kernels: Vec<(&str, MatmulKernel, bool)> = wanted
+        .split(',')
+        .filter_map(|w| match w {
+            "onerow" => Some((w, MatmulKernel::TexOneRow, false)),
+            "auto" => Some((w, MatmulKernel::Auto, false)),
+            "w16-onerow" => Some((w, MatmulKernel::TexOneRow, true)),
+            "w16-auto" => Some((w, MatmulKernel::Auto, true)),
+            _ => None,
+        })
+        .collect();
+    let (t, prefix) = (261, 5);
+    let images = rows.div_ceil(t);
+    let rows = images * t;
+    let mut r = rng();
+    for (label, k, n, epi) in [
+        ("qkv", 384, 1152, Epilogue::None),
+        ("o_proj", 384, 384, Epilogue::None),
+        ("up", 384, 1536, Epilogue::None),
+        ("down", 1536, 384, Epilogue::None),
+        ("q+rope", 384, 384, Epilogue::Rope { heads: 6, prefix }),
+        ("o_proj+res", 384, 384, Epilogue::Residual),
+        ("down+res", 1536, 384, Epilogue::Residual),
+    ] {
+        if !label.contains(&filter) {
+            continue;
+        }
+        let base = Matmul::linear(true).with_epilogue(epi);
+        let mut s = vec![vec![images, t, k], vec![n, k], vec![n]];
+        match epi {
+            Epilogue::None => {}
+            Epilogue::Rope { heads, prefix } => {
+                let table = vec![t - prefix, n / heads / 2];
+                s.extend([table.clone(), table]);
+            }
+            Epilogue::Residual => s.extend([vec![images, t, n], vec![n]]),
+        }
+        let sh: Vec<&[usize]> = s.iter().map(|x| x.as_slice()).collect();
+        let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
+        let up = |w16: bool| -> Vec<_> {
+            data.iter()
+                .zip(&s)
+                .enumerate()
+                .map(|(i, (d, x))| {
+                    if i == 1 && w16 {
+                        c.upload_f16(d, x).unwrap()
+                    } else {
+                        c.upload(d, x).unwrap()
+                    }
+                })
+                .collect()
+        };
+        let (ins32, ins16) = (up(false), up(true));
+        let gf = 2.0 * (rows * n * k) as f64 / 1e9;
+        let mut runs = Vec::new();
+        let mut first: [Option<Vec<f32>>; 2] = [None, None];
+        for &(name, kernel, w_f16) in &kernels {
+            let m = Matmul {
+                kernel,
+                w_f16,
+                ..base
+            };
+            let ins = if w_f16 { &ins16 } else { &ins32 };
+            let bufs: Vec<&wgpu::Buffer> = ins.iter().map(|t| t.buffer.as_ref()).collect();
+            let out = c.empty(&[rows, n]).unwrap();
+            c.fill(&out.buffer, f32::NAN);
+            let ds = m.gpu(c, &bufs, &sh, &out.buffer).unwrap();
+            c.run(&ds).unwrap(); // JIT
+            let got = c.download(&out).unwrap();
+            match &first[w_f16 as usize] {
+                None => first[w_f16 as usize] = Some(got),
+                Some(want) => {
+                    let e = crate::ops::testing::rel_err(&got, want);
+                    assert!(e <= 1e-5, "{label} {name} ({}): rel err {e}", ds[0].name);
+                }
+            }
+            runs.push((name, ds[0].name, ds, Vec::new()));
+        }
+        for _ in 0..rounds {
+            for (_, _, ds, rates) in runs.iter_mut() {
+                let c0 = process_cpu_seconds().unwrap();
+                for _ in 0..reps {
+                    c.run(ds).unwrap();
+                }
+                let used = process_cpu_seconds().unwrap() - c0;
+                rates.push(gf * reps as f64 / used.max(1e-9));
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let base_rate = med(&mut runs[0].3);
+        for (name, entry, _, rates) in runs.iter_mut() {
+            let m = med(rates);
+            eprintln!(
+                "M={rows} K={k:4} N={n:4} {label:10} {name:6} {entry:18} {m:6.2} GFLOP/cpu-s  \
+                 ({:+.1} %)  [{}]",
+                (m / base_rate - 1.0) * 100.0,
+                rates
+                    .iter()
+                    .map(|v| format!("{v:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
         }
     }
 }
