@@ -21,20 +21,48 @@ impl Shader {
     /// end of the file when there is no END): the portable kernels alone, which compile on
     /// devices without subgroup operations. Built once per shader.
     pub fn portable(&'static self) -> &'static Shader {
-        static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Shader>>> = OnceLock::new();
+        self.derived("no subgroups", without_subgroups)
+    }
+
+    /// This family with its streamed operand `xt` (binding 2) declared as a read-only
+    /// rgba32float storage texture instead of a sampled one ([`with_storage_x`]): the
+    /// texture-path matmuls' form on CPU adapters. Built once per shader.
+    pub fn storage_x(&'static self) -> &'static Shader {
+        self.derived("storage X", with_storage_x)
+    }
+
+    /// The variant `what` of this family, made from its text by `make` once.
+    fn derived(&'static self, what: &'static str, make: fn(&str) -> String) -> &'static Shader {
+        type Cache = Mutex<HashMap<(&'static str, &'static str), &'static Shader>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
         let mut map = match CACHE.get_or_init(Default::default).lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.entry(self.name).or_insert_with(|| {
-            let text = without_subgroups(self.text);
-            let name = format!("{} (no subgroups)", self.name);
+        map.entry((self.name, what)).or_insert_with(|| {
+            let text = make(self.text);
+            let name = format!("{} ({what})", self.name);
             Box::leak(Box::new(Shader {
                 name: Box::leak(name.into_boxed_str()),
                 text: Box::leak(text.into_boxed_str()),
             }))
         })
     }
+}
+
+/// `text` with `var xt: texture_2d<f32>` read as `texture_storage_2d<rgba32float, read>`
+/// (its `textureLoad(xt, …, 0)` calls lose the mip level). On lavapipe a sampled
+/// `textureLoad` is an out-of-line function call that clobbers every vector register,
+/// while a storage-image load is inlined (docs/lavapipe.md).
+pub fn with_storage_x(text: &str) -> String {
+    text.replace(
+        "var xt: texture_2d<f32>;",
+        "var xt: texture_storage_2d<rgba32float, read>;",
+    )
+    .replace(
+        "textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0)",
+        "textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u))",
+    )
 }
 
 /// `text` without its subgroup section (see [`Shader::portable`]).
@@ -91,12 +119,15 @@ shaders! {
 }
 
 /// Every source text the engine may hand to a device: each family as written (chosen on
-/// devices with subgroup operations) and its [`Shader::portable`] form (chosen without).
+/// devices with subgroup operations), its [`Shader::portable`] form (chosen without), and
+/// `matmul`'s [`Shader::storage_x`] form (the texture path on CPU adapters).
 /// Kernel code asks for shaders only through these, so this list is what the
 /// cross-compilation tests translate; `GpuContext::compiled_kernels` reports which of them
 /// (by name) a device actually compiled, with which entry points and constants.
 pub fn variants() -> Vec<&'static Shader> {
-    ALL.iter().flat_map(|s| [*s, s.portable()]).collect()
+    let mut v: Vec<&'static Shader> = ALL.iter().flat_map(|s| [*s, s.portable()]).collect();
+    v.push(MATMUL.storage_x());
+    v
 }
 
 /// The variant named `name` (a family's name, or its portable name).

@@ -229,6 +229,7 @@ pub struct Caps {
     pub uniform_offset_alignment: u32,
     pub max_uniform_binding: u64,
     pub max_texture_2d: u32,
+    pub max_storage_textures_per_stage: u32,
     /// True for CPU adapters (lavapipe, llvmpipe, WARP): selects CPU-friendly kernel variants.
     pub cpu_like: bool,
 }
@@ -528,6 +529,7 @@ impl GpuContext {
             uniform_offset_alignment: l.min_uniform_buffer_offset_alignment,
             max_uniform_binding: l.max_uniform_buffer_binding_size as u64,
             max_texture_2d: l.max_texture_dimension_2d,
+            max_storage_textures_per_stage: l.max_storage_textures_per_shader_stage,
             cpu_like: info.device_type == wgpu::DeviceType::Cpu,
         };
         GpuContext {
@@ -854,11 +856,26 @@ impl GpuContext {
             } else {
                 wgpu::TextureFormat::Rgba32Float
             },
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING
+                | wgpu::TextureUsages::COPY_DST
+                | if !f16 && self.storage_x() {
+                    wgpu::TextureUsages::STORAGE_BINDING
+                } else {
+                    wgpu::TextureUsages::empty()
+                },
             view_formats: &[],
         });
         map.insert((slot, h as u32, f16), t.clone());
         Ok(t)
+    }
+
+    /// Whether the texture-path matmuls may read their streamed operand as a read-only
+    /// storage texture (`shaders::MATMUL.storage_x()`): on CPU adapters, where lavapipe
+    /// inlines storage-image loads but calls a function for every sampled fetch
+    /// (docs/lavapipe.md), with subgroups (the texture path needs them); the rgba32float
+    /// scratch textures then also allow storage use.
+    pub fn storage_x(&self) -> bool {
+        self.caps.cpu_like && self.caps.subgroups && self.caps.max_storage_textures_per_stage >= 1
     }
 
     /// A shared storage buffer of at least `bytes` bytes, for a kernel's private copy of

@@ -192,6 +192,14 @@ pub(super) fn tex_rows_per_invocation(m: &Matmul, cols: usize) -> usize {
     }
 }
 
+/// Whether the texture path reads X as a read-only storage texture (`MATMUL.storage_x()`,
+/// same entry points): on CPU adapters ([`GpuContext::storage_x`]; lavapipe: +18–28 %
+/// GFLOP per CPU-second, docs/lavapipe.md) for f32 X and an f32 output, unless `m` asks for
+/// a sampled X ([`MatmulKernel::TexSampled`], [`MatmulKernel::TexOneRow`]).
+pub(super) fn reads_x_as_storage(ctx: &GpuContext, m: &Matmul) -> bool {
+    ctx.storage_x() && !m.x_f16 && !m.out_f16 && m.kernel == MatmulKernel::Auto
+}
+
 /// Bytes per element of B on the device.
 pub(super) fn esize(m: &Matmul) -> usize {
     if m.w_f16 {
@@ -249,6 +257,7 @@ pub(super) fn gpu_matmul_tex(
     };
     let view = texture.create_view(&Default::default());
     let rows_per = tex_rows_per_invocation(m, cols);
+    let storage_x = reads_x_as_storage(ctx, m);
     let entry: &'static str = match (cols, m.w_f16, m.epi) {
         _ if m.out_f16 && matches!(m.epi, Epilogue::Rope { .. }) => "matmul_tex16_rope_o16",
         _ if m.out_f16 => "matmul_tex16_o16",
@@ -305,11 +314,25 @@ pub(super) fn gpu_matmul_tex(
         count: None,
     };
     let params_size = std::mem::size_of::<TexParams>() as u64;
+    let x_entry = if storage_x {
+        wgpu::BindGroupLayoutEntry {
+            binding: 2,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::StorageTexture {
+                access: wgpu::StorageTextureAccess::ReadOnly,
+                format: wgpu::TextureFormat::Rgba32Float,
+                view_dimension: wgpu::TextureViewDimension::D2,
+            },
+            count: None,
+        }
+    } else {
+        texture_entry(2)
+    };
     let mut layout = vec![
         uniform(0, params_size),
         uniform(1, WINDOW),
         uniform(5, WINDOW),
-        texture_entry(2),
+        x_entry,
         storage(3, true),
         storage(4, false),
     ];
@@ -322,7 +345,12 @@ pub(super) fn gpu_matmul_tex(
         let w16 = ("W16", m.w_f16 as u8 as f64);
         ctx.pipeline_with_layout_consts(&MATMUL_F16, entry, &[("ACT", m.act.code()), w16], &layout)?
     } else {
-        ctx.pipeline_with_layout_consts(&MATMUL, entry, &[("ACT", m.act.code())], &layout)?
+        let shader = if storage_x {
+            MATMUL.storage_x()
+        } else {
+            &MATMUL
+        };
+        ctx.pipeline_with_layout_consts(shader, entry, &[("ACT", m.act.code())], &layout)?
     };
     // RoPE: the cos and sin tables (P, hd/2) stream through scratch textures of their own
     // (slots 3 and 4; attention uses 0–2), filled by the first dispatch's copies; the

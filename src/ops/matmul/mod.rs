@@ -101,15 +101,19 @@ impl Activation {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MatmulKernel {
     /// The texture path when the shapes and device allow it (four rows × 16 columns per
-    /// invocation where the block has 16 columns), else the generic kernel.
+    /// invocation where the block has 16 columns; X read as a storage texture on CPU
+    /// adapters), else the generic kernel.
     #[default]
     Auto,
     /// Register-tiled kernel reading storage buffers: any shape, any device.
     Generic,
     /// The texture path with one row per invocation (`matmul_tex16*`, the kernels before
-    /// the four-row ones) where it applies, else the generic kernel: an autotuning
-    /// alternative to `Auto`.
+    /// the four-row ones) and X through a sampled texture, where it applies, else the
+    /// generic kernel: an autotuning alternative to `Auto`.
     TexOneRow,
+    /// As `Auto`, but X always through a sampled texture (`Auto` reads it as a storage
+    /// texture on CPU adapters, `GpuContext::storage_x`): an autotuning alternative.
+    TexSampled,
 }
 
 /// Resolved sizes of one matmul call.

@@ -241,6 +241,30 @@ fn texture_path_is_chosen_where_it_applies() {
         names(gen, vec![vec![10, 384], vec![40, 384]]),
         vec!["matmul"]
     );
+    // On CPU adapters `Auto` compiles the storage-texture form of the family, `TexSampled`
+    // the sampled one (same entry points).
+    if expect_tex {
+        let sampled = Matmul {
+            kernel: MatmulKernel::TexSampled,
+            ..lin
+        };
+        assert_eq!(
+            names(sampled, vec![vec![10, 384], vec![40, 384]]),
+            vec!["matmul_tex16r4"; 3]
+        );
+        let compiled: Vec<&str> = c
+            .compiled_kernels()
+            .iter()
+            .filter(|k| k.entry == "matmul_tex16r4")
+            .map(|k| k.shader)
+            .collect();
+        assert!(
+            compiled.contains(&crate::shaders::MATMUL.name),
+            "{compiled:?}"
+        );
+        let storage = crate::shaders::MATMUL.storage_x().name;
+        assert_eq!(compiled.contains(&storage), c.storage_x(), "{compiled:?}");
+    }
 }
 
 #[test]
@@ -511,6 +535,7 @@ fn rope_epilogue_matches_reference() {
             (MatmulKernel::Auto, true, true),
             (MatmulKernel::TexOneRow, false, true),
             (MatmulKernel::TexOneRow, true, false),
+            (MatmulKernel::TexSampled, false, true),
             (MatmulKernel::Generic, false, true),
             (MatmulKernel::Generic, true, false),
         ] {
@@ -670,6 +695,8 @@ fn residual_epilogue_matches_reference() {
             (MatmulKernel::Auto, false, true, Activation::Gelu),
             (MatmulKernel::TexOneRow, false, true, Activation::Identity),
             (MatmulKernel::TexOneRow, true, false, Activation::Identity),
+            (MatmulKernel::TexSampled, false, true, Activation::Gelu),
+            (MatmulKernel::TexSampled, true, true, Activation::Identity),
             (MatmulKernel::Generic, false, true, Activation::Identity),
             (MatmulKernel::Generic, true, false, Activation::Silu),
         ] {
@@ -764,17 +791,31 @@ fn four_row_kernels_match_reference() {
             assert!(!one_names[0].contains("r4"), "{one_names:?}");
             let e = crate::ops::testing::rel_err(&got, &one_got);
             assert!(e <= 1e-5, "{m:?} {s:?}: four rows vs one: rel err {e}");
+            // X through a sampled texture (Auto reads it as a storage texture on CPU
+            // adapters): the same kernels, the same numbers.
+            let sampled = Matmul {
+                kernel: MatmulKernel::TexSampled,
+                ..m
+            };
+            let (s_got, s_names) = run_w16(&sampled, &data, &s);
+            assert_eq!(s_names, names);
+            let e = crate::ops::testing::rel_err(&s_got, &want);
+            assert!(e <= 1e-5, "{sampled:?} {s:?}: rel err {e}");
         }
         // The epilogues: RoPE on heads of 16 (hd/2 = 8 pairs with the block's halves) with
         // images of `rows` tokens, the residual on the output's shape.
         let (heads, prefix) = (n / 16, rows.min(3));
-        for w_f16 in [false, true] {
+        for (w_f16, kernel) in [
+            (false, MatmulKernel::Auto),
+            (true, MatmulKernel::Auto),
+            (false, MatmulKernel::TexSampled),
+        ] {
             let mut cases = vec![Matmul::linear(true).with_epilogue(Epilogue::Residual)];
             if heads > 0 && n % 16 == 0 {
                 cases.push(Matmul::linear(true).with_epilogue(Epilogue::Rope { heads, prefix }));
             }
             for m in cases {
-                let m = Matmul { w_f16, ..m };
+                let m = Matmul { w_f16, kernel, ..m };
                 let n_out = if matches!(m.epi, Epilogue::Rope { .. }) {
                     heads * 16
                 } else {
