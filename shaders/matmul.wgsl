@@ -323,6 +323,13 @@ fn tex_row(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 64u;
 }
 
+// The four-row kernels run workgroups of one subgroup (8 invocations = 32 rows): a ViT-L
+// batch of one image (1029 rows) is then 33 workgroups per column block, not 5, so a CPU
+// adapter's threads share each dispatch evenly.
+fn tex_row8(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 8u;
+}
+
 // The 16-column block's accumulators, bias added: columns c0 … c0 + 7 from the first
 // window, c2 … c2 + 7 from the second; past the last column, lanes re-read it.
 fn acc16(row: u32, sl: u32) -> array<f32, 16> {
@@ -675,45 +682,45 @@ fn res_r4(row: u32, acc: Acc4, sl: u32) {
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(8)
 fn matmul_tex16r4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(subgroup_invocation_id) sl: u32) {
-    let row = 4u * tex_row(gid, nwg);
+    let row = 4u * tex_row8(gid, nwg);
     store_r4(row, acc16r4(row, sl));
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(8)
 fn matmul_tex16r4_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(subgroup_invocation_id) sl: u32) {
-    let row = 4u * tex_row(gid, nwg);
+    let row = 4u * tex_row8(gid, nwg);
     rope_r4(row, acc16r4(row, sl));
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(8)
 fn matmul_tex16r4_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(subgroup_invocation_id) sl: u32) {
-    let row = 4u * tex_row(gid, nwg);
+    let row = 4u * tex_row8(gid, nwg);
     res_r4(row, acc16r4(row, sl), sl);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(8)
 fn matmul_tex16r4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(subgroup_invocation_id) sl: u32) {
-    let row = 4u * tex_row(gid, nwg);
+    let row = 4u * tex_row8(gid, nwg);
     store_r4(row, acc16r4h(row, sl));
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(8)
 fn matmul_tex16r4h_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(subgroup_invocation_id) sl: u32) {
-    let row = 4u * tex_row(gid, nwg);
+    let row = 4u * tex_row8(gid, nwg);
     rope_r4(row, acc16r4h(row, sl));
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(8)
 fn matmul_tex16r4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(subgroup_invocation_id) sl: u32) {
-    let row = 4u * tex_row(gid, nwg);
+    let row = 4u * tex_row8(gid, nwg);
     res_r4(row, acc16r4h(row, sl), sl);
 }
 // END subgroups

@@ -533,7 +533,9 @@ pub(super) fn gpu_matmul_tex(
     });
     let mut first_copies = vec![copy];
     first_copies.extend(tables.iter().map(|(_, c)| c.clone()));
-    let workgroups = ctx.grid(rows.div_ceil(rows_per).div_ceil(64) as u64)?;
+    // (the four-row kernels have workgroups of 8 invocations, the others of 64)
+    let wg_size = if rows_per == 4 { 8 } else { 64 };
+    let workgroups = ctx.grid(rows.div_ceil(rows_per).div_ceil(wg_size) as u64)?;
     Ok(offsets
         .into_iter()
         .enumerate()
