@@ -120,13 +120,14 @@ shaders! {
 
 /// Every source text the engine may hand to a device: each family as written (chosen on
 /// devices with subgroup operations), its [`Shader::portable`] form (chosen without), and
-/// `matmul`'s [`Shader::storage_x`] form (the texture path on CPU adapters).
+/// the [`Shader::storage_x`] forms of `matmul` and `conv3d` (their texture kernels on CPU
+/// adapters).
 /// Kernel code asks for shaders only through these, so this list is what the
 /// cross-compilation tests translate; `GpuContext::compiled_kernels` reports which of them
 /// (by name) a device actually compiled, with which entry points and constants.
 pub fn variants() -> Vec<&'static Shader> {
     let mut v: Vec<&'static Shader> = ALL.iter().flat_map(|s| [*s, s.portable()]).collect();
-    v.push(MATMUL.storage_x());
+    v.extend([MATMUL.storage_x(), CONV3D.storage_x()]);
     v
 }
 

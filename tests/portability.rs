@@ -217,17 +217,18 @@ fn entry_points(module: &Module) -> Vec<String> {
 #[test]
 fn variants_list_every_family_with_and_without_subgroups() {
     let v = shaders::variants();
-    // … and matmul's storage-texture form (the texture path on CPU adapters).
-    assert_eq!(v.len(), 2 * shaders::ALL.len() + 1);
-    let st = shaders::MATMUL.storage_x();
-    assert!(shaders::variant(st.name).is_some(), "{} missing", st.name);
-    assert!(st
-        .text
-        .contains("var xt: texture_storage_2d<rgba32float, read>;"));
-    assert!(!st.text.contains("var xt: texture_2d<f32>;"));
-    assert!(!st
-        .text
-        .contains("textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0)"));
+    // … and the storage-texture forms of matmul and conv3d (texture kernels on CPU adapters).
+    assert_eq!(v.len(), 2 * shaders::ALL.len() + 2);
+    for st in [shaders::MATMUL.storage_x(), shaders::CONV3D.storage_x()] {
+        assert!(shaders::variant(st.name).is_some(), "{} missing", st.name);
+        assert!(st
+            .text
+            .contains("var xt: texture_storage_2d<rgba32float, read>;"));
+        assert!(!st.text.contains("var xt: texture_2d<f32>;"));
+        assert!(!st
+            .text
+            .contains("textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0)"));
+    }
     for s in shaders::ALL {
         assert!(shaders::variant(s.name).is_some(), "{} missing", s.name);
         let p = s.portable();

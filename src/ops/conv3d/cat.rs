@@ -164,7 +164,8 @@ impl Op for Conv3dCat {
             },
         ];
         let (w, b) = (inputs[2], inputs[3]);
-        match conv3d_tex_parts(ctx, d, &parts, w, b, out, self.relu, TEX_SLAB_BYTES)? {
+        let (limit, st) = (TEX_SLAB_BYTES, ctx.storage_x());
+        match conv3d_tex_parts(ctx, d, &parts, w, b, out, self.relu, limit, st)? {
             Some(ds) => Ok(ds),
             None => self.gpu_via_concat(ctx, d, inputs, shapes, out, ctx.caps.max_binding),
         }

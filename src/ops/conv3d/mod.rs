@@ -304,6 +304,18 @@ fn k1_tile(o: usize, voxels: usize) -> usize {
         .unwrap_or(SG1_TILES[0])
 }
 
+/// The `conv3d` family as compiled on a device with subgroups: with the texture kernel's
+/// input `xt` read as a read-only storage texture where `GpuContext::storage_x` holds
+/// (lavapipe inlines storage-image loads, docs/lavapipe.md). Every subgroup-device conv
+/// pipeline takes the same form, so the large module is parsed once.
+fn sg_shader(ctx: &GpuContext) -> &'static crate::shaders::Shader {
+    if ctx.storage_x() {
+        CONV3D.storage_x()
+    } else {
+        &CONV3D
+    }
+}
+
 /// Whether the subgroup kernels fit this device (subgroups of at least 8 lanes, CPU-like).
 fn use_subgroup_kernel(ctx: &GpuContext) -> bool {
     ctx.caps.cpu_like && ctx.caps.subgroups && ctx.info.subgroup_min_size >= 8
@@ -354,6 +366,7 @@ fn tex_dispatches(
     out: &wgpu::Buffer,
     relu: bool,
     limit: u64,
+    storage_x: bool,
 ) -> Result<Option<Vec<Dispatch>>> {
     let hw = (d.h * d.w) as u64;
     let dz = d.d as u64;
@@ -408,7 +421,13 @@ fn tex_dispatches(
     let entry = "conv3d_k3_sg_tex";
     let texture = ctx.scratch_texture(0, texels)?;
     let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-    let pipeline = ctx.pipeline(&CONV3D, entry, &[("K", 3.0)])?;
+    // X as a storage texture (sg_shader) or, for tests and devices without, sampled.
+    let shader = if storage_x && ctx.storage_x() {
+        CONV3D.storage_x()
+    } else {
+        &CONV3D
+    };
+    let pipeline = ctx.pipeline(shader, entry, &[("K", 3.0)])?;
     let layout = pipeline.get_bind_group_layout(0);
     fn buffer(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
         wgpu::BindGroupEntry {
@@ -528,6 +547,8 @@ fn conv_params(ctx: &GpuContext, d: &ConvDims) -> Result<(Params, u32)> {
 /// W)`, the Cp summing to `d.c`), in depth slabs of at most `limit` bytes of texture
 /// ([`TEX_SLAB_BYTES`] in the models), or None where that kernel does not apply (no
 /// CPU-like subgroups, K = 1, runs not in whole texels, too large for a texture).
+/// `storage_x`: read the texture as a storage texture where the device allows
+/// (`GpuContext::storage_x`; the models pass that), else sampled.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv3d_tex_parts(
     ctx: &GpuContext,
@@ -538,6 +559,7 @@ pub(crate) fn conv3d_tex_parts(
     out: &wgpu::Buffer,
     relu: bool,
     limit: u64,
+    storage_x: bool,
 ) -> Result<Option<Vec<Dispatch>>> {
     if !use_subgroup_kernel(ctx) || d.k != 3 || d.n == 0 || d.o == 0 || d.voxels() == 0 {
         return Ok(None);
@@ -548,7 +570,9 @@ pub(crate) fn conv3d_tex_parts(
         )));
     }
     let (p, _) = conv_params(ctx, &d)?;
-    tex_dispatches(ctx, &d, &p, parts, weight, bias, out, relu, limit)
+    tex_dispatches(
+        ctx, &d, &p, parts, weight, bias, out, relu, limit, storage_x,
+    )
 }
 
 fn gpu_conv3d(
@@ -572,7 +596,7 @@ fn gpu_conv3d(
         } else {
             "conv3d_k1_sg64"
         };
-        (&CONV3D, entry, dhw.div_ceil(8 * SG1_V) as u64)
+        (sg_shader(ctx), entry, dhw.div_ceil(8 * SG1_V) as u64)
     } else if sg {
         let blocks = (p.tiles_x * p.tiles_y) as usize * d.d.div_ceil(SG3_TILE.1);
         if allow_texture {
@@ -582,13 +606,14 @@ fn gpu_conv3d(
             };
             let (w, b) = (inputs[1], inputs[2]);
             let limit = TEX_SLAB_BYTES;
-            if let Some(t) = tex_dispatches(ctx, &d, &p, &[part], w, b, out, relu, limit)? {
+            let st = ctx.storage_x();
+            if let Some(t) = tex_dispatches(ctx, &d, &p, &[part], w, b, out, relu, limit, st)? {
                 return Ok(t);
             }
         }
-        (&CONV3D, "conv3d_k3_sg", blocks as u64)
+        (sg_shader(ctx), "conv3d_k3_sg", blocks as u64)
     } else if ctx.caps.subgroups {
-        (&CONV3D, "conv3d", dhw.div_ceil(64) as u64)
+        (sg_shader(ctx), "conv3d", dhw.div_ceil(64) as u64)
     } else {
         (CONV3D.portable(), "conv3d", dhw.div_ceil(64) as u64)
     };
@@ -650,7 +675,7 @@ pub(crate) fn context_gate_dispatch(
     let [wx, wy, _] = ctx.grid(s.div_ceil(8 * SG1_V) as u64)?;
     let [raw, w, b, gate] = inputs;
     let args = KernelArgs {
-        shader: &CONV3D,
+        shader: sg_shader(ctx),
         entry,
         constants: &[("K", 1.0)],
         buffers: &[raw, w, b, out, gate],

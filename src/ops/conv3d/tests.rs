@@ -299,7 +299,8 @@ fn texture_depth_slabs_match_reference() {
         let (wt, bt) = (c.upload(&w, &sh[1]).unwrap(), c.upload(&b, &sh[2]).unwrap());
         let slice = (n * ch * s[1] * s[2] * 4) as u64;
         let whole = !(s[1] * s[2]).is_multiple_of(4);
-        for rows in [4, 8] {
+        // (X sampled, and as a storage texture where the device reads it so)
+        for (rows, storage_x) in [(4, false), (8, false), (4, true), (8, true)] {
             let limit = slice * (rows as u64 + 2);
             let fits = s[0] as u64 * slice <= limit;
             let want_slabs = if whole || fits {
@@ -309,22 +310,17 @@ fn texture_depth_slabs_match_reference() {
             };
             let out = c.empty(&[n, o, s[0], s[1], s[2]]).unwrap();
             c.fill(&out.buffer, f32::NAN);
-            let disp = conv3d_tex_parts(
-                c,
-                d,
-                &tparts,
-                &wt.buffer,
-                &bt.buffer,
-                &out.buffer,
-                relu,
-                limit,
-            )
-            .unwrap()
-            .expect("texture path");
+            let (w, b, o) = (&wt.buffer, &bt.buffer, &out.buffer);
+            let disp = conv3d_tex_parts(c, d, &tparts, w, b, o, relu, limit, storage_x)
+                .unwrap()
+                .expect("texture path");
             assert_eq!(disp.len(), want_slabs, "{s:?} rows {rows}");
             c.run(&disp).unwrap();
             let e = rel_err(&c.download(&out).unwrap(), &want);
-            assert!(e <= 1e-5, "{n} {parts:?} {s:?} slabs of {rows}: {e}");
+            assert!(
+                e <= 1e-5,
+                "{n} {parts:?} {s:?} slabs of {rows}, storage {storage_x}: {e}"
+            );
         }
     }
 }
