@@ -464,13 +464,8 @@ fn f16_weights_match_reference() {
         };
         let s = shapes(&m, batch, rows, n, k, bb);
         let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
-        let inputs: Vec<(&[f32], &[usize])> = data
-            .iter()
-            .zip(&s)
-            .map(|(d, x)| (d.as_slice(), x.as_slice()))
-            .collect();
-        let (want16, _) = crate::ops::run_cpu(&m, &inputs).unwrap();
-        let (want32, _) = crate::ops::run_cpu(&Matmul { w_f16: false, ..m }, &inputs).unwrap();
+        let want16 = cpu_reference(&m, &data, &s);
+        let want32 = cpu_reference(&Matmul { w_f16: false, ..m }, &data, &s);
         let (got, names) = run_w16(&m, &data, &s);
         seen.extend(names.iter().copied());
         let e16 = crate::ops::testing::rel_err(&got, &want16);
@@ -499,16 +494,21 @@ fn has_texture_path() -> bool {
     c.caps.subgroups && c.caps.min_subgroup_size >= 8 && c.caps.max_uniform_binding >= WINDOW
 }
 
-/// Random inputs of `s`, runs `m` on both backends (output poisoned) and checks them
-/// against each other; returns the dispatch names.
-fn check_fused(m: &Matmul, s: &[Vec<usize>], r: &mut rand::rngs::SmallRng) -> Vec<&'static str> {
-    let data: Vec<Vec<f32>> = s.iter().map(|x| random(r, numel(x))).collect();
+/// `m` on the CPU backend for inputs `data` of shapes `s`.
+fn cpu_reference(m: &Matmul, data: &[Vec<f32>], s: &[Vec<usize>]) -> Vec<f32> {
     let inputs: Vec<(&[f32], &[usize])> = data
         .iter()
         .zip(s)
         .map(|(d, x)| (d.as_slice(), x.as_slice()))
         .collect();
-    let (want, _) = crate::ops::run_cpu(m, &inputs).unwrap();
+    crate::ops::run_cpu(m, &inputs).unwrap().0
+}
+
+/// Random inputs of `s`, runs `m` on both backends (output poisoned) and checks them
+/// against each other; returns the dispatch names.
+fn check_fused(m: &Matmul, s: &[Vec<usize>], r: &mut rand::rngs::SmallRng) -> Vec<&'static str> {
+    let data: Vec<Vec<f32>> = s.iter().map(|x| random(r, numel(x))).collect();
+    let want = cpu_reference(m, &data, s);
     let (got, names) = run_w16(m, &data, s);
     let e = crate::ops::testing::rel_err(&got, &want);
     assert!(e <= 1e-5, "{m:?} {s:?} {names:?}: rel err {e}");
@@ -772,12 +772,7 @@ fn four_row_kernels_match_reference() {
             };
             let s = shapes(&m, batch, rows, n, k, false);
             let data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
-            let inputs: Vec<(&[f32], &[usize])> = data
-                .iter()
-                .zip(&s)
-                .map(|(d, x)| (d.as_slice(), x.as_slice()))
-                .collect();
-            let (want, _) = crate::ops::run_cpu(&m, &inputs).unwrap();
+            let want = cpu_reference(&m, &data, &s);
             let (got, names) = run_w16(&m, &data, &s);
             seen.extend(names.iter().copied());
             assert!(names[0].starts_with("matmul_tex16r4"), "{s:?}: {names:?}");
