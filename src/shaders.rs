@@ -24,9 +24,9 @@ impl Shader {
         self.derived("no subgroups", without_subgroups)
     }
 
-    /// This family with its streamed operand `xt` (binding 2) declared as a read-only
-    /// rgba32float storage texture instead of a sampled one ([`with_storage_x`]): the
-    /// texture-path matmuls' form on CPU adapters. Built once per shader.
+    /// This family with its streamed operand `xt` declared as a read-only rgba32float
+    /// storage texture instead of a sampled one ([`with_storage_x`]): the form of the
+    /// texture kernels of `matmul` and `conv3d` on CPU adapters. Built once per shader.
     pub fn storage_x(&'static self) -> &'static Shader {
         self.derived("storage X", with_storage_x)
     }

@@ -869,8 +869,8 @@ impl GpuContext {
         Ok(t)
     }
 
-    /// Whether the texture-path matmuls may read their streamed operand as a read-only
-    /// storage texture (`shaders::MATMUL.storage_x()`): on CPU adapters, where lavapipe
+    /// Whether the texture kernels (matmul, conv3d) may read their streamed operand as a
+    /// read-only storage texture (`Shader::storage_x`): on CPU adapters, where lavapipe
     /// inlines storage-image loads but calls a function for every sampled fetch
     /// (docs/lavapipe.md), with subgroups (the texture path needs them); the rgba32float
     /// scratch textures then also allow storage use.
