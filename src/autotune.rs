@@ -741,11 +741,7 @@ mod tests {
             .iter()
             .map(|s| random(&mut r, s.iter().product()))
             .collect();
-        let inputs: Vec<(&[f32], &[usize])> = data
-            .iter()
-            .zip(&shapes)
-            .map(|(d, s)| (d.as_slice(), s.as_slice()))
-            .collect();
+        let inputs = crate::ops::testing::pairs(&data, &shapes);
         let (want, _) = run_cpu(&base, &inputs).unwrap();
         let tuned = Matmul { kernel, ..base };
         let (got, _) = run_gpu(c, &tuned, &inputs, Some(f32::NAN)).unwrap();

@@ -216,11 +216,7 @@ fn f16_activation_matmuls_match_reference() {
         if x_f16 {
             data[0] = round16(&data[0]);
         }
-        let inputs: Vec<(&[f32], &[usize])> = data
-            .iter()
-            .zip(&s)
-            .map(|(d, x)| (d.as_slice(), x.as_slice()))
-            .collect();
+        let inputs = crate::ops::testing::pairs(&data, &s);
         let (want, _) = run_cpu(&m, &inputs).unwrap();
         let plain = Matmul {
             w_f16: false,
@@ -294,11 +290,7 @@ fn f16_attention_inputs_match_reference() {
             .iter()
             .map(|x| round16(&random(&mut r, numel(x))))
             .collect();
-        let inputs: Vec<(&[f32], &[usize])> = data
-            .iter()
-            .zip(&s)
-            .map(|(d, x)| (d.as_slice(), x.as_slice()))
-            .collect();
+        let inputs = crate::ops::testing::pairs(&data, &s);
         let (want, _) = run_cpu(&op, &inputs).unwrap();
         let (got, names) = run(&op, &data, &s, &[true; 3], false);
         assert_eq!(names, ["attention_sg"]);
@@ -332,11 +324,7 @@ fn f16_output_layernorm_matches_reference() {
         let s = [vec![rows, d], vec![d], vec![d]];
         let mut data: Vec<Vec<f32>> = s.iter().map(|x| random(&mut r, numel(x))).collect();
         data[0].iter_mut().for_each(|v| *v += offset);
-        let inputs: Vec<(&[f32], &[usize])> = data
-            .iter()
-            .zip(&s)
-            .map(|(d, x)| (d.as_slice(), x.as_slice()))
-            .collect();
+        let inputs = crate::ops::testing::pairs(&data, &s);
         let (want, _) = run_cpu(&op, &inputs).unwrap();
         let (want32, _) = run_cpu(&LayerNorm::new(1e-5), &inputs).unwrap();
         let (got, names) = run(&op, &data, &s, &[false; 3], true);

@@ -68,13 +68,17 @@ pub fn check_op(op: &dyn Op, shapes: &[Vec<usize>], tol: f32) -> Vec<Vec<f32>> {
     data
 }
 
-/// As [`check_op`], with given inputs.
-pub fn check_op_with(op: &dyn Op, data: &[Vec<f32>], shapes: &[Vec<usize>], tol: f32) {
-    let inputs: Vec<(&[f32], &[usize])> = data
-        .iter()
+/// Inputs `data` paired with their shapes, as `run_cpu` / `run_gpu` take them.
+pub fn pairs<'a>(data: &'a [Vec<f32>], shapes: &'a [Vec<usize>]) -> Vec<(&'a [f32], &'a [usize])> {
+    data.iter()
         .zip(shapes)
         .map(|(d, s)| (d.as_slice(), s.as_slice()))
-        .collect();
+        .collect()
+}
+
+/// As [`check_op`], with given inputs.
+pub fn check_op_with(op: &dyn Op, data: &[Vec<f32>], shapes: &[Vec<usize>], tol: f32) {
+    let inputs = pairs(data, shapes);
     let (want, ws) = run_cpu(op, &inputs).expect("cpu");
     let (got, gs) = run_gpu(ctx(), op, &inputs, Some(POISON)).expect("gpu");
     assert_eq!(ws, gs);

@@ -191,11 +191,7 @@ fn padded_dispatch_grid_is_harmless() {
         let op = Conv3d::new(k);
         let sh = shapes(1, 3, 20, [3, 5, 9], k);
         let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
-        let inputs: Vec<(&[f32], &[usize])> = data
-            .iter()
-            .zip(&sh)
-            .map(|(d, s)| (d.as_slice(), s.as_slice()))
-            .collect();
+        let inputs = crate::ops::testing::pairs(&data, &sh);
         let (want, _) = crate::ops::run_cpu(&op, &inputs).unwrap();
         let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
         let t: Vec<_> = data

@@ -496,11 +496,7 @@ fn has_texture_path() -> bool {
 
 /// `m` on the CPU backend for inputs `data` of shapes `s`.
 fn cpu_reference(m: &Matmul, data: &[Vec<f32>], s: &[Vec<usize>]) -> Vec<f32> {
-    let inputs: Vec<(&[f32], &[usize])> = data
-        .iter()
-        .zip(s)
-        .map(|(d, x)| (d.as_slice(), x.as_slice()))
-        .collect();
+    let inputs = crate::ops::testing::pairs(data, s);
     crate::ops::run_cpu(m, &inputs).unwrap().0
 }
 

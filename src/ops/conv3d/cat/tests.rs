@@ -48,11 +48,7 @@ fn reference_is_concat_then_conv3d() {
         for (n, ca, cb, o, s) in [(2, 3, 2, 4, [3, 5, 4]), (1, 1, 6, 70, [17, 6, 65])] {
             let sh = shapes(n, ca, cb, o, s, k);
             let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
-            let io: Vec<(&[f32], &[usize])> = data
-                .iter()
-                .zip(&sh)
-                .map(|(d, s)| (d.as_slice(), s.as_slice()))
-                .collect();
+            let io = crate::ops::testing::pairs(&data, &sh);
             let (got, gs) = run_cpu(&op, &io).unwrap();
             let (cat, cs) = run_cpu(&Concat, &io[..2]).unwrap();
             let conv = Conv3d { kernel: k, relu };
@@ -116,11 +112,7 @@ fn fallback_cases(limit: u64, cases: &[(usize, usize, usize, usize, [usize; 3])]
         let sh = shapes(n, ca, cb, o, s, 3);
         let refs: Vec<&[usize]> = sh.iter().map(|x| x.as_slice()).collect();
         let data: Vec<Vec<f32>> = sh.iter().map(|x| random(&mut r, numel(x))).collect();
-        let io: Vec<(&[f32], &[usize])> = data
-            .iter()
-            .zip(&sh)
-            .map(|(d, s)| (d.as_slice(), s.as_slice()))
-            .collect();
+        let io = crate::ops::testing::pairs(&data, &sh);
         let (want, ws) = run_cpu(&op, &io).unwrap();
         let t: Vec<_> = data
             .iter()
