@@ -164,13 +164,28 @@ struct TexParams {
 @group(0) @binding(4) var<storage, read_write> tout: array<f32>;
 @group(0) @binding(5) var<uniform> wu2: array<vec4<f32>, 4096>;
 
+// The block of output columns this invocation computes: first columns of its two groups
+// of 8 (bc0, bc2) and, for RoPE, the texel of bc0's angle in a table row (brj). The
+// window kernels (one dispatch per block) take them from the parameter block
+// (block_from_params); the W-texture kernels (every block in one dispatch) derive them
+// from the workgroup's y index (block16, block_rope). Set first thing in every entry point.
+var<private> bc0: u32;
+var<private> bc2: u32;
+var<private> brj: u32;
+
+fn block_from_params() {
+    bc0 = tp.c0;
+    bc2 = tp.c2;
+    brj = tp.rj;
+}
+
 fn xload(t: u32) -> vec4<f32> {
     return textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0);
 }
 
 // The window index of column (c0 + lane) at k-step l; lanes past the last column re-read it.
 fn widx(lane: u32, l: u32) -> u32 {
-    let c = min(tp.c0 + lane, tp.n - 1u) - tp.c0;
+    let c = min(bc0 + lane, tp.n - 1u) - bc0;
     return tp.w_base + c * tp.k4 + l;
 }
 
@@ -210,7 +225,7 @@ fn add_bias8(acc: ptr<function, array<f32, 16>>, o: u32, c: u32, lane: u32) {
 
 // Output column of accumulator j: c0 + j for the first group of 8, c2 + j − 8 after.
 fn col_of(j: u32) -> u32 {
-    return select(tp.c0 + j, tp.c2 + j - 8u, j >= 8u);
+    return select(bc0 + j, bc2 + j - 8u, j >= 8u);
 }
 
 fn store_row(row: u32, acc: array<f32, 16>, cols: u32) {
@@ -260,7 +275,7 @@ fn rot4(acc: ptr<function, array<f32, 16>>, o: u32, c: vec4<f32>, s: vec4<f32>, 
 fn rope16(acc: ptr<function, array<f32, 16>>, row: u32) {
     let tok = min(row, tp.m - 1u) % tp.t;
     let on = tok >= tp.prefix;
-    let tb = select(0u, tok - tp.prefix, on) * tp.q4 + tp.rj;
+    let tb = select(0u, tok - tp.prefix, on) * tp.q4 + brj;
     rot4(acc, 0u, cos4(tb), sin4(tb), on);
     rot4(acc, 4u, cos4(tb + 1u), sin4(tb + 1u), on);
 }
@@ -287,15 +302,15 @@ fn res4(t: u32) -> vec4<f32> {
 fn store_res(row: u32, acc: array<f32, 16>, cols: u32) {
     let base = min(row, tp.m - 1u) * tp.n;
     var r: array<f32, 16>;
-    let a = res4((base + tp.c0) / 4u);
+    let a = res4((base + bc0) / 4u);
     r[0] = a.x;
     r[1] = a.y;
     r[2] = a.z;
     r[3] = a.w;
     if (cols == 16u) {
-        let b = res4((base + tp.c0) / 4u + 1u);
-        let c = res4((base + tp.c2) / 4u);
-        let d = res4((base + tp.c2) / 4u + 1u);
+        let b = res4((base + bc0) / 4u + 1u);
+        let c = res4((base + bc2) / 4u);
+        let d = res4((base + bc2) / 4u + 1u);
         r[4] = b.x;
         r[5] = b.y;
         r[6] = b.z;
@@ -336,14 +351,14 @@ fn acc16(row: u32, sl: u32) -> array<f32, 16> {
     let xr = min(row, tp.m - 1u) * tp.k4;
     var acc: array<f32, 16>;
     let wa = widx(sl, 0u);
-    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * tp.k4;
+    let wb = tp.w_base2 + (min(bc2 + sl, max(tp.n - 1u, bc2)) - bc2) * tp.k4;
     for (var l = 0u; l < tp.k4; l++) {
         let xv = xload(xr + l);
         bc8(&acc, 0u, xv, wu[wa + l]);
         bc8(&acc, 8u, xv, wu2[wb + l]);
     }
-    add_bias8(&acc, 0u, tp.c0, sl);
-    add_bias8(&acc, 8u, tp.c2, sl);
+    add_bias8(&acc, 0u, bc0, sl);
+    add_bias8(&acc, 8u, bc2, sl);
     return acc;
 }
 
@@ -354,13 +369,14 @@ fn acc4(row: u32, sl: u32) -> array<f32, 16> {
     for (var l = 0u; l < tp.k4; l++) {
         bc4(&acc, xload(xr + l), wu[wa + l]);
     }
-    add_bias8(&acc, 0u, tp.c0, sl);
+    add_bias8(&acc, 0u, bc0, sl);
     return acc;
 }
 
 @compute @workgroup_size(64)
 fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     store_row(row, acc16(row, sl), 16u);
 }
@@ -368,6 +384,7 @@ fn matmul_tex16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 @compute @workgroup_size(64)
 fn matmul_tex16_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     var acc = acc16(row, sl);
     rope16(&acc, row);
@@ -377,16 +394,18 @@ fn matmul_tex16_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 @compute @workgroup_size(64)
 fn matmul_tex16_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     var acc = acc16(row, sl);
-    scale8(&acc, 0u, tp.c0, sl);
-    scale8(&acc, 8u, tp.c2, sl);
+    scale8(&acc, 0u, bc0, sl);
+    scale8(&acc, 8u, bc2, sl);
     store_res(row, acc, 16u);
 }
 
 @compute @workgroup_size(64)
 fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     store_row(row, acc4(row, sl), 4u);
 }
@@ -394,9 +413,10 @@ fn matmul_tex4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 @compute @workgroup_size(64)
 fn matmul_tex4_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     var acc = acc4(row, sl);
-    scale8(&acc, 0u, tp.c0, sl);
+    scale8(&acc, 0u, bc0, sl);
     store_res(row, acc, 4u);
 }
 
@@ -434,16 +454,16 @@ fn acc16h(row: u32, sl: u32) -> array<f32, 16> {
     let xr = min(row, tp.m - 1u) * tp.k4;
     let k8 = tp.k4 / 2u;
     var acc: array<f32, 16>;
-    let wa = tp.w_base + (min(tp.c0 + sl, tp.n - 1u) - tp.c0) * k8;
-    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * k8;
+    let wa = tp.w_base + (min(bc0 + sl, tp.n - 1u) - bc0) * k8;
+    let wb = tp.w_base2 + (min(bc2 + sl, max(tp.n - 1u, bc2)) - bc2) * k8;
     for (var l = 0u; l < k8; l++) {
         let x0 = xload(xr + 2u * l);
         let x1 = xload(xr + 2u * l + 1u);
         bc8h(&acc, 0u, x0, x1, wh[wa + l]);
         bc8h(&acc, 8u, x0, x1, wh2[wb + l]);
     }
-    add_bias8(&acc, 0u, tp.c0, sl);
-    add_bias8(&acc, 8u, tp.c2, sl);
+    add_bias8(&acc, 0u, bc0, sl);
+    add_bias8(&acc, 8u, bc2, sl);
     return acc;
 }
 
@@ -451,17 +471,18 @@ fn acc4h(row: u32, sl: u32) -> array<f32, 16> {
     let xr = min(row, tp.m - 1u) * tp.k4;
     let k8 = tp.k4 / 2u;
     var acc: array<f32, 16>;
-    let wa = tp.w_base + (min(tp.c0 + min(sl, 3u), tp.n - 1u) - tp.c0) * k8;
+    let wa = tp.w_base + (min(bc0 + min(sl, 3u), tp.n - 1u) - bc0) * k8;
     for (var l = 0u; l < k8; l++) {
         bc4h(&acc, xload(xr + 2u * l), xload(xr + 2u * l + 1u), wh[wa + l]);
     }
-    add_bias8(&acc, 0u, tp.c0, sl);
+    add_bias8(&acc, 0u, bc0, sl);
     return acc;
 }
 
 @compute @workgroup_size(64)
 fn matmul_tex16h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     store_row(row, acc16h(row, sl), 16u);
 }
@@ -469,6 +490,7 @@ fn matmul_tex16h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 @compute @workgroup_size(64)
 fn matmul_tex16h_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     var acc = acc16h(row, sl);
     rope16(&acc, row);
@@ -478,16 +500,18 @@ fn matmul_tex16h_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 @compute @workgroup_size(64)
 fn matmul_tex16h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     var acc = acc16h(row, sl);
-    scale8(&acc, 0u, tp.c0, sl);
-    scale8(&acc, 8u, tp.c2, sl);
+    scale8(&acc, 0u, bc0, sl);
+    scale8(&acc, 8u, bc2, sl);
     store_res(row, acc, 16u);
 }
 
 @compute @workgroup_size(64)
 fn matmul_tex4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     store_row(row, acc4h(row, sl), 4u);
 }
@@ -495,9 +519,10 @@ fn matmul_tex4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 @compute @workgroup_size(64)
 fn matmul_tex4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = tex_row(gid, nwg);
     var acc = acc4h(row, sl);
-    scale8(&acc, 0u, tp.c0, sl);
+    scale8(&acc, 0u, bc0, sl);
     store_res(row, acc, 4u);
 }
 // ---- Four rows × 16 columns per invocation (matmul_tex16r4*, the default) ----
@@ -606,8 +631,8 @@ fn xrow(row: u32, r: u32) -> u32 {
 fn bias_r4(acc: ptr<function, Acc4>, sl: u32) {
     for (var r = 0u; r < 4u; r++) {
         var a = (*acc)[r];
-        add_bias8(&a, 0u, tp.c0, sl);
-        add_bias8(&a, 8u, tp.c2, sl);
+        add_bias8(&a, 0u, bc0, sl);
+        add_bias8(&a, 8u, bc2, sl);
         (*acc)[r] = a;
     }
 }
@@ -619,7 +644,7 @@ fn acc16r4(row: u32, sl: u32) -> Acc4 {
     let t3 = xrow(row, 3u);
     var acc: Acc4;
     let wa = widx(sl, 0u);
-    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * tp.k4;
+    let wb = tp.w_base2 + (min(bc2 + sl, max(tp.n - 1u, bc2)) - bc2) * tp.k4;
     for (var l = 0u; l < tp.k4; l++) {
         let x0 = xload(t0 + l);
         let x1 = xload(t1 + l);
@@ -640,8 +665,8 @@ fn acc16r4h(row: u32, sl: u32) -> Acc4 {
     let t3 = xrow(row, 3u);
     let k8 = tp.k4 / 2u;
     var acc: Acc4;
-    let wa = tp.w_base + (min(tp.c0 + sl, tp.n - 1u) - tp.c0) * k8;
-    let wb = tp.w_base2 + (min(tp.c2 + sl, max(tp.n - 1u, tp.c2)) - tp.c2) * k8;
+    let wa = tp.w_base + (min(bc0 + sl, tp.n - 1u) - bc0) * k8;
+    let wb = tp.w_base2 + (min(bc2 + sl, max(tp.n - 1u, bc2)) - bc2) * k8;
     for (var l = 0u; l < k8; l++) {
         let x0 = array<vec4<f32>, 2>(xload(t0 + 2u * l), xload(t0 + 2u * l + 1u));
         let x1 = array<vec4<f32>, 2>(xload(t1 + 2u * l), xload(t1 + 2u * l + 1u));
@@ -673,8 +698,8 @@ fn res_r4(row: u32, acc: Acc4, sl: u32) {
     var s = acc;
     for (var r = 0u; r < 4u; r++) {
         var a = s[r];
-        scale8(&a, 0u, tp.c0, sl);
-        scale8(&a, 8u, tp.c2, sl);
+        scale8(&a, 0u, bc0, sl);
+        scale8(&a, 8u, bc2, sl);
         s[r] = a;
     }
     for (var r = 0u; r < 4u; r++) {
@@ -685,6 +710,7 @@ fn res_r4(row: u32, acc: Acc4, sl: u32) {
 @compute @workgroup_size(8)
 fn matmul_tex16r4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = 4u * tex_row8(gid, nwg);
     store_r4(row, acc16r4(row, sl));
 }
@@ -692,6 +718,7 @@ fn matmul_tex16r4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 @compute @workgroup_size(8)
 fn matmul_tex16r4_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = 4u * tex_row8(gid, nwg);
     rope_r4(row, acc16r4(row, sl));
 }
@@ -699,6 +726,7 @@ fn matmul_tex16r4_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
 @compute @workgroup_size(8)
 fn matmul_tex16r4_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = 4u * tex_row8(gid, nwg);
     res_r4(row, acc16r4(row, sl), sl);
 }
@@ -706,6 +734,7 @@ fn matmul_tex16r4_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 @compute @workgroup_size(8)
 fn matmul_tex16r4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = 4u * tex_row8(gid, nwg);
     store_r4(row, acc16r4h(row, sl));
 }
@@ -713,6 +742,7 @@ fn matmul_tex16r4h(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 @compute @workgroup_size(8)
 fn matmul_tex16r4h_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = 4u * tex_row8(gid, nwg);
     rope_r4(row, acc16r4h(row, sl));
 }
@@ -720,7 +750,88 @@ fn matmul_tex16r4h_rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
 @compute @workgroup_size(8)
 fn matmul_tex16r4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
     let row = 4u * tex_row8(gid, nwg);
     res_r4(row, acc16r4h(row, sl), sl);
+}
+// ---- W through a texture, every column block in one dispatch (matmul_tex16r4w*) ----
+// The four-row kernels with W read from a read-only rgba32f storage texture (texel
+// c·k4 + l = column c's k-step l, copied from the weight buffer before the dispatch)
+// instead of uniform windows: a window can only be moved between dispatches, a texture
+// covers every column, so one dispatch (workgroup y = column block) replaces one per
+// 16-column block. On lavapipe every dispatch is a fork/join of its thread pool, and the
+// ViT-S qkv projection was 72 of them (docs/lavapipe.md, session 9).
+@group(0) @binding(8) var wt: texture_storage_2d<rgba32float, read>;
+
+fn wload(t: u32) -> vec4<f32> {
+    return textureLoad(wt, vec2<u32>(t & 1023u, t >> 10u));
+}
+
+// Block y of the 16-column blocks: columns 16y … 16y + 7 and 16y + 8 … 16y + 15.
+fn block16(y: u32) {
+    bc0 = 16u * y;
+    bc2 = bc0 + 8u;
+    brj = 0u;
+}
+
+// Block y of RoPE's blocks: head h = y / (half / 8) pairs columns h·hd + j0 … + 7 with the
+// same + half (half = hd / 2 = 4·q4), j0 = 8·(y mod (half / 8)).
+fn block_rope(y: u32) {
+    let half = 4u * tp.q4;
+    let per_head = half / 8u;
+    let j0 = 8u * (y % per_head);
+    bc0 = (y / per_head) * 2u * half + j0;
+    bc2 = bc0 + half;
+    brj = j0 / 4u;
+}
+
+// First row of this invocation: 8 invocations × 4 rows per workgroup along x.
+fn row_w(wg: vec3<u32>, li: u32) -> u32 {
+    return 4u * (wg.x * 8u + li);
+}
+
+fn acc16r4w(row: u32, sl: u32) -> Acc4 {
+    let t0 = xrow(row, 0u);
+    let t1 = xrow(row, 1u);
+    let t2 = xrow(row, 2u);
+    let t3 = xrow(row, 3u);
+    var acc: Acc4;
+    // (columns past the last re-read it, as in the window kernels)
+    let wa = min(bc0 + sl, tp.n - 1u) * tp.k4;
+    let wb = min(bc2 + sl, tp.n - 1u) * tp.k4;
+    for (var l = 0u; l < tp.k4; l++) {
+        let x0 = xload(t0 + l);
+        let x1 = xload(t1 + l);
+        let x2 = xload(t2 + l);
+        let x3 = xload(t3 + l);
+        bc8r4(&acc, 0u, x0, x1, x2, x3, wload(wa + l));
+        bc8r4(&acc, 8u, x0, x1, x2, x3, wload(wb + l));
+    }
+    bias_r4(&acc, sl);
+    return acc;
+}
+
+@compute @workgroup_size(8)
+fn matmul_tex16r4w(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+                   @builtin(subgroup_invocation_id) sl: u32) {
+    block16(wg.y);
+    let row = row_w(wg, li);
+    store_r4(row, acc16r4w(row, sl));
+}
+
+@compute @workgroup_size(8)
+fn matmul_tex16r4w_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+                        @builtin(subgroup_invocation_id) sl: u32) {
+    block_rope(wg.y);
+    let row = row_w(wg, li);
+    rope_r4(row, acc16r4w(row, sl));
+}
+
+@compute @workgroup_size(8)
+fn matmul_tex16r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+                       @builtin(subgroup_invocation_id) sl: u32) {
+    block16(wg.y);
+    let row = row_w(wg, li);
+    res_r4(row, acc16r4w(row, sl), sl);
 }
 // END subgroups

@@ -266,6 +266,7 @@ pub fn matmul_variants(base: &Matmul) -> Vec<Variant> {
     [
         ("matmul:auto", MatmulKernel::Auto),
         ("matmul:sampled", MatmulKernel::TexSampled),
+        ("matmul:windows", MatmulKernel::TexWindows),
         ("matmul:tex16", MatmulKernel::TexOneRow),
         ("matmul:generic", MatmulKernel::Generic),
     ]
@@ -303,6 +304,7 @@ pub fn tune_matmul(
         "matmul:generic" => MatmulKernel::Generic,
         "matmul:tex16" => MatmulKernel::TexOneRow,
         "matmul:sampled" => MatmulKernel::TexSampled,
+        "matmul:windows" => MatmulKernel::TexWindows,
         _ => MatmulKernel::Auto,
     };
     Ok((kernel, choice))
@@ -611,11 +613,13 @@ mod tests {
         assert!(rel_err(&got, &want) <= 1e-5, "{}", rel_err(&got, &want));
         // The default where the device has the texture path; the cached one-row choice.
         if texture_path_possible(c) {
-            assert_eq!(
-                default.first().copied(),
-                Some("matmul_tex16r4"),
-                "{default:?}"
-            );
+            // (W from a texture in one dispatch where X is a storage texture)
+            let four_rows = if c.storage_x() {
+                "matmul_tex16r4w"
+            } else {
+                "matmul_tex16r4"
+            };
+            assert_eq!(default.first().copied(), Some(four_rows), "{default:?}");
             cache.map.insert(k.clone(), "matmul:tex16".into());
             let exe = build(Some(&mut cache), &mut consts);
             if enabled() {

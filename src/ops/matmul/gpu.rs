@@ -197,8 +197,40 @@ pub(super) fn tex_rows_per_invocation(m: &Matmul, cols: usize) -> usize {
 /// GFLOP per CPU-second, docs/lavapipe.md) for f32 X and an f32 output, unless `m` asks for
 /// a sampled X ([`MatmulKernel::TexSampled`], [`MatmulKernel::TexOneRow`]).
 pub(super) fn reads_x_as_storage(ctx: &GpuContext, m: &Matmul) -> bool {
-    ctx.storage_x() && !m.x_f16 && !m.out_f16 && m.kernel == MatmulKernel::Auto
+    ctx.storage_x()
+        && !m.x_f16
+        && !m.out_f16
+        && matches!(m.kernel, MatmulKernel::Auto | MatmulKernel::TexWindows)
 }
+
+/// Whether the four-row kernels read W from a texture with every column block in one
+/// dispatch (`matmul_tex16r4w*`) instead of uniform windows bound one block per dispatch:
+/// wherever X is read as a storage texture (CPU adapters) and W is f32, unless `m` asks
+/// for the window kernels ([`MatmulKernel::TexWindows`]), and only if W fits one texture
+/// and the blocks and row groups fit one dispatch. On lavapipe each dispatch is a fork and
+/// join of its thread pool: ViT-S's qkv projection was 72 of them, and one dispatch is
+/// +8…+12 % GFLOP per wall second on the K = 384 shapes (docs/lavapipe.md, session 9).
+pub(super) fn reads_w_as_texture(
+    ctx: &GpuContext,
+    m: &Matmul,
+    d: Dims,
+    rows_per: usize,
+    blocks: usize,
+) -> bool {
+    let c = &ctx.caps;
+    let max_groups = c.max_workgroups_per_dim as usize;
+    reads_x_as_storage(ctx, m)
+        && m.kernel == MatmulKernel::Auto
+        && rows_per == 4
+        && !m.w_f16
+        && c.max_storage_textures_per_stage >= 2
+        && (d.n * d.k / 4) as u64 <= GpuContext::TEXTURE_WIDTH as u64 * c.max_texture_2d as u64
+        && blocks <= max_groups
+        && (d.batch * d.m).div_ceil(4 * W_GROUP) <= max_groups
+}
+
+/// Invocations per workgroup of the four-row kernels (one subgroup on lavapipe).
+const W_GROUP: usize = 8;
 
 /// Bytes per element of B on the device.
 pub(super) fn esize(m: &Matmul) -> usize {
@@ -283,6 +315,34 @@ pub(super) fn gpu_matmul_tex(
             "{entry}: RoPE fuses only into 16-column blocks"
         )));
     }
+    // Column blocks: (c0, c2) = the first columns of the two groups of 8 (16-column
+    // blocks), or (c0, c0) for 4-column blocks. RoPE pairs group 1 = columns h·hd + j0 …
+    // + 7 with group 2 = the same + hd/2, so every lane holds both halves of each pair.
+    // (The W-texture kernels derive the same blocks from their workgroup's y index.)
+    let half = match m.epi {
+        Epilogue::Rope { heads, .. } => d.n / heads / 2,
+        _ => 0,
+    };
+    let blocks: Vec<(usize, usize)> = match m.epi {
+        Epilogue::Rope { heads, .. } => (0..heads)
+            .flat_map(|h| {
+                (0..half / 8).map(move |jb| (h * 2 * half + jb * 8, h * 2 * half + jb * 8 + half))
+            })
+            .collect(),
+        _ if cols == 16 => (0..d.n.div_ceil(16))
+            .map(|b| (b * 16, (b * 16 + 8).min(d.n - 1)))
+            .collect(),
+        _ => (0..d.n.div_ceil(cols))
+            .map(|b| (b * cols, b * cols))
+            .collect(),
+    };
+    let w_tex = !m.out_f16 && reads_w_as_texture(ctx, m, d, rows_per, blocks.len());
+    let entry = match entry {
+        "matmul_tex16r4" if w_tex => "matmul_tex16r4w",
+        "matmul_tex16r4_rope" if w_tex => "matmul_tex16r4w_rope",
+        "matmul_tex16r4_res" if w_tex => "matmul_tex16r4w_res",
+        e => e,
+    };
     let uniform = |binding, size: u64| wgpu::BindGroupLayoutEntry {
         binding,
         visibility: wgpu::ShaderStages::COMPUTE,
@@ -330,12 +390,24 @@ pub(super) fn gpu_matmul_tex(
     };
     let mut layout = vec![
         uniform(0, params_size),
-        uniform(1, WINDOW),
-        uniform(5, WINDOW),
         x_entry,
         storage(3, true),
         storage(4, false),
     ];
+    if w_tex {
+        layout.push(wgpu::BindGroupLayoutEntry {
+            binding: 8,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::StorageTexture {
+                access: wgpu::StorageTextureAccess::ReadOnly,
+                format: wgpu::TextureFormat::Rgba32Float,
+                view_dimension: wgpu::TextureViewDimension::D2,
+            },
+            count: None,
+        });
+    } else {
+        layout.extend([uniform(1, WINDOW), uniform(5, WINDOW)]);
+    }
     match m.epi {
         Epilogue::None => {}
         Epilogue::Rope { .. } => layout.extend([texture_entry(6), texture_entry(7)]),
@@ -356,9 +428,8 @@ pub(super) fn gpu_matmul_tex(
     // (slots 3 and 4; attention uses 0–2), filled by the first dispatch's copies; the
     // residual likewise (slot 5).
     let nb = 2 + m.bias as usize;
-    let (half, tables) = match m.epi {
-        Epilogue::Rope { heads, prefix } => {
-            let half = d.n / heads / 2;
+    let tables = match m.epi {
+        Epilogue::Rope { prefix, .. } => {
             let texels = ((d.m - prefix) * half / 4) as u64;
             let mut t = Vec::new();
             for (slot, buf) in [(3, inputs[nb]), (4, inputs[nb + 1])] {
@@ -376,7 +447,7 @@ pub(super) fn gpu_matmul_tex(
                     }),
                 ));
             }
-            (half, t)
+            t
         }
         // The residual (rows, N) streams through scratch texture slot 5.
         Epilogue::Residual => {
@@ -392,37 +463,23 @@ pub(super) fn gpu_matmul_tex(
                 buffer_offset: 0,
                 dst_texel: 0,
             });
-            (0, vec![(view, copy)])
+            vec![(view, copy)]
         }
-        Epilogue::None => (0, Vec::new()),
-    };
-    // Column blocks: (c0, c2) = the first columns of the two groups of 8 (16-column
-    // blocks), or (c0, c0) for 4-column blocks. RoPE pairs group 1 = columns h·hd + j0 …
-    // + 7 with group 2 = the same + hd/2, so every lane holds both halves of each pair.
-    let blocks: Vec<(usize, usize)> = match m.epi {
-        Epilogue::Rope { heads, .. } => (0..heads)
-            .flat_map(|h| {
-                (0..half / 8).map(move |jb| (h * 2 * half + jb * 8, h * 2 * half + jb * 8 + half))
-            })
-            .collect(),
-        _ if cols == 16 => (0..d.n.div_ceil(16))
-            .map(|b| (b * 16, (b * 16 + 8).min(d.n - 1)))
-            .collect(),
-        _ => (0..d.n.div_ceil(cols))
-            .map(|b| (b * cols, b * cols))
-            .collect(),
+        Epilogue::None => Vec::new(),
     };
     // One parameter block per column block, at the device's uniform offset alignment.
     let align = params_size.next_multiple_of((ctx.caps.uniform_offset_alignment as u64).max(16));
     let w_bytes = inputs[1].size();
     let align_w = (ctx.caps.uniform_offset_alignment as u64).max(16);
-    let mut param_bytes = vec![0u8; blocks.len() * align as usize];
-    let mut offsets = Vec::with_capacity(blocks.len());
+    // (one parameter block for the W-texture kernels: their blocks come from workgroup y)
+    let param_blocks = if w_tex { 1 } else { blocks.len() };
+    let mut param_bytes = vec![0u8; param_blocks * align as usize];
+    let mut offsets = Vec::with_capacity(param_blocks);
     let (t, prefix) = match m.epi {
         Epilogue::Rope { prefix, .. } => (d.m, prefix),
         _ => (1, 0),
     };
-    for (b, &(c0, c2)) in blocks.iter().enumerate() {
+    for (b, &(c0, c2)) in blocks.iter().take(param_blocks).enumerate() {
         let col_byte = (c0 * d.k * esize(m)) as u64;
         // The window starts at column c0, or earlier for the last blocks so it stays
         // inside the buffer (every buffer is at least one window large).
@@ -455,7 +512,11 @@ pub(super) fn gpu_matmul_tex(
         };
         let at = b * align as usize;
         param_bytes[at..at + params_size as usize].copy_from_slice(bytemuck::bytes_of(&p));
-        offsets.push(vec![at as u32, start as u32, start2 as u32]);
+        offsets.push(if w_tex {
+            vec![at as u32]
+        } else {
+            vec![at as u32, start as u32, start2 as u32]
+        });
     }
     let params = ctx.uniform(&param_bytes);
     let bias = if m.bias { inputs[2] } else { inputs[1] };
@@ -466,6 +527,26 @@ pub(super) fn gpu_matmul_tex(
             size: std::num::NonZeroU64::new(WINDOW),
         })
     };
+    // W for the W-texture kernels: the weight buffer copied into scratch texture slot 6
+    // before the dispatch (N·K/4 texels; 2.4 MB for ViT-S's MLP, against a matmul of
+    // 10⁹ FLOPs — no weight is kept twice between runs).
+    let w_texture = if w_tex {
+        let texels = (d.n * d.k / 4) as u64;
+        let tex = ctx.scratch_texture(6, texels)?;
+        let view = tex.create_view(&Default::default());
+        let copy = std::sync::Arc::new(crate::gpu::TextureCopy {
+            buffer: inputs[1].clone(),
+            texture: tex,
+            width: GpuContext::TEXTURE_WIDTH,
+            texel_bytes: 16,
+            texels,
+            buffer_offset: 0,
+            dst_texel: 0,
+        });
+        Some((view, copy))
+    } else {
+        None
+    };
     let mut entries = vec![
         wgpu::BindGroupEntry {
             binding: 0,
@@ -474,10 +555,6 @@ pub(super) fn gpu_matmul_tex(
                 offset: 0,
                 size: std::num::NonZeroU64::new(params_size),
             }),
-        },
-        wgpu::BindGroupEntry {
-            binding: 1,
-            resource: window(inputs[1]),
         },
         wgpu::BindGroupEntry {
             binding: 2,
@@ -491,11 +568,23 @@ pub(super) fn gpu_matmul_tex(
             binding: 4,
             resource: out.as_entire_binding(),
         },
-        wgpu::BindGroupEntry {
-            binding: 5,
-            resource: window(inputs[1]),
-        },
     ];
+    match &w_texture {
+        Some((view, _)) => entries.push(wgpu::BindGroupEntry {
+            binding: 8,
+            resource: wgpu::BindingResource::TextureView(view),
+        }),
+        None => entries.extend([
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: window(inputs[1]),
+            },
+            wgpu::BindGroupEntry {
+                binding: 5,
+                resource: window(inputs[1]),
+            },
+        ]),
+    }
     match m.epi {
         Epilogue::None => {}
         Epilogue::Rope { .. } => {
@@ -533,8 +622,23 @@ pub(super) fn gpu_matmul_tex(
     });
     let mut first_copies = vec![copy];
     first_copies.extend(tables.iter().map(|(_, c)| c.clone()));
+    if let Some((_, copy)) = w_texture {
+        first_copies.push(copy);
+        // Every column block in one dispatch: x = groups of W_GROUP × 4 rows, y = block.
+        let groups = rows.div_ceil(4 * W_GROUP) as u32;
+        return Ok(vec![Dispatch {
+            name: entry,
+            before: Vec::new(),
+            after: Vec::new(),
+            pipeline,
+            bind_group,
+            workgroups: [groups, blocks.len() as u32, 1],
+            offsets: offsets.swap_remove(0),
+            copies: first_copies,
+        }]);
+    }
     // (the four-row kernels have workgroups of 8 invocations, the others of 64)
-    let wg_size = if rows_per == 4 { 8 } else { 64 };
+    let wg_size = if rows_per == 4 { W_GROUP } else { 64 };
     let workgroups = ctx.grid(rows.div_ceil(rows_per).div_ceil(wg_size) as u64)?;
     Ok(offsets
         .into_iter()

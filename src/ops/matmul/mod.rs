@@ -114,6 +114,10 @@ pub enum MatmulKernel {
     /// As `Auto`, but X always through a sampled texture (`Auto` reads it as a storage
     /// texture on CPU adapters, `GpuContext::storage_x`): an autotuning alternative.
     TexSampled,
+    /// As `Auto`, but W always through 64 KiB uniform windows, one dispatch per 16-column
+    /// block (`Auto` reads f32 W from a texture with every block in one dispatch where X
+    /// is a storage texture): an autotuning alternative.
+    TexWindows,
 }
 
 /// Resolved sizes of one matmul call.

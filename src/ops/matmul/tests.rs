@@ -212,18 +212,32 @@ fn texture_path_is_chosen_where_it_applies() {
         kernel: MatmulKernel::TexOneRow,
         ..lin
     };
+    // Four-row kernels: W from a texture, every block in one dispatch, where X is read as
+    // a storage texture (CPU adapters); else W through windows, one dispatch per block.
+    let r4 = |blocks| {
+        if c.storage_x() {
+            vec!["matmul_tex16r4w"]
+        } else {
+            vec!["matmul_tex16r4"; blocks]
+        }
+    };
     if expect_tex {
         // 16-column blocks: four rows per invocation, or one with TexOneRow; 4-column
         // blocks (K > 2048) one row either way.
-        assert_eq!(got, vec!["matmul_tex16r4"; 3]);
+        assert_eq!(got, r4(3));
+        let windows = Matmul {
+            kernel: MatmulKernel::TexWindows,
+            ..lin
+        };
+        assert_eq!(
+            names(windows, vec![vec![10, 384], vec![40, 384]]),
+            vec!["matmul_tex16r4"; 3]
+        );
         assert_eq!(
             names(one, vec![vec![10, 384], vec![40, 384]]),
             vec!["matmul_tex16"; 3]
         );
-        assert_eq!(
-            names(lin, vec![vec![10, 1536], vec![8, 1536]]),
-            vec!["matmul_tex16r4"]
-        );
+        assert_eq!(names(lin, vec![vec![10, 1536], vec![8, 1536]]), r4(1));
         for m in [lin, one] {
             assert_eq!(
                 names(m, vec![vec![10, 4096], vec![5, 4096]]),
@@ -532,6 +546,7 @@ fn rope_epilogue_matches_reference() {
             (MatmulKernel::TexOneRow, false, true),
             (MatmulKernel::TexOneRow, true, false),
             (MatmulKernel::TexSampled, false, true),
+            (MatmulKernel::TexWindows, false, false),
             (MatmulKernel::Generic, false, true),
             (MatmulKernel::Generic, true, false),
         ] {
@@ -693,6 +708,7 @@ fn residual_epilogue_matches_reference() {
             (MatmulKernel::TexOneRow, true, false, Activation::Identity),
             (MatmulKernel::TexSampled, false, true, Activation::Gelu),
             (MatmulKernel::TexSampled, true, true, Activation::Identity),
+            (MatmulKernel::TexWindows, false, true, Activation::Identity),
             (MatmulKernel::Generic, false, true, Activation::Identity),
             (MatmulKernel::Generic, true, false, Activation::Silu),
         ] {
@@ -789,9 +805,28 @@ fn four_row_kernels_match_reference() {
                 ..m
             };
             let (s_got, s_names) = run_w16(&sampled, &data, &s);
-            assert_eq!(s_names, names);
+            assert!(
+                s_names.iter().all(|e| e.starts_with("matmul_tex16r4")),
+                "{s_names:?}"
+            );
             let e = crate::ops::testing::rel_err(&s_got, &want);
             assert!(e <= 1e-5, "{sampled:?} {s:?}: rel err {e}");
+            // W through uniform windows, one dispatch per block (Auto reads f32 W from a
+            // texture in one dispatch where X is a storage texture).
+            let windows = Matmul {
+                kernel: MatmulKernel::TexWindows,
+                ..m
+            };
+            let (w_got, w_names) = run_w16(&windows, &data, &s);
+            seen.extend(w_names.iter().copied());
+            assert!(
+                w_names
+                    .iter()
+                    .all(|e| e.starts_with("matmul_tex16r4") && !e.starts_with("matmul_tex16r4w")),
+                "{w_names:?}"
+            );
+            let e = crate::ops::testing::rel_err(&w_got, &want);
+            assert!(e <= 1e-5, "{windows:?} {s:?}: rel err {e}");
         }
         // The epilogues: RoPE on heads of 16 (hd/2 = 8 pairs with the block's halves) with
         // images of `rows` tokens, the residual on the output's shape.
@@ -800,6 +835,7 @@ fn four_row_kernels_match_reference() {
             (false, MatmulKernel::Auto),
             (true, MatmulKernel::Auto),
             (false, MatmulKernel::TexSampled),
+            (false, MatmulKernel::TexWindows),
         ] {
             let mut cases = vec![Matmul::linear(true).with_epilogue(Epilogue::Residual)];
             if heads > 0 && n % 16 == 0 {
@@ -831,20 +867,29 @@ fn four_row_kernels_match_reference() {
                 assert!(
                     !names.is_empty()
                         && names.iter().all(|e| e.starts_with("matmul_tex16r4_")
-                            || e.starts_with("matmul_tex16r4h_")),
+                            || e.starts_with("matmul_tex16r4h_")
+                            || e.starts_with("matmul_tex16r4w_")),
                     "{m:?} {s:?}: {names:?}"
                 );
             }
         }
     }
-    for e in [
+    let mut want = vec![
         "matmul_tex16r4",
         "matmul_tex16r4h",
         "matmul_tex16r4_rope",
         "matmul_tex16r4h_rope",
         "matmul_tex16r4_res",
         "matmul_tex16r4h_res",
-    ] {
+    ];
+    if crate::ops::testing::ctx().storage_x() {
+        want.extend([
+            "matmul_tex16r4w",
+            "matmul_tex16r4w_rope",
+            "matmul_tex16r4w_res",
+        ]);
+    }
+    for e in want {
         assert!(seen.contains(e), "{e} not exercised: {seen:?}");
     }
 }
@@ -900,7 +945,8 @@ fn lab_time() {
 /// Texture-path kernel variants side by side on the ViT-S linear shapes (M = `LAB_M` rows,
 /// default 16·261, in images of 261 tokens; (K, N) = qkv, o_proj, up, down with bias;
 /// o_proj and down_proj also with the residual epilogue, q with RoPE): GFLOP per process
-/// CPU-second (robust to other load on the machine), `LAB_ROUNDS` interleaved rounds of
+/// CPU-second (robust to other load on the machine) and per wall second (which also counts the
+/// threads' idle time between dispatches), `LAB_ROUNDS` interleaved rounds of
 /// `LAB_REPS` runs per variant, median; variants `LAB_KERNELS` (comma-separated of onerow,
 /// auto, w16-onerow, w16-auto; default onerow,auto; the first is the baseline), shapes
 /// filtered by `LAB_FILTER`. Outputs are checked against the first variant's (f16 weights
@@ -929,6 +975,7 @@ fn lab_variants() {
             "auto" => Some((w, MatmulKernel::Auto, false)),
             "w16-onerow" => Some((w, MatmulKernel::TexOneRow, true)),
             "w16-auto" => Some((w, MatmulKernel::Auto, true)),
+            "windows" => Some((w, MatmulKernel::TexWindows, false)),
             _ => None,
         })
         .collect();
@@ -997,16 +1044,17 @@ fn lab_variants() {
                     assert!(e <= 1e-5, "{label} {name} ({}): rel err {e}", ds[0].name);
                 }
             }
-            runs.push((name, ds[0].name, ds, Vec::new()));
+            runs.push((name, ds[0].name, ds, Vec::new(), Vec::new()));
         }
         for _ in 0..rounds {
-            for (_, _, ds, rates) in runs.iter_mut() {
-                let c0 = process_cpu_seconds().unwrap();
+            for (_, _, ds, rates, walls) in runs.iter_mut() {
+                let (c0, t0) = (process_cpu_seconds().unwrap(), std::time::Instant::now());
                 for _ in 0..reps {
                     c.run(ds).unwrap();
                 }
                 let used = process_cpu_seconds().unwrap() - c0;
                 rates.push(gf * reps as f64 / used.max(1e-9));
+                walls.push(gf * reps as f64 / t0.elapsed().as_secs_f64());
             }
         }
         let med = |v: &mut Vec<f64>| {
@@ -1014,12 +1062,14 @@ fn lab_variants() {
             v[v.len() / 2]
         };
         let base_rate = med(&mut runs[0].3);
-        for (name, entry, _, rates) in runs.iter_mut() {
-            let m = med(rates);
+        let base_wall = med(&mut runs[0].4);
+        for (name, entry, _, rates, walls) in runs.iter_mut() {
+            let (m, w) = (med(rates), med(walls));
             eprintln!(
                 "M={rows} K={k:4} N={n:4} {label:10} {name:6} {entry:18} {m:6.2} GFLOP/cpu-s  \
-                 ({:+.1} %)  [{}]",
+                 ({:+.1} %)  {w:6.2} GFLOP/s wall ({:+.1} %)  [{}]",
                 (m / base_rate - 1.0) * 100.0,
+                (w / base_wall - 1.0) * 100.0,
                 rates
                     .iter()
                     .map(|v| format!("{v:.1}"))
