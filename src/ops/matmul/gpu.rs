@@ -162,6 +162,10 @@ pub(super) fn texture_path_cols(
     if !ok {
         return None;
     }
+    // W from a texture: 16-column blocks whatever K (no window to fit).
+    if reads_w_as_texture(ctx, m, d) {
+        return Some(16);
+    }
     [(16usize, 8usize), (4, 4)]
         .into_iter()
         .map(|(cols, group)| (cols, group * d.k * esize(m)))
@@ -207,21 +211,17 @@ pub(super) fn reads_x_as_storage(ctx: &GpuContext, m: &Matmul) -> bool {
 /// dispatch (`matmul_tex16r4w*`) instead of uniform windows bound one block per dispatch:
 /// wherever X is read as a storage texture (CPU adapters) and W is f32, unless `m` asks
 /// for the window kernels ([`MatmulKernel::TexWindows`]), and only if W fits one texture
-/// and the blocks and row groups fit one dispatch. On lavapipe each dispatch is a fork and
+/// and the blocks and row groups fit one dispatch. No window bounds K then: K > 2048
+/// (ViT-L's MLP down projection) gets the four-row kernel instead of 4-column blocks. On lavapipe each dispatch is a fork and
 /// join of its thread pool: ViT-S's qkv projection was 72 of them, and one dispatch is
 /// +8…+12 % GFLOP per wall second on the K = 384 shapes (docs/lavapipe.md, session 9).
-pub(super) fn reads_w_as_texture(
-    ctx: &GpuContext,
-    m: &Matmul,
-    d: Dims,
-    rows_per: usize,
-    blocks: usize,
-) -> bool {
+pub(super) fn reads_w_as_texture(ctx: &GpuContext, m: &Matmul, d: Dims) -> bool {
     let c = &ctx.caps;
     let max_groups = c.max_workgroups_per_dim as usize;
+    // (RoPE's blocks pair half-heads, hd / 16 per head: as many as 16-column blocks)
+    let blocks = d.n.div_ceil(16);
     reads_x_as_storage(ctx, m)
         && m.kernel == MatmulKernel::Auto
-        && rows_per == 4
         && !m.w_f16
         && c.max_storage_textures_per_stage >= 2
         && (d.n * d.k / 4) as u64 <= GpuContext::TEXTURE_WIDTH as u64 * c.max_texture_2d as u64
@@ -336,7 +336,14 @@ pub(super) fn gpu_matmul_tex(
             .map(|b| (b * cols, b * cols))
             .collect(),
     };
-    let w_tex = !m.out_f16 && reads_w_as_texture(ctx, m, d, rows_per, blocks.len());
+    let w_tex = cols == 16 && rows_per == 4 && reads_w_as_texture(ctx, m, d);
+    if w_tex && blocks.len() != d.n.div_ceil(16) {
+        return Err(Error::Gpu(format!(
+            "{entry}: {} column blocks, expected {}",
+            blocks.len(),
+            d.n.div_ceil(16)
+        )));
+    }
     let entry = match entry {
         "matmul_tex16r4" if w_tex => "matmul_tex16r4w",
         "matmul_tex16r4_rope" if w_tex => "matmul_tex16r4w_rope",

@@ -238,11 +238,15 @@ fn texture_path_is_chosen_where_it_applies() {
             vec!["matmul_tex16"; 3]
         );
         assert_eq!(names(lin, vec![vec![10, 1536], vec![8, 1536]]), r4(1));
-        for m in [lin, one] {
-            assert_eq!(
-                names(m, vec![vec![10, 4096], vec![5, 4096]]),
-                vec!["matmul_tex4"; 2]
-            );
+        // (W from a texture has no window to fit: K = 4096 keeps 16-column blocks)
+        let k4096 = vec![vec![10, 4096], vec![5, 4096]];
+        if c.storage_x() {
+            assert_eq!(names(lin, k4096.clone()), vec!["matmul_tex16r4w"]);
+        } else {
+            assert_eq!(names(lin, k4096.clone()), vec!["matmul_tex4"; 2]);
+        }
+        for m in [windows, one] {
+            assert_eq!(names(m, k4096.clone()), vec!["matmul_tex4"; 2]);
         }
     }
     // K % 4 != 0 and transposed A always take the generic kernel.
@@ -891,6 +895,54 @@ fn four_row_kernels_match_reference() {
     }
     for e in want {
         assert!(seen.contains(e), "{e} not exercised: {seen:?}");
+    }
+}
+
+/// W from a texture (CPU adapters): no window bounds K, so K > 2048 takes the four-row
+/// kernel too (ViT-L's MLP down projection, K = 4096), with each epilogue; against the
+/// CPU reference on fresh random inputs, output poisoned, odd row and column counts.
+#[test]
+fn w_texture_kernels_take_any_k() {
+    if !has_texture_path() || !crate::ops::testing::ctx().storage_x() {
+        return;
+    }
+    let mut r = rng();
+    for (batch, rows, n, k) in [
+        (None, 37, 40, 4096),
+        (Some(2), 13, 21, 2052),
+        (None, 5, 16, 8192),
+    ] {
+        let mut cases = vec![
+            Matmul::linear(true).with_act(Activation::Gelu),
+            Matmul::linear(false).with_epilogue(Epilogue::Residual),
+        ];
+        if n % 16 == 0 {
+            cases.push(Matmul::linear(true).with_epilogue(Epilogue::Rope {
+                heads: n / 16,
+                prefix: 1,
+            }));
+        }
+        for m in cases {
+            if m.epi == Epilogue::Residual && n % 4 != 0 {
+                continue;
+            }
+            let mut s = shapes(&m.plain(), batch, rows, n, k, false);
+            match m.epi {
+                Epilogue::Rope { .. } => s.extend([vec![rows - 1, 8], vec![rows - 1, 8]]),
+                Epilogue::Residual => {
+                    let mut out = s[0].clone();
+                    *out.last_mut().unwrap() = n;
+                    s.extend([out, vec![n]]);
+                }
+                Epilogue::None => {}
+            }
+            let names = check_fused(&m, &s, &mut r);
+            assert_eq!(names.len(), 1, "{m:?} {s:?}: {names:?}");
+            assert!(
+                names[0].starts_with("matmul_tex16r4w"),
+                "{m:?} {s:?}: {names:?}"
+            );
+        }
     }
 }
 
