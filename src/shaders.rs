@@ -24,9 +24,10 @@ impl Shader {
         self.derived("no subgroups", without_subgroups)
     }
 
-    /// This family with its streamed operand `xt` declared as a read-only rgba32float
-    /// storage texture instead of a sampled one ([`with_storage_x`]): the form of the
-    /// texture kernels of `matmul` and `conv3d` on CPU adapters. Built once per shader.
+    /// This family with its streamed operands (`xt`; attention's `qt`, `kt`, `vt`)
+    /// declared as read-only rgba32float storage textures instead of sampled ones
+    /// ([`with_storage_x`]): the form of the texture kernels of `matmul`, `conv3d` and
+    /// `attention` on CPU adapters. Built once per shader.
     pub fn storage_x(&'static self) -> &'static Shader {
         self.derived("storage X", with_storage_x)
     }
@@ -50,19 +51,50 @@ impl Shader {
     }
 }
 
-/// `text` with `var xt: texture_2d<f32>` read as `texture_storage_2d<rgba32float, read>`
-/// (its `textureLoad(xt, …, 0)` calls lose the mip level). On lavapipe a sampled
+/// `text` with its streamed operands — `xt` (matmul, conv3d) and `qt`, `kt`, `vt`
+/// (attention) — declared as read-only rgba32float storage textures instead of sampled
+/// ones: each `var NAME: texture_2d<f32>;` becomes `texture_storage_2d<rgba32float, read>`
+/// and its `textureLoad(NAME, coords, 0)` calls lose the mip level. On lavapipe a sampled
 /// `textureLoad` is an out-of-line function call that clobbers every vector register,
 /// while a storage-image load is inlined (docs/lavapipe.md).
 pub fn with_storage_x(text: &str) -> String {
-    text.replace(
-        "var xt: texture_2d<f32>;",
-        "var xt: texture_storage_2d<rgba32float, read>;",
-    )
-    .replace(
-        "textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0)",
-        "textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u))",
-    )
+    let mut out = text.to_string();
+    for name in ["xt", "qt", "kt", "vt"] {
+        out = out.replace(
+            &format!("var {name}: texture_2d<f32>;"),
+            &format!("var {name}: texture_storage_2d<rgba32float, read>;"),
+        );
+        // Every `textureLoad(name, …, 0)`: drop the `, 0` before its closing parenthesis.
+        let open = format!("textureLoad({name},");
+        let mut done = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(at) = rest.find(&open) {
+            let start = at + open.len();
+            let mut depth = 1usize;
+            let mut close = None;
+            for (i, ch) in rest[start..].char_indices() {
+                match ch {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            close = Some(start + i);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let Some(close) = close else { break };
+            let args = &rest[start..close];
+            done.push_str(&rest[..start]);
+            done.push_str(args.strip_suffix(", 0").unwrap_or(args));
+            rest = &rest[close..];
+        }
+        done.push_str(rest);
+        out = done;
+    }
+    out
 }
 
 /// `text` without its subgroup section (see [`Shader::portable`]).
@@ -127,7 +159,11 @@ shaders! {
 /// (by name) a device actually compiled, with which entry points and constants.
 pub fn variants() -> Vec<&'static Shader> {
     let mut v: Vec<&'static Shader> = ALL.iter().flat_map(|s| [*s, s.portable()]).collect();
-    v.extend([MATMUL.storage_x(), CONV3D.storage_x()]);
+    v.extend([
+        MATMUL.storage_x(),
+        CONV3D.storage_x(),
+        ATTENTION.storage_x(),
+    ]);
     v
 }
 

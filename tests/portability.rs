@@ -217,17 +217,27 @@ fn entry_points(module: &Module) -> Vec<String> {
 #[test]
 fn variants_list_every_family_with_and_without_subgroups() {
     let v = shaders::variants();
-    // … and the storage-texture forms of matmul and conv3d (texture kernels on CPU adapters).
-    assert_eq!(v.len(), 2 * shaders::ALL.len() + 2);
-    for st in [shaders::MATMUL.storage_x(), shaders::CONV3D.storage_x()] {
+    // … and the storage-texture forms of matmul, conv3d and attention (texture kernels on
+    // CPU adapters): every streamed operand declared and loaded as a storage texture.
+    assert_eq!(v.len(), 2 * shaders::ALL.len() + 3);
+    for (st, names) in [
+        (shaders::MATMUL.storage_x(), &["xt"][..]),
+        (shaders::CONV3D.storage_x(), &["xt"][..]),
+        (shaders::ATTENTION.storage_x(), &["qt", "kt", "vt"][..]),
+    ] {
         assert!(shaders::variant(st.name).is_some(), "{} missing", st.name);
-        assert!(st
-            .text
-            .contains("var xt: texture_storage_2d<rgba32float, read>;"));
-        assert!(!st.text.contains("var xt: texture_2d<f32>;"));
-        assert!(!st
-            .text
-            .contains("textureLoad(xt, vec2<u32>(t & 1023u, t >> 10u), 0)"));
+        for n in names {
+            let storage = format!("var {n}: texture_storage_2d<rgba32float, read>;");
+            assert!(st.text.contains(&storage), "{}: {storage}", st.name);
+            assert!(!st.text.contains(&format!("var {n}: texture_2d<f32>;")));
+            // (no load of it keeps a mip level: the sampled loads all end in `, 0)`)
+            let call = format!("textureLoad({n},");
+            let loads: Vec<&str> = st.text.lines().filter(|l| l.contains(&call)).collect();
+            assert!(!loads.is_empty(), "{}: no load of {n}", st.name);
+            for l in loads {
+                assert!(!l.contains(", 0)"), "{}: sampled load left: {l}", st.name);
+            }
+        }
     }
     for s in shaders::ALL {
         assert!(shaders::variant(s.name).is_some(), "{} missing", s.name);

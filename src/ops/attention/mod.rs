@@ -319,8 +319,13 @@ struct Params {
 enum Kernel {
     /// `attention`: one invocation per query.
     Portable,
-    /// `attention_sg`: q, k, v copied into textures, subgroup broadcasts.
+    /// `attention_sg`: q, k, v copied into textures, subgroup broadcasts; the textures
+    /// are read as storage textures where [`GpuContext::storage_x`] holds (lavapipe
+    /// inlines those loads; a sampled fetch is a function call) and f32.
     Staged,
+    /// `attention_sg` with sampled q, k, v textures everywhere (a test of that form).
+    #[cfg(test)]
+    StagedSampled,
 }
 
 impl Kernel {
@@ -410,23 +415,21 @@ fn gpu_attention(
             })?])
         }
         Kernel::Staged => {
-            let constants = [
-                ("HD", d.hd as f64),
-                ("R", SG_QUERIES_PER_LANE as f64),
-                ("TW_LOG2", GpuContext::TEXTURE_WIDTH.trailing_zeros() as f64),
-            ];
-            staged(ctx, d, &p, &constants, in_f16, inputs, out)
+            let storage = ctx.storage_x() && !in_f16;
+            staged(ctx, d, &p, storage, in_f16, inputs, out)
         }
+        #[cfg(test)]
+        Kernel::StagedSampled => staged(ctx, d, &p, false, in_f16, inputs, out),
     }
 }
 
 /// The dispatch of `attention_sg`, carrying the copies of q, k and v into scratch
-/// textures 0, 1 and 2.
+/// textures 0, 1 and 2, read as storage textures if `storage` (rgba32float only).
 fn staged(
     ctx: &GpuContext,
     d: Dims,
     p: &Params,
-    constants: &[(&'static str, f64)],
+    storage: bool,
     in_f16: bool,
     inputs: &[&wgpu::Buffer],
     out: &wgpu::Buffer,
@@ -447,7 +450,17 @@ fn staged(
         .iter()
         .map(|t| t.create_view(&Default::default()))
         .collect();
-    let pipeline = ctx.pipeline(&ATTENTION, "attention_sg", constants)?;
+    let constants = [
+        ("HD", d.hd as f64),
+        ("R", SG_QUERIES_PER_LANE as f64),
+        ("TW_LOG2", GpuContext::TEXTURE_WIDTH.trailing_zeros() as f64),
+    ];
+    let shader = if storage {
+        ATTENTION.storage_x()
+    } else {
+        &ATTENTION
+    };
+    let pipeline = ctx.pipeline(shader, "attention_sg", &constants)?;
     let params = ctx.uniform(bytemuck::bytes_of(p));
     let entries = [
         (0, params.as_entire_binding()),

@@ -90,7 +90,7 @@ fn kernels() -> Vec<Kernel> {
     let c = ctx();
     let mut k = vec![Kernel::Portable];
     if c.caps.cpu_like && c.caps.subgroups && c.caps.min_subgroup_size >= 8 {
-        k.push(Kernel::Staged);
+        k.extend([Kernel::Staged, Kernel::StagedSampled]);
     }
     k
 }
