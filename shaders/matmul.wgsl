@@ -637,43 +637,69 @@ fn bias_r4(acc: ptr<function, Acc4>, sl: u32) {
     }
 }
 
+// One k-step of the block for rows t (first texels of the four rows of X): W from the
+// windows (wa, wb: this lane's column's first vec4 in each).
+fn step16r4(acc: ptr<function, Acc4>, t: vec4<u32>, wa: u32, wb: u32, l: u32) {
+    let x0 = xload(t.x + l);
+    let x1 = xload(t.y + l);
+    let x2 = xload(t.z + l);
+    let x3 = xload(t.w + l);
+    bc8r4(acc, 0u, x0, x1, x2, x3, wu[wa + l]);
+    bc8r4(acc, 8u, x0, x1, x2, x3, wu2[wb + l]);
+}
+
+// The first texels of rows row … row + 3 of X.
+fn rows_r4(row: u32) -> vec4<u32> {
+    return vec4<u32>(xrow(row, 0u), xrow(row, 1u), xrow(row, 2u), xrow(row, 3u));
+}
+
+// Every kernel below runs four k-steps per loop iteration: lavapipe keeps the 64
+// accumulators on the stack and blends every loop-carried value with the loop mask once
+// per iteration, so each is loaded, blended and stored once per four k-steps, not every
+// one (+12…+21 % GFLOP per wall second, docs/lavapipe.md, session 9).
 fn acc16r4(row: u32, sl: u32) -> Acc4 {
-    let t0 = xrow(row, 0u);
-    let t1 = xrow(row, 1u);
-    let t2 = xrow(row, 2u);
-    let t3 = xrow(row, 3u);
+    let t = rows_r4(row);
     var acc: Acc4;
     let wa = widx(sl, 0u);
     let wb = tp.w_base2 + (min(bc2 + sl, max(tp.n - 1u, bc2)) - bc2) * tp.k4;
-    for (var l = 0u; l < tp.k4; l++) {
-        let x0 = xload(t0 + l);
-        let x1 = xload(t1 + l);
-        let x2 = xload(t2 + l);
-        let x3 = xload(t3 + l);
-        bc8r4(&acc, 0u, x0, x1, x2, x3, wu[wa + l]);
-        bc8r4(&acc, 8u, x0, x1, x2, x3, wu2[wb + l]);
+    let k4u = tp.k4 - tp.k4 % 4u;
+    for (var l = 0u; l < k4u; l += 4u) {
+        step16r4(&acc, t, wa, wb, l);
+        step16r4(&acc, t, wa, wb, l + 1u);
+        step16r4(&acc, t, wa, wb, l + 2u);
+        step16r4(&acc, t, wa, wb, l + 3u);
+    }
+    for (var l = k4u; l < tp.k4; l++) {
+        step16r4(&acc, t, wa, wb, l);
     }
     bias_r4(&acc, sl);
     return acc;
 }
 
 // f16 weights: one window vec4<u32> = 8 halves of a column, two texels of X per row.
+fn step16r4h(acc: ptr<function, Acc4>, t: vec4<u32>, wa: u32, wb: u32, l: u32) {
+    let x0 = array<vec4<f32>, 2>(xload(t.x + 2u * l), xload(t.x + 2u * l + 1u));
+    let x1 = array<vec4<f32>, 2>(xload(t.y + 2u * l), xload(t.y + 2u * l + 1u));
+    let x2 = array<vec4<f32>, 2>(xload(t.z + 2u * l), xload(t.z + 2u * l + 1u));
+    let x3 = array<vec4<f32>, 2>(xload(t.w + 2u * l), xload(t.w + 2u * l + 1u));
+    bc8r4h(acc, 0u, x0, x1, x2, x3, wh[wa + l]);
+    bc8r4h(acc, 8u, x0, x1, x2, x3, wh2[wb + l]);
+}
+
 fn acc16r4h(row: u32, sl: u32) -> Acc4 {
-    let t0 = xrow(row, 0u);
-    let t1 = xrow(row, 1u);
-    let t2 = xrow(row, 2u);
-    let t3 = xrow(row, 3u);
+    let t = rows_r4(row);
     let k8 = tp.k4 / 2u;
     var acc: Acc4;
     let wa = tp.w_base + (min(bc0 + sl, tp.n - 1u) - bc0) * k8;
     let wb = tp.w_base2 + (min(bc2 + sl, max(tp.n - 1u, bc2)) - bc2) * k8;
-    for (var l = 0u; l < k8; l++) {
-        let x0 = array<vec4<f32>, 2>(xload(t0 + 2u * l), xload(t0 + 2u * l + 1u));
-        let x1 = array<vec4<f32>, 2>(xload(t1 + 2u * l), xload(t1 + 2u * l + 1u));
-        let x2 = array<vec4<f32>, 2>(xload(t2 + 2u * l), xload(t2 + 2u * l + 1u));
-        let x3 = array<vec4<f32>, 2>(xload(t3 + 2u * l), xload(t3 + 2u * l + 1u));
-        bc8r4h(&acc, 0u, x0, x1, x2, x3, wh[wa + l]);
-        bc8r4h(&acc, 8u, x0, x1, x2, x3, wh2[wb + l]);
+    // (two k-steps of 8 per iteration: as many FLOPs as four of the f32 kernels)
+    let k8u = k8 - k8 % 2u;
+    for (var l = 0u; l < k8u; l += 2u) {
+        step16r4h(&acc, t, wa, wb, l);
+        step16r4h(&acc, t, wa, wb, l + 1u);
+    }
+    if (k8u < k8) {
+        step16r4h(&acc, t, wa, wb, k8u);
     }
     bias_r4(&acc, sl);
     return acc;
@@ -790,22 +816,33 @@ fn row_w(wg: vec3<u32>, li: u32) -> u32 {
     return 4u * (wg.x * 8u + li);
 }
 
+// One k-step of the block for rows t (first texels of the four rows of X): the texel
+// of each row, and W's columns bc0 + lane (wa) and bc2 + lane (wb), broadcast.
+fn step16r4w(acc: ptr<function, Acc4>, t: vec4<u32>, wa: u32, wb: u32, l: u32) {
+    let x0 = xload(t.x + l);
+    let x1 = xload(t.y + l);
+    let x2 = xload(t.z + l);
+    let x3 = xload(t.w + l);
+    bc8r4(acc, 0u, x0, x1, x2, x3, wload(wa + l));
+    bc8r4(acc, 8u, x0, x1, x2, x3, wload(wb + l));
+}
+
 fn acc16r4w(row: u32, sl: u32) -> Acc4 {
-    let t0 = xrow(row, 0u);
-    let t1 = xrow(row, 1u);
-    let t2 = xrow(row, 2u);
-    let t3 = xrow(row, 3u);
+    let t = rows_r4(row);
     var acc: Acc4;
     // (columns past the last re-read it, as in the window kernels)
     let wa = min(bc0 + sl, tp.n - 1u) * tp.k4;
     let wb = min(bc2 + sl, tp.n - 1u) * tp.k4;
-    for (var l = 0u; l < tp.k4; l++) {
-        let x0 = xload(t0 + l);
-        let x1 = xload(t1 + l);
-        let x2 = xload(t2 + l);
-        let x3 = xload(t3 + l);
-        bc8r4(&acc, 0u, x0, x1, x2, x3, wload(wa + l));
-        bc8r4(&acc, 8u, x0, x1, x2, x3, wload(wb + l));
+    // (four k-steps per iteration, as acc16r4)
+    let k4u = tp.k4 - tp.k4 % 4u;
+    for (var l = 0u; l < k4u; l += 4u) {
+        step16r4w(&acc, t, wa, wb, l);
+        step16r4w(&acc, t, wa, wb, l + 1u);
+        step16r4w(&acc, t, wa, wb, l + 2u);
+        step16r4w(&acc, t, wa, wb, l + 3u);
+    }
+    for (var l = k4u; l < tp.k4; l++) {
+        step16r4w(&acc, t, wa, wb, l);
     }
     bias_r4(&acc, sl);
     return acc;
