@@ -212,7 +212,11 @@ fn bc4(acc: ptr<function, array<f32, 16>>, xv: vec4<f32>, w: vec4<f32>) {
 // flow, before any lane returns.
 fn add_bias8(acc: ptr<function, array<f32, 16>>, o: u32, c: u32, lane: u32) {
     if (tp.has_bias == 0u) { return; }
-    let b = tbias[min(c + lane, tp.n - 1u)];
+    add_bc8(acc, o, tbias[min(c + lane, tp.n - 1u)]);
+}
+
+// acc[o + j] += lane j's b, j < 8.
+fn add_bc8(acc: ptr<function, array<f32, 16>>, o: u32, b: f32) {
     (*acc)[o + 0u] += subgroupBroadcast(b, 0u);
     (*acc)[o + 1u] += subgroupBroadcast(b, 1u);
     (*acc)[o + 2u] += subgroupBroadcast(b, 2u);
@@ -282,7 +286,11 @@ fn rope16(acc: ptr<function, array<f32, 16>>, row: u32) {
 
 // acc[o ..] *= λ of columns c .. c + 7 (one load per lane + broadcast, as add_bias8).
 fn scale8(acc: ptr<function, array<f32, 16>>, o: u32, c: u32, lane: u32) {
-    let l = tlam[min(c + lane, tp.n - 1u)];
+    mul_bc8(acc, o, tlam[min(c + lane, tp.n - 1u)]);
+}
+
+// acc[o + j] *= lane j's l, j < 8.
+fn mul_bc8(acc: ptr<function, array<f32, 16>>, o: u32, l: f32) {
     (*acc)[o + 0u] *= subgroupBroadcast(l, 0u);
     (*acc)[o + 1u] *= subgroupBroadcast(l, 1u);
     (*acc)[o + 2u] *= subgroupBroadcast(l, 2u);
@@ -628,11 +636,16 @@ fn xrow(row: u32, r: u32) -> u32 {
 }
 
 // Bias of the block's columns added to every row (call in uniform control flow).
+// (every storage-buffer load is a loop over the lanes on lavapipe: the block's bias and
+// λ are loaded once for the four rows, not per row)
 fn bias_r4(acc: ptr<function, Acc4>, sl: u32) {
+    if (tp.has_bias == 0u) { return; }
+    let b0 = tbias[min(bc0 + sl, tp.n - 1u)];
+    let b2 = tbias[min(bc2 + sl, tp.n - 1u)];
     for (var r = 0u; r < 4u; r++) {
         var a = (*acc)[r];
-        add_bias8(&a, 0u, bc0, sl);
-        add_bias8(&a, 8u, bc2, sl);
+        add_bc8(&a, 0u, b0);
+        add_bc8(&a, 8u, b2);
         (*acc)[r] = a;
     }
 }
@@ -722,10 +735,12 @@ fn rope_r4(row: u32, acc: Acc4) {
 
 fn res_r4(row: u32, acc: Acc4, sl: u32) {
     var s = acc;
+    let l0 = tlam[min(bc0 + sl, tp.n - 1u)];
+    let l2 = tlam[min(bc2 + sl, tp.n - 1u)];
     for (var r = 0u; r < 4u; r++) {
         var a = s[r];
-        scale8(&a, 0u, bc0, sl);
-        scale8(&a, 8u, bc2, sl);
+        mul_bc8(&a, 0u, l0);
+        mul_bc8(&a, 8u, l2);
         s[r] = a;
     }
     for (var r = 0u; r < 4u; r++) {

@@ -51,15 +51,16 @@ impl Shader {
     }
 }
 
-/// `text` with its streamed operands — `xt` (matmul, conv3d) and `qt`, `kt`, `vt`
-/// (attention) — declared as read-only rgba32float storage textures instead of sampled
+/// `text` with its streamed operands — `xt` (matmul, conv3d), matmul's epilogue tables
+/// `cos_t`, `sin_t`, `res_t`, and `qt`, `kt`, `vt` (attention) — declared as read-only
+/// rgba32float storage textures instead of sampled
 /// ones: each `var NAME: texture_2d<f32>;` becomes `texture_storage_2d<rgba32float, read>`
 /// and its `textureLoad(NAME, coords, 0)` calls lose the mip level. On lavapipe a sampled
 /// `textureLoad` is an out-of-line function call that clobbers every vector register,
 /// while a storage-image load is inlined (docs/lavapipe.md).
 pub fn with_storage_x(text: &str) -> String {
     let mut out = text.to_string();
-    for name in ["xt", "qt", "kt", "vt"] {
+    for name in ["xt", "qt", "kt", "vt", "cos_t", "sin_t", "res_t"] {
         out = out.replace(
             &format!("var {name}: texture_2d<f32>;"),
             &format!("var {name}: texture_storage_2d<rgba32float, read>;"),

@@ -221,7 +221,10 @@ fn variants_list_every_family_with_and_without_subgroups() {
     // CPU adapters): every streamed operand declared and loaded as a storage texture.
     assert_eq!(v.len(), 2 * shaders::ALL.len() + 3);
     for (st, names) in [
-        (shaders::MATMUL.storage_x(), &["xt"][..]),
+        (
+            shaders::MATMUL.storage_x(),
+            &["xt", "cos_t", "sin_t", "res_t"][..],
+        ),
         (shaders::CONV3D.storage_x(), &["xt"][..]),
         (shaders::ATTENTION.storage_x(), &["qt", "kt", "vt"][..]),
     ] {

@@ -381,20 +381,25 @@ pub(super) fn gpu_matmul_tex(
         count: None,
     };
     let params_size = std::mem::size_of::<TexParams>() as u64;
-    let x_entry = if storage_x {
-        wgpu::BindGroupLayoutEntry {
-            binding: 2,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::StorageTexture {
-                access: wgpu::StorageTextureAccess::ReadOnly,
-                format: wgpu::TextureFormat::Rgba32Float,
-                view_dimension: wgpu::TextureViewDimension::D2,
-            },
-            count: None,
+    // X and the epilogues' tables (RoPE's cos/sin, the residual) are read-only storage
+    // textures in the storage-X form of the family, sampled textures otherwise.
+    let operand_entry = |binding| {
+        if storage_x {
+            wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::StorageTexture {
+                    access: wgpu::StorageTextureAccess::ReadOnly,
+                    format: wgpu::TextureFormat::Rgba32Float,
+                    view_dimension: wgpu::TextureViewDimension::D2,
+                },
+                count: None,
+            }
+        } else {
+            texture_entry(binding)
         }
-    } else {
-        texture_entry(2)
     };
+    let x_entry = operand_entry(2);
     let mut layout = vec![
         uniform(0, params_size),
         x_entry,
@@ -417,8 +422,8 @@ pub(super) fn gpu_matmul_tex(
     }
     match m.epi {
         Epilogue::None => {}
-        Epilogue::Rope { .. } => layout.extend([texture_entry(6), texture_entry(7)]),
-        Epilogue::Residual => layout.extend([texture_entry(6), storage(7, true)]),
+        Epilogue::Rope { .. } => layout.extend([operand_entry(6), operand_entry(7)]),
+        Epilogue::Residual => layout.extend([operand_entry(6), storage(7, true)]),
     }
     let (pipeline, bgl) = if m.out_f16 {
         let w16 = ("W16", m.w_f16 as u8 as f64);
