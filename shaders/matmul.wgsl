@@ -795,13 +795,15 @@ fn matmul_tex16r4h_res(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     let row = 4u * tex_row8(gid, nwg);
     res_r4(row, acc16r4h(row, sl), sl);
 }
-// ---- W through a texture, every column block in one dispatch (matmul_tex16r4w*) ----
+// ---- W through a texture, every column block in one dispatch (matmul_tex32r4w*) ----
 // The four-row kernels with W read from a read-only rgba32f storage texture (texel
 // c·k4 + l = column c's k-step l, copied from the weight buffer before the dispatch)
 // instead of uniform windows: a window can only be moved between dispatches, a texture
-// covers every column, so one dispatch (workgroup y = column block) replaces one per
-// 16-column block. On lavapipe every dispatch is a fork/join of its thread pool, and the
-// ViT-S qkv projection was 72 of them (docs/lavapipe.md, session 9).
+// covers every column, so one dispatch replaces one per 16-column block (on lavapipe
+// every dispatch is a fork/join of its thread pool; the ViT-S qkv projection was 72).
+// And with no window to fit, an invocation takes two 16-column blocks (2y and 2y + 1,
+// workgroup y): four rows × 32 columns, every X fetch feeding 32 columns instead of 16
+// (docs/lavapipe.md, session 9).
 @group(0) @binding(8) var wt: texture_storage_2d<rgba32float, read>;
 
 fn wload(t: u32) -> vec4<f32> {
@@ -826,64 +828,97 @@ fn block_rope(y: u32) {
     brj = j0 / 4u;
 }
 
+// The first W texels of this lane's columns in the current block's two groups (columns
+// past the last re-read it, as in the window kernels; a block past the last computes
+// garbage that is never stored).
+fn w_bases(sl: u32) -> vec2<u32> {
+    return vec2<u32>(min(bc0 + sl, tp.n - 1u), min(bc2 + sl, tp.n - 1u)) * tp.k4;
+}
+
 // First row of this invocation: 8 invocations × 4 rows per workgroup along x.
 fn row_w(wg: vec3<u32>, li: u32) -> u32 {
     return 4u * (wg.x * 8u + li);
 }
 
-// One k-step of the block for rows t (first texels of the four rows of X): the texel
-// of each row, and W's columns bc0 + lane (wa) and bc2 + lane (wb), broadcast.
-fn step16r4w(acc: ptr<function, Acc4>, t: vec4<u32>, wa: u32, wb: u32, l: u32) {
+// One k-step of two blocks for rows t (first texels of the four rows of X): each row's
+// texel once, W's columns from w (the blocks' w_bases), broadcast.
+fn step32r4w(a: ptr<function, Acc4>, b: ptr<function, Acc4>, t: vec4<u32>, w: vec4<u32>, l: u32) {
     let x0 = xload(t.x + l);
     let x1 = xload(t.y + l);
     let x2 = xload(t.z + l);
     let x3 = xload(t.w + l);
-    bc8r4(acc, 0u, x0, x1, x2, x3, wload(wa + l));
-    bc8r4(acc, 8u, x0, x1, x2, x3, wload(wb + l));
+    bc8r4(a, 0u, x0, x1, x2, x3, wload(w.x + l));
+    bc8r4(a, 8u, x0, x1, x2, x3, wload(w.y + l));
+    bc8r4(b, 0u, x0, x1, x2, x3, wload(w.z + l));
+    bc8r4(b, 8u, x0, x1, x2, x3, wload(w.w + l));
 }
 
-fn acc16r4w(row: u32, sl: u32) -> Acc4 {
+fn acc32r4w(a: ptr<function, Acc4>, b: ptr<function, Acc4>, row: u32, w: vec4<u32>) {
     let t = rows_r4(row);
-    var acc: Acc4;
-    // (columns past the last re-read it, as in the window kernels)
-    let wa = min(bc0 + sl, tp.n - 1u) * tp.k4;
-    let wb = min(bc2 + sl, tp.n - 1u) * tp.k4;
     // (four k-steps per iteration, as acc16r4)
     let k4u = tp.k4 - tp.k4 % 4u;
     for (var l = 0u; l < k4u; l += 4u) {
-        step16r4w(&acc, t, wa, wb, l);
-        step16r4w(&acc, t, wa, wb, l + 1u);
-        step16r4w(&acc, t, wa, wb, l + 2u);
-        step16r4w(&acc, t, wa, wb, l + 3u);
+        step32r4w(a, b, t, w, l);
+        step32r4w(a, b, t, w, l + 1u);
+        step32r4w(a, b, t, w, l + 2u);
+        step32r4w(a, b, t, w, l + 3u);
     }
     for (var l = k4u; l < tp.k4; l++) {
-        step16r4w(&acc, t, wa, wb, l);
+        step32r4w(a, b, t, w, l);
     }
-    bias_r4(&acc, sl);
-    return acc;
 }
 
 @compute @workgroup_size(8)
-fn matmul_tex16r4w(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+fn matmul_tex32r4w(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
                    @builtin(subgroup_invocation_id) sl: u32) {
-    block16(wg.y);
     let row = row_w(wg, li);
-    store_r4(row, acc16r4w(row, sl));
+    block16(2u * wg.y);
+    let w0 = w_bases(sl);
+    block16(2u * wg.y + 1u);
+    var a: Acc4;
+    var b: Acc4;
+    acc32r4w(&a, &b, row, vec4<u32>(w0, w_bases(sl)));
+    block16(2u * wg.y);
+    bias_r4(&a, sl);
+    store_r4(row, a);
+    block16(2u * wg.y + 1u);
+    bias_r4(&b, sl);
+    store_r4(row, b);
 }
 
 @compute @workgroup_size(8)
-fn matmul_tex16r4w_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+fn matmul_tex32r4w_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
                         @builtin(subgroup_invocation_id) sl: u32) {
-    block_rope(wg.y);
     let row = row_w(wg, li);
-    rope_r4(row, acc16r4w(row, sl));
+    block_rope(2u * wg.y);
+    let w0 = w_bases(sl);
+    block_rope(2u * wg.y + 1u);
+    var a: Acc4;
+    var b: Acc4;
+    acc32r4w(&a, &b, row, vec4<u32>(w0, w_bases(sl)));
+    block_rope(2u * wg.y);
+    bias_r4(&a, sl);
+    rope_r4(row, a);
+    block_rope(2u * wg.y + 1u);
+    bias_r4(&b, sl);
+    rope_r4(row, b);
 }
 
 @compute @workgroup_size(8)
-fn matmul_tex16r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+fn matmul_tex32r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
                        @builtin(subgroup_invocation_id) sl: u32) {
-    block16(wg.y);
     let row = row_w(wg, li);
-    res_r4(row, acc16r4w(row, sl), sl);
+    block16(2u * wg.y);
+    let w0 = w_bases(sl);
+    block16(2u * wg.y + 1u);
+    var a: Acc4;
+    var b: Acc4;
+    acc32r4w(&a, &b, row, vec4<u32>(w0, w_bases(sl)));
+    block16(2u * wg.y);
+    bias_r4(&a, sl);
+    res_r4(row, a, sl);
+    block16(2u * wg.y + 1u);
+    bias_r4(&b, sl);
+    res_r4(row, b, sl);
 }
 // END subgroups

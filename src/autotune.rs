@@ -615,7 +615,7 @@ mod tests {
         if texture_path_possible(c) {
             // (W from a texture in one dispatch where X is a storage texture)
             let four_rows = if c.storage_x() {
-                "matmul_tex16r4w"
+                "matmul_tex32r4w"
             } else {
                 "matmul_tex16r4"
             };

@@ -179,12 +179,13 @@ fn repeated_vit_runs_hold_memory_flat() {
     let caps = &ctx.caps;
     if caps.subgroups && caps.min_subgroup_size >= 8 && caps.max_uniform_binding >= 65536 {
         let compiled: Vec<&str> = ctx.compiled_kernels().iter().map(|k| k.entry).collect();
-        // (matmul_tex16r4w_*: W from a texture, every column block in one dispatch, on CPU
-        // adapters; matmul_tex16r4_*: W through uniform windows elsewhere)
+        // (matmul_tex32r4w_*: W from a texture, two column blocks per invocation, every
+        // block in one dispatch, on CPU adapters; matmul_tex16r4_*: W through uniform
+        // windows elsewhere)
         for e in ["_rope", "_res"] {
             let used = compiled
                 .iter()
-                .any(|k| k.starts_with("matmul_tex16r4") && k.ends_with(e));
+                .any(|k| k.starts_with("matmul_tex") && k.contains("r4") && k.ends_with(e));
             assert!(used, "no four-row {e} kernel: {compiled:?}");
         }
     }

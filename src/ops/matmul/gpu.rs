@@ -207,14 +207,15 @@ pub(super) fn reads_x_as_storage(ctx: &GpuContext, m: &Matmul) -> bool {
         && matches!(m.kernel, MatmulKernel::Auto | MatmulKernel::TexWindows)
 }
 
-/// Whether the four-row kernels read W from a texture with every column block in one
-/// dispatch (`matmul_tex16r4w*`) instead of uniform windows bound one block per dispatch:
-/// wherever X is read as a storage texture (CPU adapters) and W is f32, unless `m` asks
-/// for the window kernels ([`MatmulKernel::TexWindows`]), and only if W fits one texture
-/// and the blocks and row groups fit one dispatch. No window bounds K then: K > 2048
-/// (ViT-L's MLP down projection) gets the four-row kernel instead of 4-column blocks. On lavapipe each dispatch is a fork and
-/// join of its thread pool: ViT-S's qkv projection was 72 of them, and one dispatch is
-/// +8…+12 % GFLOP per wall second on the K = 384 shapes (docs/lavapipe.md, session 9).
+/// Whether the four-row kernels read W from a texture (`matmul_tex32r4w*`) instead of
+/// uniform windows bound one 16-column block per dispatch: wherever X is read as a storage
+/// texture (CPU adapters) and W is f32, unless `m` asks for the window kernels
+/// ([`MatmulKernel::TexWindows`]), and only if W fits one texture and the blocks and row
+/// groups fit one dispatch. Every block is then in one dispatch (lavapipe forks and joins
+/// its thread pool per dispatch: ViT-S's qkv projection was 72 of them), an invocation
+/// takes two blocks (4 rows × 32 columns, each X fetch feeding twice the columns), and no
+/// window bounds K: K > 2048 (ViT-L's MLP down projection) gets the four-row kernel
+/// instead of 4-column blocks. docs/lavapipe.md (session 9) has the measurements.
 pub(super) fn reads_w_as_texture(ctx: &GpuContext, m: &Matmul, d: Dims) -> bool {
     let c = &ctx.caps;
     let max_groups = c.max_workgroups_per_dim as usize;
@@ -345,9 +346,9 @@ pub(super) fn gpu_matmul_tex(
         )));
     }
     let entry = match entry {
-        "matmul_tex16r4" if w_tex => "matmul_tex16r4w",
-        "matmul_tex16r4_rope" if w_tex => "matmul_tex16r4w_rope",
-        "matmul_tex16r4_res" if w_tex => "matmul_tex16r4w_res",
+        "matmul_tex16r4" if w_tex => "matmul_tex32r4w",
+        "matmul_tex16r4_rope" if w_tex => "matmul_tex32r4w_rope",
+        "matmul_tex16r4_res" if w_tex => "matmul_tex32r4w_res",
         e => e,
     };
     let uniform = |binding, size: u64| wgpu::BindGroupLayoutEntry {
@@ -636,7 +637,8 @@ pub(super) fn gpu_matmul_tex(
     first_copies.extend(tables.iter().map(|(_, c)| c.clone()));
     if let Some((_, copy)) = w_texture {
         first_copies.push(copy);
-        // Every column block in one dispatch: x = groups of W_GROUP × 4 rows, y = block.
+        // Every column block in one dispatch: x = groups of W_GROUP × 4 rows, y = pair of
+        // 16-column blocks (the second past the last when their count is odd).
         let groups = rows.div_ceil(4 * W_GROUP) as u32;
         return Ok(vec![Dispatch {
             name: entry,
@@ -644,7 +646,7 @@ pub(super) fn gpu_matmul_tex(
             after: Vec::new(),
             pipeline,
             bind_group,
-            workgroups: [groups, blocks.len() as u32, 1],
+            workgroups: [groups, blocks.len().div_ceil(2) as u32, 1],
             offsets: offsets.swap_remove(0),
             copies: first_copies,
         }]);

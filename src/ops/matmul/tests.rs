@@ -216,7 +216,7 @@ fn texture_path_is_chosen_where_it_applies() {
     // a storage texture (CPU adapters); else W through windows, one dispatch per block.
     let r4 = |blocks| {
         if c.storage_x() {
-            vec!["matmul_tex16r4w"]
+            vec!["matmul_tex32r4w"]
         } else {
             vec!["matmul_tex16r4"; blocks]
         }
@@ -241,7 +241,7 @@ fn texture_path_is_chosen_where_it_applies() {
         // (W from a texture has no window to fit: K = 4096 keeps 16-column blocks)
         let k4096 = vec![vec![10, 4096], vec![5, 4096]];
         if c.storage_x() {
-            assert_eq!(names(lin, k4096.clone()), vec!["matmul_tex16r4w"]);
+            assert_eq!(names(lin, k4096.clone()), vec!["matmul_tex32r4w"]);
         } else {
             assert_eq!(names(lin, k4096.clone()), vec!["matmul_tex4"; 2]);
         }
@@ -791,7 +791,11 @@ fn four_row_kernels_match_reference() {
             let want = cpu_reference(&m, &data, &s);
             let (got, names) = run_w16(&m, &data, &s);
             seen.extend(names.iter().copied());
-            assert!(names[0].starts_with("matmul_tex16r4"), "{s:?}: {names:?}");
+            let four_rows = ["matmul_tex16r4", "matmul_tex32r4w"];
+            assert!(
+                four_rows.iter().any(|k| names[0].starts_with(k)),
+                "{s:?}: {names:?}"
+            );
             let e = crate::ops::testing::rel_err(&got, &want);
             assert!(e <= 1e-5, "{m:?} {s:?} {names:?}: rel err {e}");
             let one = Matmul {
@@ -824,9 +828,7 @@ fn four_row_kernels_match_reference() {
             let (w_got, w_names) = run_w16(&windows, &data, &s);
             seen.extend(w_names.iter().copied());
             assert!(
-                w_names
-                    .iter()
-                    .all(|e| e.starts_with("matmul_tex16r4") && !e.starts_with("matmul_tex16r4w")),
+                w_names.iter().all(|e| e.starts_with("matmul_tex16r4")),
                 "{w_names:?}"
             );
             let e = crate::ops::testing::rel_err(&w_got, &want);
@@ -872,7 +874,7 @@ fn four_row_kernels_match_reference() {
                     !names.is_empty()
                         && names.iter().all(|e| e.starts_with("matmul_tex16r4_")
                             || e.starts_with("matmul_tex16r4h_")
-                            || e.starts_with("matmul_tex16r4w_")),
+                            || e.starts_with("matmul_tex32r4w_")),
                     "{m:?} {s:?}: {names:?}"
                 );
             }
@@ -888,9 +890,9 @@ fn four_row_kernels_match_reference() {
     ];
     if crate::ops::testing::ctx().storage_x() {
         want.extend([
-            "matmul_tex16r4w",
-            "matmul_tex16r4w_rope",
-            "matmul_tex16r4w_res",
+            "matmul_tex32r4w",
+            "matmul_tex32r4w_rope",
+            "matmul_tex32r4w_res",
         ]);
     }
     for e in want {
@@ -939,7 +941,7 @@ fn w_texture_kernels_take_any_k() {
             let names = check_fused(&m, &s, &mut r);
             assert_eq!(names.len(), 1, "{m:?} {s:?}: {names:?}");
             assert!(
-                names[0].starts_with("matmul_tex16r4w"),
+                names[0].starts_with("matmul_tex32r4w"),
                 "{m:?} {s:?}: {names:?}"
             );
         }
