@@ -868,57 +868,61 @@ fn acc32r4w(a: ptr<function, Acc4>, b: ptr<function, Acc4>, row: u32, w: vec4<u3
     }
 }
 
+// Block y: a 16-column block, or RoPE's (`rope` is a literal at every call).
+fn block_w(y: u32, rope: bool) {
+    if (rope) {
+        block_rope(y);
+    } else {
+        block16(y);
+    }
+}
+
+// Blocks 2y (into a) and 2y + 1 (into b) for rows row …, bias added; leaves block 2y + 1
+// set.
+fn two_blocks(a: ptr<function, Acc4>, b: ptr<function, Acc4>, row: u32, y: u32, sl: u32, rope: bool) {
+    block_w(2u * y, rope);
+    let w0 = w_bases(sl);
+    block_w(2u * y + 1u, rope);
+    acc32r4w(a, b, row, vec4<u32>(w0, w_bases(sl)));
+    bias_r4(b, sl);
+    block_w(2u * y, rope);
+    bias_r4(a, sl);
+    block_w(2u * y + 1u, rope);
+}
+
 @compute @workgroup_size(8)
 fn matmul_tex32r4w(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
                    @builtin(subgroup_invocation_id) sl: u32) {
     let row = row_w(wg, li);
-    block16(2u * wg.y);
-    let w0 = w_bases(sl);
-    block16(2u * wg.y + 1u);
     var a: Acc4;
     var b: Acc4;
-    acc32r4w(&a, &b, row, vec4<u32>(w0, w_bases(sl)));
-    block16(2u * wg.y);
-    bias_r4(&a, sl);
-    store_r4(row, a);
-    block16(2u * wg.y + 1u);
-    bias_r4(&b, sl);
+    two_blocks(&a, &b, row, wg.y, sl, false);
     store_r4(row, b);
+    block16(2u * wg.y);
+    store_r4(row, a);
 }
 
 @compute @workgroup_size(8)
 fn matmul_tex32r4w_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
                         @builtin(subgroup_invocation_id) sl: u32) {
     let row = row_w(wg, li);
-    block_rope(2u * wg.y);
-    let w0 = w_bases(sl);
-    block_rope(2u * wg.y + 1u);
     var a: Acc4;
     var b: Acc4;
-    acc32r4w(&a, &b, row, vec4<u32>(w0, w_bases(sl)));
-    block_rope(2u * wg.y);
-    bias_r4(&a, sl);
-    rope_r4(row, a);
-    block_rope(2u * wg.y + 1u);
-    bias_r4(&b, sl);
+    two_blocks(&a, &b, row, wg.y, sl, true);
     rope_r4(row, b);
+    block_rope(2u * wg.y);
+    rope_r4(row, a);
 }
 
 @compute @workgroup_size(8)
 fn matmul_tex32r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
                        @builtin(subgroup_invocation_id) sl: u32) {
     let row = row_w(wg, li);
-    block16(2u * wg.y);
-    let w0 = w_bases(sl);
-    block16(2u * wg.y + 1u);
     var a: Acc4;
     var b: Acc4;
-    acc32r4w(&a, &b, row, vec4<u32>(w0, w_bases(sl)));
-    block16(2u * wg.y);
-    bias_r4(&a, sl);
-    res_r4(row, a, sl);
-    block16(2u * wg.y + 1u);
-    bias_r4(&b, sl);
+    two_blocks(&a, &b, row, wg.y, sl, false);
     res_r4(row, b, sl);
+    block16(2u * wg.y);
+    res_r4(row, a, sl);
 }
 // END subgroups

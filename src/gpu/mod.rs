@@ -802,6 +802,29 @@ impl GpuContext {
         self.scratch_texture_of(slot, texels, false)
     }
 
+    /// The first `texels` rgba32f texels of f32 buffer `buffer` staged in scratch texture
+    /// `slot`: the texture's view and the copy that fills it, for the dispatch that reads
+    /// it to carry (recorded before it).
+    pub fn staged_f32(
+        &self,
+        slot: usize,
+        buffer: &wgpu::Buffer,
+        texels: u64,
+    ) -> Result<(wgpu::TextureView, Arc<TextureCopy>)> {
+        let texture = self.scratch_texture(slot, texels)?;
+        let view = texture.create_view(&Default::default());
+        let copy = TextureCopy {
+            buffer: buffer.clone(),
+            texture,
+            width: Self::TEXTURE_WIDTH,
+            texel_bytes: 16,
+            texels,
+            buffer_offset: 0,
+            dst_texel: 0,
+        };
+        Ok((view, Arc::new(copy)))
+    }
+
     /// As [`GpuContext::scratch_texture`], rgba16float (8-byte texels: the layout of a
     /// packed-f16 buffer, so f16 activations copy in unchanged and read back as f32).
     pub fn scratch_texture_f16(&self, slot: usize, texels: u64) -> Result<wgpu::Texture> {

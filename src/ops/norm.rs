@@ -10,9 +10,8 @@
 
 use super::{expect_inputs, numel, Op};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs};
 use crate::shaders::{Shader, NORM, NORM_F16};
-use std::sync::Arc;
 
 /// The largest D of `layernorm_sg` (8 lanes × 128 vec4 chunks).
 const SG_MAX_D: usize = 4096;
@@ -227,9 +226,7 @@ fn sg_dispatch(
     inputs: &[&wgpu::Buffer],
     out: &wgpu::Buffer,
 ) -> Result<Vec<Dispatch>> {
-    let texels = (rows * d / 4) as u64;
-    let texture = ctx.scratch_texture(0, texels)?;
-    let view = texture.create_view(&Default::default());
+    let (view, copy) = ctx.staged_f32(0, inputs[0], (rows * d / 4) as u64)?;
     let constants = [
         ("DS", d as f64),
         ("TW_LOG2", GpuContext::TEXTURE_WIDTH.trailing_zeros() as f64),
@@ -257,15 +254,7 @@ fn sg_dispatch(
         bind_group,
         workgroups: [rows.min(256) as u32, 1, 1],
         offsets: Vec::new(),
-        copies: vec![Arc::new(TextureCopy {
-            buffer: inputs[0].clone(),
-            texture,
-            width: GpuContext::TEXTURE_WIDTH,
-            texel_bytes: 16,
-            texels,
-            buffer_offset: 0,
-            dst_texel: 0,
-        })],
+        copies: vec![copy],
     }])
 }
 

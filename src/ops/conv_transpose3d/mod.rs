@@ -14,9 +14,8 @@
 use super::matmul::gemm_strided;
 use super::{expect_inputs, par, Op};
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, GpuContext, KernelArgs, TextureCopy};
+use crate::gpu::{Dispatch, GpuContext, KernelArgs};
 use crate::shaders::CONV_TRANSPOSE3D;
-use std::sync::Arc;
 
 /// The op: ConvTranspose3d with kernel 4, stride 2, padding 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -289,17 +288,7 @@ fn gpu_conv_transpose3d(
     if sg {
         // Both parities read x through one texture copy, made before the first.
         let [wx, wy, _] = ctx.grid((tiles_x * tiles_y * d.d * 4) as u64)?;
-        let texture = ctx.scratch_texture(0, texels)?;
-        let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-        let copy = Arc::new(TextureCopy {
-            buffer: inputs[0].clone(),
-            texture,
-            width: GpuContext::TEXTURE_WIDTH,
-            texel_bytes: 16,
-            texels,
-            buffer_offset: 0,
-            dst_texel: 0,
-        });
+        let (view, copy) = ctx.staged_f32(0, inputs[0], texels)?;
         let mut out_d = Vec::with_capacity(2);
         for (px, entry) in ["conv_transpose3d_sg_l", "conv_transpose3d_sg_r"]
             .into_iter()

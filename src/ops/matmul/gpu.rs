@@ -382,20 +382,21 @@ pub(super) fn gpu_matmul_tex(
         count: None,
     };
     let params_size = std::mem::size_of::<TexParams>() as u64;
+    let storage_texture = |binding| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::StorageTexture {
+            access: wgpu::StorageTextureAccess::ReadOnly,
+            format: wgpu::TextureFormat::Rgba32Float,
+            view_dimension: wgpu::TextureViewDimension::D2,
+        },
+        count: None,
+    };
     // X and the epilogues' tables (RoPE's cos/sin, the residual) are read-only storage
     // textures in the storage-X form of the family, sampled textures otherwise.
     let operand_entry = |binding| {
         if storage_x {
-            wgpu::BindGroupLayoutEntry {
-                binding,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::StorageTexture {
-                    access: wgpu::StorageTextureAccess::ReadOnly,
-                    format: wgpu::TextureFormat::Rgba32Float,
-                    view_dimension: wgpu::TextureViewDimension::D2,
-                },
-                count: None,
-            }
+            storage_texture(binding)
         } else {
             texture_entry(binding)
         }
@@ -408,16 +409,7 @@ pub(super) fn gpu_matmul_tex(
         storage(4, false),
     ];
     if w_tex {
-        layout.push(wgpu::BindGroupLayoutEntry {
-            binding: 8,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::StorageTexture {
-                access: wgpu::StorageTextureAccess::ReadOnly,
-                format: wgpu::TextureFormat::Rgba32Float,
-                view_dimension: wgpu::TextureViewDimension::D2,
-            },
-            count: None,
-        });
+        layout.push(storage_texture(8));
     } else {
         layout.extend([uniform(1, WINDOW), uniform(5, WINDOW)]);
     }
@@ -446,37 +438,13 @@ pub(super) fn gpu_matmul_tex(
             let texels = ((d.m - prefix) * half / 4) as u64;
             let mut t = Vec::new();
             for (slot, buf) in [(3, inputs[nb]), (4, inputs[nb + 1])] {
-                let tex = ctx.scratch_texture(slot, texels)?;
-                t.push((
-                    tex.create_view(&Default::default()),
-                    std::sync::Arc::new(crate::gpu::TextureCopy {
-                        buffer: buf.clone(),
-                        texture: tex,
-                        width: GpuContext::TEXTURE_WIDTH,
-                        texel_bytes: 16,
-                        texels,
-                        buffer_offset: 0,
-                        dst_texel: 0,
-                    }),
-                ));
+                t.push(ctx.staged_f32(slot, buf, texels)?);
             }
             t
         }
         // The residual (rows, N) streams through scratch texture slot 5.
         Epilogue::Residual => {
-            let texels = (rows * d.n / 4) as u64;
-            let tex = ctx.scratch_texture(5, texels)?;
-            let view = tex.create_view(&Default::default());
-            let copy = std::sync::Arc::new(crate::gpu::TextureCopy {
-                buffer: inputs[nb].clone(),
-                texture: tex,
-                width: GpuContext::TEXTURE_WIDTH,
-                texel_bytes: 16,
-                texels,
-                buffer_offset: 0,
-                dst_texel: 0,
-            });
-            vec![(view, copy)]
+            vec![ctx.staged_f32(5, inputs[nb], (rows * d.n / 4) as u64)?]
         }
         Epilogue::None => Vec::new(),
     };
@@ -544,19 +512,7 @@ pub(super) fn gpu_matmul_tex(
     // before the dispatch (N·K/4 texels; 2.4 MB for ViT-S's MLP, against a matmul of
     // 10⁹ FLOPs — no weight is kept twice between runs).
     let w_texture = if w_tex {
-        let texels = (d.n * d.k / 4) as u64;
-        let tex = ctx.scratch_texture(6, texels)?;
-        let view = tex.create_view(&Default::default());
-        let copy = std::sync::Arc::new(crate::gpu::TextureCopy {
-            buffer: inputs[1].clone(),
-            texture: tex,
-            width: GpuContext::TEXTURE_WIDTH,
-            texel_bytes: 16,
-            texels,
-            buffer_offset: 0,
-            dst_texel: 0,
-        });
-        Some((view, copy))
+        Some(ctx.staged_f32(6, inputs[1], (d.n * d.k / 4) as u64)?)
     } else {
         None
     };
