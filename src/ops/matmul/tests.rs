@@ -806,33 +806,22 @@ fn four_row_kernels_match_reference() {
             assert!(!one_names[0].contains("r4"), "{one_names:?}");
             let e = crate::ops::testing::rel_err(&got, &one_got);
             assert!(e <= 1e-5, "{m:?} {s:?}: four rows vs one: rel err {e}");
-            // X through a sampled texture (Auto reads it as a storage texture on CPU
-            // adapters): the same kernels, the same numbers.
-            let sampled = Matmul {
-                kernel: MatmulKernel::TexSampled,
-                ..m
-            };
-            let (s_got, s_names) = run_w16(&sampled, &data, &s);
-            assert!(
-                s_names.iter().all(|e| e.starts_with("matmul_tex16r4")),
-                "{s_names:?}"
-            );
-            let e = crate::ops::testing::rel_err(&s_got, &want);
-            assert!(e <= 1e-5, "{sampled:?} {s:?}: rel err {e}");
-            // W through uniform windows, one dispatch per block (Auto reads f32 W from a
-            // texture in one dispatch where X is a storage texture).
-            let windows = Matmul {
-                kernel: MatmulKernel::TexWindows,
-                ..m
-            };
-            let (w_got, w_names) = run_w16(&windows, &data, &s);
-            seen.extend(w_names.iter().copied());
-            assert!(
-                w_names.iter().all(|e| e.starts_with("matmul_tex16r4")),
-                "{w_names:?}"
-            );
-            let e = crate::ops::testing::rel_err(&w_got, &want);
-            assert!(e <= 1e-5, "{windows:?} {s:?}: rel err {e}");
+            // X through a sampled texture, and W through uniform windows one dispatch per
+            // block (Auto reads X, and f32 W in one dispatch, as storage textures on CPU
+            // adapters): the window kernels, the same numbers.
+            for kernel in [MatmulKernel::TexSampled, MatmulKernel::TexWindows] {
+                let v = Matmul { kernel, ..m };
+                let (v_got, v_names) = run_w16(&v, &data, &s);
+                if kernel == MatmulKernel::TexWindows {
+                    seen.extend(v_names.iter().copied());
+                }
+                assert!(
+                    v_names.iter().all(|e| e.starts_with("matmul_tex16r4")),
+                    "{v_names:?}"
+                );
+                let e = crate::ops::testing::rel_err(&v_got, &want);
+                assert!(e <= 1e-5, "{v:?} {s:?}: rel err {e}");
+            }
         }
         // The epilogues: RoPE on heads of 16 (hd/2 = 8 pairs with the block's halves) with
         // images of `rows` tokens, the residual on the output's shape.
