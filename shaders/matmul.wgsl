@@ -925,4 +925,95 @@ fn matmul_tex32r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invo
     block16(2u * wg.y);
     res_r4(row, a, sl);
 }
+// ---- Three blocks per invocation (matmul_tex48r4w*, the default where W is a texture) ----
+// Blocks 3y, 3y + 1 and 3y + 2 (workgroup y): four rows × 48 columns, 192 accumulators,
+// every X fetch feeding 48 columns. The accumulators live on the stack either way, so the
+// extra ones cost a load and a store per four k-steps (docs/lavapipe.md, session 10).
+fn step48r4w(a: ptr<function, Acc4>, b: ptr<function, Acc4>, c: ptr<function, Acc4>, t: vec4<u32>, w: vec4<u32>, w2: vec2<u32>, l: u32) {
+    let x0 = xload(t.x + l);
+    let x1 = xload(t.y + l);
+    let x2 = xload(t.z + l);
+    let x3 = xload(t.w + l);
+    bc8r4(a, 0u, x0, x1, x2, x3, wload(w.x + l));
+    bc8r4(a, 8u, x0, x1, x2, x3, wload(w.y + l));
+    bc8r4(b, 0u, x0, x1, x2, x3, wload(w.z + l));
+    bc8r4(b, 8u, x0, x1, x2, x3, wload(w.w + l));
+    bc8r4(c, 0u, x0, x1, x2, x3, wload(w2.x + l));
+    bc8r4(c, 8u, x0, x1, x2, x3, wload(w2.y + l));
+}
+
+// Blocks 3y (into a), 3y + 1 (b) and 3y + 2 (c) for rows row …, bias added; leaves block
+// 3y + 2 set.
+fn three_blocks(a: ptr<function, Acc4>, b: ptr<function, Acc4>, c: ptr<function, Acc4>, row: u32, y: u32, sl: u32, rope: bool) {
+    block_w(3u * y, rope);
+    let w0 = w_bases(sl);
+    block_w(3u * y + 1u, rope);
+    let w1 = w_bases(sl);
+    block_w(3u * y + 2u, rope);
+    let w2 = w_bases(sl);
+    let t = rows_r4(row);
+    let w = vec4<u32>(w0, w1);
+    // (four k-steps per iteration, as acc16r4)
+    let k4u = tp.k4 - tp.k4 % 4u;
+    for (var l = 0u; l < k4u; l += 4u) {
+        step48r4w(a, b, c, t, w, w2, l);
+        step48r4w(a, b, c, t, w, w2, l + 1u);
+        step48r4w(a, b, c, t, w, w2, l + 2u);
+        step48r4w(a, b, c, t, w, w2, l + 3u);
+    }
+    for (var l = k4u; l < tp.k4; l++) {
+        step48r4w(a, b, c, t, w, w2, l);
+    }
+    bias_r4(c, sl);
+    block_w(3u * y, rope);
+    bias_r4(a, sl);
+    block_w(3u * y + 1u, rope);
+    bias_r4(b, sl);
+    block_w(3u * y + 2u, rope);
+}
+
+@compute @workgroup_size(8)
+fn matmul_tex48r4w(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+                   @builtin(subgroup_invocation_id) sl: u32) {
+    let row = row_w(wg, li);
+    var a: Acc4;
+    var b: Acc4;
+    var c: Acc4;
+    three_blocks(&a, &b, &c, row, wg.y, sl, false);
+    store_r4(row, c);
+    block16(3u * wg.y + 1u);
+    store_r4(row, b);
+    block16(3u * wg.y);
+    store_r4(row, a);
+}
+
+@compute @workgroup_size(8)
+fn matmul_tex48r4w_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+                        @builtin(subgroup_invocation_id) sl: u32) {
+    let row = row_w(wg, li);
+    var a: Acc4;
+    var b: Acc4;
+    var c: Acc4;
+    three_blocks(&a, &b, &c, row, wg.y, sl, true);
+    rope_r4(row, c);
+    block_rope(3u * wg.y + 1u);
+    rope_r4(row, b);
+    block_rope(3u * wg.y);
+    rope_r4(row, a);
+}
+
+@compute @workgroup_size(8)
+fn matmul_tex48r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,
+                       @builtin(subgroup_invocation_id) sl: u32) {
+    let row = row_w(wg, li);
+    var a: Acc4;
+    var b: Acc4;
+    var c: Acc4;
+    three_blocks(&a, &b, &c, row, wg.y, sl, false);
+    res_r4(row, c, sl);
+    block16(3u * wg.y + 1u);
+    res_r4(row, b, sl);
+    block16(3u * wg.y);
+    res_r4(row, a, sl);
+}
 // END subgroups

@@ -267,6 +267,7 @@ pub fn matmul_variants(base: &Matmul) -> Vec<Variant> {
         ("matmul:auto", MatmulKernel::Auto),
         ("matmul:sampled", MatmulKernel::TexSampled),
         ("matmul:windows", MatmulKernel::TexWindows),
+        ("matmul:pairs", MatmulKernel::TexPairs),
         ("matmul:tex16", MatmulKernel::TexOneRow),
         ("matmul:generic", MatmulKernel::Generic),
     ]
@@ -305,6 +306,7 @@ pub fn tune_matmul(
         "matmul:tex16" => MatmulKernel::TexOneRow,
         "matmul:sampled" => MatmulKernel::TexSampled,
         "matmul:windows" => MatmulKernel::TexWindows,
+        "matmul:pairs" => MatmulKernel::TexPairs,
         _ => MatmulKernel::Auto,
     };
     Ok((kernel, choice))
@@ -615,7 +617,7 @@ mod tests {
         if texture_path_possible(c) {
             // (W from a texture in one dispatch where X is a storage texture)
             let four_rows = if c.storage_x() {
-                "matmul_tex32r4w"
+                "matmul_tex48r4w"
             } else {
                 "matmul_tex16r4"
             };

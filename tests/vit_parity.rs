@@ -206,7 +206,7 @@ fn gpu_fused_epilogues_match_cpu_backend() {
     let caps = &ctx.caps;
     if caps.subgroups && caps.min_subgroup_size >= 8 && caps.max_uniform_binding >= 65536 {
         let compiled: Vec<&str> = ctx.compiled_kernels().iter().map(|k| k.entry).collect();
-        // (matmul_tex32r4w_*: W from a texture, two column blocks per invocation, every
+        // (matmul_tex48r4w_*: W from a texture, three column blocks per invocation, every
         // block in one dispatch, on CPU adapters; matmul_tex16r4_*: W through uniform
         // windows elsewhere)
         for e in ["_rope", "_res"] {

@@ -204,25 +204,29 @@ pub(super) fn reads_x_as_storage(ctx: &GpuContext, m: &Matmul) -> bool {
     ctx.storage_x()
         && !m.x_f16
         && !m.out_f16
-        && matches!(m.kernel, MatmulKernel::Auto | MatmulKernel::TexWindows)
+        && matches!(
+            m.kernel,
+            MatmulKernel::Auto | MatmulKernel::TexWindows | MatmulKernel::TexPairs
+        )
 }
 
-/// Whether the four-row kernels read W from a texture (`matmul_tex32r4w*`) instead of
+/// Whether the four-row kernels read W from a texture (`matmul_tex48r4w*`, or
+/// `matmul_tex32r4w*` with [`MatmulKernel::TexPairs`]) instead of
 /// uniform windows bound one 16-column block per dispatch: wherever X is read as a storage
 /// texture (CPU adapters) and W is f32, unless `m` asks for the window kernels
 /// ([`MatmulKernel::TexWindows`]), and only if W fits one texture and the blocks and row
 /// groups fit one dispatch. Every block is then in one dispatch (lavapipe forks and joins
 /// its thread pool per dispatch: ViT-S's qkv projection was 72 of them), an invocation
-/// takes two blocks (4 rows × 32 columns, each X fetch feeding twice the columns), and no
-/// window bounds K: K > 2048 (ViT-L's MLP down projection) gets the four-row kernel
-/// instead of 4-column blocks. docs/lavapipe.md (session 9) has the measurements.
+/// takes three blocks (4 rows × 48 columns, each X fetch feeding three times the columns),
+/// and no window bounds K: K > 2048 (ViT-L's MLP down projection) gets the four-row kernel
+/// instead of 4-column blocks. docs/lavapipe.md (sessions 9, 10) has the measurements.
 pub(super) fn reads_w_as_texture(ctx: &GpuContext, m: &Matmul, d: Dims) -> bool {
     let c = &ctx.caps;
     let max_groups = c.max_workgroups_per_dim as usize;
     // (RoPE's blocks pair half-heads, hd / 16 per head: as many as 16-column blocks)
     let blocks = d.n.div_ceil(16);
     reads_x_as_storage(ctx, m)
-        && m.kernel == MatmulKernel::Auto
+        && matches!(m.kernel, MatmulKernel::Auto | MatmulKernel::TexPairs)
         && !m.w_f16
         && c.max_storage_textures_per_stage >= 2
         && (d.n * d.k / 4) as u64 <= GpuContext::TEXTURE_WIDTH as u64 * c.max_texture_2d as u64
@@ -345,7 +349,16 @@ pub(super) fn gpu_matmul_tex(
             d.n.div_ceil(16)
         )));
     }
+    // Blocks per invocation of the W-texture kernels: three, or two where asked.
+    let per = if m.kernel == MatmulKernel::TexPairs {
+        2
+    } else {
+        3
+    };
     let entry = match entry {
+        "matmul_tex16r4" if w_tex && per == 3 => "matmul_tex48r4w",
+        "matmul_tex16r4_rope" if w_tex && per == 3 => "matmul_tex48r4w_rope",
+        "matmul_tex16r4_res" if w_tex && per == 3 => "matmul_tex48r4w_res",
         "matmul_tex16r4" if w_tex => "matmul_tex32r4w",
         "matmul_tex16r4_rope" if w_tex => "matmul_tex32r4w_rope",
         "matmul_tex16r4_res" if w_tex => "matmul_tex32r4w_res",
@@ -593,8 +606,8 @@ pub(super) fn gpu_matmul_tex(
     first_copies.extend(tables.iter().map(|(_, c)| c.clone()));
     if let Some((_, copy)) = w_texture {
         first_copies.push(copy);
-        // Every column block in one dispatch: x = groups of W_GROUP × 4 rows, y = pair of
-        // 16-column blocks (the second past the last when their count is odd).
+        // Every column block in one dispatch: x = groups of W_GROUP × 4 rows, y = `per`
+        // 16-column blocks (the last past the last block when their count is no multiple).
         let groups = rows.div_ceil(4 * W_GROUP) as u32;
         return Ok(vec![Dispatch {
             name: entry,
@@ -602,7 +615,7 @@ pub(super) fn gpu_matmul_tex(
             after: Vec::new(),
             pipeline,
             bind_group,
-            workgroups: [groups, blocks.len().div_ceil(2) as u32, 1],
+            workgroups: [groups, blocks.len().div_ceil(per) as u32, 1],
             offsets: offsets.swap_remove(0),
             copies: first_copies,
         }]);

@@ -118,6 +118,10 @@ pub enum MatmulKernel {
     /// block (`Auto` reads f32 W from a texture with every block in one dispatch where X
     /// is a storage texture): an autotuning alternative.
     TexWindows,
+    /// As `Auto`, but where W is read from a texture an invocation takes two 16-column
+    /// blocks (`matmul_tex32r4w*`, 32 columns) instead of three (`matmul_tex48r4w*`):
+    /// an autotuning alternative.
+    TexPairs,
 }
 
 /// Resolved sizes of one matmul call.

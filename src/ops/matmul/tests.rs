@@ -216,7 +216,7 @@ fn texture_path_is_chosen_where_it_applies() {
     // a storage texture (CPU adapters); else W through windows, one dispatch per block.
     let r4 = |blocks| {
         if c.storage_x() {
-            vec!["matmul_tex32r4w"]
+            vec!["matmul_tex48r4w"]
         } else {
             vec!["matmul_tex16r4"; blocks]
         }
@@ -238,10 +238,21 @@ fn texture_path_is_chosen_where_it_applies() {
             vec!["matmul_tex16"; 3]
         );
         assert_eq!(names(lin, vec![vec![10, 1536], vec![8, 1536]]), r4(1));
+        // (two blocks per invocation where asked)
+        let pairs = Matmul {
+            kernel: MatmulKernel::TexPairs,
+            ..lin
+        };
+        if c.storage_x() {
+            assert_eq!(
+                names(pairs, vec![vec![10, 384], vec![40, 384]]),
+                vec!["matmul_tex32r4w"]
+            );
+        }
         // (W from a texture has no window to fit: K = 4096 keeps 16-column blocks)
         let k4096 = vec![vec![10, 4096], vec![5, 4096]];
         if c.storage_x() {
-            assert_eq!(names(lin, k4096.clone()), vec!["matmul_tex32r4w"]);
+            assert_eq!(names(lin, k4096.clone()), vec!["matmul_tex48r4w"]);
         } else {
             assert_eq!(names(lin, k4096.clone()), vec!["matmul_tex4"; 2]);
         }
@@ -791,7 +802,7 @@ fn four_row_kernels_match_reference() {
             let want = cpu_reference(&m, &data, &s);
             let (got, names) = run_w16(&m, &data, &s);
             seen.extend(names.iter().copied());
-            let four_rows = ["matmul_tex16r4", "matmul_tex32r4w"];
+            let four_rows = ["matmul_tex16r4", "matmul_tex48r4w"];
             assert!(
                 four_rows.iter().any(|k| names[0].starts_with(k)),
                 "{s:?}: {names:?}"
@@ -809,39 +820,57 @@ fn four_row_kernels_match_reference() {
             // X through a sampled texture, and W through uniform windows one dispatch per
             // block (Auto reads X, and f32 W in one dispatch, as storage textures on CPU
             // adapters): the window kernels, the same numbers.
-            for kernel in [MatmulKernel::TexSampled, MatmulKernel::TexWindows] {
+            // Two column blocks per invocation instead of three: the same numbers too.
+            for kernel in [
+                MatmulKernel::TexSampled,
+                MatmulKernel::TexWindows,
+                MatmulKernel::TexPairs,
+            ] {
                 let v = Matmul { kernel, ..m };
                 let (v_got, v_names) = run_w16(&v, &data, &s);
-                if kernel == MatmulKernel::TexWindows {
+                if kernel != MatmulKernel::TexSampled {
                     seen.extend(v_names.iter().copied());
                 }
+                let want_names = if kernel == MatmulKernel::TexPairs && !w_f16 {
+                    ["matmul_tex32r4w", "matmul_tex16r4"]
+                } else {
+                    ["matmul_tex16r4", "matmul_tex16r4"]
+                };
                 assert!(
-                    v_names.iter().all(|e| e.starts_with("matmul_tex16r4")),
+                    v_names
+                        .iter()
+                        .all(|e| want_names.iter().any(|w| e.starts_with(w))),
                     "{v_names:?}"
                 );
                 let e = crate::ops::testing::rel_err(&v_got, &want);
                 assert!(e <= 1e-5, "{v:?} {s:?}: rel err {e}");
             }
         }
-        // The epilogues: RoPE on heads of 16 (hd/2 = 8 pairs with the block's halves) with
-        // images of `rows` tokens, the residual on the output's shape.
-        let (heads, prefix) = (n / 16, rows.min(3));
+        // The epilogues: RoPE on heads of 16 (hd/2 = 8 pairs with the block's halves) and,
+        // where n allows, of 64 (four blocks per head: an invocation's three blocks span
+        // two heads) with images of `rows` tokens, the residual on the output's shape.
+        let prefix = rows.min(3);
         for (w_f16, kernel) in [
             (false, MatmulKernel::Auto),
             (true, MatmulKernel::Auto),
             (false, MatmulKernel::TexSampled),
             (false, MatmulKernel::TexWindows),
+            (false, MatmulKernel::TexPairs),
         ] {
-            let mut cases = vec![Matmul::linear(true).with_epilogue(Epilogue::Residual)];
-            if heads > 0 && n % 16 == 0 {
-                cases.push(Matmul::linear(true).with_epilogue(Epilogue::Rope { heads, prefix }));
+            // (matmul, output columns)
+            let mut cases = vec![(Matmul::linear(true).with_epilogue(Epilogue::Residual), n)];
+            for hd in [16, 64] {
+                if n >= hd {
+                    let heads = n / hd;
+                    let rope = Epilogue::Rope { heads, prefix };
+                    cases.push((Matmul::linear(true).with_epilogue(rope), heads * hd));
+                }
             }
-            for m in cases {
+            for (m, n_out) in cases {
                 let m = Matmul { w_f16, kernel, ..m };
-                let n_out = if matches!(m.epi, Epilogue::Rope { .. }) {
-                    heads * 16
-                } else {
-                    n
+                let half = match m.epi {
+                    Epilogue::Rope { heads, .. } => n_out / heads / 2,
+                    _ => 0,
                 };
                 if m.epi == Epilogue::Residual && n % 4 != 0 {
                     continue;
@@ -849,7 +878,7 @@ fn four_row_kernels_match_reference() {
                 let mut s = shapes(&m.plain(), batch, rows, n_out, k, false);
                 match m.epi {
                     Epilogue::Rope { .. } => {
-                        s.extend([vec![rows - prefix, 8], vec![rows - prefix, 8]])
+                        s.extend([vec![rows - prefix, half], vec![rows - prefix, half]])
                     }
                     _ => {
                         let mut out = s[0].clone();
@@ -863,7 +892,8 @@ fn four_row_kernels_match_reference() {
                     !names.is_empty()
                         && names.iter().all(|e| e.starts_with("matmul_tex16r4_")
                             || e.starts_with("matmul_tex16r4h_")
-                            || e.starts_with("matmul_tex32r4w_")),
+                            || e.starts_with("matmul_tex32r4w_")
+                            || e.starts_with("matmul_tex48r4w_")),
                     "{m:?} {s:?}: {names:?}"
                 );
             }
@@ -882,6 +912,9 @@ fn four_row_kernels_match_reference() {
             "matmul_tex32r4w",
             "matmul_tex32r4w_rope",
             "matmul_tex32r4w_res",
+            "matmul_tex48r4w",
+            "matmul_tex48r4w_rope",
+            "matmul_tex48r4w_res",
         ]);
     }
     for e in want {
@@ -913,7 +946,14 @@ fn w_texture_kernels_take_any_k() {
                 prefix: 1,
             }));
         }
-        for m in cases {
+        let pairs: Vec<Matmul> = cases
+            .iter()
+            .map(|m| Matmul {
+                kernel: MatmulKernel::TexPairs,
+                ..*m
+            })
+            .collect();
+        for m in cases.into_iter().chain(pairs) {
             if m.epi == Epilogue::Residual && n % 4 != 0 {
                 continue;
             }
@@ -929,10 +969,12 @@ fn w_texture_kernels_take_any_k() {
             }
             let names = check_fused(&m, &s, &mut r);
             assert_eq!(names.len(), 1, "{m:?} {s:?}: {names:?}");
-            assert!(
-                names[0].starts_with("matmul_tex32r4w"),
-                "{m:?} {s:?}: {names:?}"
-            );
+            let want = if m.kernel == MatmulKernel::TexPairs {
+                "matmul_tex32r4w"
+            } else {
+                "matmul_tex48r4w"
+            };
+            assert!(names[0].starts_with(want), "{m:?} {s:?}: {names:?}");
         }
     }
 }
@@ -1019,6 +1061,7 @@ fn lab_variants() {
             "w16-onerow" => Some((w, MatmulKernel::TexOneRow, true)),
             "w16-auto" => Some((w, MatmulKernel::Auto, true)),
             "windows" => Some((w, MatmulKernel::TexWindows, false)),
+            "pairs" => Some((w, MatmulKernel::TexPairs, false)),
             _ => None,
         })
         .collect();
