@@ -938,24 +938,6 @@ impl GpuContext {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Frees the compiled pipelines no kernel holds any more (a dropped executor's), and the
-    /// shader modules once none of their pipelines is left. A software adapter keeps each
-    /// pipeline's compiled code and IR in host memory (lavapipe: 3–17 MiB for the unrolled
-    /// conv kernels, ~15 MiB for `conv3d.wgsl`'s module in wgpu): for a runner switching
-    /// stages on such an adapter. Pipelines used again are compiled again (Mesa's shader
-    /// cache helps; the parse of a large module does not get cheaper: 0.85 s for the
-    /// first `conv3d.wgsl` pipeline, 0.1–0.17 s for each further one).
-    pub fn release_unused_pipelines(&self) {
-        let mut left: std::collections::HashSet<&'static str> = Default::default();
-        if let Ok(mut p) = self.pipelines.lock() {
-            p.retain(|_, v| Arc::strong_count(v) > 1);
-            left.extend(p.keys().map(|k| k.0));
-        }
-        if let Ok(mut m) = self.modules.lock() {
-            m.retain(|name, _| left.contains(name));
-        }
-    }
-
     /// Forgets the cached scratch textures and buffer: each is freed once the kernels built
     /// on it are dropped, and the next kernels get new ones of the sizes they need. For a runner
     /// switching stages (a ViT's operand sizes are not a UNet's).

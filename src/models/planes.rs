@@ -615,9 +615,10 @@ fn balanced(n: usize, cap: usize) -> usize {
 /// On the CPU backend and on CPU-like adapters (lavapipe, whose device memory is host
 /// RAM) a ViT batch is capped so its largest activation (the MLP hidden layer) stays within
 /// this many bytes: larger batches run no faster there (CPU, ViT-S 256²: 0.239 CPU-s per
-/// image at batch 32, 0.235 at 16; lavapipe, loaded: 1.25 at 32, 0.92 at 16) but hold more
-/// memory (CPU 282 vs 188 MB; lavapipe peak RSS 686 vs 545–562 MiB).
-pub(crate) const CPU_VIT_ACTIVATION_BYTES: u64 = 32 << 20;
+/// image at batch 32, 0.235 at 16; lavapipe, loaded: 1.25 at 32, 0.92 at 16; idle, session
+/// 10: 4.65–4.71 images/s at 16, 4.66–4.68 at 8) but hold more memory (CPU 282 vs 188 MB;
+/// lavapipe peak RSS 686 vs 545–562 MiB at 32 vs 16). ViT-S 256² gets batches of 8.
+pub(crate) const CPU_VIT_ACTIVATION_BYTES: u64 = 13 << 20;
 
 /// The most slices per ViT batch for S×S slices: `batch`, limited by what one storage
 /// binding of `backend` holds and, on the CPU or a CPU-like adapter, by

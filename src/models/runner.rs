@@ -121,7 +121,9 @@ impl Runner {
         if freed {
             self.consts.release_unused();
             ctx.release_scratch_textures();
-            ctx.release_unused_pipelines();
+            // (compiled pipelines stay: compiling the ViT's and the UNet's again cost
+            // 2.3 s per tile on lavapipe, keeping them no measurable peak memory,
+            // docs/memory.md)
             // wgpu destroys dropped buffers and textures only once the device is polled
             // after their last submission: wait here, so the next stage's buffers do not
             // coexist with this one's (both would count in a software adapter's host RAM).
