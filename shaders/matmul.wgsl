@@ -925,6 +925,85 @@ fn matmul_tex32r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invo
     block16(2u * wg.y);
     res_r4(row, a, sl);
 }
+// ---- vec4 stores (matmul_tex48r4w*: N % 4 == 0) ----
+// Every storage-buffer store is a loop over the 8 lanes on lavapipe, per component; a
+// vec4 store is one loop for four columns. Storing the block's rows as vec4s made the
+// K = 384 matmuls +27…35 % faster (docs/lavapipe.md, session 10). With N % 4 == 0 each
+// group of 4 columns of a block (all starting at multiples of 4) is in range or out of it
+// as a whole, and rows start at multiples of 4 floats.
+@group(0) @binding(4) var<storage, read_write> tout4: array<vec4<f32>>;
+
+// First column of accumulators 4q … 4q + 3 (q < 4).
+fn col4(q: u32) -> u32 {
+    return select(bc0 + 4u * q, bc2 + 4u * q - 8u, q >= 2u);
+}
+
+fn quad(a: array<f32, 16>, q: u32) -> vec4<f32> {
+    return vec4<f32>(a[4u * q], a[4u * q + 1u], a[4u * q + 2u], a[4u * q + 3u]);
+}
+
+// Columns 4q … of row `row`, activated.
+fn store_quad(row: u32, a: array<f32, 16>, q: u32) {
+    let c = col4(q);
+    if (row < tp.m && c < tp.n) {
+        let v = quad(a, q);
+        tout4[(row * tp.n + c) / 4u] = vec4<f32>(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
+    }
+}
+
+// Columns 4q … of row `row` plus the residual (its texel read before the range checks,
+// as in store_res).
+fn store_quad_res(row: u32, a: array<f32, 16>, q: u32) {
+    let c = col4(q);
+    let r = res4((min(row, tp.m - 1u) * tp.n + c) / 4u);
+    if (row < tp.m && c < tp.n) {
+        tout4[(row * tp.n + c) / 4u] = r + quad(a, q);
+    }
+}
+
+fn store_row_v4(row: u32, a: array<f32, 16>) {
+    store_quad(row, a, 0u);
+    store_quad(row, a, 1u);
+    store_quad(row, a, 2u);
+    store_quad(row, a, 3u);
+}
+
+fn store_res_v4(row: u32, a: array<f32, 16>) {
+    store_quad_res(row, a, 0u);
+    store_quad_res(row, a, 1u);
+    store_quad_res(row, a, 2u);
+    store_quad_res(row, a, 3u);
+}
+
+fn store_r4_v4(row: u32, acc: Acc4) {
+    for (var r = 0u; r < 4u; r++) {
+        store_row_v4(row + r, acc[r]);
+    }
+}
+
+fn rope_r4_v4(row: u32, acc: Acc4) {
+    for (var r = 0u; r < 4u; r++) {
+        var a = acc[r];
+        rope16(&a, row + r);
+        store_row_v4(row + r, a);
+    }
+}
+
+fn res_r4_v4(row: u32, acc: Acc4, sl: u32) {
+    var s = acc;
+    let l0 = tlam[min(bc0 + sl, tp.n - 1u)];
+    let l2 = tlam[min(bc2 + sl, tp.n - 1u)];
+    for (var r = 0u; r < 4u; r++) {
+        var a = s[r];
+        mul_bc8(&a, 0u, l0);
+        mul_bc8(&a, 8u, l2);
+        s[r] = a;
+    }
+    for (var r = 0u; r < 4u; r++) {
+        store_res_v4(row + r, s[r]);
+    }
+}
+
 // ---- Three blocks per invocation (matmul_tex48r4w*, the default where W is a texture) ----
 // Blocks 3y, 3y + 1 and 3y + 2 (workgroup y): four rows × 48 columns, 192 accumulators,
 // every X fetch feeding 48 columns. The accumulators live on the stack either way, so the
@@ -980,11 +1059,11 @@ fn matmul_tex48r4w(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     var b: Acc4;
     var c: Acc4;
     three_blocks(&a, &b, &c, row, wg.y, sl, false);
-    store_r4(row, c);
+    store_r4_v4(row, c);
     block16(3u * wg.y + 1u);
-    store_r4(row, b);
+    store_r4_v4(row, b);
     block16(3u * wg.y);
-    store_r4(row, a);
+    store_r4_v4(row, a);
 }
 
 @compute @workgroup_size(8)
@@ -995,11 +1074,11 @@ fn matmul_tex48r4w_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     var b: Acc4;
     var c: Acc4;
     three_blocks(&a, &b, &c, row, wg.y, sl, true);
-    rope_r4(row, c);
+    rope_r4_v4(row, c);
     block_rope(3u * wg.y + 1u);
-    rope_r4(row, b);
+    rope_r4_v4(row, b);
     block_rope(3u * wg.y);
-    rope_r4(row, a);
+    rope_r4_v4(row, a);
 }
 
 @compute @workgroup_size(8)
@@ -1010,10 +1089,10 @@ fn matmul_tex48r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invo
     var b: Acc4;
     var c: Acc4;
     three_blocks(&a, &b, &c, row, wg.y, sl, false);
-    res_r4(row, c, sl);
+    res_r4_v4(row, c, sl);
     block16(3u * wg.y + 1u);
-    res_r4(row, b, sl);
+    res_r4_v4(row, b, sl);
     block16(3u * wg.y);
-    res_r4(row, a, sl);
+    res_r4_v4(row, a, sl);
 }
 // END subgroups

@@ -616,8 +616,12 @@ mod tests {
         // The default where the device has the texture path; the cached one-row choice.
         if texture_path_possible(c) {
             // (W from a texture in one dispatch where X is a storage texture)
-            let four_rows = if c.storage_x() {
+            // (three column blocks per invocation with vec4 stores where N % 4 == 0)
+            let n = shapes[1][0];
+            let four_rows = if c.storage_x() && n % 4 == 0 {
                 "matmul_tex48r4w"
+            } else if c.storage_x() {
+                "matmul_tex32r4w"
             } else {
                 "matmul_tex16r4"
             };

@@ -349,8 +349,9 @@ pub(super) fn gpu_matmul_tex(
             d.n.div_ceil(16)
         )));
     }
-    // Blocks per invocation of the W-texture kernels: three, or two where asked.
-    let per = if m.kernel == MatmulKernel::TexPairs {
+    // Blocks per invocation of the W-texture kernels: three (`matmul_tex48r4w*`, whose
+    // vec4 stores need N % 4 == 0), else two.
+    let per = if m.kernel == MatmulKernel::TexPairs || !d.n.is_multiple_of(4) {
         2
     } else {
         3
