@@ -638,16 +638,22 @@ fn xrow(row: u32, r: u32) -> u32 {
 // Bias of the block's columns added to every row (call in uniform control flow).
 // (every storage-buffer load is a loop over the lanes on lavapipe: the block's bias and
 // λ are loaded once for the four rows, not per row)
+// (rows unrolled by hand: in a loop lavapipe masks every private write lane by lane)
 fn bias_r4(acc: ptr<function, Acc4>, sl: u32) {
     if (tp.has_bias == 0u) { return; }
     let b0 = tbias[min(bc0 + sl, tp.n - 1u)];
     let b2 = tbias[min(bc2 + sl, tp.n - 1u)];
-    for (var r = 0u; r < 4u; r++) {
-        var a = (*acc)[r];
-        add_bc8(&a, 0u, b0);
-        add_bc8(&a, 8u, b2);
-        (*acc)[r] = a;
-    }
+    (*acc)[0] = bias_row((*acc)[0], b0, b2);
+    (*acc)[1] = bias_row((*acc)[1], b0, b2);
+    (*acc)[2] = bias_row((*acc)[2], b0, b2);
+    (*acc)[3] = bias_row((*acc)[3], b0, b2);
+}
+
+fn bias_row(acc: array<f32, 16>, b0: f32, b2: f32) -> array<f32, 16> {
+    var a = acc;
+    add_bc8(&a, 0u, b0);
+    add_bc8(&a, 8u, b2);
+    return a;
 }
 
 // One k-step of the block for rows t (first texels of the four rows of X): W from the
@@ -976,32 +982,41 @@ fn store_res_v4(row: u32, a: array<f32, 16>) {
 }
 
 fn store_r4_v4(row: u32, acc: Acc4) {
-    for (var r = 0u; r < 4u; r++) {
-        store_row_v4(row + r, acc[r]);
-    }
+    store_row_v4(row, acc[0]);
+    store_row_v4(row + 1u, acc[1]);
+    store_row_v4(row + 2u, acc[2]);
+    store_row_v4(row + 3u, acc[3]);
+}
+
+// (the four rows unrolled by hand: inside a loop lavapipe masks every write to a private
+// variable lane by lane, and these epilogues write the row's accumulators)
+fn rope_row_v4(row: u32, acc: array<f32, 16>) {
+    var a = acc;
+    rope16(&a, row);
+    store_row_v4(row, a);
 }
 
 fn rope_r4_v4(row: u32, acc: Acc4) {
-    for (var r = 0u; r < 4u; r++) {
-        var a = acc[r];
-        rope16(&a, row + r);
-        store_row_v4(row + r, a);
-    }
+    rope_row_v4(row, acc[0]);
+    rope_row_v4(row + 1u, acc[1]);
+    rope_row_v4(row + 2u, acc[2]);
+    rope_row_v4(row + 3u, acc[3]);
+}
+
+fn res_row_v4(row: u32, acc: array<f32, 16>, l0: f32, l2: f32) {
+    var a = acc;
+    mul_bc8(&a, 0u, l0);
+    mul_bc8(&a, 8u, l2);
+    store_res_v4(row, a);
 }
 
 fn res_r4_v4(row: u32, acc: Acc4, sl: u32) {
-    var s = acc;
     let l0 = tlam[min(bc0 + sl, tp.n - 1u)];
     let l2 = tlam[min(bc2 + sl, tp.n - 1u)];
-    for (var r = 0u; r < 4u; r++) {
-        var a = s[r];
-        mul_bc8(&a, 0u, l0);
-        mul_bc8(&a, 8u, l2);
-        s[r] = a;
-    }
-    for (var r = 0u; r < 4u; r++) {
-        store_res_v4(row + r, s[r]);
-    }
+    res_row_v4(row, acc[0], l0, l2);
+    res_row_v4(row + 1u, acc[1], l0, l2);
+    res_row_v4(row + 2u, acc[2], l0, l2);
+    res_row_v4(row + 3u, acc[3], l0, l2);
 }
 
 // ---- Three blocks per invocation (matmul_tex48r4w*, the default where W is a texture) ----
