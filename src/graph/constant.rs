@@ -128,25 +128,30 @@ fn spill_file() -> Result<&'static SpillFile> {
         .map_err(|e| Error::Invalid(e.to_string()))
 }
 
+/// A new temporary file, unlinked at once (the open file lives on until it is closed).
+fn unlinked_temp(what: &str) -> Result<(File, std::path::PathBuf)> {
+    let dir = std::env::temp_dir();
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("volfuse-{what}-{}-{n}.spill", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| {
+            Error::io(
+                &path,
+                format!("cannot create the {what} spill file ({e}).\n  fix: set TMPDIR to a writable folder"),
+            )
+        })?;
+    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    Ok((file, path))
+}
+
 impl SpillFile {
     fn create() -> Result<SpillFile> {
-        let dir = std::env::temp_dir();
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = dir.join(format!("volfuse-weights-{}-{n}.spill", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| {
-                Error::io(
-                    &path,
-                    format!("cannot create the weights spill file ({e}).\n  fix: set TMPDIR to a writable folder"),
-                )
-            })?;
-        // Unlinked at once: the open file lives on until the process exits.
-        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        let (file, path) = unlinked_temp("weights")?;
         Ok(SpillFile {
             file: Mutex::new((file, 0)),
             path,
@@ -177,8 +182,81 @@ impl SpillFile {
     }
 }
 
+/// Host values parked in an unlinked temporary file of their own while something else
+/// needs the memory (the page cache holds them, not the process's resident set), taken
+/// back whole; the file goes with them. The raw volume's features wait so while the
+/// context's are computed: on a software adapter that stage is the tile's peak. Where the
+/// platform has no unlinked files (not Unix) the values simply stay in memory.
+#[derive(Debug)]
+pub enum Parked {
+    Memory(Vec<f32>),
+    File {
+        file: File,
+        len: usize,
+        path: std::path::PathBuf,
+    },
+}
+
+impl Parked {
+    pub fn park(values: Vec<f32>) -> Result<Parked> {
+        use std::io::Write;
+        if !cfg!(unix) {
+            return Ok(Parked::Memory(values));
+        }
+        let (mut file, path) = unlinked_temp("features")?;
+        file.write_all(bytemuck::cast_slice(&values))
+            .map_err(|e| Error::io(&path, format!("parking host values: {e}")))?;
+        Ok(Parked::File {
+            file,
+            len: values.len(),
+            path,
+        })
+    }
+
+    pub fn take(self) -> Result<Vec<f32>> {
+        use std::io::{Read, Seek, SeekFrom};
+        match self {
+            Parked::Memory(v) => Ok(v),
+            Parked::File {
+                mut file,
+                len,
+                path,
+            } => {
+                let io = |e: std::io::Error| {
+                    Error::io(&path, format!("reading parked host values back: {e}"))
+                };
+                let mut v = vec![0f32; len];
+                file.seek(SeekFrom::Start(0)).map_err(io)?;
+                file.read_exact(bytemuck::cast_slice_mut(&mut v))
+                    .map_err(io)?;
+                Ok(v)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parked_values_come_back_unchanged() {
+        let a: Vec<f32> = (0..100_003)
+            .map(|i| (i as f32 * 0.011).cos() * 7.5)
+            .collect();
+        let b: Vec<f32> = vec![f32::NAN, -0.0, 1e-38, f32::INFINITY];
+        let (pa, pb) = (
+            Parked::park(a.clone()).unwrap(),
+            Parked::park(b.clone()).unwrap(),
+        );
+        assert_eq!(matches!(pa, Parked::File { .. }), cfg!(unix));
+        let back = pb.take().unwrap();
+        assert_eq!(
+            back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(pa.take().unwrap(), a);
+        assert!(Parked::park(Vec::new()).unwrap().take().unwrap().is_empty());
+    }
+
     use super::*;
 
     #[test]

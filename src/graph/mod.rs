@@ -21,7 +21,7 @@ mod gpu;
 mod plan;
 pub mod split;
 
-pub use constant::{Constant, IntoConstant};
+pub use constant::{Constant, IntoConstant, Parked};
 pub use cpu::{CpuExecutor, CpuSlots};
 pub use gpu::{ConstCache, GpuExecutor, GraphInput};
 pub use plan::{Plan, Step};

@@ -109,9 +109,16 @@ pub(crate) fn unet_features(
     // Projection-first: the UNet's input convs are applied to the ViT tokens, so the
     // features are C (base channels) wide, not Cd (see planes.rs, "Projection-first").
     let (proj, ctx_proj) = b.unet.input_projections()?;
-    let features = extract_features(&b.vit, runner, raw, &params, Some(&proj))?;
+    let mut features = extract_features(&b.vit, runner, raw, &params, Some(&proj))?;
     let context = match (ctx, &ctx_proj) {
-        (Some(c), Some(p)) => Some(extract_features(&b.vit, runner, c, &params, Some(p))?),
+        (Some(c), Some(p)) => {
+            // The raw features wait outside the process's memory while the context's are
+            // computed (the tile's peak on a software adapter).
+            let parked = crate::graph::Parked::park(std::mem::take(&mut features))?;
+            let context = extract_features(&b.vit, runner, c, &params, Some(p))?;
+            features = parked.take()?;
+            Some(context)
+        }
         _ => None,
     };
     let [d, h, w] = b.unet.config.input_size;
