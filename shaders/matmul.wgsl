@@ -724,33 +724,12 @@ fn acc16r4h(row: u32, sl: u32) -> Acc4 {
     return acc;
 }
 
-// The epilogues on four rows (rows past tp.m are computed on the last row, never stored).
+// The four rows stored one float at a time (any N; rows past tp.m are computed on the
+// last row, never stored). The vec4 stores and the RoPE and residual epilogues (rope_r4,
+// res_r4; N % 4 == 0) are below, with the W-texture kernels.
 fn store_r4(row: u32, acc: Acc4) {
     for (var r = 0u; r < 4u; r++) {
         store_row(row + r, acc[r], 16u);
-    }
-}
-
-fn rope_r4(row: u32, acc: Acc4) {
-    for (var r = 0u; r < 4u; r++) {
-        var a = acc[r];
-        rope16(&a, row + r);
-        store_row(row + r, a, 16u);
-    }
-}
-
-fn res_r4(row: u32, acc: Acc4, sl: u32) {
-    var s = acc;
-    let l0 = tlam[min(bc0 + sl, tp.n - 1u)];
-    let l2 = tlam[min(bc2 + sl, tp.n - 1u)];
-    for (var r = 0u; r < 4u; r++) {
-        var a = s[r];
-        mul_bc8(&a, 0u, l0);
-        mul_bc8(&a, 8u, l2);
-        s[r] = a;
-    }
-    for (var r = 0u; r < 4u; r++) {
-        store_res(row + r, s[r], 16u);
     }
 }
 
@@ -931,7 +910,7 @@ fn matmul_tex32r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invo
     block16(2u * wg.y);
     res_r4(row, a, sl);
 }
-// ---- vec4 stores (matmul_tex48r4w*: N % 4 == 0) ----
+// ---- vec4 stores (every four-row epilogue where N % 4 == 0) ----
 // Every storage-buffer store is a loop over the 8 lanes on lavapipe, per component; a
 // vec4 store is one loop for four columns. Storing the block's rows as vec4s made the
 // K = 384 matmuls +27…35 % faster (docs/lavapipe.md, session 10). With N % 4 == 0 each
@@ -996,7 +975,7 @@ fn rope_row_v4(row: u32, acc: array<f32, 16>) {
     store_row_v4(row, a);
 }
 
-fn rope_r4_v4(row: u32, acc: Acc4) {
+fn rope_r4(row: u32, acc: Acc4) {
     rope_row_v4(row, acc[0]);
     rope_row_v4(row + 1u, acc[1]);
     rope_row_v4(row + 2u, acc[2]);
@@ -1010,13 +989,32 @@ fn res_row_v4(row: u32, acc: array<f32, 16>, l0: f32, l2: f32) {
     store_res_v4(row, a);
 }
 
-fn res_r4_v4(row: u32, acc: Acc4, sl: u32) {
+fn res_r4(row: u32, acc: Acc4, sl: u32) {
     let l0 = tlam[min(bc0 + sl, tp.n - 1u)];
     let l2 = tlam[min(bc2 + sl, tp.n - 1u)];
     res_row_v4(row, acc[0], l0, l2);
     res_row_v4(row + 1u, acc[1], l0, l2);
     res_row_v4(row + 2u, acc[2], l0, l2);
     res_row_v4(row + 3u, acc[3], l0, l2);
+}
+
+// The window kernels (`matmul_tex16r4*`, one dispatch per block) with the vec4 stores
+// where N % 4 == 0: `matmul_tex16r4q` (f32 W), `matmul_tex16r4qh` (f16 W). (Their RoPE
+// and residual forms always store vec4s: both need N % 4 == 0 on the texture path.)
+@compute @workgroup_size(8)
+fn matmul_tex16r4q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
+    let row = 4u * tex_row8(gid, nwg);
+    store_r4_v4(row, acc16r4(row, sl));
+}
+
+@compute @workgroup_size(8)
+fn matmul_tex16r4qh(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(subgroup_invocation_id) sl: u32) {
+    block_from_params();
+    let row = 4u * tex_row8(gid, nwg);
+    store_r4_v4(row, acc16r4h(row, sl));
 }
 
 // ---- Three blocks per invocation (matmul_tex48r4w*, the default where W is a texture) ----
@@ -1089,11 +1087,11 @@ fn matmul_tex48r4w_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     var b: Acc4;
     var c: Acc4;
     three_blocks(&a, &b, &c, row, wg.y, sl, true);
-    rope_r4_v4(row, c);
+    rope_r4(row, c);
     block_rope(3u * wg.y + 1u);
-    rope_r4_v4(row, b);
+    rope_r4(row, b);
     block_rope(3u * wg.y);
-    rope_r4_v4(row, a);
+    rope_r4(row, a);
 }
 
 @compute @workgroup_size(8)
@@ -1104,10 +1102,10 @@ fn matmul_tex48r4w_res(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invo
     var b: Acc4;
     var c: Acc4;
     three_blocks(&a, &b, &c, row, wg.y, sl, false);
-    res_r4_v4(row, c, sl);
+    res_r4(row, c, sl);
     block16(3u * wg.y + 1u);
-    res_r4_v4(row, b, sl);
+    res_r4(row, b, sl);
     block16(3u * wg.y);
-    res_r4_v4(row, a, sl);
+    res_r4(row, a, sl);
 }
 // END subgroups

@@ -618,12 +618,11 @@ mod tests {
             // (W from a texture in one dispatch where X is a storage texture)
             // (three column blocks per invocation with vec4 stores where N % 4 == 0)
             let n = shapes[1][0];
-            let four_rows = if c.storage_x() && n % 4 == 0 {
-                "matmul_tex48r4w"
-            } else if c.storage_x() {
-                "matmul_tex32r4w"
-            } else {
-                "matmul_tex16r4"
+            let four_rows = match (c.storage_x(), n % 4 == 0) {
+                (true, true) => "matmul_tex48r4w",
+                (true, false) => "matmul_tex32r4w",
+                (false, true) => "matmul_tex16r4q",
+                (false, false) => "matmul_tex16r4",
             };
             assert_eq!(default.first().copied(), Some(four_rows), "{default:?}");
             cache.map.insert(k.clone(), "matmul:tex16".into());
@@ -669,10 +668,11 @@ mod tests {
                 assert_eq!(names, vec!["matmul"]);
             } else if texture_path_possible(c) && !generic {
                 // Whichever texture variant tuning picked (one or four rows per
-                // invocation: timing decides), with f16 weights.
+                // invocation: timing decides; vec4 stores where N % 4 == 0), with f16
+                // weights.
                 let first = names.first().copied().unwrap_or("");
                 assert!(
-                    ["matmul_tex16h", "matmul_tex16r4h"].contains(&first),
+                    ["matmul_tex16h", "matmul_tex16r4h", "matmul_tex16r4qh"].contains(&first),
                     "{names:?}"
                 );
             }

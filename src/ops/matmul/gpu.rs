@@ -356,6 +356,7 @@ pub(super) fn gpu_matmul_tex(
     } else {
         3
     };
+    let vec4_out = d.n.is_multiple_of(4);
     let entry = match entry {
         "matmul_tex16r4" if w_tex && per == 3 => "matmul_tex48r4w",
         "matmul_tex16r4_rope" if w_tex && per == 3 => "matmul_tex48r4w_rope",
@@ -363,6 +364,10 @@ pub(super) fn gpu_matmul_tex(
         "matmul_tex16r4" if w_tex => "matmul_tex32r4w",
         "matmul_tex16r4_rope" if w_tex => "matmul_tex32r4w_rope",
         "matmul_tex16r4_res" if w_tex => "matmul_tex32r4w_res",
+        // The plain window kernels store vec4s too where N % 4 == 0 (the RoPE and
+        // residual forms always do).
+        "matmul_tex16r4" if vec4_out => "matmul_tex16r4q",
+        "matmul_tex16r4h" if vec4_out => "matmul_tex16r4qh",
         e => e,
     };
     let uniform = |binding, size: u64| wgpu::BindGroupLayoutEntry {

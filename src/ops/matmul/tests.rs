@@ -214,11 +214,12 @@ fn texture_path_is_chosen_where_it_applies() {
     };
     // Four-row kernels: W from a texture, every block in one dispatch, where X is read as
     // a storage texture (CPU adapters); else W through windows, one dispatch per block.
+    // (N % 4 == 0 in these shapes: the window kernels store vec4s, `matmul_tex16r4q`)
     let r4 = |blocks| {
         if c.storage_x() {
             vec!["matmul_tex48r4w"]
         } else {
-            vec!["matmul_tex16r4"; blocks]
+            vec!["matmul_tex16r4q"; blocks]
         }
     };
     if expect_tex {
@@ -231,6 +232,10 @@ fn texture_path_is_chosen_where_it_applies() {
         };
         assert_eq!(
             names(windows, vec![vec![10, 384], vec![40, 384]]),
+            vec!["matmul_tex16r4q"; 3]
+        );
+        assert_eq!(
+            names(windows, vec![vec![10, 384], vec![42, 384]]),
             vec!["matmul_tex16r4"; 3]
         );
         assert_eq!(
@@ -285,12 +290,12 @@ fn texture_path_is_chosen_where_it_applies() {
         };
         assert_eq!(
             names(sampled, vec![vec![10, 384], vec![40, 384]]),
-            vec!["matmul_tex16r4"; 3]
+            vec!["matmul_tex16r4q"; 3]
         );
         let compiled: Vec<&str> = c
             .compiled_kernels()
             .iter()
-            .filter(|k| k.entry == "matmul_tex16r4")
+            .filter(|k| k.entry == "matmul_tex16r4q")
             .map(|k| k.shader)
             .collect();
         assert!(
@@ -908,6 +913,8 @@ fn four_row_kernels_match_reference() {
     let mut want = vec![
         "matmul_tex16r4",
         "matmul_tex16r4h",
+        "matmul_tex16r4q",
+        "matmul_tex16r4qh",
         "matmul_tex16r4_rope",
         "matmul_tex16r4h_rope",
         "matmul_tex16r4_res",
