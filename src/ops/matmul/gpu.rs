@@ -349,14 +349,15 @@ pub(super) fn gpu_matmul_tex(
             d.n.div_ceil(16)
         )));
     }
-    // Blocks per invocation of the W-texture kernels: three (`matmul_tex48r4w*`, whose
-    // vec4 stores need N % 4 == 0), else two.
-    let per = if m.kernel == MatmulKernel::TexPairs || !d.n.is_multiple_of(4) {
+    // vec4 stores need N % 4 == 0 (every four-row RoPE and residual form has it). Blocks
+    // per invocation of the W-texture kernels: three (`matmul_tex48r4w*`, vec4 stores),
+    // else two.
+    let vec4_out = d.n.is_multiple_of(4);
+    let per = if m.kernel == MatmulKernel::TexPairs || !vec4_out {
         2
     } else {
         3
     };
-    let vec4_out = d.n.is_multiple_of(4);
     let entry = match entry {
         "matmul_tex16r4" if w_tex && per == 3 => "matmul_tex48r4w",
         "matmul_tex16r4_rope" if w_tex && per == 3 => "matmul_tex48r4w_rope",
