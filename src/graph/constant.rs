@@ -128,6 +128,15 @@ fn spill_file() -> Result<&'static SpillFile> {
         .map_err(|e| Error::Invalid(e.to_string()))
 }
 
+/// `len` f32 values (little endian) at byte `offset` of `file`.
+fn read_f32_at(file: &mut File, offset: u64, len: usize) -> std::io::Result<Vec<f32>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut v = vec![0f32; len];
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(bytemuck::cast_slice_mut(&mut v))?;
+    Ok(v)
+}
+
 /// A new temporary file, unlinked at once (the open file lives on until it is closed).
 fn unlinked_temp(what: &str) -> Result<(File, std::path::PathBuf)> {
     let dir = std::env::temp_dir();
@@ -171,21 +180,16 @@ impl SpillFile {
     }
 
     fn read(&self, offset: u64, len: usize) -> Result<Vec<f32>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut v = vec![0f32; len];
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let io = |e: std::io::Error| Error::io(&self.path, format!("reading spilled weights: {e}"));
-        f.0.seek(SeekFrom::Start(offset)).map_err(io)?;
-        f.0.read_exact(bytemuck::cast_slice_mut(&mut v))
-            .map_err(io)?;
-        Ok(v)
+        read_f32_at(&mut f.0, offset, len)
+            .map_err(|e| Error::io(&self.path, format!("reading spilled weights: {e}")))
     }
 }
 
 /// Host values parked in an unlinked temporary file of their own while something else
 /// needs the memory (the page cache holds them, not the process's resident set), taken
 /// back whole; the file goes with them. The raw volume's features wait so while the
-/// context's are computed: on a software adapter that stage is the tile's peak. Where the
+/// context's are computed (32 MiB for a base-32 UNet at 64³, 256 MiB at 128³). Where the
 /// platform has no unlinked files (not Unix) the values simply stay in memory.
 #[derive(Debug)]
 pub enum Parked {
@@ -214,23 +218,14 @@ impl Parked {
     }
 
     pub fn take(self) -> Result<Vec<f32>> {
-        use std::io::{Read, Seek, SeekFrom};
         match self {
             Parked::Memory(v) => Ok(v),
             Parked::File {
                 mut file,
                 len,
                 path,
-            } => {
-                let io = |e: std::io::Error| {
-                    Error::io(&path, format!("reading parked host values back: {e}"))
-                };
-                let mut v = vec![0f32; len];
-                file.seek(SeekFrom::Start(0)).map_err(io)?;
-                file.read_exact(bytemuck::cast_slice_mut(&mut v))
-                    .map_err(io)?;
-                Ok(v)
-            }
+            } => read_f32_at(&mut file, 0, len)
+                .map_err(|e| Error::io(&path, format!("reading parked host values back: {e}"))),
         }
     }
 }

@@ -113,7 +113,7 @@ pub(crate) fn unet_features(
     let context = match (ctx, &ctx_proj) {
         (Some(c), Some(p)) => {
             // The raw features wait outside the process's memory while the context's are
-            // computed (the tile's peak on a software adapter).
+            // computed (graph::Parked).
             let parked = crate::graph::Parked::park(std::mem::take(&mut features))?;
             let context = extract_features(&b.vit, runner, c, &params, Some(p))?;
             features = parked.take()?;
