@@ -104,6 +104,18 @@ pub fn time_gpu(ctx: &GpuContext, case: &Case, iters: usize) -> Result<Timing> {
     })
 }
 
+/// The adapter's arithmetic ceiling in GFLOP/s: [`crate::ops::peak::MuladdPeak`], a kernel
+/// of nothing but multiplies and adds (median of 5 runs after a warm-up). No kernel that
+/// also loads and stores can beat it, so a model's GFLOP/s over this is how much of the
+/// adapter it uses.
+pub fn arithmetic_ceiling(ctx: &GpuContext) -> Result<f64> {
+    let case = crate::ops::peak::bench_cases()
+        .into_iter()
+        .next()
+        .ok_or_else(|| crate::Error::Gpu("no muladd_peak case".into()))?;
+    Ok(time_gpu(ctx, &case, 5)?.gflops)
+}
+
 /// Runs `case` with the CPU reference (median of `iters`).
 pub fn time_cpu(case: &Case, iters: usize) -> Result<Timing> {
     let shapes: Vec<&[usize]> = case.shapes.iter().map(|s| s.as_slice()).collect();
@@ -178,6 +190,7 @@ pub fn all_cases() -> Vec<Case> {
         ops::rope::bench_cases(),
         ops::tokens::bench_cases(),
         ops::fusion::bench_cases(),
+        ops::peak::bench_cases(),
     ]
     .into_iter()
     .flatten()

@@ -149,6 +149,7 @@ shaders! {
     TOKENS => "tokens",
     FUSION => "fusion",
     LABELS => "labels",
+    PEAK => "peak",
 }
 
 /// Every source text the engine may hand to a device: each family as written (chosen on

@@ -780,3 +780,25 @@ fn formats_ctrl_c_leaves_no_half_written_output() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn bench_vit_prints_the_share_of_the_adapters_arithmetic_ceiling() {
+    let (ok, log) = volfuse(&[
+        "bench", "--vit", "s", "--image", "32", "--batch", "1", "--iters", "1",
+    ]);
+    assert!(ok, "{log}");
+    assert!(log.contains("images/s"), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("adapter arithmetic ceiling"))
+        .unwrap_or_else(|| panic!("no ceiling line in:\n{log}"));
+    // "... : 112.2 GFLOP/s; this model runs at 58 % of it"
+    let gflops: f64 = line
+        .split("only): ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {line}"));
+    assert!(gflops > 0.0 && gflops.is_finite(), "{line}");
+    assert!(line.contains("% of it"), "{line}");
+}

@@ -17,6 +17,7 @@ pub mod fusion;
 pub mod matmul;
 pub mod norm;
 pub mod par;
+pub mod peak;
 pub mod pool3d;
 pub mod resize;
 pub mod rope;

@@ -179,8 +179,19 @@ pub(crate) fn vit(
     torch: bool,
 ) -> Result<()> {
     let backend = device.backend()?;
+    let ceiling = match &backend {
+        volfuse::models::Backend::Gpu(ctx) => Some(volfuse::bench::arithmetic_ceiling(ctx)?),
+        volfuse::models::Backend::Cpu => None,
+    };
     let ours = volfuse::bench::vit(backend, size, image, image, batch, iters, profile)?;
-    println!("{ours}");
+    print!("{ours}");
+    if let Some(c) = ceiling {
+        println!(
+            "adapter arithmetic ceiling (muladd_peak: multiplies and adds only): {c:.1} GFLOP/s; \
+             this model runs at {:.0} % of it",
+            100.0 * ours.gflops / c
+        );
+    }
     let (image, batch_s) = (image.to_string(), batch.to_string());
     let args = [
         "vit", "--size", size, "--image", &image, "--batch", &batch_s,
@@ -189,8 +200,13 @@ pub(crate) fn vit(
         .then(|| torch_reference(&args, "images_per_s"))
         .flatten()
     {
+        let torch_gflops = ours.gflops / ours.images_per_s * t;
+        let vs_ceiling = ceiling
+            .map(|c| format!(" = {:.2}× the adapter's ceiling", torch_gflops / c))
+            .unwrap_or_default();
         println!(
-            "pytorch cpu (2 threads): {t:.3} images/s; volfuse / pytorch = {:.3}",
+            "pytorch cpu (2 threads): {t:.3} images/s ({torch_gflops:.1} GFLOP/s{vs_ceiling}); \
+             volfuse / pytorch = {:.3}",
             ours.images_per_s / t
         );
         let torch_cpu = v["cpu_seconds"].as_f64().map(|c| c / batch as f64);
