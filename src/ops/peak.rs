@@ -9,8 +9,8 @@ use crate::shaders::PEAK;
 
 /// (N, 4) → (N, 4): per element, eight independent chains a_j ← a_j·m + c (a_j from
 /// x + j, m = 0.5 + 0.25·x, c = x + 1.5), `8 · steps` updates each, summed
-/// (shaders/peak.wgsl). For x in [-1, 1] every chain stays between 0.5 and 14 after its
-/// first updates: no denormals, which CPUs process a hundred times slower.
+/// (shaders/peak.wgsl). For x in [-1, 1] every chain stays between 0.25 and 10 from its
+/// first update on: no denormals, which CPUs process a hundred times slower.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MuladdPeak {
     pub steps: usize,
