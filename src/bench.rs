@@ -109,11 +109,7 @@ pub fn time_gpu(ctx: &GpuContext, case: &Case, iters: usize) -> Result<Timing> {
 /// also loads and stores can beat it, so a model's GFLOP/s over this is how much of the
 /// adapter it uses.
 pub fn arithmetic_ceiling(ctx: &GpuContext) -> Result<f64> {
-    let case = crate::ops::peak::bench_cases()
-        .into_iter()
-        .next()
-        .ok_or_else(|| crate::Error::Gpu("no muladd_peak case".into()))?;
-    Ok(time_gpu(ctx, &case, 5)?.gflops)
+    Ok(time_gpu(ctx, &crate::ops::peak::ceiling_case(), 5)?.gflops)
 }
 
 /// Runs `case` with the CPU reference (median of `iters`).

@@ -701,14 +701,12 @@ pub fn run(
             let t0 = Instant::now();
             // As `volfuse run` does: the raw features wait in a temporary file while the
             // context's are computed (counted in the context's host preprocessing).
-            let parked = match feats.first_mut() {
-                Some(f) => Some(crate::graph::Parked::park(std::mem::take(f))?),
-                None => None,
+            let mut extract = || extract_features(&b.vit, runner, v, &params, Some(p));
+            let f = match feats.first_mut() {
+                Some(raw) => crate::graph::Parked::aside(raw, extract)?,
+                None => extract()?,
             };
-            feats.push(extract_features(&b.vit, runner, v, &params, Some(p))?);
-            if let Some(parked) = parked {
-                feats[0] = parked.take()?;
-            }
+            feats.push(f);
             trace(runner, &format!("tile {it}: features {k} done"));
             let total = t0.elapsed().as_secs_f64();
             let (mut tv, mut tl) = (0.0, 0.0);

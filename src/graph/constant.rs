@@ -217,6 +217,14 @@ impl Parked {
         })
     }
 
+    /// Runs `f` with `values` parked, then puts them back (also when `f` fails).
+    pub fn aside<T>(values: &mut Vec<f32>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let parked = Parked::park(std::mem::take(values))?;
+        let out = f();
+        *values = parked.take()?;
+        out
+    }
+
     pub fn take(self) -> Result<Vec<f32>> {
         match self {
             Parked::Memory(v) => Ok(v),
@@ -232,6 +240,8 @@ impl Parked {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn parked_values_come_back_unchanged() {
         let a: Vec<f32> = (0..100_003)
@@ -251,8 +261,6 @@ mod tests {
         assert_eq!(pa.take().unwrap(), a);
         assert!(Parked::park(Vec::new()).unwrap().take().unwrap().is_empty());
     }
-
-    use super::*;
 
     #[test]
     fn spilled_values_read_back_unchanged() {

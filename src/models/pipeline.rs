@@ -111,14 +111,11 @@ pub(crate) fn unet_features(
     let (proj, ctx_proj) = b.unet.input_projections()?;
     let mut features = extract_features(&b.vit, runner, raw, &params, Some(&proj))?;
     let context = match (ctx, &ctx_proj) {
-        (Some(c), Some(p)) => {
-            // The raw features wait outside the process's memory while the context's are
-            // computed (graph::Parked).
-            let parked = crate::graph::Parked::park(std::mem::take(&mut features))?;
-            let context = extract_features(&b.vit, runner, c, &params, Some(p))?;
-            features = parked.take()?;
-            Some(context)
-        }
+        // The raw features wait outside the process's memory while the context's are
+        // computed (graph::Parked).
+        (Some(c), Some(p)) => Some(crate::graph::Parked::aside(&mut features, || {
+            extract_features(&b.vit, runner, c, &params, Some(p))
+        })?),
         _ => None,
     };
     let [d, h, w] = b.unet.config.input_size;

@@ -122,8 +122,8 @@ impl Runner {
             self.consts.release_unused();
             ctx.release_scratch_textures();
             // (compiled pipelines stay: compiling the ViT's and the UNet's again cost
-            // 2.3 s per tile on lavapipe, keeping them no measurable peak memory,
-            // docs/memory.md)
+            // 2.3 s per tile on lavapipe; the ViT's ~40 MiB held through the UNet stage
+            // make that stage the tile's peak, docs/memory.md)
             // wgpu destroys dropped buffers and textures only once the device is polled
             // after their last submission: wait here, so the next stage's buffers do not
             // coexist with this one's (both would count in a software adapter's host RAM).

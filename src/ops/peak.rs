@@ -80,12 +80,16 @@ impl Op for MuladdPeak {
 }
 
 /// The ceiling case: 65 536 × 4 elements, 2 048 updates per chain (~1.1 GFLOP).
-pub fn bench_cases() -> Vec<crate::bench::Case> {
-    vec![crate::bench::Case::new(
+pub fn ceiling_case() -> crate::bench::Case {
+    crate::bench::Case::new(
         "muladd_peak 65536x4 (arithmetic ceiling)",
         MuladdPeak { steps: 32 },
         vec![vec![65536, 4]],
-    )]
+    )
+}
+
+pub fn bench_cases() -> Vec<crate::bench::Case> {
+    vec![ceiling_case()]
 }
 
 #[cfg(test)]
